@@ -1,0 +1,101 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
+from django.db import models
+from django.utils import timezone
+
+served_name_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$",
+    "Use letters, digits and . _ : / - (starting with a letter or digit), at most 128 characters.",
+)
+storage_uri_validator = RegexValidator(
+    r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$",
+    "Use s3://bucket/prefix with a valid bucket name.",
+)
+
+
+class UploadStatus(models.TextChoices):
+    NONE = "none", "Not uploaded"
+    QUEUED = "queued", "Queued"
+    UPLOADING = "uploading", "Uploading"
+    VERIFYING = "verifying", "Verifying"
+    UPLOADED = "uploaded", "Uploaded"
+    FAILED = "failed", "Failed"
+    CANCELLED = "cancelled", "Cancelled"
+
+
+class Model(models.Model):
+    """A catalog entry: what customers call (``name``) and how a node serves it."""
+
+    name = models.CharField(
+        "served name", max_length=128, unique=True, validators=[served_name_validator],
+        help_text="The `model` string customers send.",
+    )
+    hf_repo = models.CharField("Hugging Face repo", max_length=200, blank=True)
+    hf_revision = models.CharField("revision", max_length=100, blank=True, default="main")
+    storage_uri = models.CharField(
+        max_length=500, blank=True, validators=[storage_uri_validator],
+        help_text="s3://bucket/prefix where the safetensors live (R2).",
+    )
+    total_bytes = models.PositiveBigIntegerField(default=0)
+    manifest = models.JSONField(default=list, blank=True, help_text="[{path, size, sha256}]")
+
+    upload_status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.NONE)
+    upload_error = models.TextField(blank=True)
+    upload_bytes_done = models.PositiveBigIntegerField(default=0)
+    upload_bytes_total = models.PositiveBigIntegerField(default=0)
+    upload_rate_bps = models.PositiveBigIntegerField(default=0)
+    upload_current_file = models.CharField(max_length=500, blank=True)
+    upload_started_at = models.DateTimeField(null=True, blank=True)
+    upload_finished_at = models.DateTimeField(null=True, blank=True)
+    upload_cancel_requested = models.BooleanField(default=False)
+
+    dtype = models.CharField(max_length=16, default="auto")
+    max_model_len = models.PositiveIntegerField(null=True, blank=True)
+    tensor_parallel_size = models.PositiveSmallIntegerField(default=1, validators=[MinValueValidator(1)])
+    gpu_memory_utilization = models.FloatField(
+        default=0.9, validators=[MinValueValidator(0.05), MaxValueValidator(0.99)]
+    )
+    accelerator = models.CharField(
+        "recommended accelerator", max_length=32, default="L4:1", help_text="SkyPilot syntax, e.g. L4:1, A100-80GB:2."
+    )
+    extra_vllm_args = models.JSONField(
+        default=list, blank=True, help_text='Extra `vllm serve` args, e.g. ["--enable-prefix-caching"].'
+    )
+    context_length = models.PositiveIntegerField(null=True, blank=True)
+    price_input_per_mtok = models.DecimalField(
+        "price per 1M input tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0")
+    )
+    price_output_per_mtok = models.DecimalField(
+        "price per 1M output tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0")
+    )
+    min_replicas = models.PositiveSmallIntegerField(default=0)
+    max_replicas = models.PositiveSmallIntegerField(default=1)
+    is_active = models.BooleanField("active", default=True)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        errors: dict[str, str] = {}
+        if self.max_replicas < self.min_replicas:
+            errors["max_replicas"] = "Must be at least min replicas."
+        if not isinstance(self.extra_vllm_args, list) or not all(isinstance(a, str) for a in self.extra_vllm_args):
+            errors["extra_vllm_args"] = "Must be a list of strings."
+        if errors:
+            raise ValidationError(errors)
+
+    @property
+    def upload_progress(self) -> float:
+        if not self.upload_bytes_total:
+            return 0.0
+        return min(1.0, self.upload_bytes_done / self.upload_bytes_total)

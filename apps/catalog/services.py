@@ -1,0 +1,40 @@
+"""Writes for the model catalog. The weights pipeline to R2 lives in uploads.py."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from apps.catalog.models import Model
+from apps.core import invalidation
+
+
+def model_create(
+    *,
+    name: str,
+    hf_repo: str = "",
+    hf_revision: str = "main",
+    storage_uri: str = "",
+    price_input_per_mtok: Decimal | None = None,
+    price_output_per_mtok: Decimal | None = None,
+    **fields: object,
+) -> Model:
+    model = Model(name=name, hf_repo=hf_repo, hf_revision=hf_revision or "main", storage_uri=storage_uri)
+    if price_input_per_mtok is not None:
+        model.price_input_per_mtok = price_input_per_mtok
+    if price_output_per_mtok is not None:
+        model.price_output_per_mtok = price_output_per_mtok
+    for field, value in fields.items():
+        setattr(model, field, value)
+    model.full_clean()
+    model.save()
+    invalidation.bump(invalidation.ROUTING)
+    return model
+
+
+def model_update(*, model: Model, **fields: object) -> Model:
+    for field, value in fields.items():
+        setattr(model, field, value)
+    model.full_clean()
+    model.save()
+    invalidation.bump(invalidation.ROUTING)
+    return model

@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+from decimal import Decimal
+
+from django.db import models
+from django.utils import timezone
+
+
+class Launcher(models.TextChoices):
+    SKYPILOT = "skypilot", "SkyPilot"
+    LOCAL = "local", "Local process"
+    STATIC = "static", "Static endpoint"
+
+
+class NodeStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    PROVISIONING = "provisioning", "Provisioning"
+    LOADING = "loading", "Loading weights"
+    READY = "ready", "Ready"
+    UNHEALTHY = "unhealthy", "Unhealthy"
+    DRAINING = "draining", "Draining"
+    TERMINATING = "terminating", "Terminating"
+    TERMINATED = "terminated", "Terminated"
+    FAILED = "failed", "Failed"
+
+
+S = NodeStatus
+# The node state machine. Anything not listed here is refused by node_transition().
+TRANSITIONS: dict[str, frozenset[str]] = {
+    S.PENDING: frozenset({S.PROVISIONING, S.LOADING, S.READY, S.TERMINATING, S.TERMINATED, S.FAILED}),
+    S.PROVISIONING: frozenset({S.LOADING, S.READY, S.TERMINATING, S.FAILED}),
+    S.LOADING: frozenset({S.READY, S.UNHEALTHY, S.TERMINATING, S.FAILED}),
+    S.READY: frozenset({S.UNHEALTHY, S.DRAINING, S.TERMINATING, S.FAILED}),
+    S.UNHEALTHY: frozenset({S.READY, S.DRAINING, S.TERMINATING, S.FAILED}),
+    S.DRAINING: frozenset({S.TERMINATING, S.FAILED}),
+    S.TERMINATING: frozenset({S.TERMINATED, S.FAILED}),
+    S.FAILED: frozenset({S.TERMINATING, S.TERMINATED}),
+    S.TERMINATED: frozenset(),
+}
+# Nodes that occupy (or will occupy) a machine.
+LIVE_STATUSES = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING})
+HEALTH_CHECKED_STATUSES = frozenset({S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
+
+
+class Node(models.Model):
+    model = models.ForeignKey("catalog.Model", on_delete=models.PROTECT, related_name="nodes")
+    launcher = models.CharField(max_length=16, choices=Launcher.choices, default=Launcher.SKYPILOT)
+    cloud = models.CharField(max_length=32, blank=True)
+    region = models.CharField(max_length=64, blank=True)
+    accelerator = models.CharField(max_length=32, blank=True)
+    use_spot = models.BooleanField("spot", default=True)
+    hourly_cost = models.DecimalField(max_digits=10, decimal_places=4, default=Decimal("0"))
+    # Derived from the id once saved, so a retried launch can never create a second cluster.
+    cluster_name = models.CharField(max_length=64, unique=True, null=True, blank=True, editable=False)
+    endpoint_url = models.URLField(max_length=300, blank=True)
+    status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
+    status_reason = models.TextField(blank=True)
+    registration_token_digest = models.CharField(max_length=64, blank=True, editable=False)
+    registered_at = models.DateTimeField(null=True, blank=True)
+    launcher_state = models.JSONField(
+        default=dict, blank=True, help_text="Backend bookkeeping: SkyPilot request ids, local pid."
+    )
+
+    requested_at = models.DateTimeField(default=timezone.now)
+    provisioned_at = models.DateTimeField(null=True, blank=True)
+    weights_loaded_at = models.DateTimeField(null=True, blank=True)
+    ready_at = models.DateTimeField(null=True, blank=True)
+    terminated_at = models.DateTimeField(null=True, blank=True)
+
+    last_health_at = models.DateTimeField(null=True, blank=True)
+    consecutive_failures = models.PositiveIntegerField(default=0)
+    health_latency_ms = models.FloatField(null=True, blank=True)
+    requests_running = models.PositiveIntegerField(default=0)
+    requests_waiting = models.PositiveIntegerField(default=0)
+    kv_cache_usage = models.FloatField(null=True, blank=True, help_text="0..1")
+
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["model", "status"]), models.Index(fields=["status"])]
+
+    def __str__(self) -> str:
+        return self.cluster_name or f"node-{self.pk}"
+
+    @property
+    def cold_start_seconds(self) -> float | None:
+        if self.ready_at is None:
+            return None
+        return (self.ready_at - self.requested_at).total_seconds()
+
+
+class NodeEvent(models.Model):
+    """Append-only log of every transition, action and error on a node."""
+
+    class Kind(models.TextChoices):
+        TRANSITION = "transition", "Transition"
+        ACTION = "action", "Action"
+        ERROR = "error", "Error"
+        INFO = "info", "Info"
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="events")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.TRANSITION)
+    from_status = models.CharField(max_length=16, choices=NodeStatus.choices, blank=True)
+    to_status = models.CharField(max_length=16, choices=NodeStatus.choices, blank=True)
+    message = models.TextField(blank=True)
+    actor = models.CharField(max_length=150, default="system")
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["node", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.node}: {self.from_status}→{self.to_status} {self.message[:40]}"

@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+import itertools
+
+import pytest
+
+from apps.fleet.models import TRANSITIONS, NodeEvent, NodeStatus
+from apps.fleet.services import IllegalTransition, node_transition
+
+pytestmark = pytest.mark.django_db
+
+
+def _put(node, status: str) -> None:
+    type(node).objects.filter(pk=node.pk).update(status=status)
+    node.status = status
+
+
+@pytest.mark.parametrize(("current", "to"), list(itertools.product(NodeStatus.values, NodeStatus.values)))
+def test_every_transition_is_allowed_or_refused_per_the_table(node, current: str, to: str) -> None:
+    _put(node, current)
+    before = NodeEvent.objects.filter(node=node).count()
+    if to in TRANSITIONS[current]:
+        node_transition(node=node, to=to, reason="test", actor="tester")
+        node.refresh_from_db()
+        assert node.status == to
+        event = NodeEvent.objects.filter(node=node).first()
+        assert (event.from_status, event.to_status, event.actor) == (current, to, "tester")
+    else:
+        with pytest.raises(IllegalTransition):
+            node_transition(node=node, to=to)
+        node.refresh_from_db()
+        assert node.status == current
+        assert NodeEvent.objects.filter(node=node).count() == before
+
+
+def test_terminated_is_final(node) -> None:
+    assert TRANSITIONS[NodeStatus.TERMINATED] == frozenset()
+
+
+def test_stale_copy_cannot_transition_a_node_another_worker_moved(node) -> None:
+    stale = type(node).objects.get(pk=node.pk)
+    node_transition(node=node, to=NodeStatus.PROVISIONING)
+    node_transition(node=node, to=NodeStatus.FAILED, reason="boom")
+    with pytest.raises(IllegalTransition):
+        node_transition(node=stale, to=NodeStatus.PROVISIONING)
+
+
+def test_phase_timestamps_are_stamped_once(node) -> None:
+    node_transition(node=node, to=NodeStatus.PROVISIONING)
+    node_transition(node=node, to=NodeStatus.LOADING)
+    node.refresh_from_db()
+    assert node.provisioned_at is not None and node.ready_at is None
+    node_transition(node=node, to=NodeStatus.READY)
+    node.refresh_from_db()
+    first_ready = node.ready_at
+    assert node.weights_loaded_at is not None and first_ready is not None
+    node_transition(node=node, to=NodeStatus.UNHEALTHY)
+    node_transition(node=node, to=NodeStatus.READY)
+    node.refresh_from_db()
+    assert node.ready_at == first_ready
+
+
+def test_cluster_name_derives_from_id(node) -> None:
+    assert node.cluster_name == f"crosslogic-{node.pk}"

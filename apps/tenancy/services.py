@@ -1,0 +1,184 @@
+"""Writes for tenants, API keys and staff tokens."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from apps.core import invalidation
+from apps.core import secrets as tokens
+from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
+
+STAFF_TOKEN_PREFIX = "cls_"  # noqa: S105 - a public prefix, not a secret
+_LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+
+
+def tenant_create(
+    *, slug: str, name: str = "", contact_email: str = "", **limits: int | None
+) -> Tenant:
+    tenant = Tenant(slug=slug, name=name or slug, contact_email=contact_email)
+    for field, value in limits.items():
+        if field not in (*_LIMIT_FIELDS, "monthly_token_budget"):
+            raise ValidationError({field: "Unknown tenant limit."})
+        if value is not None:
+            setattr(tenant, field, value)
+    tenant.full_clean()
+    tenant.save()
+    return tenant
+
+
+def tenant_update(*, tenant: Tenant, **fields: object) -> Tenant:
+    for field, value in fields.items():
+        setattr(tenant, field, value)
+    tenant.full_clean()
+    tenant.save()
+    invalidation.bump(invalidation.KEYS)
+    return tenant
+
+
+def tenant_set_status(*, tenant: Tenant, status: str, reason: str = "") -> Tenant:
+    if status not in TenantStatus.values:
+        raise ValidationError({"status": f"Unknown status {status!r}."})
+    tenant.status = status
+    tenant.status_reason = reason
+    tenant.save(update_fields=["status", "status_reason", "updated_at"])
+    invalidation.bump(invalidation.KEYS)
+    return tenant
+
+
+def tenant_suspend(*, tenant: Tenant, reason: str = "") -> Tenant:
+    return tenant_set_status(tenant=tenant, status=TenantStatus.SUSPENDED, reason=reason)
+
+
+def tenant_reactivate(*, tenant: Tenant) -> Tenant:
+    return tenant_set_status(tenant=tenant, status=TenantStatus.ACTIVE)
+
+
+def _validate_scopes(scopes: list[str]) -> list[str]:
+    unknown = sorted(set(scopes) - set(Scope.values))
+    if unknown:
+        raise ValidationError({"scopes": f"Unknown scope(s): {', '.join(unknown)}. Valid: {', '.join(Scope.values)}."})
+    if not scopes:
+        raise ValidationError({"scopes": "A key needs at least one scope."})
+    return sorted(set(scopes))
+
+
+def _validate_models(names: list[str]) -> list[str]:
+    from apps.catalog.models import Model
+
+    names = sorted(set(names))
+    known = set(Model.objects.filter(name__in=names).values_list("name", flat=True))
+    missing = [n for n in names if n not in known]
+    if missing:
+        raise ValidationError({"allowed_models": f"Unknown model(s): {', '.join(missing)}."})
+    return names
+
+
+def api_key_issue(
+    *,
+    tenant: Tenant,
+    name: str = "",
+    scopes: list[str] | None = None,
+    allowed_models: list[str] | None = None,
+    expires_at: datetime | None = None,
+    requests_per_minute: int | None = None,
+    tokens_per_minute: int | None = None,
+    max_concurrent_requests: int | None = None,
+) -> tuple[ApiKey, str]:
+    """Create a key; return it with the raw secret, which is never stored or shown again."""
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError({"expires_at": "Expiry must be in the future."})
+    raw, prefix, digest = tokens.new_token(settings.API_KEY_PREFIX)
+    key = ApiKey(
+        tenant=tenant,
+        name=name,
+        prefix=prefix,
+        digest=digest,
+        scopes=_validate_scopes(scopes if scopes is not None else [Scope.INFERENCE]),
+        allowed_models=_validate_models(allowed_models or []),
+        expires_at=expires_at,
+        requests_per_minute=requests_per_minute,
+        tokens_per_minute=tokens_per_minute,
+        max_concurrent_requests=max_concurrent_requests,
+    )
+    key.full_clean(exclude=["tenant"])
+    key.save()
+    return key, raw
+
+
+def api_key_verify(*, raw: str) -> ApiKey | None:
+    """The usable key matching ``raw``: one indexed lookup plus a constant-time compare."""
+    prefix = tokens.split_prefix(raw, settings.API_KEY_PREFIX)
+    if prefix is None:
+        return None
+    key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+    if key is None or not tokens.matches(raw, key.digest) or not key.is_usable():
+        return None
+    return key
+
+
+def api_key_touch(*, key: ApiKey) -> None:
+    """Record use, at most once per resolution window, so verification stays read-mostly."""
+    now = timezone.now()
+    window = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
+    if key.last_used_at is None or now - key.last_used_at >= window:
+        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
+        key.last_used_at = now
+
+
+def api_key_revoke(*, key: ApiKey) -> ApiKey:
+    if key.revoked_at is None:
+        key.revoked_at = timezone.now()
+        key.save(update_fields=["revoked_at"])
+        invalidation.bump(invalidation.KEYS)
+    return key
+
+
+def api_key_update(*, key: ApiKey, **fields: object) -> ApiKey:
+    if "scopes" in fields:
+        fields["scopes"] = _validate_scopes(list(fields["scopes"]))  # type: ignore[arg-type]
+    if "allowed_models" in fields:
+        fields["allowed_models"] = _validate_models(list(fields["allowed_models"] or []))  # type: ignore[arg-type]
+    for field, value in fields.items():
+        setattr(key, field, value)
+    key.full_clean(exclude=["tenant"])
+    key.save()
+    invalidation.bump(invalidation.KEYS)
+    return key
+
+
+@transaction.atomic
+def staff_token_issue(
+    *, user: User, name: str = "", expires_at: datetime | None = None
+) -> tuple[StaffToken, str]:
+    if not user.is_staff:
+        raise ValidationError({"user": "Only staff users can hold staff tokens."})
+    raw, prefix, digest = tokens.new_token(STAFF_TOKEN_PREFIX)
+    token = StaffToken.objects.create(
+        user=user, name=name, prefix=prefix, digest=digest, expires_at=expires_at
+    )
+    return token, raw
+
+
+def staff_token_verify(*, raw: str) -> StaffToken | None:
+    prefix = tokens.split_prefix(raw, STAFF_TOKEN_PREFIX)
+    if prefix is None:
+        return None
+    token = StaffToken.objects.select_related("user").filter(prefix=prefix).first()
+    if token is None or not tokens.matches(raw, token.digest) or not token.is_usable():
+        return None
+    if not token.user.is_active or not token.user.is_staff:
+        return None
+    return token
+
+
+def staff_token_revoke(*, token: StaffToken) -> StaffToken:
+    if token.revoked_at is None:
+        token.revoked_at = timezone.now()
+        token.save(update_fields=["revoked_at"])
+    return token

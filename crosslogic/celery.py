@@ -1,0 +1,25 @@
+"""The Celery app. Tasks live in each app's tasks.py and are found by autodiscovery."""
+
+from __future__ import annotations
+
+import os
+
+from celery import Celery
+from celery.signals import worker_init
+
+os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
+
+app = Celery("crosslogic")
+app.config_from_object("django.conf:settings", namespace="CELERY")
+app.autodiscover_tasks()
+
+
+@worker_init.connect
+def _make_broker_folders(**_: object) -> None:
+    # kombu's filesystem transport does not create its folders itself.
+    from django.conf import settings
+
+    for key in ("data_folder_in", "data_folder_out", "processed_folder"):
+        folder = settings.CELERY_BROKER_TRANSPORT_OPTIONS.get(key)
+        if folder:
+            os.makedirs(folder, exist_ok=True)

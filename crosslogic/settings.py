@@ -1,0 +1,213 @@
+"""CrossLogic settings: every value comes from the environment, with development defaults.
+
+Invalid values raise ImproperlyConfigured at start rather than surprising us later.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from urllib.parse import urlparse
+
+import environ
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = BASE_DIR / "var"
+
+env = environ.Env()
+environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+
+
+def _env_or_fail(name: str, cast, default):
+    try:
+        return env(name, cast=cast, default=default)
+    except (ValueError, TypeError) as exc:
+        raise ImproperlyConfigured(f"{name} is invalid: {exc}") from exc
+
+
+DEBUG: bool = _env_or_fail("DEBUG", bool, True)
+
+_DEV_SECRET = "dev-insecure-secret-key-change-me-0123456789abcdef"  # noqa: S105 - refused when DEBUG is off
+_DEV_PEPPER = "dev-insecure-api-key-pepper"
+SECRET_KEY: str = env("SECRET_KEY", default=_DEV_SECRET if DEBUG else "")
+API_KEY_PEPPER: str = env("API_KEY_PEPPER", default=_DEV_PEPPER if DEBUG else "")
+if not DEBUG:
+    if not SECRET_KEY or SECRET_KEY == _DEV_SECRET or len(SECRET_KEY) < 32:
+        raise ImproperlyConfigured("SECRET_KEY must be set (32+ characters) when DEBUG is off.")
+    if not API_KEY_PEPPER or API_KEY_PEPPER == _DEV_PEPPER or len(API_KEY_PEPPER) < 16:
+        raise ImproperlyConfigured("API_KEY_PEPPER must be set (16+ characters) when DEBUG is off.")
+# Signs per-node vLLM API keys; separate from SECRET_KEY so rotating one does not rotate the other.
+NODE_KEY_SECRET: str = env("NODE_KEY_SECRET", default=SECRET_KEY)
+
+ALLOWED_HOSTS: list[str] = env.list(
+    "ALLOWED_HOSTS", default=["localhost", "127.0.0.1", "[::1]", "testserver"] if DEBUG else []
+)
+if not DEBUG and not ALLOWED_HOSTS:
+    raise ImproperlyConfigured("ALLOWED_HOSTS must be set when DEBUG is off.")
+CSRF_TRUSTED_ORIGINS: list[str] = env.list("CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "drf_spectacular",
+    "django_celery_beat",
+    "apps.core",
+    "apps.tenancy",
+    "apps.catalog",
+    "apps.fleet",
+    "apps.metering",
+    "apps.gateway",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "crosslogic.urls"
+WSGI_APPLICATION = "crosslogic.wsgi.application"
+ASGI_APPLICATION = "crosslogic.asgi.application"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Database -------------------------------------------------------------------------------
+try:
+    DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
+except Exception as exc:  # environ raises a bare Exception subclass for unknown schemes
+    raise ImproperlyConfigured(f"DATABASE_URL is invalid: {exc}") from exc
+DATABASES["default"]["CONN_MAX_AGE"] = _env_or_fail("DB_CONN_MAX_AGE", int, 60)
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+# Concurrent test runs (helpers, CI) must not share one test database.
+DATABASES["default"]["TEST"] = {"NAME": "test_crosslogic" + env("TEST_DB_SUFFIX", default="")}
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+# --- Redis and Celery -----------------------------------------------------------------------
+REDIS_URL: str = env("REDIS_URL", default="")
+if REDIS_URL and urlparse(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
+    raise ImproperlyConfigured("REDIS_URL must be a redis://, rediss:// or unix:// URL.")
+
+_BROKER_DIR = VAR_DIR / "broker"
+CELERY_BROKER_URL: str = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    # kombu's filesystem transport: single-machine development without Redis.
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_BROKER_DIR / "queue"),
+        "data_folder_out": str(_BROKER_DIR / "queue"),
+        "processed_folder": str(_BROKER_DIR / "processed"),
+        "store_processed": False,
+    }
+CELERY_RESULT_BACKEND = None
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_TASK_ALWAYS_EAGER: bool = _env_or_fail("CELERY_TASK_ALWAYS_EAGER", bool, False)
+CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+CELERY_TIMEZONE = "UTC"
+
+# --- Internationalisation and static --------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = "UTC"
+USE_I18N = True
+USE_TZ = True
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if DEBUG
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+# --- Security (production values come from the environment) ---------------------------------
+SECURE_SSL_REDIRECT: bool = _env_or_fail("SECURE_SSL_REDIRECT", bool, not DEBUG)
+SESSION_COOKIE_SECURE: bool = _env_or_fail("SESSION_COOKIE_SECURE", bool, not DEBUG)
+CSRF_COOKIE_SECURE: bool = _env_or_fail("CSRF_COOKIE_SECURE", bool, not DEBUG)
+SECURE_HSTS_SECONDS: int = _env_or_fail("SECURE_HSTS_SECONDS", int, 0 if DEBUG else 31536000)
+SECURE_HSTS_INCLUDE_SUBDOMAINS: bool = _env_or_fail("SECURE_HSTS_INCLUDE_SUBDOMAINS", bool, not DEBUG)
+SECURE_HSTS_PRELOAD: bool = _env_or_fail("SECURE_HSTS_PRELOAD", bool, False)
+SECURE_CONTENT_TYPE_NOSNIFF = True
+SECURE_REFERRER_POLICY = "same-origin"
+X_FRAME_OPTIONS = "DENY"
+if env.bool("USE_X_FORWARDED_PROTO", default=not DEBUG):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+# Health and readiness probes come over plain HTTP from the load balancer.
+SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$"]
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+# --- REST API -------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "apps.core.authentication.BearerKeyAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": [
+        "django_filters.rest_framework.DjangoFilterBackend",
+        "rest_framework.filters.OrderingFilter",
+        "rest_framework.filters.SearchFilter",
+    ],
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 50,
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "apps.core.api.exception_handler",
+    "UNAUTHENTICATED_USER": None,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "CrossLogic management API",
+    "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",
+    "VERSION": "1.0.0",
+    "SERVE_INCLUDE_SCHEMA": False,
+}
+
+# --- Domain settings ------------------------------------------------------------------------
+API_KEY_PREFIX = "clk_"
+# A key's last_used_at is written at most this often, so the hot path does not write per call.
+API_KEY_LAST_USED_RESOLUTION_S: int = _env_or_fail("API_KEY_LAST_USED_RESOLUTION_S", int, 60)
+FLEET_CLUSTER_PREFIX: str = env("FLEET_CLUSTER_PREFIX", default="crosslogic")
+FLEET_DEFAULT_LAUNCHER: str = env("FLEET_DEFAULT_LAUNCHER", default="local" if DEBUG else "skypilot")
+if FLEET_DEFAULT_LAUNCHER not in {"skypilot", "local", "static"}:
+    raise ImproperlyConfigured("FLEET_DEFAULT_LAUNCHER must be one of skypilot, local, static.")
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "loggers": {"django.db.backends": {"level": "WARNING"}},
+}
