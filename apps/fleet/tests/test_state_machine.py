@@ -62,3 +62,20 @@ def test_phase_timestamps_are_stamped_once(node) -> None:
 
 def test_cluster_name_derives_from_id(node) -> None:
     assert node.cluster_name == f"crosslogic-{node.pk}"
+
+
+def test_cold_start_median_is_per_accelerator(catalog_model) -> None:
+    from datetime import timedelta
+
+    from apps.fleet.models import Node
+    from apps.fleet.selectors import model_cold_start_medians
+    from apps.fleet.services import node_create
+
+    for accel, seconds in (("L4:1", 30), ("L4:1", 50), ("L4:1", 90), ("A100:1", 20)):
+        n = node_create(model=catalog_model, launcher="static", accelerator=accel)
+        Node.objects.filter(pk=n.pk).update(ready_at=n.requested_at + timedelta(seconds=seconds))
+    node_create(model=catalog_model, launcher="static", accelerator="H100:1")  # never ready: ignored
+    assert model_cold_start_medians(model_id=catalog_model.pk) == [
+        {"accelerator": "A100:1", "median_seconds": 20.0, "samples": 1},
+        {"accelerator": "L4:1", "median_seconds": 50.0, "samples": 3},
+    ]
