@@ -211,3 +211,23 @@ LOGGING = {
     "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
+
+# --- Fleet ----------------------------------------------------------------------------------
+# Where nodes call home (registration); must be reachable from the GPU machines.
+CONTROL_PLANE_URL: str = env("CONTROL_PLANE_URL", default="http://127.0.0.1:8000")
+# The SkyPilot API server the SDK talks to; empty = refuse SkyPilot launches (never auto-start one).
+SKYPILOT_API_SERVER_ENDPOINT: str = env("SKYPILOT_API_SERVER_ENDPOINT", default="")
+VLLM_VERSION: str = env("VLLM_VERSION", default="0.11.0")
+FLEET_HEALTH_INTERVAL_S: int = _env_or_fail("FLEET_HEALTH_INTERVAL_S", int, 15)
+FLEET_HEALTH_TIMEOUT_S: float = _env_or_fail("FLEET_HEALTH_TIMEOUT_S", float, 2.0)
+FLEET_HEALTH_CONCURRENCY: int = _env_or_fail("FLEET_HEALTH_CONCURRENCY", int, 200)
+FLEET_UNHEALTHY_AFTER: int = _env_or_fail("FLEET_UNHEALTHY_AFTER", int, 3)
+FLEET_RECONCILE_INTERVAL_S: int = _env_or_fail("FLEET_RECONCILE_INTERVAL_S", int, 60)
+FLEET_REPLACE_UNHEALTHY_AFTER_S: int = _env_or_fail("FLEET_REPLACE_UNHEALTHY_AFTER_S", int, 300)
+FLEET_ORPHAN_GRACE_S: int = _env_or_fail("FLEET_ORPHAN_GRACE_S", int, 600)
+FLEET_DRAIN_TIMEOUT_S: int = _env_or_fail("FLEET_DRAIN_TIMEOUT_S", int, 300)
+FLEET_LAUNCH_POLL_S: int = _env_or_fail("FLEET_LAUNCH_POLL_S", int, 15)
+# A launch that has not registered after this long is failed (and replaced by the reconciler).
+FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
+if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:
+    raise ImproperlyConfigured("FLEET_* intervals, timeouts and thresholds must be positive.")
