@@ -231,3 +231,12 @@ FLEET_LAUNCH_POLL_S: int = _env_or_fail("FLEET_LAUNCH_POLL_S", int, 15)
 FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_* intervals, timeouts and thresholds must be positive.")
+
+# --- Tenancy and management API -------------------------------------------------------------
+# Several serializers have a `status` field with different choice sets; name their enums.
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
+    {
+        "TenantStatusEnum": "apps.tenancy.models.TenantStatus",
+        "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
+    }
+)

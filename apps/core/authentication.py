@@ -56,6 +56,7 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
             token = services.staff_token_verify(raw=raw)
             if token is None:
                 raise exceptions.AuthenticationFailed("Invalid, expired or revoked staff token.")
+            services.staff_token_touch(token=token)
             return token.user, token
         if raw.startswith(settings.API_KEY_PREFIX):
             key = services.api_key_verify(raw=raw)

@@ -1,3 +1,9 @@
-from django.urls import URLPattern, URLResolver
+from rest_framework.routers import DefaultRouter
 
-urlpatterns: list[URLPattern | URLResolver] = []
+from apps.metering import api
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("usage", api.UsageRecordViewSet, basename="usagerecord")
+
+urlpatterns = router.urls

@@ -6,7 +6,7 @@ from datetime import datetime, timedelta
 
 from django.conf import settings
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
+from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
 from django.utils import timezone
 
@@ -16,6 +16,10 @@ from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
 
 STAFF_TOKEN_PREFIX = "cls_"  # noqa: S105 - a public prefix, not a secret
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+# What tenant_update may change; status goes through suspend/reactivate so it is always logged.
+_TENANT_EDITABLE = ("slug", "name", "contact_email", *_LIMIT_FIELDS, "monthly_token_budget")
+# What api_key_update may change; prefix, digest and tenant are fixed for a key's life.
+_KEY_EDITABLE = ("name", "scopes", "allowed_models", *_LIMIT_FIELDS, "expires_at")
 
 
 def tenant_create(
@@ -33,12 +37,31 @@ def tenant_create(
 
 
 def tenant_update(*, tenant: Tenant, **fields: object) -> Tenant:
+    _refuse_fields(fields, allowed=_TENANT_EDITABLE)
     for field, value in fields.items():
         setattr(tenant, field, value)
     tenant.full_clean()
     tenant.save()
     invalidation.bump(invalidation.KEYS)
     return tenant
+
+
+def tenant_delete(*, tenant: Tenant) -> None:
+    """Delete a tenant and its keys. Refused once it has usage: billing history is kept."""
+    from apps.metering.models import UsageRecord
+
+    if UsageRecord.objects.filter(tenant=tenant).exists():
+        raise ValidationError(
+            {"tenant": f"Tenant {tenant.slug!r} has usage records and cannot be deleted; suspend it instead."}
+        )
+    tenant.delete()
+    invalidation.bump(invalidation.KEYS)
+
+
+def _refuse_fields(fields: dict[str, object], *, allowed: tuple[str, ...]) -> None:
+    refused = sorted(set(fields) - set(allowed))
+    if refused:
+        raise ValidationError({name: "This field cannot be changed here." for name in refused})
 
 
 def tenant_set_status(*, tenant: Tenant, status: str, reason: str = "") -> Tenant:
@@ -59,7 +82,8 @@ def tenant_reactivate(*, tenant: Tenant) -> Tenant:
     return tenant_set_status(tenant=tenant, status=TenantStatus.ACTIVE)
 
 
-def _validate_scopes(scopes: list[str]) -> list[str]:
+def validate_scopes(scopes: list[str]) -> list[str]:
+    """Sorted unique scopes, or ValidationError naming ``scopes``."""
     unknown = sorted(set(scopes) - set(Scope.values))
     if unknown:
         raise ValidationError({"scopes": f"Unknown scope(s): {', '.join(unknown)}. Valid: {', '.join(Scope.values)}."})
@@ -68,7 +92,8 @@ def _validate_scopes(scopes: list[str]) -> list[str]:
     return sorted(set(scopes))
 
 
-def _validate_models(names: list[str]) -> list[str]:
+def validate_models(names: list[str]) -> list[str]:
+    """Sorted unique served names that exist in the catalog, or ValidationError naming ``allowed_models``."""
     from apps.catalog.models import Model
 
     names = sorted(set(names))
@@ -99,8 +124,8 @@ def api_key_issue(
         name=name,
         prefix=prefix,
         digest=digest,
-        scopes=_validate_scopes(scopes if scopes is not None else [Scope.INFERENCE]),
-        allowed_models=_validate_models(allowed_models or []),
+        scopes=validate_scopes(scopes if scopes is not None else [Scope.INFERENCE]),
+        allowed_models=validate_models(allowed_models or []),
         expires_at=expires_at,
         requests_per_minute=requests_per_minute,
         tokens_per_minute=tokens_per_minute,
@@ -109,6 +134,58 @@ def api_key_issue(
     key.full_clean(exclude=["tenant"])
     key.save()
     return key, raw
+
+
+def api_key_issue_delegated(
+    *,
+    issuer: ApiKey,
+    name: str = "",
+    scopes: list[str] | None = None,
+    allowed_models: list[str] | None = None,
+    expires_at: datetime | None = None,
+    **limits: int | None,
+) -> tuple[ApiKey, str]:
+    """A customer key with ``keys:manage`` issues a key for its own tenant.
+
+    The new key can never do more than its issuer: scopes are a subset of the issuer's, models
+    are within the issuer's allow-list, limits are at most the issuer's effective limits, and
+    it expires no later than the issuer. Whatever is left unset is inherited from the issuer,
+    so omitting a field is never a way around these rules.
+    """
+    if not issuer.has_scope(Scope.KEYS_MANAGE):
+        raise PermissionDenied("This key lacks the keys:manage scope.")
+    errors: dict[str, str] = {}
+    wanted_scopes = scopes if scopes is not None else [Scope.INFERENCE]
+    beyond = sorted(set(wanted_scopes) - set(issuer.scopes))
+    if beyond:
+        errors["scopes"] = f"A key can only grant scopes it holds itself; not held: {', '.join(beyond)}."
+    if issuer.allowed_models:
+        if allowed_models:
+            outside = sorted(set(allowed_models) - set(issuer.allowed_models))
+            if outside:
+                errors["allowed_models"] = f"Not allowed for the issuing key: {', '.join(outside)}."
+        else:
+            allowed_models = list(issuer.allowed_models)
+    effective: dict[str, int | None] = {}
+    for field in _LIMIT_FIELDS:
+        ceiling = getattr(issuer, field) or getattr(issuer.tenant, field)
+        wanted = limits.pop(field, None)
+        if wanted is not None and wanted > ceiling:
+            errors[field] = f"At most {ceiling} (the issuing key's limit)."
+        effective[field] = wanted if wanted is not None else getattr(issuer, field)
+    if limits:
+        errors.update({field: "Unknown key limit." for field in limits})
+    if issuer.expires_at is not None:
+        if expires_at is None:
+            expires_at = issuer.expires_at
+        elif expires_at > issuer.expires_at:
+            errors["expires_at"] = f"Must not be later than the issuing key's expiry ({issuer.expires_at.isoformat()})."
+    if errors:
+        raise ValidationError(errors)
+    return api_key_issue(
+        tenant=issuer.tenant, name=name, scopes=wanted_scopes, allowed_models=allowed_models,
+        expires_at=expires_at, **effective,
+    )
 
 
 def api_key_verify(*, raw: str) -> ApiKey | None:
@@ -140,10 +217,11 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
 
 
 def api_key_update(*, key: ApiKey, **fields: object) -> ApiKey:
+    _refuse_fields(fields, allowed=_KEY_EDITABLE)
     if "scopes" in fields:
-        fields["scopes"] = _validate_scopes(list(fields["scopes"]))  # type: ignore[arg-type]
+        fields["scopes"] = validate_scopes(list(fields["scopes"]))  # type: ignore[arg-type]
     if "allowed_models" in fields:
-        fields["allowed_models"] = _validate_models(list(fields["allowed_models"] or []))  # type: ignore[arg-type]
+        fields["allowed_models"] = validate_models(list(fields["allowed_models"] or []))  # type: ignore[arg-type]
     for field, value in fields.items():
         setattr(key, field, value)
     key.full_clean(exclude=["tenant"])
@@ -158,6 +236,8 @@ def staff_token_issue(
 ) -> tuple[StaffToken, str]:
     if not user.is_staff:
         raise ValidationError({"user": "Only staff users can hold staff tokens."})
+    if expires_at is not None and expires_at <= timezone.now():
+        raise ValidationError({"expires_at": "Expiry must be in the future."})
     raw, prefix, digest = tokens.new_token(STAFF_TOKEN_PREFIX)
     token = StaffToken.objects.create(
         user=user, name=name, prefix=prefix, digest=digest, expires_at=expires_at
@@ -175,6 +255,15 @@ def staff_token_verify(*, raw: str) -> StaffToken | None:
     if not token.user.is_active or not token.user.is_staff:
         return None
     return token
+
+
+def staff_token_touch(*, token: StaffToken) -> None:
+    """Record use, at most once per resolution window, like api_key_touch."""
+    now = timezone.now()
+    window = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
+    if token.last_used_at is None or now - token.last_used_at >= window:
+        StaffToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        token.last_used_at = now
 
 
 def staff_token_revoke(*, token: StaffToken) -> StaffToken:
