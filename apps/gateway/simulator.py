@@ -1,0 +1,494 @@
+"""A vLLM OpenAI-server simulator: a development and test instrument, never a production part.
+
+It answers like ``vllm serve`` (same routes, JSON shapes and SSE events; see simulator_text.py)
+with deterministic text and token counts, configurable timing (time to first token, inter-token
+latency), injected faults (500s, streams cut mid-way, the whole process dying), live Prometheus
+gauges, and a simulator-only ``GET /sim/stats`` so tests can see what the "node" saw: requests
+started/completed/cancelled, tokens generated, the Authorization headers received.
+
+Run it with ``manage.py simulate_vllm`` (docs/simulator.md), in-process with
+``simulator_server()``, or from tests as a subprocess with ``run_simulator_process()``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import os
+import random
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import asdict, dataclass
+
+from aiohttp import web
+
+from apps.gateway import simulator_text as txt
+from apps.gateway.simulator_process import SimHandle, run_simulator_process
+
+__all__ = ["SimConfig", "SimHandle", "SimServer", "build_app", "run_simulator_process", "serve_forever",
+           "simulator_server", "start_simulator"]
+
+AUTH_SEEN_MAX = 100
+# Exit status when --die-exits-process kills the simulator mid-stream (distinct from errors).
+DIE_EXIT_CODE = 17
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    model: str = "sim-model"
+    host: str = "127.0.0.1"
+    port: int = 0
+    ttft_ms: float = 50.0
+    itl_ms: float = 20.0
+    api_key: str | None = None
+    max_tokens_default: int = 64
+    max_model_len: int = 4096
+    fail_rate: float = 0.0
+    die_after_tokens: int | None = None
+    die_exits_process: bool = False
+    startup_delay_s: float = 0.0
+    max_num_seqs: int = 256
+    kv_cache_tokens: int = 65536
+    embedding_dim: int = 16
+    seed: int | None = None
+
+
+class _Reject(Exception):  # noqa: N818 - a response to send, not a failure of ours
+    def __init__(self, response: web.Response) -> None:
+        self.response = response
+
+
+def _json_response(status: int, body: bytes) -> web.Response:
+    return web.Response(status=status, body=body, content_type="application/json")
+
+
+def _error(status: int, message: str, err_type: str) -> _Reject:
+    return _Reject(_json_response(status, txt.error_body(status, message, err_type)))
+
+
+def _bad_request(message: str) -> _Reject:
+    return _error(400, message, "BadRequestError")
+
+
+@dataclass
+class _Plan:
+    """One generation request, validated."""
+
+    request_id: str
+    prompt_tokens: int
+    offset: int
+    n_tokens: int
+    finish_reason: str
+    stream: bool
+    include_usage: bool
+
+
+class SimState:
+    def __init__(self, config: SimConfig) -> None:
+        self.config = config
+        self.created = int(time.time())
+        self.rng = random.Random(config.seed)
+        self.slots = asyncio.Semaphore(config.max_num_seqs)
+        self.running = 0
+        self.waiting = 0
+        self.kv_tokens = 0
+        self.ttft = config.ttft_ms / 1000.0
+        self.itl = config.itl_ms / 1000.0
+        self.reset()
+
+    def reset(self) -> None:
+        self.counters = {"requests_received": 0, "requests_started": 0, "requests_completed": 0,
+                         "requests_cancelled": 0, "requests_failed_injected": 0, "requests_killed": 0,
+                         "requests_rejected": 0, "tokens_generated": 0}
+        self.auth_seen: deque[str] = deque(maxlen=AUTH_SEEN_MAX)
+        self.requests_without_auth = 0
+
+    def stats(self) -> dict:
+        return {**self.counters, "running": self.running, "waiting": self.waiting,
+                "authorization_headers": list(self.auth_seen),
+                "requests_without_authorization": self.requests_without_auth,
+                "config": {k: v for k, v in asdict(self.config).items() if k != "api_key"}}
+
+    def kv_usage(self) -> float:
+        return min(1.0, self.kv_tokens / self.config.kv_cache_tokens) if self.config.kv_cache_tokens else 0.0
+
+    # --- checks every /v1 request goes through, in vLLM's order -------------------------
+    def check_auth(self, request: web.Request) -> None:
+        header = request.headers.get("Authorization")
+        if header is None:
+            self.requests_without_auth += 1
+        else:
+            self.auth_seen.append(header)
+        key = self.config.api_key
+        if key and not hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode()):
+            raise _Reject(_json_response(401, txt.UNAUTHORIZED_BODY))
+
+    def maybe_fail(self) -> None:
+        rate = self.config.fail_rate
+        if rate > 0 and (rate >= 1 or self.rng.random() < rate):
+            self.counters["requests_failed_injected"] += 1
+            raise _error(500, "Simulated engine failure (--fail-rate).", "InternalServerError")
+
+    def check_model(self, body: dict) -> None:
+        model = body.get("model")
+        if model is not None and model != self.config.model:
+            raise _error(404, f"The model `{model}` does not exist.", "NotFoundError")
+
+
+async def _read_json(request: web.Request) -> dict:
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise _bad_request(f"Invalid JSON body: {exc}") from None
+    if not isinstance(body, dict):
+        raise _bad_request("The request body must be a JSON object.")
+    return body
+
+
+def _int_param(body: dict, name: str, *, minimum: int) -> int | None:
+    value = body.get(name)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise _bad_request(f"`{name}` must be an integer >= {minimum}.")
+    return value
+
+
+def _request_id(request: web.Request, prefix: str) -> str:
+    # vLLM uses the caller's X-Request-Id as the base of the response id when there is one.
+    return prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+
+
+def _plan(sim: SimState, request: web.Request, body: dict, *, chat: bool) -> _Plan:
+    sim.check_model(body)
+    if chat:
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad_request("`messages` must be a non-empty list.")
+        texts = []
+        for message in messages:
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise _bad_request("Each message must be an object with a string `role`.")
+            text = txt.message_text(message.get("content"))
+            if text is None:
+                raise _bad_request("A message's `content` must be a string or a list of content parts.")
+            texts.append(text)
+        prompt_tokens = txt.chat_prompt_tokens(texts)
+        seed_text = "\n".join(texts)
+        max_tokens = _int_param(body, "max_completion_tokens", minimum=1)
+        if max_tokens is None:
+            max_tokens = _int_param(body, "max_tokens", minimum=1)
+    else:
+        prompt = body.get("prompt")
+        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
+            prompt = prompt[0]  # a batch of one prompt
+        if isinstance(prompt, str):
+            seed_text = prompt
+        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
+                                                         for t in prompt):
+            seed_text = " ".join(map(str, prompt))
+        else:
+            raise _bad_request("`prompt` must be a string or a list of token ids (the simulator serves one "
+                               "prompt per request).")
+        prompt_tokens = txt.completion_prompt_tokens(prompt)
+        max_tokens = _int_param(body, "max_tokens", minimum=1)
+    if body.get("n") not in (None, 1):
+        raise _bad_request("The simulator supports `n` = 1 only.")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool | None):
+        raise _bad_request("`stream` must be a boolean.")
+    options = body.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", True),
+                                                                               bool | None)):
+        raise _bad_request("`stream_options` must be an object with a boolean `include_usage`.")
+    if options is not None and not stream:
+        raise _bad_request("Stream options can only be defined when `stream=True`.")
+    # vLLM's StreamOptions defaults include_usage to true once stream_options is present.
+    include_usage = bool(options is not None and options.get("include_usage", True))
+    # With max_tokens the answer runs exactly that long ("length"); without, it ends naturally
+    # after --max-tokens-default tokens ("stop"), as if the model emitted EOS there.
+    n_tokens = max_tokens if max_tokens is not None else sim.config.max_tokens_default
+    finish = "length" if max_tokens is not None else "stop"
+    limit = sim.config.max_model_len
+    if prompt_tokens + n_tokens > limit:
+        where = "messages" if chat else "prompt"
+        raise _bad_request(
+            f"This model's maximum context length is {limit} tokens. However, you requested "
+            f"{prompt_tokens + n_tokens} tokens ({prompt_tokens} in the {where}, {n_tokens} in the completion). "
+            f"Please reduce the length of the {where} or completion.")
+    return _Plan(request_id=_request_id(request, "chatcmpl-" if chat else "cmpl-"), prompt_tokens=prompt_tokens,
+                 offset=txt.start_offset(seed_text), n_tokens=n_tokens, finish_reason=finish,
+                 stream=bool(stream), include_usage=include_usage)
+
+
+class _Slot:
+    """A place in the engine's batch (--max-num-seqs); the wait shows in num_requests_waiting."""
+
+    def __init__(self, sim: SimState, prompt_tokens: int) -> None:
+        self.sim, self.prompt_tokens, self.generated = sim, prompt_tokens, 0
+
+    async def __aenter__(self) -> _Slot:
+        sim = self.sim
+        sim.waiting += 1
+        try:
+            await sim.slots.acquire()
+        finally:
+            sim.waiting -= 1
+        sim.running += 1
+        sim.kv_tokens += self.prompt_tokens
+        sim.counters["requests_started"] += 1
+        return self
+
+    def add_tokens(self, n: int) -> None:
+        self.generated += n
+        self.sim.kv_tokens += n
+        self.sim.counters["tokens_generated"] += n
+
+    async def __aexit__(self, *exc: object) -> None:
+        sim = self.sim
+        sim.running -= 1
+        sim.kv_tokens -= self.prompt_tokens + self.generated
+        sim.slots.release()
+
+
+async def _sleep_until(loop: asyncio.AbstractEventLoop, deadline: float) -> None:
+    delay = deadline - loop.time()
+    if delay > 0:
+        await asyncio.sleep(delay)
+
+
+def _cut(sim: SimState, request: web.Request) -> None:
+    """Upstream death: close the connection mid-response (or end the whole process)."""
+    sim.counters["requests_killed"] += 1
+    if sim.config.die_exits_process:
+        os._exit(DIE_EXIT_CODE)
+    if request.transport is not None:
+        request.transport.close()  # flushes what was written, then FIN: no terminating chunk, no [DONE]
+
+
+async def _stream(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, *, chat: bool) -> web.StreamResponse:
+    model = sim.config.model
+    created = int(time.time())
+    enc = (txt.StreamEncoder.for_chat if chat else txt.StreamEncoder.for_completion)(
+        request_id=plan.request_id, created=created, model=model)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + sim.ttft
+    die_after = sim.config.die_after_tokens
+    pending = enc.role_chunk() if chat else b""
+    last = plan.n_tokens - 1
+    for i in range(plan.n_tokens):
+        await _sleep_until(loop, deadline)
+        if sim.itl == 0 and i % 16 == 15:
+            await asyncio.sleep(0)  # flat out: let other streams and the disconnect watcher run
+        deadline += sim.itl
+        if die_after is not None and i >= die_after:
+            if pending:
+                await resp.write(pending)
+            _cut(sim, request)
+            raise _Killed
+        token = txt.token_bytes(plan.offset, i)
+        chunk = enc.final_token_chunk(token, plan.finish_reason) if i == last else enc.token_chunk(token)
+        await resp.write(pending + chunk if pending else chunk)
+        pending = b""
+        slot.add_tokens(1)
+    tail = enc.usage_chunk(plan.prompt_tokens, plan.n_tokens) if plan.include_usage else b""
+    await resp.write(tail + txt.DONE)
+    await resp.write_eof()
+    return resp
+
+
+class _Killed(Exception):  # noqa: N818 - the simulated death, not an error
+    pass
+
+
+async def _complete(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, *, chat: bool) -> web.Response:
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    die_after = sim.config.die_after_tokens
+    if die_after is not None and die_after < plan.n_tokens:
+        await _sleep_until(loop, start + sim.ttft + sim.itl * max(die_after - 1, 0))
+        slot.add_tokens(die_after)
+        _cut(sim, request)
+        raise _Killed
+    await _sleep_until(loop, start + sim.ttft + sim.itl * (plan.n_tokens - 1))
+    slot.add_tokens(plan.n_tokens)
+    build = txt.chat_response if chat else txt.completion_response
+    body = build(request_id=plan.request_id, created=int(time.time()), model=sim.config.model,
+                 text=txt.generated_text(plan.offset, plan.n_tokens), finish_reason=plan.finish_reason,
+                 prompt_tokens=plan.prompt_tokens, completion_tokens=plan.n_tokens)
+    return _json_response(200, body)
+
+
+def _v1(handler: Callable) -> Callable:
+    """vLLM's order for /v1: auth, then (here) injected failure, then the body; errors as JSON."""
+
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        sim: SimState = request.app[SIM_KEY]
+        sim.counters["requests_received"] += 1
+        try:
+            sim.check_auth(request)
+            if request.method == "POST":
+                sim.maybe_fail()
+            return await handler(sim, request)
+        except _Reject as reject:
+            if reject.response.status < 500:
+                sim.counters["requests_rejected"] += 1
+            return reject.response
+
+    return wrapped
+
+
+def _generation(*, chat: bool) -> Callable:
+    async def handler(sim: SimState, request: web.Request) -> web.StreamResponse:
+        plan = _plan(sim, request, await _read_json(request), chat=chat)
+        slot = _Slot(sim, plan.prompt_tokens)
+        finished = False
+        try:
+            async with slot:
+                run = _stream if plan.stream else _complete
+                response = await run(sim, request, plan, slot, chat=chat)
+                finished = True
+                sim.counters["requests_completed"] += 1
+                return response
+        except _Killed:
+            finished = True
+            raise asyncio.CancelledError from None  # nothing more to send on a closed connection
+        except ConnectionResetError:
+            return web.Response(status=499)  # never delivered: the client is gone
+        finally:
+            if not finished:
+                sim.counters["requests_cancelled"] += 1
+
+    return handler
+
+
+async def _embeddings(sim: SimState, request: web.Request) -> web.Response:
+    body = await _read_json(request)
+    sim.check_model(body)
+    raw = body.get("input")
+    if isinstance(raw, str):
+        inputs = [raw]
+    elif isinstance(raw, list) and raw and all(isinstance(x, str) for x in raw):
+        inputs = list(raw)
+    elif isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
+        inputs = [" ".join(map(str, raw))]
+    else:
+        raise _bad_request("`input` must be a string, a list of strings or a list of token ids.")
+    encoding = body.get("encoding_format") or "float"
+    if encoding not in ("float", "base64"):
+        raise _bad_request("`encoding_format` must be 'float' or 'base64'.")
+    prompt_tokens = sum(txt.completion_prompt_tokens(t) for t in inputs)
+    async with _Slot(sim, prompt_tokens):
+        await asyncio.sleep(sim.ttft)
+    sim.counters["requests_completed"] += 1
+    return _json_response(200, txt.embeddings_response(
+        request_id=_request_id(request, "embd-"), created=int(time.time()), model=sim.config.model, inputs=inputs,
+        dim=sim.config.embedding_dim, base64_encoding=encoding == "base64", prompt_tokens=prompt_tokens))
+
+
+async def _models(sim: SimState, request: web.Request) -> web.Response:
+    return _json_response(200, txt.models_response(model=sim.config.model, created=sim.created,
+                                                   max_model_len=sim.config.max_model_len))
+
+
+async def _health(request: web.Request) -> web.Response:
+    return web.Response(status=200)
+
+
+async def _metrics(request: web.Request) -> web.Response:
+    sim: SimState = request.app[SIM_KEY]
+    body = txt.metrics_text(model=sim.config.model, running=sim.running, waiting=sim.waiting, kv_usage=sim.kv_usage())
+    return web.Response(body=body, headers={"Content-Type": "text/plain; version=0.0.4; charset=utf-8"})
+
+
+async def _version(request: web.Request) -> web.Response:
+    return _json_response(200, b'{"version":"0.10.0-simulated"}')
+
+
+async def _stats(request: web.Request) -> web.Response:
+    return _json_response(200, txt.dumps_bytes(request.app[SIM_KEY].stats()))
+
+
+async def _reset(request: web.Request) -> web.Response:
+    request.app[SIM_KEY].reset()
+    return _json_response(200, b'{"reset":true}')
+
+
+SIM_KEY = web.AppKey("sim", SimState)
+
+
+def build_app(config: SimConfig) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024 * 1024)
+    app[SIM_KEY] = SimState(config)
+    app.router.add_get("/health", _health)
+    app.router.add_get("/metrics", _metrics)
+    app.router.add_get("/version", _version)
+    app.router.add_get("/v1/models", _v1(_models))
+    app.router.add_post("/v1/chat/completions", _v1(_generation(chat=True)))
+    app.router.add_post("/v1/completions", _v1(_generation(chat=False)))
+    app.router.add_post("/v1/embeddings", _v1(_embeddings))
+    app.router.add_get("/sim/stats", _stats)
+    app.router.add_post("/sim/reset", _reset)
+    return app
+
+
+async def start_simulator(config: SimConfig) -> tuple[web.AppRunner, int]:
+    """Serve ``config`` on the running loop; returns the runner (``await runner.cleanup()``) and port."""
+    # handler_cancellation: a client that disconnects cancels its handler at once, so the
+    # simulator stops generating like vLLM aborts the request.
+    runner = web.AppRunner(build_app(config), handler_cancellation=True, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port, backlog=4096)
+    await site.start()
+    return runner, runner.addresses[0][1]
+
+
+def url_for(host: str, port: int) -> str:
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
+@dataclass
+class SimServer:
+    url: str
+    port: int
+    state: SimState
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+
+@asynccontextmanager
+async def simulator_server(**options: object) -> AsyncIterator[SimServer]:
+    """The simulator on the current event loop, for in-process tests: ``async with simulator_server(...)``."""
+    config = SimConfig(**options)  # type: ignore[arg-type]
+    runner, port = await start_simulator(config)
+    try:
+        yield SimServer(url=url_for(config.host, port), port=port, state=runner.app[SIM_KEY])
+    finally:
+        await runner.cleanup()
+
+
+async def serve_forever(config: SimConfig, announce: Callable[[str], None]) -> None:
+    """The management command's main: load (like vLLM, no socket until then), serve until SIGTERM/SIGINT."""
+    import signal
+
+    if config.startup_delay_s > 0:
+        await asyncio.sleep(config.startup_delay_s)
+    runner, port = await start_simulator(config)
+    announce(f"simulate_vllm listening on {url_for(config.host, port)}")
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,149 @@
+"""Run the vLLM simulator as a child process (``manage.py simulate_vllm --port 0``) for tests and
+local fleets: start it, wait until ``/health`` answers, hand back its URL, kill it on exit."""
+
+from __future__ import annotations
+
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO
+
+import httpx
+
+MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
+LISTENING = re.compile(r"^simulate_vllm listening on (http://\S+?):(\d+)\s*$")
+
+
+def command_line(*, model: str, port: int = 0, **options: object) -> list[str]:
+    """``manage.py simulate_vllm`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag."""
+    args = [sys.executable, str(MANAGE_PY), "simulate_vllm", "--port", str(port), "--model", model]
+    for name, value in options.items():
+        if value is None or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        args += [flag] if value is True else [flag, str(value)]
+    return args
+
+
+@dataclass
+class SimHandle:
+    url: str  # http://127.0.0.1:PORT
+    port: int
+    proc: subprocess.Popen
+    model: str
+    api_key: str | None = None
+    output: deque[str] = field(default_factory=lambda: deque(maxlen=200))
+
+    @property
+    def base_url(self) -> str:
+        """For the openai SDK: ``OpenAI(base_url=handle.base_url, api_key=...)``."""
+        return self.url + "/v1"
+
+    def stats(self) -> dict:
+        """The simulator's ``/sim/stats`` counters (see docs/simulator.md)."""
+        return httpx.get(self.url + "/sim/stats", timeout=5).json()
+
+    async def astats(self) -> dict:
+        async with httpx.AsyncClient(timeout=5) as client:
+            return (await client.get(self.url + "/sim/stats")).json()
+
+    def reset(self) -> None:
+        httpx.post(self.url + "/sim/reset", timeout=5).raise_for_status()
+
+    def wait_for(self, predicate: Callable[[dict], bool], *, timeout_s: float = 5.0, interval_s: float = 0.02) -> dict:
+        """Poll ``stats()`` until ``predicate(stats)`` holds; return the stats, or raise TimeoutError."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            stats = self.stats()
+            if predicate(stats):
+                return stats
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"simulator stats never matched: {stats}")
+            time.sleep(interval_s)
+
+    def kill(self) -> None:
+        """Abrupt death (SIGKILL), like a node that vanished."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(timeout=10)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+
+
+def _pump(stream: IO[str], lines: queue.Queue, keep: deque[str]) -> None:
+    # Drain the child's stdout for its whole life so it can never block on a full pipe.
+    for line in stream:
+        keep.append(line.rstrip("\n"))
+        lines.put(line)
+    lines.put(None)
+
+
+def _wait_listening(proc: subprocess.Popen, lines: queue.Queue, keep: deque[str], timeout_s: float) -> tuple[str, int]:
+    deadline = time.monotonic() + timeout_s
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError(f"simulate_vllm did not start within {timeout_s}s: {list(keep)[-10:]}")
+        try:
+            line = lines.get(timeout=remaining)
+        except queue.Empty:
+            continue
+        if line is None:
+            proc.wait(timeout=5)
+            raise RuntimeError(f"simulate_vllm exited with {proc.returncode}: {list(keep)[-10:]}")
+        match = LISTENING.match(line)
+        if match:
+            return match.group(1), int(match.group(2))
+
+
+@contextmanager
+def run_simulator_process(
+    *, model: str = "sim-model", timeout_s: float = 30.0, **options: object
+) -> Iterator[SimHandle]:
+    """Start ``manage.py simulate_vllm --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
+
+    Options are the command's flags in snake_case: ``ttft_ms``, ``itl_ms``, ``api_key``,
+    ``max_tokens_default``, ``fail_rate``, ``die_after_tokens``, ``die_exits_process``,
+    ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ...
+    """
+    port = int(options.pop("port", 0))  # type: ignore[arg-type]
+    args = command_line(model=model, port=port, **options)
+    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
+                            cwd=MANAGE_PY.parent)
+    keep: deque[str] = deque(maxlen=200)
+    lines: queue.Queue = queue.Queue()
+    threading.Thread(target=_pump, args=(proc.stdout, lines, keep), daemon=True, name="simulate_vllm-stdout").start()
+    handle = None
+    try:
+        host_url, bound = _wait_listening(proc, lines, keep, timeout_s)
+        handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model,
+                           api_key=options.get("api_key"), output=keep)  # type: ignore[arg-type]
+        deadline = time.monotonic() + timeout_s
+        while httpx.get(handle.url + "/health", timeout=2).status_code != 200:
+            if time.monotonic() > deadline:
+                raise TimeoutError("simulate_vllm never became healthy")
+            time.sleep(0.05)
+        yield handle
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait(timeout=5)
