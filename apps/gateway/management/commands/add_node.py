@@ -1,0 +1,95 @@
+"""``manage.py add_node``: register a vLLM server that already runs (on-prem, or the simulator) as
+a ``static`` node, probe its /health once, and mark it ready or failed."""
+
+from __future__ import annotations
+
+import time
+from argparse import ArgumentParser
+
+import httpx
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError
+from django.core.validators import URLValidator
+from django.utils import timezone
+
+from apps.catalog.models import Model
+from apps.fleet.models import Node, NodeStatus
+from apps.fleet.services import IllegalTransition, node_create, node_transition
+
+ACTOR = "add_node"
+# Where a static node's own vLLM API key is kept for the gateway (a node we launch uses the
+# derived apps.fleet.keys.node_api_key instead). It must never be rendered or logged.
+STATIC_API_KEY_FIELD = "static_api_key"
+
+
+def probe_health(endpoint: str, *, timeout_s: float) -> tuple[bool, str, float]:
+    """One GET {endpoint}/health: (healthy, reason when not, latency in ms)."""
+    started = time.perf_counter()
+    try:
+        response = httpx.get(endpoint + "/health", timeout=timeout_s, follow_redirects=False)
+    except httpx.TimeoutException:
+        return False, f"health probe timed out after {timeout_s:g}s", (time.perf_counter() - started) * 1000
+    except httpx.HTTPError as exc:
+        return False, f"health probe failed: {type(exc).__name__}: {exc}", (time.perf_counter() - started) * 1000
+    latency_ms = (time.perf_counter() - started) * 1000
+    if response.status_code != 200:
+        return False, f"health probe answered HTTP {response.status_code}", latency_ms
+    return True, "", latency_ms
+
+
+def _endpoint(raw: str) -> str:
+    url = raw.strip().rstrip("/")
+    if url.endswith("/v1"):
+        url = url[: -len("/v1")]  # the gateway appends /v1/...; accept the SDK-style base URL too
+    try:
+        URLValidator(schemes=["http", "https"])(url)
+    except ValidationError:
+        raise CommandError(f"--endpoint {raw!r} is not an http(s) URL, e.g. http://10.0.0.5:8000") from None
+    return url
+
+
+class Command(BaseCommand):
+    help = ("Register an existing vLLM server (or the simulator) as a static node: probes /health once and "
+            "marks the node ready, or failed with the reason (non-zero exit).")
+
+    def add_arguments(self, parser: ArgumentParser) -> None:
+        parser.add_argument("--model", required=True, help="The catalog model's served name.")
+        parser.add_argument("--endpoint", required=True, help="Base URL of the vLLM server, e.g. http://10.0.0.5:8000")
+        parser.add_argument("--api-key", default=None,
+                            help="The key the server was started with (vllm --api-key); kept for the gateway.")
+        parser.add_argument("--timeout", type=float, default=5.0, help="Health probe timeout in seconds.")
+
+    def handle(self, *args: object, **opts: object) -> None:
+        endpoint = _endpoint(str(opts["endpoint"]))
+        timeout_s = float(opts["timeout"])  # type: ignore[arg-type]
+        if timeout_s <= 0:
+            raise CommandError("--timeout must be positive.")
+        try:
+            model = Model.objects.get(name=opts["model"])
+        except Model.DoesNotExist:
+            raise CommandError(f"Unknown model {opts['model']!r}: add it to the catalog first.") from None
+        api_key = opts["api_key"] or None
+        try:
+            node = node_create(model=model, launcher="static", endpoint_url=endpoint, actor=ACTOR)
+        except ValidationError as exc:
+            raise CommandError(f"Cannot register the node: {'; '.join(exc.messages)}") from None
+        self.stdout.write(f"node {node.pk} ({node}) registered for {model.name} at {endpoint}; probing /health")
+
+        healthy, reason, latency_ms = probe_health(endpoint, timeout_s=timeout_s)
+        fields: dict[str, object] = {"last_health_at": timezone.now(), "health_latency_ms": round(latency_ms, 2)}
+        try:
+            if healthy:
+                state = dict(node.launcher_state)
+                if api_key:
+                    state[STATIC_API_KEY_FIELD] = api_key
+                node_transition(node=node, to=NodeStatus.READY, reason="health probe succeeded", actor=ACTOR,
+                                expected_from=NodeStatus.PENDING, launcher_state=state, **fields)
+            else:
+                node_transition(node=node, to=NodeStatus.FAILED, reason=reason, actor=ACTOR,
+                                expected_from=NodeStatus.PENDING, consecutive_failures=1, **fields)
+        except IllegalTransition as exc:
+            current = Node.objects.filter(pk=node.pk).values_list("status", flat=True).first()
+            raise CommandError(f"node {node.pk} changed under us (now {current}): {exc}") from None
+        if not healthy:
+            raise CommandError(f"node {node.pk} failed: {reason}")
+        self.stdout.write(self.style.SUCCESS(f"node {node.pk} is ready ({latency_ms:.0f} ms)"))
