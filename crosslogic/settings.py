@@ -240,3 +240,42 @@ SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
         "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
     }
 )
+
+# --- R2 storage -----------------------------------------------------------------------------
+# Cloudflare R2 (or any S3-compatible store): model weights that nodes stream with vLLM's Run:ai
+# streamer. Only apps/catalog/storage.py reads these to build its boto3 client.
+R2_ENDPOINT_URL: str = env("R2_ENDPOINT_URL", default="")
+R2_ACCESS_KEY_ID: str = env("R2_ACCESS_KEY_ID", default="")
+R2_SECRET_ACCESS_KEY: str = env("R2_SECRET_ACCESS_KEY", default="")
+R2_BUCKET: str = env("R2_BUCKET", default="")
+R2_REGION: str = env("R2_REGION", default="auto")
+R2_CONNECT_TIMEOUT_S: float = _env_or_fail("R2_CONNECT_TIMEOUT_S", float, 10.0)
+R2_READ_TIMEOUT_S: float = _env_or_fail("R2_READ_TIMEOUT_S", float, 120.0)
+R2_MAX_ATTEMPTS: int = _env_or_fail("R2_MAX_ATTEMPTS", int, 5)
+R2_MULTIPART_THRESHOLD_MB: int = _env_or_fail("R2_MULTIPART_THRESHOLD_MB", int, 64)
+R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 64)
+R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
+# botocore's default ("when_supported") adds CRC checksums; "when_required" for older S3 clones.
+R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_supported")
+if R2_ENDPOINT_URL and urlparse(R2_ENDPOINT_URL).scheme not in {"http", "https"}:
+    raise ImproperlyConfigured("R2_ENDPOINT_URL must be an http(s):// URL: https://<account>.r2.cloudflarestorage.com")
+if R2_MULTIPART_CHUNK_MB < 5 or R2_MULTIPART_THRESHOLD_MB < 5 or not 1 <= R2_MAX_CONCURRENCY <= 64:
+    raise ImproperlyConfigured("R2 multipart sizes must be >= 5 MB and R2_MAX_CONCURRENCY within 1..64.")
+if R2_CHECKSUMS not in {"when_supported", "when_required"}:
+    raise ImproperlyConfigured("R2_CHECKSUMS must be when_supported or when_required.")
+HF_TOKEN: str = env("HF_TOKEN", default="")
+HF_ENDPOINT: str = env("HF_ENDPOINT", default="")  # a Hugging Face mirror; empty = huggingface.co
+UPLOAD_WORK_DIR: Path = Path(env("UPLOAD_WORK_DIR", default=str(VAR_DIR / "uploads")))
+UPLOAD_PROGRESS_INTERVAL_S: float = _env_or_fail("UPLOAD_PROGRESS_INTERVAL_S", float, 0.5)
+# An upload whose row has not moved for this long is considered dead (worker killed) and may be re-queued.
+UPLOAD_STALE_AFTER_S: int = _env_or_fail("UPLOAD_STALE_AFTER_S", int, 600)
+UPLOAD_FILE_RETRIES: int = _env_or_fail("UPLOAD_FILE_RETRIES", int, 3)
+
+# --- Tenancy and management API -------------------------------------------------------------
+# Several serializers have a `status` field with different choice sets; name their enums.
+SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
+    {
+        "TenantStatusEnum": "apps.tenancy.models.TenantStatus",
+        "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
+    }
+)

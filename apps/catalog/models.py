@@ -26,6 +26,13 @@ class UploadStatus(models.TextChoices):
     CANCELLED = "cancelled", "Cancelled"
 
 
+class VerifyStatus(models.TextChoices):
+    NEVER = "", "Not verified"
+    OK = "ok", "Verified"
+    MISMATCH = "mismatch", "Mismatch"
+    ERROR = "error", "Could not verify"
+
+
 class Model(models.Model):
     """A catalog entry: what customers call (``name``) and how a node serves it."""
 
@@ -51,6 +58,14 @@ class Model(models.Model):
     upload_started_at = models.DateTimeField(null=True, blank=True)
     upload_finished_at = models.DateTimeField(null=True, blank=True)
     upload_cancel_requested = models.BooleanField(default=False)
+    upload_source = models.JSONField(
+        default=dict, blank=True, editable=False,
+        help_text="What the last upload was asked to do: {kind: hf|dir, repo, revision, path, prefix, keep}.",
+    )
+    verify_status = models.CharField(max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.NEVER,
+                                     blank=True)
+    verified_at = models.DateTimeField(null=True, blank=True)
+    verify_report = models.JSONField(default=list, blank=True, help_text="Problems found by the last verify.")
 
     dtype = models.CharField(max_length=16, default="auto")
     max_model_len = models.PositiveIntegerField(null=True, blank=True)

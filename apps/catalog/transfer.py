@@ -1,0 +1,267 @@
+"""The upload core, free of the database: pick the files vLLM needs, refuse pickles, hash, transfer.
+
+Used by the upload service (uploads.py, which reports progress on the Model row) and by the
+benchmark. Memory stays bounded whatever the model size: files are hashed in 1 MiB reads and
+sent by s3transfer part by part straight from disk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import mimetypes
+import threading
+import time
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from django.conf import settings
+
+from apps.catalog import hf, storage
+
+log = logging.getLogger(__name__)
+
+MANIFEST_NAME = "crosslogic-manifest.json"
+# What vLLM needs to serve from the bucket: weights, configs, tokenizer and chat template.
+ALLOW_PATTERNS = [
+    "*.safetensors",
+    "*.json",
+    "tokenizer.model",
+    "spiece.model",
+    "*.tiktoken",
+    "merges.txt",
+    "vocab.*",
+    "*.jinja",
+]
+# Weights the Run:ai streamer cannot load; most are pickles, which execute code when loaded.
+FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".msgpack", ".gguf")
+HASH_CHUNK = 1024 * 1024
+
+
+class UploadError(Exception):
+    """The upload cannot proceed; ``str()`` is the readable reason stored on the Model."""
+
+
+class UploadRefusedError(UploadError):
+    pass
+
+
+class UploadCancelled(Exception):  # noqa: N818 - a request from staff, not a failure
+    pass
+
+
+@dataclass(frozen=True)
+class SourceFile:
+    rel: str  # path inside the model folder, with "/" separators; also the key below the prefix
+    path: Path
+    size: int
+
+
+class Progress(Protocol):
+    def start(self, total: int) -> None: ...
+    def add(self, n: int) -> None: ...  # bytes sent (from transfer threads; may be negative on retry)
+    def skip(self, n: int) -> None: ...  # bytes already in the bucket
+    def file(self, rel: str) -> None: ...
+    def tick(self) -> None: ...  # called often from the main thread; raises UploadCancelled
+
+
+class NullProgress:
+    def start(self, total: int) -> None:
+        pass
+
+    def add(self, n: int) -> None:
+        pass
+
+    def skip(self, n: int) -> None:
+        pass
+
+    def file(self, rel: str) -> None:
+        pass
+
+    def tick(self) -> None:
+        pass
+
+
+def forbidden(paths: list[str]) -> list[str]:
+    return sorted(p for p in paths if p.lower().endswith(FORBIDDEN_SUFFIXES))
+
+
+def refuse_message(bad: list[str]) -> str:
+    shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+    return (
+        f"Refused: {shown} {'is' if len(bad) == 1 else 'are'} not safetensors. vLLM's Run:ai streamer loads only "
+        "*.safetensors, and pickle-based formats (.bin, .pt, .pth, .pkl, .ckpt) can execute code when loaded. "
+        "Convert the weights to safetensors (or remove these files) and upload again."
+    )
+
+
+def check_repo_listing(paths: list[str]) -> None:
+    """Refuse a hub repo that has no safetensors weights (before downloading anything)."""
+    if not any(p.endswith(".safetensors") for p in paths):
+        bad = forbidden(paths)
+        if bad:
+            raise UploadRefusedError(refuse_message(bad))
+        raise UploadRefusedError("Refused: the repository has no *.safetensors weights for vLLM to load.")
+
+
+def scan_folder(root: Path) -> list[SourceFile]:
+    """Every regular file under ``root``, hidden folders (.git, .cache) left out."""
+    if not root.is_dir():
+        raise UploadError(f"Folder {root} does not exist (or is not a folder) on the machine running the upload.")
+    files = []
+    for path in sorted(root.rglob("*")):
+        rel = path.relative_to(root).as_posix()
+        if any(part.startswith(".") for part in rel.split("/")) or not path.is_file():
+            continue
+        files.append(SourceFile(rel=rel, path=path, size=path.stat().st_size))
+    return files
+
+
+def select_files(files: list[SourceFile]) -> list[SourceFile]:
+    """Refuse non-safetensors weights, then keep what vLLM needs (the hub's own allow-pattern filter)."""
+    bad = forbidden([f.rel for f in files])
+    if bad:
+        raise UploadRefusedError(refuse_message(bad))
+    keep = set(hf.filter_paths([f.rel for f in files], ALLOW_PATTERNS))
+    selected = [f for f in files if f.rel in keep]
+    if not any(f.rel.endswith(".safetensors") for f in selected):
+        raise UploadRefusedError("Refused: no *.safetensors weights found to upload.")
+    if not any(f.rel == "config.json" for f in selected):
+        raise UploadRefusedError("Refused: config.json is missing; vLLM needs it next to the weights.")
+    skipped = len(files) - len(selected)
+    if skipped:
+        log.info("not uploading %d file(s) vLLM does not need", skipped)
+    return selected
+
+
+def sha256_file(path: Path, on_chunk: Callable[[], None] | None = None) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(HASH_CHUNK):
+            digest.update(chunk)
+            if on_chunk is not None:
+                on_chunk()
+    return digest.hexdigest()
+
+
+def _wait(future: Future, progress: Progress) -> object:
+    while True:
+        try:
+            return future.result(timeout=0.1)
+        except TimeoutError:
+            progress.tick()
+
+
+def _content_type(rel: str) -> str:
+    if rel.endswith(".json"):
+        return "application/json"
+    return mimetypes.guess_type(rel)[0] or "application/octet-stream"
+
+
+class _SentCounter:
+    """Bytes sent for one attempt at one file (called from transfer threads)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.sent = 0
+        self._progress = progress
+        self._lock = threading.Lock()
+
+    def add(self, n: int) -> None:
+        with self._lock:
+            self.sent += n
+        self._progress.add(n)
+
+
+def _send(uploader: storage.Uploader, item: SourceFile, sha: str, bucket: str, key: str,
+          progress: Progress) -> None:
+    """Upload one file, retrying transient failures with exponential backoff."""
+    attempts = max(1, settings.UPLOAD_FILE_RETRIES + 1)
+    for attempt in range(1, attempts + 1):
+        counter = _SentCounter(progress)
+        transfer = uploader.submit(item.path, bucket, key, sha256=sha, content_type=_content_type(item.rel),
+                                   on_bytes=counter.add)
+        try:
+            while not transfer.done():
+                progress.tick()
+                time.sleep(0.05)
+            transfer.result()
+            return
+        except UploadCancelled:
+            transfer.cancel()
+            while not transfer.done():
+                time.sleep(0.05)
+            raise
+        except storage.StorageTransientError as exc:
+            progress.add(-counter.sent)  # the file starts over
+            if attempt == attempts:
+                raise
+            delay = min(60.0, 2.0 ** attempt)
+            log.warning("transient failure on %s (%s); retry %d/%d in %.0fs", key, exc, attempt, attempts - 1, delay)
+            deadline = time.monotonic() + delay
+            while time.monotonic() < deadline:
+                progress.tick()
+                time.sleep(0.1)
+
+
+def _write_manifest(bucket: str, prefix: str, document: dict) -> None:
+    body = json.dumps(document, indent=2, sort_keys=True).encode()
+    sha = hashlib.sha256(body).hexdigest()
+    key = f"{prefix}/{MANIFEST_NAME}"
+    existing = storage.head(bucket, key)
+    if existing is not None and existing.sha256 == sha and existing.size == len(body):
+        return  # identical manifest already there: a rerun writes nothing
+    storage.put_bytes(bucket, key, body, content_type="application/json", sha256=sha)
+
+
+def transfer_folder(
+    *,
+    files: list[SourceFile],
+    bucket: str,
+    prefix: str,
+    progress: Progress,
+    source: dict | None = None,
+    on_file_done: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """Upload ``files`` below ``s3://bucket/prefix/`` and write the manifest; return the manifest entries.
+
+    Idempotent: an object already present with the same size and sha256 is not sent again, so
+    a rerun after a crash resumes with the first file that did not make it.
+    """
+    prefix = prefix.strip("/")
+    storage.check_bucket(bucket)  # one cheap request: bad credentials / missing bucket fail here, clearly
+    aborted = storage.abort_incomplete_uploads(bucket, prefix + "/")
+    if aborted:
+        log.info("aborted %d incomplete multipart upload(s) under %s", aborted, prefix)
+    progress.start(sum(f.size for f in files))
+    entries: list[dict] = []
+    # Hash the next files while the current one uploads; the hasher reads 1 MiB at a time.
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, storage.Uploader() as uploader:
+        hashes = [hasher.submit(sha256_file, f.path) for f in files]
+        try:
+            for item, hash_future in zip(files, hashes, strict=True):
+                progress.file(item.rel)
+                sha = str(_wait(hash_future, progress))
+                key = f"{prefix}/{item.rel}"
+                existing = storage.head(bucket, key)
+                if existing is not None and existing.size == item.size and existing.sha256 == sha:
+                    progress.skip(item.size)
+                else:
+                    _send(uploader, item, sha, bucket, key, progress)
+                entries.append({"path": item.rel, "size": item.size, "sha256": sha})
+                if on_file_done is not None:
+                    on_file_done(item.rel)
+        finally:
+            for pending in hashes:
+                pending.cancel()
+    progress.tick()
+    _write_manifest(bucket, prefix, {
+        "format": 1,
+        "source": source or {},
+        "total_bytes": sum(e["size"] for e in entries),
+        "files": entries,
+    })
+    return entries
