@@ -1,0 +1,336 @@
+"""Atomic rate limits in Redis: requests/min, tokens/min and concurrent requests, per subject
+(an API key, a tenant), checked and charged for every subject of a request in ONE Lua call.
+
+Algorithm (why it is exact under concurrency):
+- requests/min and tokens/min are token buckets kept as GCRA: one number per subject and
+  dimension, the "theoretical arrival time" (TAT, ms). Capacity = the limit, refilled
+  continuously at limit/60 s (OpenAI's semantics). A request of cost ``c`` fits when
+  ``max(TAT, now) + c·T - 60 s <= now`` with ``T = 60 s / limit``; admitting it sets
+  ``TAT = max(TAT, now) + c·T``. So at most ``limit`` units pass in any burst, then ``limit/60``
+  per second. Tokens are reserved up front (``reserve_tokens``, clamped to the bucket's size so
+  a large ``max_tokens`` waits for a full bucket instead of never passing) and corrected at
+  ``settle()``: the difference moves TAT (a refund never fills the bucket past its capacity;
+  an overrun leaves debt that refuses later requests until it has drained).
+- concurrency is a sorted set per subject: request_id → deadline (now + ``concurrency_ttl_s``).
+  Expired entries are pruned on every admit, so a crashed worker's slots free themselves;
+  ``settle()`` removes the entry; ``refresh()`` extends it for streams longer than the TTL.
+- The admit script first checks every dimension of every subject, and writes only when all
+  pass: either everything is charged or nothing is. Redis's clock (``TIME``) is the only clock,
+  so workers with skewed clocks agree. ``settle()`` is idempotent through a per-request marker.
+- Redis down, slow (``timeout_s``) or absent: never an exception to the caller. ``fail_open``
+  admits (warning logged at most every 30 s), otherwise refuses with reason "unavailable".
+  After a failure Redis is not retried for ``backoff_s``, so an outage adds no latency per request.
+Keys span several subjects in one script: a single Redis (or keys in one cluster slot) is assumed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import redis.asyncio
+    from redis.commands.core import AsyncScript
+
+log = logging.getLogger(__name__)
+
+WINDOW_MS = 60_000
+_NO_LIMIT = -1
+_REASONS = {1: "requests", 2: "tokens", 3: "concurrency"}
+
+# KEYS: per subject [rpm, tpm, conc]. ARGV: request_id, reserve, conc_ttl_ms, then per subject
+# [rpm_limit, tpm_limit, conc_limit] (-1 = unlimited). Returns {allowed, reason, retry_ms,
+# per subject: rpm_remaining, rpm_reset_ms, tpm_remaining, tpm_reset_ms}.
+_ADMIT = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local window = 60000
+local rid = ARGV[1]
+local reserve = tonumber(ARGV[2])
+local conc_ttl = tonumber(ARGV[3])
+local n = #KEYS / 3
+local out = {1, 0, 0}
+local writes = {}
+local worst_reason, worst_retry = 0, -1
+for i = 0, n - 1 do
+  local rpm, tpm, conc = tonumber(ARGV[4 + i * 3]), tonumber(ARGV[5 + i * 3]), tonumber(ARGV[6 + i * 3])
+  for d = 1, 2 do
+    local limit = (d == 1) and rpm or tpm
+    if limit < 0 then
+      table.insert(out, -1); table.insert(out, -1)
+    elseif limit == 0 then
+      if window > worst_retry then worst_retry = window; worst_reason = d end
+      table.insert(out, 0); table.insert(out, 0)
+    else
+      local key = KEYS[i * 3 + d]
+      local cost = 1
+      if d == 2 then cost = math.min(reserve, limit) end
+      local interval = window / limit
+      local tat = tonumber(redis.call('GET', key) or now)
+      if tat < now then tat = now end
+      local new_tat = tat + cost * interval
+      local allow_at = new_tat - window
+      if allow_at > now then
+        if allow_at - now > worst_retry then worst_retry = allow_at - now; worst_reason = d end
+        table.insert(out, math.max(0, math.floor((window - (tat - now)) / interval + 1e-9)))
+        table.insert(out, math.ceil(tat - now))
+      else
+        table.insert(writes, {key, new_tat})
+        table.insert(out, math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-9)))
+        table.insert(out, math.ceil(new_tat - now))
+      end
+    end
+  end
+  if conc >= 0 then
+    local key = KEYS[i * 3 + 3]
+    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
+    if redis.call('ZSCORE', key, rid) == false and redis.call('ZCARD', key) >= conc then
+      if worst_reason == 0 then worst_reason = 3; worst_retry = tonumber(ARGV[4 + n * 3]) end
+    else
+      table.insert(writes, {key, 'z'})
+    end
+  end
+end
+if worst_reason ~= 0 then
+  out[1] = 0; out[2] = worst_reason; out[3] = math.ceil(worst_retry)
+  return out
+end
+for _, w in ipairs(writes) do
+  if w[2] == 'z' then
+    redis.call('ZADD', w[1], now + conc_ttl, rid)
+    redis.call('PEXPIRE', w[1], math.ceil(conc_ttl) + 1000)
+  else
+    redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', math.ceil(w[2] - now) + 1000)
+  end
+end
+return out
+"""
+
+# KEYS: settled marker, then per subject [tpm, conc]. ARGV: request_id, marker_ttl_ms, then per
+# subject [tpm_limit (-1 = none), token difference, has_conc (0/1)]. Returns 1, or 0 if already settled.
+_SETTLE = """
+if redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[2])) == false then return 0 end
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+local n = (#KEYS - 1) / 2
+for i = 0, n - 1 do
+  local limit, diff, has_conc = tonumber(ARGV[3 + i * 3]), tonumber(ARGV[4 + i * 3]), ARGV[5 + i * 3]
+  local tkey, ckey = KEYS[2 + i * 2], KEYS[3 + i * 2]
+  if limit > 0 and diff ~= 0 then
+    local tat = tonumber(redis.call('GET', tkey) or now)
+    if tat < now then tat = now end
+    tat = tat + diff * 60000 / limit
+    if tat <= now then
+      redis.call('DEL', tkey)
+    else
+      redis.call('SET', tkey, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+    end
+  end
+  if has_conc == '1' then redis.call('ZREM', ckey, ARGV[1]) end
+end
+return 1
+"""
+
+# KEYS: per subject conc key. ARGV: request_id, ttl_ms. Extends live entries only (XX).
+_REFRESH = """
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+for _, key in ipairs(KEYS) do
+  if redis.call('ZADD', key, 'XX', now + tonumber(ARGV[2]), ARGV[1]) ~= false then
+    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[2])) + 1000)
+  end
+end
+return 1
+"""
+
+
+@dataclass(frozen=True)
+class Limit:
+    """The limits of one subject (an API key or a tenant); None means unlimited."""
+
+    subject: str  # e.g. "key:12" / "tenant:3"
+    requests_per_minute: int | None
+    tokens_per_minute: int | None
+    max_concurrent: int | None
+
+    @property
+    def unlimited(self) -> bool:
+        return self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent is None
+
+
+@dataclass
+class Admission:
+    allowed: bool
+    retry_after_s: float | None  # when refused
+    reason: str | None  # "requests" | "tokens" | "concurrency" | "unavailable"
+    headers: dict[str, str]  # OpenAI's x-ratelimit-*, for the most constraining subject
+    token: str  # opaque handle for settle(); "" when there is nothing to settle
+    settled: bool = field(default=False, compare=False)
+
+
+def format_duration(ms: float) -> str:
+    """OpenAI's (Go's) duration format: "20ms", "1s", "1.5s", "6m0s", "1h2m3s"."""
+    ms = max(0, math.ceil(ms))
+    if ms < 1000:
+        return f"{ms}ms"
+    hours, rest = divmod(ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
+
+
+def _headers(limits: list[Limit], values: list[int]) -> dict[str, str]:
+    """Per dimension, the subject with the least remaining (ties: the smaller limit) speaks."""
+    headers: dict[str, str] = {}
+    for dim, name, attr in ((0, "requests", "requests_per_minute"), (1, "tokens", "tokens_per_minute")):
+        best: tuple[int, int, int] | None = None
+        for i, lim in enumerate(limits):
+            limit = getattr(lim, attr)
+            remaining, reset_ms = values[i * 4 + dim * 2], values[i * 4 + dim * 2 + 1]
+            if limit is None or remaining < 0:
+                continue
+            candidate = (remaining, limit, reset_ms)
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        if best is not None:
+            headers[f"x-ratelimit-limit-{name}"] = str(best[1])
+            headers[f"x-ratelimit-remaining-{name}"] = str(best[0])
+            headers[f"x-ratelimit-reset-{name}"] = format_duration(best[2])
+    return headers
+
+
+def _arg(value: int | None) -> int:
+    return _NO_LIMIT if value is None else max(0, int(value))
+
+
+class RateLimiter:
+    def __init__(
+        self,
+        redis: redis.asyncio.Redis | None,
+        *,
+        fail_open: bool = True,
+        key_prefix: str = "crosslogic:rl:",
+        concurrency_ttl_s: float = 900.0,
+        concurrency_retry_s: float = 1.0,
+        timeout_s: float = 0.5,
+        backoff_s: float = 1.0,
+        unavailable_retry_s: float = 1.0,
+    ) -> None:
+        self.redis = redis
+        self.fail_open = fail_open
+        self.prefix = key_prefix
+        self.concurrency_ttl_ms = int(concurrency_ttl_s * 1000)
+        self.concurrency_retry_ms = int(concurrency_retry_s * 1000)
+        self.timeout_s = timeout_s
+        self.backoff_s = backoff_s
+        self.unavailable_retry_s = unavailable_retry_s
+        self._down_until = 0.0
+        self._last_warning = 0.0
+        self._suppressed = 0
+        if redis is not None:
+            self._admit = redis.register_script(_ADMIT)
+            self._settle = redis.register_script(_SETTLE)
+            self._refresh = redis.register_script(_REFRESH)
+
+    def _keys(self, subject: str) -> list[str]:
+        return [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
+
+    # --- Redis trouble: never raise, log rarely ----------------------------------------
+    def _redis_usable(self) -> bool:
+        return self.redis is not None and time.monotonic() >= self._down_until
+
+    def _failed(self, exc: BaseException | None) -> None:
+        now = time.monotonic()
+        self._down_until = now + self.backoff_s
+        if now - self._last_warning >= 30.0:
+            extra = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
+            what = "no Redis configured" if exc is None else f"Redis unavailable: {type(exc).__name__}: {exc}"
+            log.warning("rate limiter: %s; %s%s", what, "admitting (fail-open)" if self.fail_open else "refusing",
+                        extra)
+            self._last_warning, self._suppressed = now, 0
+        else:
+            self._suppressed += 1
+
+    def _unavailable(self) -> Admission:
+        if self.fail_open:
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+        return Admission(allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={},
+                         token="")
+
+    async def _call(self, script: AsyncScript, keys: list[str], args: list[object]) -> object:
+        return await asyncio.wait_for(script(keys=keys, args=args), timeout=self.timeout_s)
+
+    # --- the interface -------------------------------------------------------------------
+    async def admit(self, *, limits: list[Limit], reserve_tokens: int, request_id: str) -> Admission:
+        limits = [lim for lim in limits if not lim.unlimited]
+        if not limits:
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+        if not self._redis_usable():
+            if self.redis is None:
+                self._failed(None)
+            return self._unavailable()
+        reserve = max(0, int(reserve_tokens))
+        keys: list[str] = []
+        args: list[object] = [request_id, reserve, self.concurrency_ttl_ms]
+        for lim in limits:
+            keys += self._keys(lim.subject)
+            args += [_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent)]
+        args.append(self.concurrency_retry_ms)
+        try:
+            result = await self._call(self._admit, keys, args)
+        except Exception as exc:  # never raise to the caller: Redis down, slow or confused
+            self._failed(exc)
+            return self._unavailable()
+        allowed, reason, retry_ms, *values = (int(v) for v in result)  # type: ignore[union-attr]
+        headers = _headers(limits, values)
+        if not allowed:
+            return Admission(allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers,
+                             token="")
+        handle = {"r": request_id, "t": reserve,
+                  "s": [[lim.subject, lim.tokens_per_minute, lim.max_concurrent is not None] for lim in limits]}
+        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers,
+                         token=json.dumps(handle, separators=(",", ":")))
+
+    async def settle(self, admission: Admission, *, used_tokens: int) -> None:
+        """Charge the real usage instead of the reservation and free the concurrency slot. Idempotent."""
+        if admission.settled or not admission.allowed or not admission.token:
+            return
+        admission.settled = True
+        handle = json.loads(admission.token)
+        keys = [f"{self.prefix}settled:{handle['r']}"]
+        args: list[object] = [handle["r"], self.concurrency_ttl_ms + WINDOW_MS]
+        used = max(0, int(used_tokens))
+        for subject, tpm, has_conc in handle["s"]:
+            _rpm_key, tpm_key, conc_key = self._keys(subject)
+            keys += [tpm_key, conc_key]
+            charged = min(handle["t"], tpm) if tpm else 0
+            args += [_arg(tpm), used - charged if tpm else 0, 1 if has_conc else 0]
+        if self.redis is None:
+            return
+        try:
+            await self._call(self._settle, keys, args)
+        except Exception as exc:  # never raise to the caller: Redis down, slow or confused
+            # The reservation stands and the slot expires by itself after concurrency_ttl_s.
+            self._failed(exc)
+
+    async def refresh(self, admission: Admission) -> None:
+        """Extend a long-running request's concurrency slot by another ``concurrency_ttl_s``."""
+        if admission.settled or not admission.allowed or not admission.token or self.redis is None:
+            return
+        handle = json.loads(admission.token)
+        keys = [self._keys(subject)[2] for subject, _tpm, has_conc in handle["s"] if has_conc]
+        if not keys:
+            return
+        try:
+            await self._call(self._refresh, keys, [handle["r"], self.concurrency_ttl_ms])
+        except Exception as exc:  # never raise to the caller: Redis down, slow or confused
+            self._failed(exc)

@@ -1,0 +1,287 @@
+"""Rate limits are exact under concurrency, all-or-nothing across subjects, corrected at settle,
+and never break a request when Redis is gone. Against the real Redis (REDIS_URL)."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import logging
+import socket
+
+import pytest
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+
+from apps.core import redis as redis_lib
+from apps.gateway.limits import Admission, Limit, RateLimiter, format_duration
+
+PREFIX = "crosslogic:rl:"
+
+
+@pytest.fixture
+async def clients(redis_db):
+    """Five independent Redis clients: five gateway workers competing for the same limits."""
+    made = [redis_lib.async_client() for _ in range(5)]
+    yield made
+    for client in made:
+        await client.aclose()
+
+
+@pytest.fixture
+def limiter(clients):
+    return RateLimiter(clients[0])
+
+
+def closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def admit_concurrently(clients, limits, *, n=50, reserve=0) -> list[Admission]:
+    workers = [RateLimiter(c) for c in clients]
+    return await asyncio.gather(*(
+        workers[i % len(workers)].admit(limits=limits, reserve_tokens=reserve, request_id=f"req-{i}")
+        for i in range(n)
+    ))
+
+
+async def remaining_tokens(limiter: RateLimiter, limit: Limit) -> int:
+    probe = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="probe")
+    return int(probe.headers["x-ratelimit-remaining-tokens"])
+
+
+# --- exactness under concurrency --------------------------------------------------------------
+
+
+async def test_fifty_simultaneous_requests_against_ten_per_minute_admit_exactly_ten(clients):
+    results = await admit_concurrently(clients, [Limit("key:1", 10, None, None)])
+
+    assert sum(a.allowed for a in results) == 10
+    refused = [a for a in results if not a.allowed]
+    assert {a.reason for a in refused} == {"requests"}
+    assert all(0 < a.retry_after_s <= 6.0 for a in refused)  # one request per 6 s refills
+
+
+async def test_fifty_simultaneous_requests_against_ten_concurrent_admit_exactly_ten(clients, limiter):
+    limit = Limit("key:1", None, None, 10)
+    results = await admit_concurrently(clients, [limit])
+
+    assert sum(a.allowed for a in results) == 10
+    assert {a.reason for a in results if not a.allowed} == {"concurrency"}
+    late = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="late")
+    assert not late.allowed and late.reason == "concurrency"
+    await limiter.settle(next(a for a in results if a.allowed), used_tokens=0)
+    assert (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="after-release")).allowed
+    assert not (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="one-too-many")).allowed
+
+
+async def test_fifty_simultaneous_reservations_against_a_token_budget_admit_exactly_ten(clients):
+    results = await admit_concurrently(clients, [Limit("key:1", None, 1000, None)], reserve=100)
+
+    assert sum(a.allowed for a in results) == 10
+    assert {a.reason for a in results if not a.allowed} == {"tokens"}
+
+
+# --- all or nothing across subjects -----------------------------------------------------------
+
+
+async def test_a_subject_that_refuses_charges_no_other_subject(limiter, redis_db):
+    key, tenant = Limit("key:1", 10, None, None), Limit("tenant:1", 3, None, None)
+
+    results = [await limiter.admit(limits=[key, tenant], reserve_tokens=0, request_id=f"r{i}") for i in range(8)]
+    key_only = await limiter.admit(limits=[key], reserve_tokens=0, request_id="key-only")
+
+    assert [a.allowed for a in results] == [True] * 3 + [False] * 5
+    assert {a.reason for a in results[3:]} == {"requests"}
+    # the key was charged 3 times by the pair and once now: the refused five cost it nothing
+    assert key_only.headers["x-ratelimit-remaining-requests"] == "6"
+
+
+async def test_a_token_refusal_takes_no_concurrency_slot(limiter, redis_db):
+    key, tenant = Limit("key:1", None, None, 1), Limit("tenant:1", None, 100, None)
+    first = await limiter.admit(limits=[key, tenant], reserve_tokens=100, request_id="first")
+    await limiter.settle(first, used_tokens=100)
+
+    second = await limiter.admit(limits=[key, tenant], reserve_tokens=50, request_id="second")
+
+    assert first.allowed and not second.allowed and second.reason == "tokens"
+    assert redis_db.zcard(f"{PREFIX}conc:key:1") == 0
+
+
+# --- settle ---------------------------------------------------------------------------------
+
+
+async def test_settle_refunds_an_unused_reservation(limiter):
+    limit = Limit("key:1", None, 1000, None)
+    big = await limiter.admit(limits=[limit], reserve_tokens=800, request_id="big")
+    refused_before = await limiter.admit(limits=[limit], reserve_tokens=800, request_id="too-early")
+
+    await limiter.settle(big, used_tokens=100)
+
+    assert big.allowed and not refused_before.allowed
+    assert 899 <= await remaining_tokens(limiter, limit) <= 902  # 1000 - 100 used, plus a little refill
+    assert (await limiter.admit(limits=[limit], reserve_tokens=800, request_id="now-fits")).allowed
+
+
+async def test_settle_charges_an_overrun_as_debt(limiter):
+    limit = Limit("key:1", None, 1000, None)
+    small = await limiter.admit(limits=[limit], reserve_tokens=100, request_id="small")
+
+    await limiter.settle(small, used_tokens=1500)
+    after = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="in-debt")
+
+    assert not after.allowed and after.reason == "tokens"
+    assert 29.0 <= after.retry_after_s <= 30.0  # 500 tokens of debt at 1000 per minute
+
+
+async def test_settle_is_idempotent_even_from_another_worker(limiter, clients):
+    limit = Limit("key:1", None, 1000, 1)
+    admission = await limiter.admit(limits=[limit], reserve_tokens=100, request_id="once")
+
+    await limiter.settle(admission, used_tokens=600)
+    await limiter.settle(admission, used_tokens=600)
+    await RateLimiter(clients[1]).settle(dataclasses.replace(admission, settled=False), used_tokens=600)
+
+    assert 399 <= await remaining_tokens(limiter, limit) <= 402  # charged 600 once, not 1100 or 1600
+
+
+async def test_settle_releases_the_concurrency_slot(limiter, redis_db):
+    limit = Limit("key:1", None, None, 1)
+    held = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="held")
+    blocked = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="blocked")
+
+    await limiter.settle(held, used_tokens=0)
+
+    assert held.allowed and not blocked.allowed and blocked.reason == "concurrency"
+    assert blocked.retry_after_s == 1.0
+    assert redis_db.zcard(f"{PREFIX}conc:key:1") == 0
+    assert (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="next")).allowed
+
+
+async def test_a_crashed_workers_slots_expire_by_themselves(clients):
+    limiter = RateLimiter(clients[0], concurrency_ttl_s=0.2)
+    limit = Limit("key:1", None, None, 1)
+    assert (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="crashed")).allowed
+    assert not (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="waiting")).allowed
+
+    await asyncio.sleep(0.3)  # the worker never settles
+
+    assert (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="waiting")).allowed
+
+
+async def test_refresh_keeps_a_long_stream_in_its_slot(clients):
+    limiter = RateLimiter(clients[0], concurrency_ttl_s=0.3)
+    limit = Limit("key:1", None, None, 1)
+    streaming = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="long")
+
+    for _ in range(3):
+        await asyncio.sleep(0.15)
+        await limiter.refresh(streaming)
+
+    assert not (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="other")).allowed
+
+
+# --- edges --------------------------------------------------------------------------------------
+
+
+async def test_a_reservation_larger_than_the_budget_waits_for_a_full_bucket(limiter):
+    limit = Limit("key:1", None, 100, None)
+
+    first = await limiter.admit(limits=[limit], reserve_tokens=5000, request_id="huge")
+    second = await limiter.admit(limits=[limit], reserve_tokens=1, request_id="next")
+
+    assert first.allowed and not second.allowed
+
+
+async def test_a_zero_limit_refuses_everything(limiter):
+    refused = await limiter.admit(limits=[Limit("key:1", 0, None, None)], reserve_tokens=0, request_id="r")
+
+    assert not refused.allowed and refused.reason == "requests" and refused.retry_after_s == 60.0
+
+
+async def test_unlimited_subjects_need_no_redis():
+    limiter = RateLimiter(None, fail_open=False)
+
+    admission = await limiter.admit(limits=[Limit("key:1", None, None, None)], reserve_tokens=10, request_id="r")
+
+    assert admission.allowed and admission.headers == {}
+    await limiter.settle(admission, used_tokens=10)
+
+
+# --- headers ------------------------------------------------------------------------------------
+
+
+async def test_headers_follow_openai_for_the_most_constraining_subject(limiter):
+    key, tenant = Limit("key:1", 100, 5000, None), Limit("tenant:1", 10, 1000, None)
+
+    admission = await limiter.admit(limits=[key, tenant], reserve_tokens=100, request_id="r")
+
+    assert admission.headers == {
+        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",
+        "x-ratelimit-reset-requests": "6s",
+        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "900",
+        "x-ratelimit-reset-tokens": "6s",
+    }
+
+
+async def test_refusals_carry_headers_too(limiter):
+    limit = Limit("key:1", 1, None, None)
+    await limiter.admit(limits=[limit], reserve_tokens=0, request_id="a")
+
+    refused = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="b")
+
+    assert refused.headers["x-ratelimit-remaining-requests"] == "0"
+    assert refused.headers["x-ratelimit-reset-requests"].endswith("s")
+    assert 59.0 < refused.retry_after_s <= 60.0
+
+
+@pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (999.2, "1s"), (1000, "1s"), (1500, "1.5s"),
+                                          (360_000, "6m0s"), (61_250, "1m1.25s"), (3_723_000, "1h2m3s")])
+def test_durations_use_openais_format(ms, text):
+    assert format_duration(ms) == text
+
+
+# --- Redis unavailable ---------------------------------------------------------------------------
+
+
+async def test_without_redis_fail_open_admits_and_fail_closed_refuses_without_raising(caplog):
+    # No client-side retries, so twenty refused connections take milliseconds, not seconds.
+    dead = aioredis.Redis(host="127.0.0.1", port=closed_port(), retry=Retry(NoBackoff(), 0))
+    limits = [Limit("key:1", 10, 1000, 5)]
+    try:
+        with caplog.at_level(logging.WARNING, logger="apps.gateway.limits"):
+            open_limiter = RateLimiter(dead, fail_open=True, backoff_s=0)
+            admitted = [await open_limiter.admit(limits=limits, reserve_tokens=10, request_id=f"o{i}")
+                        for i in range(20)]
+            await open_limiter.settle(admitted[0], used_tokens=10)
+            closed = await RateLimiter(dead, fail_open=False).admit(limits=limits, reserve_tokens=10,
+                                                                    request_id="c")
+    finally:
+        await dead.aclose()
+
+    assert all(a.allowed for a in admitted)
+    assert not closed.allowed and closed.reason == "unavailable" and closed.retry_after_s > 0
+    warnings = [r for r in caplog.records if r.name == "apps.gateway.limits"]
+    assert len(warnings) == 2  # one per limiter, not one per request
+
+
+async def test_a_hanging_redis_is_given_up_on_quickly(redis_db):
+    # A listening socket that never answers: connect succeeds, the script call hangs.
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        hung = aioredis.Redis(host="127.0.0.1", port=server.getsockname()[1], socket_timeout=5)
+        limiter = RateLimiter(hung, fail_open=True, timeout_s=0.2)
+        try:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            first = await limiter.admit(limits=[Limit("key:1", 10, None, None)], reserve_tokens=0, request_id="a")
+            second = await limiter.admit(limits=[Limit("key:1", 10, None, None)], reserve_tokens=0, request_id="b")
+            elapsed = loop.time() - started
+        finally:
+            await hung.aclose()
+
+    assert first.allowed and second.allowed
+    assert elapsed < 0.5  # the second did not wait: Redis is skipped for backoff_s after a failure
