@@ -15,6 +15,11 @@ storage_uri_validator = RegexValidator(
     "Use s3://bucket/prefix with a valid bucket name.",
 )
 
+accelerator_validator = RegexValidator(
+    r"^[A-Za-z0-9][A-Za-z0-9_-]*(:[1-9][0-9]?)?$",
+    "Use SkyPilot syntax: an accelerator name with an optional count, e.g. L4:1 or A100-80GB:2.",
+)
+
 
 class UploadStatus(models.TextChoices):
     NONE = "none", "Not uploaded"
@@ -74,17 +79,20 @@ class Model(models.Model):
         default=0.9, validators=[MinValueValidator(0.05), MaxValueValidator(0.99)]
     )
     accelerator = models.CharField(
-        "recommended accelerator", max_length=32, default="L4:1", help_text="SkyPilot syntax, e.g. L4:1, A100-80GB:2."
+        "recommended accelerator", max_length=32, default="L4:1", validators=[accelerator_validator],
+        help_text="SkyPilot syntax, e.g. L4:1, A100-80GB:2.",
     )
     extra_vllm_args = models.JSONField(
         default=list, blank=True, help_text='Extra `vllm serve` args, e.g. ["--enable-prefix-caching"].'
     )
     context_length = models.PositiveIntegerField(null=True, blank=True)
     price_input_per_mtok = models.DecimalField(
-        "price per 1M input tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0")
+        "price per 1M input tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0"))],
     )
     price_output_per_mtok = models.DecimalField(
-        "price per 1M output tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0")
+        "price per 1M output tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0"),
+        validators=[MinValueValidator(Decimal("0"))],
     )
     min_replicas = models.PositiveSmallIntegerField(default=0)
     max_replicas = models.PositiveSmallIntegerField(default=1)
