@@ -1,0 +1,18 @@
+"""Template tags for the admin index (templates/admin/index.html).
+
+A tag rather than a custom AdminSite keeps ``admin.site`` the default site, so every app's
+``@admin.register`` keeps working unchanged.
+"""
+
+from __future__ import annotations
+
+from django import template
+
+from apps.core.dashboard import admin_summary
+
+register = template.Library()
+
+
+@register.simple_tag
+def crosslogic_summary() -> dict[str, object]:
+    return admin_summary()

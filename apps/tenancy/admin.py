@@ -1,0 +1,320 @@
+"""Staff cockpit for tenants, API keys and staff tokens.
+
+Every write goes through apps.tenancy.services. Raw keys and tokens are shown exactly once,
+in the success message after they are issued; digests are never rendered anywhere.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.db.models import Count, Q, QuerySet
+from django.http import HttpRequest
+from django.utils import timezone
+from django.utils.html import format_html
+
+from apps.core.paginator import EstimatedCountPaginator
+from apps.tenancy import services
+from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
+from apps.tenancy.serializers import key_status
+
+_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+
+
+def _copy_saved(target: Any, saved: Any) -> None:
+    """Make the admin's unsaved ``target`` the row a service just saved, so logging and redirects work."""
+    for field in type(saved)._meta.concrete_fields:
+        setattr(target, field.attname, getattr(saved, field.attname))
+    target._state.adding = False
+    target._state.db = saved._state.db
+
+
+def _show_once(request: HttpRequest, what: str, raw: str) -> None:
+    messages.success(
+        request,
+        format_html(
+            "{} created. Copy it now, it will not be shown again: <code style='user-select: all'>{}</code>",
+            what, raw,
+        ),
+    )
+
+
+class KeyStatusFilter(admin.SimpleListFilter):
+    title = "status"
+    parameter_name = "key_status"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        now = timezone.now()
+        if self.value() == "active":
+            return queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True)
+        if self.value() == "expired":
+            return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
+        if self.value() == "revoked":
+            return queryset.filter(revoked_at__isnull=False)
+        return queryset
+
+
+class ScopeFilter(admin.SimpleListFilter):
+    title = "scope"
+    parameter_name = "scope"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return list(Scope.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
+        return queryset.filter(scopes__contains=[self.value()]) if self.value() else queryset
+
+
+# --- Tenants --------------------------------------------------------------------------------
+
+
+class ApiKeyInline(admin.TabularInline):
+    model = ApiKey
+    fields = ("prefix", "name", "scopes", "status", "expires_at", "last_used_at")
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+    ordering = ("-created_at",)
+
+    def has_add_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False  # keys are issued from the API key page, which shows the raw key once
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    @admin.display(description="status")
+    def status(self, key: ApiKey) -> str:
+        return key_status(key)
+
+
+@admin.register(Tenant)
+class TenantAdmin(admin.ModelAdmin):
+    list_display = (
+        "slug", "name", "status", "contact_email", "requests_per_minute", "tokens_per_minute",
+        "max_concurrent_requests", "monthly_token_budget", "key_count", "created_at",
+    )
+    list_filter = ("status", "created_at")
+    search_fields = ("slug", "name", "contact_email")
+    ordering = ("slug",)
+    readonly_fields = ("status", "status_reason", "created_at", "updated_at")
+    fieldsets = (
+        (None, {"fields": ("slug", "name", "contact_email", "status", "status_reason")}),
+        ("Limits", {"fields": (*_LIMITS, "monthly_token_budget")}),
+        ("Dates", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
+    )
+    inlines = (ApiKeyInline,)
+    actions = ("suspend", "reactivate")
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
+        return super().get_queryset(request).annotate(_key_count=Count("api_keys"))
+
+    @admin.display(description="keys", ordering="_key_count")
+    def key_count(self, tenant: Tenant) -> int:
+        return tenant._key_count  # type: ignore[attr-defined]
+
+    def save_model(self, request: HttpRequest, obj: Tenant, form: forms.ModelForm, change: bool) -> None:
+        data = {name: form.cleaned_data[name] for name in form.changed_data} if change else form.cleaned_data
+        if change:
+            services.tenant_update(tenant=obj, **data)
+        else:
+            _copy_saved(obj, services.tenant_create(**data))
+
+    def delete_model(self, request: HttpRequest, obj: Tenant) -> None:
+        services.tenant_delete(tenant=obj)
+
+    def delete_queryset(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        for tenant in queryset:
+            services.tenant_delete(tenant=tenant)
+
+    @admin.action(description="Suspend selected tenants (their keys stop working)", permissions=["change"])
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        tenants = list(queryset.filter(status=TenantStatus.ACTIVE))
+        for tenant in tenants:
+            services.tenant_suspend(tenant=tenant, reason=f"suspended by {request.user}")
+        self.message_user(request, f"Suspended {len(tenants)} tenant(s).", messages.SUCCESS)
+
+    @admin.action(description="Reactivate selected tenants", permissions=["change"])
+    def reactivate(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        tenants = list(queryset.filter(status=TenantStatus.SUSPENDED))
+        for tenant in tenants:
+            services.tenant_reactivate(tenant=tenant)
+        self.message_user(request, f"Reactivated {len(tenants)} tenant(s).", messages.SUCCESS)
+
+
+# --- API keys -------------------------------------------------------------------------------
+
+
+def _model_choices() -> list[tuple[str, str]]:
+    from apps.catalog.models import Model
+
+    return [(name, name) for name in Model.objects.order_by("name").values_list("name", flat=True)]
+
+
+class ApiKeyForm(forms.ModelForm):
+    scopes = forms.MultipleChoiceField(
+        choices=Scope.choices, widget=forms.CheckboxSelectMultiple, initial=[Scope.INFERENCE]
+    )
+    allowed_models = forms.MultipleChoiceField(
+        choices=_model_choices, widget=forms.CheckboxSelectMultiple, required=False,
+        help_text="Served models this key may call; none ticked means all.",
+    )
+
+    class Meta:
+        model = ApiKey
+        fields = ("tenant", "name", "scopes", "allowed_models", *_LIMITS, "expires_at")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        field = self.fields.get("allowed_models")
+        if field is not None and self.instance.pk:
+            # Keep names the key already holds selectable even if the model is gone from the catalog.
+            known = {value for value, _ in field.choices}
+            field.choices = list(field.choices) + [(n, n) for n in self.instance.allowed_models if n not in known]
+
+    def clean_scopes(self) -> list[str]:
+        return services.validate_scopes(self.cleaned_data["scopes"])
+
+    def clean_allowed_models(self) -> list[str]:
+        return services.validate_models(self.cleaned_data["allowed_models"])
+
+    def clean_expires_at(self) -> Any:
+        value = self.cleaned_data.get("expires_at")
+        if value is not None and value <= timezone.now() and "expires_at" in self.changed_data:
+            raise ValidationError("Expiry must be in the future.")
+        return value
+
+
+@admin.register(ApiKey)
+class ApiKeyAdmin(admin.ModelAdmin):
+    form = ApiKeyForm
+    list_display = (
+        "prefix", "name", "tenant", "scope_list", "status", "expires_at", "revoked_at", "last_used_at", "created_at",
+    )
+    list_select_related = ("tenant",)
+    list_filter = (KeyStatusFilter, ScopeFilter, "tenant__status", "created_at")
+    search_fields = ("=prefix", "name", "tenant__slug")
+    ordering = ("-created_at",)
+    autocomplete_fields = ("tenant",)
+    actions = ("revoke",)
+    show_full_result_count = False
+    paginator = EstimatedCountPaginator
+
+    def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
+        limits = ("Limit overrides (empty = the tenant's)", {"fields": _LIMITS})
+        if obj is None:
+            return ((None, {"fields": ("tenant", "name", "scopes", "allowed_models", "expires_at")}), limits)
+        return (
+            (None, {"fields": ("tenant", "prefix", "name", "status", "scopes", "allowed_models", "expires_at")}),
+            limits,
+            ("Use", {"fields": ("revoked_at", "last_used_at", "created_at")}),
+        )
+
+    def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        # A key never moves between tenants; its prefix and digest are fixed for its life.
+        return ("tenant", "prefix", "status", "revoked_at", "last_used_at", "created_at")
+
+    def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
+        return False  # revoke instead: usage records keep pointing at the key
+
+    @admin.display(description="scopes")
+    def scope_list(self, key: ApiKey) -> str:
+        return ", ".join(key.scopes)
+
+    @admin.display(description="status")
+    def status(self, key: ApiKey) -> str:
+        return key_status(key)
+
+    def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
+        data = form.cleaned_data
+        if change:
+            services.api_key_update(key=obj, **{name: data[name] for name in form.changed_data})
+            return
+        key, raw = services.api_key_issue(
+            tenant=data["tenant"], name=data["name"], scopes=data["scopes"], allowed_models=data["allowed_models"],
+            expires_at=data["expires_at"], **{name: data[name] for name in _LIMITS},
+        )
+        _copy_saved(obj, key)
+        _show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)
+
+    @admin.action(description="Revoke selected keys", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
+        keys = list(queryset.filter(revoked_at__isnull=True))
+        for key in keys:
+            services.api_key_revoke(key=key)
+        self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
+
+
+# --- Staff tokens ---------------------------------------------------------------------------
+
+
+class StaffTokenForm(forms.ModelForm):
+    class Meta:
+        model = StaffToken
+        fields = ("user", "name", "expires_at")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if "user" in self.fields:
+            self.fields["user"].queryset = User.objects.filter(is_staff=True, is_active=True)
+
+    def clean_expires_at(self) -> Any:
+        value = self.cleaned_data.get("expires_at")
+        if value is not None and value <= timezone.now():
+            raise ValidationError("Expiry must be in the future.")
+        return value
+
+
+@admin.register(StaffToken)
+class StaffTokenAdmin(admin.ModelAdmin):
+    form = StaffTokenForm
+    list_display = ("prefix", "name", "user", "status", "expires_at", "revoked_at", "last_used_at", "created_at")
+    list_select_related = ("user",)
+    list_filter = (KeyStatusFilter,)
+    search_fields = ("=prefix", "name", "user__username")
+    ordering = ("-created_at",)
+    actions = ("revoke",)
+
+    def get_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ("user", "name", "expires_at")
+        return ("user", "prefix", "name", "status", "expires_at", "revoked_at", "last_used_at", "created_at")
+
+    def get_readonly_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:
+        if obj is None:
+            return ()
+        # Nothing about an issued token is editable: revoke it and issue another.
+        return self.get_fields(request, obj)
+
+    def has_delete_permission(self, request: HttpRequest, obj: StaffToken | None = None) -> bool:
+        return False  # revoke instead, so the audit trail stays
+
+    @admin.display(description="status")
+    def status(self, token: StaffToken) -> str:
+        return key_status(token)
+
+    def save_model(self, request: HttpRequest, obj: StaffToken, form: forms.ModelForm, change: bool) -> None:
+        if change:
+            return  # every field is read-only once issued
+        data = form.cleaned_data
+        token, raw = services.staff_token_issue(user=data["user"], name=data["name"], expires_at=data["expires_at"])
+        _copy_saved(obj, token)
+        _show_once(request, f"Staff token {token.prefix}… for {token.user}", raw)
+
+    @admin.action(description="Revoke selected tokens", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[StaffToken]) -> None:
+        tokens = list(queryset.filter(revoked_at__isnull=True))
+        for token in tokens:
+            services.staff_token_revoke(token=token)
+        self.message_user(request, f"Revoked {len(tokens)} token(s).", messages.SUCCESS)

@@ -1,0 +1,258 @@
+"""Every admin page of every registered model renders for a superuser, without N+1 queries,
+and issued secrets are shown exactly once and their digests never.
+
+The page test iterates over ``admin.site._registry``: a model another app registers is
+covered automatically. If the test cannot construct an instance of a new model, it fails
+with a message asking for a factory in ``_FACTORIES`` instead of skipping it.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from datetime import timedelta
+from typing import Any
+
+import pytest
+from django.contrib import admin
+from django.contrib.auth.models import Group, User
+from django.db import connection
+from django.db.models import Model as DjangoModel
+from django.test import RequestFactory
+from django.test.utils import CaptureQueriesContext
+from django.urls import reverse
+from django.utils import timezone
+
+from apps.metering.models import UsageRecord
+from apps.metering.tests.factories import make_usage
+from apps.tenancy.models import ApiKey, StaffToken, Tenant
+from apps.tenancy.services import api_key_issue, api_key_verify, staff_token_issue, staff_token_verify, tenant_create
+
+pytestmark = pytest.mark.django_db
+
+REGISTERED = sorted(admin.site._registry, key=lambda m: m._meta.label)
+RAW_KEY = re.compile(r"cl[ks]_[A-Za-z0-9]{48}")
+
+
+def _celery_beat_factories() -> dict[str, Callable[[], DjangoModel]]:
+    from django_celery_beat import models as beat
+
+    def periodic_task() -> DjangoModel:
+        interval = beat.IntervalSchedule.objects.create(every=5, period=beat.IntervalSchedule.MINUTES)
+        return beat.PeriodicTask.objects.create(
+            name="admin-page-test", task="celery.backend_cleanup", interval=interval
+        )
+
+    return {
+        "django_celery_beat.IntervalSchedule": lambda: beat.IntervalSchedule.objects.create(
+            every=10, period=beat.IntervalSchedule.SECONDS),
+        "django_celery_beat.CrontabSchedule": lambda: beat.CrontabSchedule.objects.create(minute="5"),
+        "django_celery_beat.SolarSchedule": lambda: beat.SolarSchedule.objects.create(
+            event="sunrise", latitude=48.85, longitude=2.35),
+        "django_celery_beat.ClockedSchedule": lambda: beat.ClockedSchedule.objects.create(
+            clocked_time=timezone.now() + timedelta(days=1)),
+        "django_celery_beat.PeriodicTask": periodic_task,
+    }
+
+
+@pytest.fixture
+def admin_objects(admin_user: User, tenant: Tenant, api_key, catalog_model, node) -> dict[str, Any]:
+    """One instance of every model the project's fixtures can build, keyed by model label."""
+    usage = make_usage(tenant=tenant, api_key=api_key[0], model=catalog_model, node=node)
+    token, _ = staff_token_issue(user=admin_user, name="ci")
+    Group.objects.create(name="operators")
+    return {"usage": usage, "token": token}
+
+
+def _instance_of(model: type[DjangoModel]) -> DjangoModel:
+    existing = model._default_manager.order_by("pk").first()
+    if existing is not None:
+        return existing
+    factory = _celery_beat_factories().get(model._meta.label)
+    if factory is None:
+        pytest.fail(
+            f"No {model._meta.label} exists after the fixtures ran: add a factory for it to "
+            "tests/test_admin_pages.py so its change page is tested."
+        )
+    return factory()
+
+
+def _all_digests() -> list[str]:
+    digests = list(ApiKey.objects.values_list("digest", flat=True))
+    digests += list(StaffToken.objects.values_list("digest", flat=True))
+    return [d for d in digests if d]
+
+
+@pytest.mark.parametrize("model", REGISTERED, ids=[m._meta.label for m in REGISTERED])
+def test_every_admin_page_renders_for_a_superuser(admin_client, admin_objects, model) -> None:
+    model_admin = admin.site._registry[model]
+    base = f"admin:{model._meta.app_label}_{model._meta.model_name}"
+    obj = _instance_of(model)
+    digests = _all_digests()
+    request = RequestFactory().get("/admin/")
+    request.user = User.objects.get(username="admin")
+
+    urls = [reverse(f"{base}_changelist"), reverse(f"{base}_change", args=[obj.pk])]
+    if model_admin.has_add_permission(request):
+        urls.append(reverse(f"{base}_add"))
+    for url in urls:
+        response = admin_client.get(url)
+        assert response.status_code == 200, f"{url} answered {response.status_code}"
+        body = response.content.decode()
+        for digest in digests:
+            assert digest not in body, f"{url} renders a secret digest"
+
+
+def test_admin_index_shows_the_platform_summary(admin_client, admin_objects, node) -> None:
+    tenant_create(slug="paused", name="Paused")
+    from apps.tenancy.services import tenant_suspend
+
+    tenant_suspend(tenant=Tenant.objects.get(slug="paused"))
+    body = admin_client.get(reverse("admin:index")).content.decode()
+    assert "Platform summary" in body
+    assert "Nodes: 1" in body
+    assert re.search(r"Models(</a>)? \(active / total\)</th>\s*<td class=\"num\">1 / 1</td>", body)
+    assert re.search(r"Tenants suspended(</a>)?</th>\s*<td class=\"num\">1</td>", body)
+    assert re.search(r"Requests, last 24 h(</a>)?</th>\s*<td class=\"num\">1</td>", body)
+    assert "42 (12 + 30)" in body  # the usage record's tokens
+
+
+def test_admin_shows_a_new_api_key_exactly_once(admin_client, tenant) -> None:
+    response = admin_client.post(
+        reverse("admin:tenancy_apikey_add"),
+        {"tenant": tenant.pk, "name": "from-admin", "scopes": ["inference", "usage:read"],
+         "expires_at_0": "", "expires_at_1": ""},
+        follow=True,
+    )
+    assert response.status_code == 200
+    shown = RAW_KEY.findall(response.content.decode())
+    assert len(shown) == 1, "the raw key must appear once, in the success message"
+    key = api_key_verify(raw=shown[0])
+    assert key is not None and key.name == "from-admin" and key.scopes == ["inference", "usage:read"]
+
+    for url in (reverse("admin:tenancy_apikey_change", args=[key.pk]), reverse("admin:tenancy_apikey_changelist"),
+                reverse("admin:tenancy_tenant_change", args=[tenant.pk])):
+        body = admin_client.get(url).content.decode()
+        assert shown[0] not in body
+        assert key.digest not in body
+        assert key.prefix in body
+
+
+def test_admin_refuses_an_api_key_with_no_scope_as_a_form_error(admin_client, tenant) -> None:
+    response = admin_client.post(
+        reverse("admin:tenancy_apikey_add"),
+        {"tenant": tenant.pk, "name": "x", "expires_at_0": "", "expires_at_1": ""},
+    )
+    assert response.status_code == 200
+    assert response.context["adminform"].form.errors["scopes"]
+    assert not ApiKey.objects.exists()
+
+
+def test_admin_change_form_cannot_edit_prefix_digest_or_tenant(admin_client, api_key) -> None:
+    key, raw = api_key
+    other = tenant_create(slug="other", name="Other")
+    url = reverse("admin:tenancy_apikey_change", args=[key.pk])
+    form = admin_client.get(url).context["adminform"].form
+    assert {"prefix", "digest", "tenant"}.isdisjoint(form.fields)
+    response = admin_client.post(url, {
+        "name": "renamed", "scopes": ["inference"], "tenant": other.pk, "prefix": "clk_hijacked",
+        "digest": "0" * 64, "expires_at_0": "", "expires_at_1": "",
+    })
+    assert response.status_code == 302
+    key.refresh_from_db()
+    assert key.name == "renamed" and key.scopes == ["inference"]
+    assert key.tenant_id != other.pk and key.prefix == raw[:12]
+    assert api_key_verify(raw=raw) is not None
+
+
+def test_admin_shows_a_new_staff_token_exactly_once(admin_client, admin_user) -> None:
+    response = admin_client.post(
+        reverse("admin:tenancy_stafftoken_add"),
+        {"user": admin_user.pk, "name": "ci", "expires_at_0": "", "expires_at_1": ""},
+        follow=True,
+    )
+    shown = RAW_KEY.findall(response.content.decode())
+    assert len(shown) == 1
+    token = staff_token_verify(raw=shown[0])
+    assert token is not None and token.user == admin_user
+    body = admin_client.get(reverse("admin:tenancy_stafftoken_change", args=[token.pk])).content.decode()
+    assert shown[0] not in body and token.digest not in body
+
+
+def test_admin_actions_call_the_services(admin_client, tenant, api_key) -> None:
+    key, raw = api_key
+    changelist = reverse("admin:tenancy_tenant_changelist")
+    admin_client.post(changelist, {"action": "suspend", "_selected_action": [tenant.pk]})
+    tenant.refresh_from_db()
+    assert tenant.status == "suspended" and "admin" in tenant.status_reason
+    admin_client.post(changelist, {"action": "reactivate", "_selected_action": [tenant.pk]})
+    tenant.refresh_from_db()
+    assert tenant.status == "active"
+
+    admin_client.post(reverse("admin:tenancy_apikey_changelist"), {"action": "revoke", "_selected_action": [key.pk]})
+    assert api_key_verify(raw=raw) is None
+
+
+def test_usage_records_are_read_only_in_the_admin(admin_client, admin_objects) -> None:
+    usage = admin_objects["usage"]
+    assert admin_client.get(reverse("admin:metering_usagerecord_add")).status_code == 403
+    assert admin_client.get(reverse("admin:metering_usagerecord_delete", args=[usage.pk])).status_code == 403
+    response = admin_client.post(reverse("admin:metering_usagerecord_change", args=[usage.pk]), {"prompt_tokens": 1})
+    assert response.status_code == 403
+    usage.refresh_from_db()
+    assert usage.prompt_tokens == 12
+
+
+# --- N+1: a changelist costs the same number of queries for 3 rows as for 30 ----------------
+
+
+def _tenants(n: int) -> None:
+    start = Tenant.objects.count()
+    for i in range(start, start + n):
+        tenant_create(slug=f"t{i}", name=f"T{i}")
+
+
+def _keys(n: int) -> None:
+    for i in range(n):
+        api_key_issue(tenant=tenant_create(slug=f"k{ApiKey.objects.count()}-{i}"), name=f"k{i}")
+
+
+def _tokens(n: int) -> None:
+    for i in range(n):
+        user = User.objects.create_user(f"staff{User.objects.count()}", is_staff=True)
+        staff_token_issue(user=user, name=f"t{i}")
+
+
+def _usage(n: int) -> None:
+    from apps.catalog.services import model_create
+    from apps.fleet.services import node_create
+
+    for _ in range(n):
+        i = UsageRecord.objects.count()
+        tenant = tenant_create(slug=f"u{i}")
+        key, _ = api_key_issue(tenant=tenant)
+        model = model_create(name=f"m-{i}")
+        make_usage(tenant=tenant, api_key=key, model=model,
+                   node=node_create(model=model, launcher="static", endpoint_url="http://127.0.0.1:9"))
+
+
+@pytest.mark.parametrize(
+    ("url_name", "add_rows"),
+    [
+        ("admin:tenancy_tenant_changelist", _tenants),
+        ("admin:tenancy_apikey_changelist", _keys),
+        ("admin:tenancy_stafftoken_changelist", _tokens),
+        ("admin:metering_usagerecord_changelist", _usage),
+    ],
+)
+def test_changelist_query_count_does_not_grow_with_rows(admin_client, url_name, add_rows) -> None:
+    url = reverse(url_name)
+    add_rows(3)
+    admin_client.get(url)  # warm the session and content-type caches
+    with CaptureQueriesContext(connection) as few:
+        assert admin_client.get(url).status_code == 200
+    add_rows(27)
+    with CaptureQueriesContext(connection) as many:
+        response = admin_client.get(url)
+    assert len(response.context["cl"].result_list) == 30
+    assert len(many) == len(few), "\n".join(q["sql"] for q in many.captured_queries)
