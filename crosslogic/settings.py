@@ -229,6 +229,8 @@ FLEET_DRAIN_TIMEOUT_S: int = _env_or_fail("FLEET_DRAIN_TIMEOUT_S", int, 300)
 FLEET_LAUNCH_POLL_S: int = _env_or_fail("FLEET_LAUNCH_POLL_S", int, 15)
 # A launch that has not registered after this long is failed (and replaced by the reconciler).
 FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
+# Local launcher: simulated weight-loading time of the vLLM simulator it starts.
+FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_* intervals, timeouts and thresholds must be positive.")
 

@@ -42,8 +42,47 @@ LIVE_STATUSES = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHE
 HEALTH_CHECKED_STATUSES = frozenset({S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
 
 
+class LaunchProfile(models.Model):
+    """Where a SkyPilot node may run: an ordered failover list of placements (first = preferred).
+
+    ``placements`` is ``[{"cloud": "aws", "region": "us-east-1"}, {"cloud": "gcp"}, …]``; SkyPilot
+    tries them in order (``resources.ordered``) and reports every failed attempt.
+    """
+
+    name = models.CharField(max_length=64, unique=True)
+    description = models.TextField(blank=True)
+    placements = models.JSONField(default=list, help_text='Ordered: [{"cloud": "aws", "region": "us-east-1"}, …]')
+    accelerator = models.CharField(max_length=32, blank=True, help_text="Overrides the model's; e.g. L4:1.")
+    use_spot = models.BooleanField("spot", default=True)
+    disk_size_gb = models.PositiveIntegerField(null=True, blank=True, help_text="Empty: derived from model size.")
+    is_active = models.BooleanField("active", default=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        allowed = {"cloud", "region", "zone"}
+        if not isinstance(self.placements, list) or not self.placements:
+            raise ValidationError({"placements": "Give at least one placement, e.g. [{\"cloud\": \"aws\"}]."})
+        for i, placement in enumerate(self.placements):
+            if not isinstance(placement, dict) or not placement.get("cloud"):
+                raise ValidationError({"placements": f"Placement {i + 1} needs a cloud."})
+            unknown = set(placement) - allowed
+            if unknown or not all(isinstance(v, str) for v in placement.values()):
+                raise ValidationError({"placements": f"Placement {i + 1}: only string cloud/region/zone."})
+
+
 class Node(models.Model):
     model = models.ForeignKey("catalog.Model", on_delete=models.PROTECT, related_name="nodes")
+    launch_profile = models.ForeignKey(
+        LaunchProfile, on_delete=models.SET_NULL, null=True, blank=True, related_name="nodes",
+        help_text="Ordered cloud/region failover list (SkyPilot only); overrides cloud/region.",
+    )
     launcher = models.CharField(max_length=16, choices=Launcher.choices, default=Launcher.SKYPILOT)
     cloud = models.CharField(max_length=32, blank=True)
     region = models.CharField(max_length=64, blank=True)
@@ -55,7 +94,9 @@ class Node(models.Model):
     endpoint_url = models.URLField(max_length=300, blank=True)
     status = models.CharField(max_length=16, choices=NodeStatus.choices, default=NodeStatus.PENDING)
     status_reason = models.TextField(blank=True)
-    registration_token_digest = models.CharField(max_length=64, blank=True, editable=False)
+    status_changed_at = models.DateTimeField(default=timezone.now, help_text="When the status last changed.")
+    # Kept after use (registered_at is set) so a replayed token is told apart from a wrong one.
+    registration_token_digest = models.CharField(max_length=64, blank=True, editable=False, db_index=True)
     registered_at = models.DateTimeField(null=True, blank=True)
     launcher_state = models.JSONField(
         default=dict, blank=True, help_text="Backend bookkeeping: SkyPilot request ids, local pid."
@@ -78,7 +119,12 @@ class Node(models.Model):
 
     class Meta:
         ordering = ["-id"]
-        indexes = [models.Index(fields=["model", "status"]), models.Index(fields=["status"])]
+        indexes = [
+            models.Index(fields=["model", "status"]),
+            models.Index(fields=["status"]),
+            models.Index(fields=["launcher"]),
+            models.Index(fields=["cloud"]),
+        ]
 
     def __str__(self) -> str:
         return self.cluster_name or f"node-{self.pk}"

@@ -1,0 +1,147 @@
+"""Health checks: every node with an endpoint, concurrently (asyncio + httpx), then one bulk write.
+
+For each node: GET /health (200 = healthy; vLLM answers 503 when its engine died and nothing at
+all while loading), then GET /metrics for its load. Status changes go through node_transition
+(which bumps the gateway's routing version); metrics-only updates are one bulk_update, which the
+gateway picks up on its next periodic refresh.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import httpx
+from django.conf import settings
+from django.utils import timezone
+
+from apps.fleet.metrics import NodeLoad, parse_vllm_load
+from apps.fleet.models import HEALTH_CHECKED_STATUSES, Node, NodeStatus
+from apps.fleet.services import IllegalTransition, node_transition
+
+log = logging.getLogger(__name__)
+
+# Draining nodes are checked for their in-flight count (the drain waits for it to reach 0).
+CHECKED_STATUSES = HEALTH_CHECKED_STATUSES | {NodeStatus.DRAINING}
+HEALTH_FIELDS = ["last_health_at", "consecutive_failures", "health_latency_ms",
+                 "requests_running", "requests_waiting", "kv_cache_usage"]
+
+
+@dataclass(frozen=True)
+class Target:
+    node_id: int
+    url: str
+
+
+@dataclass(frozen=True)
+class Result:
+    node_id: int
+    ok: bool
+    latency_ms: float | None = None
+    load: NodeLoad | None = None
+    error: str = ""
+
+
+@dataclass
+class Summary:
+    checked: int = 0
+    healthy: int = 0
+    transitions: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+
+async def _check_one(client: httpx.AsyncClient, sem: asyncio.Semaphore, target: Target, limit_s: float) -> Result:
+    base = target.url.rstrip("/")
+    async with sem:
+        started = time.perf_counter()
+        try:
+            async with asyncio.timeout(limit_s):
+                response = await client.get(base + "/health")
+                latency = (time.perf_counter() - started) * 1000
+                if response.status_code != 200:
+                    return Result(target.node_id, False, latency, error=f"/health answered {response.status_code}")
+                try:
+                    metrics = await client.get(base + "/metrics")
+                    load = parse_vllm_load(metrics.text) if metrics.status_code == 200 else None
+                except httpx.HTTPError:
+                    load = None  # healthy but no load figures this time
+                return Result(target.node_id, True, latency, load)
+        except TimeoutError:
+            return Result(target.node_id, False, error=f"no answer within {limit_s:g}s")
+        except httpx.HTTPError as exc:
+            return Result(target.node_id, False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+async def check_targets(targets: Sequence[Target], *, limit_s: float | None = None,
+                        concurrency: int | None = None) -> list[Result]:
+    """Check all targets concurrently; ``limit_s`` bounds each node's /health + /metrics."""
+    timeout = limit_s or settings.FLEET_HEALTH_TIMEOUT_S
+    concurrency = concurrency or settings.FLEET_HEALTH_CONCURRENCY
+    sem = asyncio.Semaphore(concurrency)
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False) as client:
+        return list(await asyncio.gather(*(_check_one(client, sem, t, timeout) for t in targets)))
+
+
+def _next_status(node: Node, result: Result) -> tuple[str, str] | None:
+    if result.ok:
+        if node.status in {NodeStatus.PROVISIONING, NodeStatus.LOADING}:
+            return NodeStatus.READY, "health check passed"
+        if node.status == NodeStatus.UNHEALTHY:
+            return NodeStatus.READY, "recovered: health check passed"
+        return None
+    if node.status == NodeStatus.READY and node.consecutive_failures >= settings.FLEET_UNHEALTHY_AFTER:
+        return NodeStatus.UNHEALTHY, f"{node.consecutive_failures} consecutive health check failures: {result.error}"
+    return None
+
+
+def apply_results(nodes: Iterable[Node], results: Iterable[Result], summary: Summary) -> None:
+    by_id = {n.pk: n for n in nodes}
+    now = timezone.now()
+    changed: list[Node] = []
+    moves: list[tuple[Node, str, str]] = []
+    for result in results:
+        node = by_id.get(result.node_id)
+        if node is None:
+            continue
+        node.last_health_at = now
+        node.health_latency_ms = round(result.latency_ms, 1) if result.latency_ms is not None else None
+        if result.ok:
+            summary.healthy += 1
+            node.consecutive_failures = 0
+            if result.load is not None:
+                node.requests_running = result.load.running if result.load.running is not None else 0
+                node.requests_waiting = result.load.waiting if result.load.waiting is not None else 0
+                node.kv_cache_usage = result.load.kv_cache_usage
+        else:
+            node.consecutive_failures += 1
+        changed.append(node)
+        move = _next_status(node, result)
+        if move:
+            moves.append((node, *move))
+    Node.objects.bulk_update(changed, HEALTH_FIELDS, batch_size=500)
+    for node, to, reason in moves:
+        try:
+            node_transition(node=node, to=to, reason=reason, actor="health-check", expected_from=node.status)
+            summary.transitions.append(f"{node}: {to}")
+        except IllegalTransition:
+            log.info("node %s changed status during its health check; skipped %s", node, to)
+
+
+def run_health_checks(node_ids: Sequence[int] | None = None) -> Summary:
+    """Check every node that should answer (or just ``node_ids``) and record the results."""
+    started = time.perf_counter()
+    qs = Node.objects.filter(status__in=CHECKED_STATUSES).exclude(endpoint_url="")
+    if node_ids is not None:
+        qs = qs.filter(pk__in=list(node_ids))
+    nodes = list(qs.only("id", "status", "endpoint_url", "consecutive_failures", "cluster_name",
+                         "provisioned_at", "weights_loaded_at", "ready_at", *HEALTH_FIELDS))
+    summary = Summary(checked=len(nodes))
+    if nodes:
+        results = asyncio.run(check_targets([Target(n.pk, n.endpoint_url) for n in nodes]))
+        apply_results(nodes, results, summary)
+    summary.seconds = time.perf_counter() - started
+    return summary

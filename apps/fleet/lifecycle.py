@@ -1,0 +1,168 @@
+"""Launch and teardown, step by step, for the Celery tasks in apps.fleet.tasks.
+
+Each step reads the node, claims its next move with a conditional UPDATE, then talks to the
+launcher. Running a step twice (a redelivered task, a double click) is harmless: the second
+claim finds nothing to do. Returns tell the task whether to call again later.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from dataclasses import dataclass
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from apps.fleet.keys import node_api_key
+from apps.fleet.launchers import get_launcher
+from apps.fleet.launchers.base import LaunchError, Progress, RetryableLaunchError, Secrets
+from apps.fleet.models import Node, NodeEvent, NodeStatus
+from apps.fleet.services import IllegalTransition, node_event, node_fail, node_transition, registration_token_issue
+
+log = logging.getLogger(__name__)
+MAX_API_RETRIES = 5
+
+
+@dataclass
+class Step:
+    again_in: float | None = None  # seconds until the next step should run; None = done
+    then: str = ""  # which step: "launch", "poll" or "teardown"
+
+
+def _save_state(node: Node, **state: object) -> None:
+    node.launcher_state = {**node.launcher_state, **state}
+    Node.objects.filter(pk=node.pk).update(launcher_state=node.launcher_state, updated_at=timezone.now())
+
+
+def _api_retry(node: Node, exc: RetryableLaunchError, *, what: str) -> Step:
+    retries = int(node.launcher_state.get(f"{what}_api_retries", 0)) + 1
+    _save_state(node, **{f"{what}_api_retries": retries})
+    if retries > MAX_API_RETRIES:
+        raise LaunchError(f"{exc.reason} (gave up after {MAX_API_RETRIES} retries)") from exc
+    node_event(node=node, kind=NodeEvent.Kind.ERROR, message=f"{exc.reason}; retry {retries}/{MAX_API_RETRIES}")
+    return Step(again_in=min(settings.FLEET_LAUNCH_POLL_S * 2 ** (retries - 1), 300))
+
+
+def launch_node(node_id: int) -> Step:
+    """pending → provisioning, then start the machine. The token is issued in the same claim."""
+    node = Node.objects.select_related("model", "launch_profile").get(pk=node_id)
+    raw_token, token_hash = registration_token_issue()
+    launcher = get_launcher(node.launcher)
+    if node.status == NodeStatus.PROVISIONING and node.launcher_state.get("launch_retry_pending"):
+        # A launch the SkyPilot API server could not take: claim the retry, with a fresh token.
+        state = {**node.launcher_state, "launch_retry_pending": False}
+        claimed = Node.objects.filter(
+            pk=node.pk, status=NodeStatus.PROVISIONING, launcher_state__launch_retry_pending=True
+        ).update(launcher_state=state, registration_token_digest=token_hash)
+        if claimed != 1:
+            return Step()
+        node.launcher_state, node.registration_token_digest = state, token_hash
+        return _start(node, launcher, raw_token)
+    if node.status != NodeStatus.PENDING:
+        return Step()  # launched already, or cancelled
+    try:
+        node = node_transition(node=node, to=NodeStatus.PROVISIONING, expected_from=NodeStatus.PENDING,
+                               reason=f"launching via {launcher.name}", registration_token_digest=token_hash,
+                               registered_at=None, launcher_state={"launch_claimed_at": timezone.now().isoformat()})
+    except IllegalTransition:
+        return Step()  # another worker claimed it first
+    return _start(node, launcher, raw_token)
+
+
+def _start(node: Node, launcher, raw_token: str) -> Step:
+    try:
+        state = launcher.launch(node, Secrets(registration_token=raw_token, vllm_api_key=node_api_key(node.pk)))
+    except RetryableLaunchError as exc:
+        try:
+            step = _api_retry(node, exc, what="launch")
+        except LaunchError as final:
+            _fail_quietly(node, final.reason)
+            return Step()
+        _save_state(node, launch_retry_pending=True)
+        return Step(again_in=step.again_in, then="launch")
+    except LaunchError as exc:
+        _fail_quietly(node, exc.reason)
+        return Step()
+    _save_state(node, **state)
+    if launcher.asynchronous:
+        return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
+    if not launcher.self_registers:
+        # A static endpoint is already up: the health check takes it to ready.
+        node_transition(node=node, to=NodeStatus.LOADING, reason="existing endpoint")
+    return Step()
+
+
+def _fail_quietly(node: Node, reason: str) -> None:
+    try:
+        node_fail(node=node, reason=reason)
+    except IllegalTransition:
+        log.info("node %s moved on before it could be failed: %s", node, reason)
+
+
+def poll_launch(node_id: int) -> Step:
+    """Follow an asynchronous launch until the machine runs our job (or it fails)."""
+    node = Node.objects.select_related("model").get(pk=node_id)
+    if node.status != NodeStatus.PROVISIONING or node.launcher_state.get("launched"):
+        return Step()
+    launcher = get_launcher(node.launcher)
+    try:
+        result = launcher.poll(node)
+    except RetryableLaunchError as exc:
+        try:
+            return Step(again_in=_api_retry(node, exc, what="poll").again_in, then="poll")
+        except LaunchError as final:
+            _fail_quietly(node, final.reason)
+            return Step()
+    except LaunchError as exc:
+        _fail_quietly(node, exc.reason)
+        return Step()
+    if result.progress is Progress.WAITING:
+        if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+            _fail_quietly(node, f"launch did not finish within {settings.FLEET_LAUNCH_TIMEOUT_S}s")
+            return Step()
+        return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
+    if result.progress is Progress.GONE:
+        _fail_quietly(node, result.message or "the machine vanished during launch")
+        return Step()
+    with transaction.atomic():
+        _save_state(node, launched=True, **result.state)
+        fields = {"provisioned_at": node.provisioned_at or timezone.now()}
+        if result.endpoint_url and not node.endpoint_url:
+            fields["endpoint_url"] = result.endpoint_url
+        Node.objects.filter(pk=node.pk).update(**fields)
+        node_event(node=node, message=f"machine up; endpoint {fields.get('endpoint_url', node.endpoint_url) or '?'}"
+                                      "; waiting for vLLM to register")
+    return Step()
+
+
+def teardown_node(node_id: int) -> Step:
+    """terminating → (launcher teardown) → terminated. Failed nodes are cleaned up in place."""
+    node = Node.objects.get(pk=node_id)
+    if node.status not in {NodeStatus.TERMINATING, NodeStatus.FAILED} or node.launcher_state.get("torn_down"):
+        return Step()
+    launcher = get_launcher(node.launcher)
+    try:
+        done = launcher.terminate(node)
+    except RetryableLaunchError as exc:
+        try:
+            return Step(again_in=_api_retry(node, exc, what="teardown").again_in, then="teardown")
+        except LaunchError as final:
+            node_event(node=node, kind=NodeEvent.Kind.ERROR, message=f"teardown failed: {final.reason}")
+            return Step()  # the reconciler tries again on its next run
+    except Exception as exc:  # a teardown that failed must be retried, never forgotten
+        node_event(node=node, kind=NodeEvent.Kind.ERROR, message=f"teardown failed: {exc}")
+        _save_state(node, down_request_id="")
+        return Step()
+    _save_state(node)  # terminate() may have recorded a teardown request id
+    if not done:
+        return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="teardown")
+    _save_state(node, torn_down=True)
+    if node.status == NodeStatus.TERMINATING:
+        with contextlib.suppress(IllegalTransition):
+            node_transition(node=node, to=NodeStatus.TERMINATED, expected_from=NodeStatus.TERMINATING,
+                            reason=node.status_reason or "torn down")
+    else:
+        node_event(node=node, message="machine torn down after failure")
+    return Step()
