@@ -85,7 +85,7 @@ class LaunchForm(forms.Form):
     accelerator = forms.CharField(max_length=32, required=False, help_text="Empty: the model's recommendation.")
     use_spot = forms.BooleanField(required=False, initial=True, label="spot")
     count = forms.IntegerField(min_value=1, max_value=100, initial=1)
-    endpoint_url = forms.URLField(required=False, help_text="Static launcher only.")
+    endpoint_url = forms.URLField(required=False, assume_scheme="http", help_text="Static launcher only.")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

@@ -1,0 +1,144 @@
+"""A node's life through the SkyPilot launcher, with only the SDK calls faked (see conftest)."""
+
+from __future__ import annotations
+
+import pytest
+
+from apps.fleet import lifecycle
+from apps.fleet.models import Node, NodeEvent, NodeStatus
+from apps.fleet.services import node_create, node_register, node_terminate
+from apps.fleet.sky import NO_CREDENTIALS
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def sky_node(served_model, fake_sky):
+    return node_create(model=served_model, launcher="skypilot", cloud="aws", region="us-east-1")
+
+
+def _reload(node: Node) -> Node:
+    return Node.objects.get(pk=node.pk)
+
+
+def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_sky, settings) -> None:
+    step = lifecycle.launch_node(sky_node.pk)
+
+    node = _reload(sky_node)
+    assert node.status == NodeStatus.PROVISIONING and node.registration_token_digest
+    rid = node.launcher_state["launch_request_id"]
+    assert (step.then, step.again_in) == ("poll", settings.FLEET_LAUNCH_POLL_S)
+    (_, launch_call), = [c for c in fake_sky.calls if c[0] == "launch"]
+    assert launch_call["cluster_name"] == node.cluster_name and launch_call["task"].secrets
+
+    assert lifecycle.poll_launch(node.pk).then == "poll"  # still running: come back later
+    assert _reload(node).status == NodeStatus.PROVISIONING
+
+    fake_sky.finish(rid, result=(1, "handle"))
+    assert lifecycle.poll_launch(node.pk).again_in is None
+    node = _reload(node)
+    assert node.endpoint_url == "http://203.0.113.7:8000" and node.launcher_state["launched"] is True
+    assert node.provisioned_at is not None
+
+    token = launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value()
+    node_register(token=token, health_ok=False)
+    assert _reload(node).status == NodeStatus.LOADING
+
+
+def test_no_capacity_fails_the_node_with_the_failover_history(sky_node, fake_sky, real_sky) -> None:
+    lifecycle.launch_node(sky_node.pk)
+    history = [real_sky.exceptions.ResourcesUnavailableError("Insufficient capacity for L4 in us-east-1 (spot)"),
+               real_sky.exceptions.ResourcesUnavailableError("InsufficientInstanceCapacity in us-west-2")]
+    fake_sky.finish(fake_sky.last("launch"), error=real_sky.exceptions.ResourcesUnavailableError(
+        "Failed to provision all possible launchable resources.", failover_history=history))
+
+    lifecycle.poll_launch(sky_node.pk)
+
+    node = _reload(sky_node)
+    assert node.status == NodeStatus.FAILED
+    assert node.status_reason.startswith("no capacity")
+    assert "tried 2 placement(s)" in node.status_reason
+    assert "us-east-1 (spot)" in node.status_reason and "us-west-2" in node.status_reason
+
+
+def test_no_cloud_credentials_fails_with_run_sky_check(sky_node, fake_sky, real_sky) -> None:
+    fake_sky.launch_error = real_sky.exceptions.NoCloudAccessError("Cloud access is not set up.")
+
+    lifecycle.launch_node(sky_node.pk)
+
+    node = _reload(sky_node)
+    assert node.status == NodeStatus.FAILED and node.status_reason.startswith(NO_CREDENTIALS)
+
+
+def test_unreachable_api_server_is_retried_then_fails_clearly(sky_node, fake_sky) -> None:
+    fake_sky.unreachable = True
+    steps = [lifecycle.launch_node(sky_node.pk)]
+    for _ in range(lifecycle.MAX_API_RETRIES):
+        steps.append(lifecycle.launch_node(sky_node.pk))
+
+    assert [s.then for s in steps[:-1]] == ["launch"] * lifecycle.MAX_API_RETRIES
+    assert steps[0].again_in < steps[-2].again_in  # backing off
+    node = _reload(sky_node)
+    assert node.status == NodeStatus.FAILED
+    assert "SkyPilot API server unreachable" in node.status_reason and "gave up" in node.status_reason
+    assert NodeEvent.objects.filter(node=node, kind=NodeEvent.Kind.ERROR).count() == lifecycle.MAX_API_RETRIES
+
+
+def test_api_server_back_after_a_retry_launches_once(sky_node, fake_sky) -> None:
+    fake_sky.unreachable = True
+    lifecycle.launch_node(sky_node.pk)
+    fake_sky.unreachable = False
+    assert lifecycle.launch_node(sky_node.pk).then == "poll"
+    assert lifecycle.launch_node(sky_node.pk).again_in is None  # a duplicate delivery does nothing
+    assert len([c for c in fake_sky.calls if c[0] == "launch"]) == 1
+
+
+def test_a_retried_launch_task_never_launches_twice(sky_node, fake_sky) -> None:
+    lifecycle.launch_node(sky_node.pk)
+    lifecycle.launch_node(sky_node.pk)
+    lifecycle.launch_node(sky_node.pk)
+    assert len([c for c in fake_sky.calls if c[0] == "launch"]) == 1
+
+
+def test_an_existing_cluster_of_the_same_name_is_adopted_not_relaunched(sky_node, fake_sky, real_sky) -> None:
+    fake_sky.clusters[sky_node.cluster_name] = {"name": sky_node.cluster_name, "status": real_sky.ClusterStatus.UP,
+                                                "launched_at": 1.0}
+    lifecycle.launch_node(sky_node.pk)
+    assert not [c for c in fake_sky.calls if c[0] == "launch"]
+    assert _reload(sky_node).launcher_state["adopted_existing_cluster"] is True
+    lifecycle.poll_launch(sky_node.pk)
+    assert _reload(sky_node).endpoint_url == "http://203.0.113.7:8000"
+
+
+def test_teardown_calls_down_and_waits_for_it(sky_node, fake_sky) -> None:
+    lifecycle.launch_node(sky_node.pk)
+    fake_sky.finish(fake_sky.last("launch"), result=(1, "handle"))
+    lifecycle.poll_launch(sky_node.pk)
+    node_terminate(node=_reload(sky_node), actor="staff:ops")
+
+    assert lifecycle.teardown_node(sky_node.pk).then == "teardown"
+    assert ("down", sky_node.cluster_name) in fake_sky.calls
+    assert _reload(sky_node).status == NodeStatus.TERMINATING
+    assert lifecycle.teardown_node(sky_node.pk).then == "teardown"  # down still running: no second down
+    assert len([c for c in fake_sky.calls if c[0] == "down"]) == 1
+
+    fake_sky.finish(fake_sky.last("down"))
+    lifecycle.teardown_node(sky_node.pk)
+    node = _reload(sky_node)
+    assert node.status == NodeStatus.TERMINATED and node.terminated_at is not None
+    assert lifecycle.teardown_node(sky_node.pk).again_in is None  # idempotent
+
+
+def test_teardown_of_a_cluster_that_is_already_gone_completes(sky_node, fake_sky) -> None:
+    lifecycle.launch_node(sky_node.pk)
+    node_terminate(node=_reload(sky_node))
+    lifecycle.teardown_node(sky_node.pk)
+    assert _reload(sky_node).status == NodeStatus.TERMINATED
+
+
+def test_no_api_server_configured_fails_without_starting_one(served_model, settings) -> None:
+    settings.SKYPILOT_API_SERVER_ENDPOINT = ""
+    node = node_create(model=served_model, launcher="skypilot")
+    lifecycle.launch_node(node.pk)
+    node = _reload(node)
+    assert node.status == NodeStatus.FAILED and "SKYPILOT_API_SERVER_ENDPOINT" in node.status_reason
