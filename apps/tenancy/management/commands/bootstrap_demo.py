@@ -1,0 +1,111 @@
+"""Idempotent demo data for `make run`: a superuser, the `demo` tenant, a demo model and key."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+from django.conf import settings
+from django.contrib.auth.models import User
+from django.core.exceptions import ValidationError
+from django.core.management.base import BaseCommand, CommandError, CommandParser
+from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
+
+from apps.tenancy.management.commands._common import service_errors
+from apps.tenancy.models import ApiKey, Scope, Tenant
+from apps.tenancy.services import api_key_issue, tenant_create
+
+DEMO_TENANT = "demo"
+DEMO_MODEL = "demo-llama"
+DEMO_KEY_NAME = "demo"
+
+
+class Command(BaseCommand):
+    help = (
+        "Create the demo data if missing: a superuser (DJANGO_SUPERUSER_USERNAME/PASSWORD/EMAIL, or admin/admin "
+        "when DEBUG), the 'demo' tenant, the 'demo-llama' model and a demo API key. Safe to run repeatedly. "
+        "Keys are shown only once: a new demo key is issued when none exists or with --new-key."
+    )
+
+    def add_arguments(self, parser: CommandParser) -> None:
+        parser.add_argument("--new-key", action="store_true", help="Issue a new demo API key even if one exists.")
+
+    def handle(self, *args: Any, **options: Any) -> None:
+        with transaction.atomic():
+            self._superuser()
+            tenant = self._tenant()
+            self._model()
+            self._key(tenant, new=options["new_key"])
+
+    def _superuser(self) -> None:
+        username = os.environ.get("DJANGO_SUPERUSER_USERNAME", "")
+        password = os.environ.get("DJANGO_SUPERUSER_PASSWORD", "")
+        email = os.environ.get("DJANGO_SUPERUSER_EMAIL", "")
+        if username and not password and not User.objects.filter(username=username).exists():
+            raise CommandError("DJANGO_SUPERUSER_USERNAME is set but DJANGO_SUPERUSER_PASSWORD is not.")
+        if not username:
+            if not settings.DEBUG:
+                if User.objects.filter(is_superuser=True).exists():
+                    self.stdout.write("superuser: one exists already (DJANGO_SUPERUSER_* not set)")
+                    return
+                raise CommandError(
+                    "Set DJANGO_SUPERUSER_USERNAME and DJANGO_SUPERUSER_PASSWORD (and optionally "
+                    "DJANGO_SUPERUSER_EMAIL): the admin/admin default exists only when DEBUG is on."
+                )
+            username, password, email = "admin", "admin", email or "admin@localhost"
+            if not User.objects.filter(username=username).exists():
+                self.stderr.write(self.style.WARNING(
+                    "WARNING: creating superuser admin/admin because DEBUG is on and DJANGO_SUPERUSER_USERNAME "
+                    "is not set. Never expose this instance; set DJANGO_SUPERUSER_* for anything shared."
+                ))
+        user = User.objects.filter(username=username).first()
+        if user is not None:
+            # Idempotent: never reset a password someone may have changed.
+            self.stdout.write(f"superuser: {username} exists (password unchanged)")
+            return
+        User.objects.create_superuser(username=username, email=email, password=password)
+        shown = password if password == "admin" else "from DJANGO_SUPERUSER_PASSWORD"  # noqa: S105 - dev default
+        self.stdout.write(self.style.SUCCESS(f"superuser: created {username} (password: {shown})"))
+
+    def _tenant(self) -> Tenant:
+        tenant = Tenant.objects.filter(slug=DEMO_TENANT).first()
+        if tenant is not None:
+            self.stdout.write(f"tenant: {DEMO_TENANT} exists")
+            return tenant
+        with service_errors():
+            tenant = tenant_create(slug=DEMO_TENANT, name="Demo tenant", contact_email="demo@example.com")
+        self.stdout.write(self.style.SUCCESS(f"tenant: created {DEMO_TENANT}"))
+        return tenant
+
+    def _model(self) -> None:
+        from apps.catalog.models import Model
+        from apps.catalog.services import model_create
+
+        if Model.objects.filter(name=DEMO_MODEL).exists():
+            self.stdout.write(f"model: {DEMO_MODEL} exists")
+            return
+        try:
+            model_create(name=DEMO_MODEL, hf_repo="meta-llama/Llama-3.2-1B-Instruct", context_length=8192)
+        except ValidationError as exc:
+            raise CommandError(f"could not create the demo model: {'; '.join(exc.messages)}") from None
+        self.stdout.write(self.style.SUCCESS(f"model: created {DEMO_MODEL}"))
+
+    def _key(self, tenant: Tenant, *, new: bool) -> None:
+        now = timezone.now()
+        existing = (
+            ApiKey.objects.filter(tenant=tenant, name=DEMO_KEY_NAME, revoked_at__isnull=True)
+            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
+            .first()
+        )
+        if existing is not None and not new:
+            self.stdout.write(
+                f"demo API key: {existing.prefix}… exists; keys are shown only once. "
+                "For a new one: python manage.py bootstrap_demo --new-key"
+            )
+            return
+        with service_errors():
+            _, raw = api_key_issue(tenant=tenant, name=DEMO_KEY_NAME, scopes=list(Scope.values))
+        self.stdout.write(self.style.SUCCESS("demo API key (shown only once, store it):"))
+        self.stdout.write(raw)
