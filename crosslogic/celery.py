@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 from celery import Celery
-from celery.signals import worker_init
+from celery.signals import beat_init, before_task_publish, worker_init
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
 
@@ -15,8 +15,11 @@ app.autodiscover_tasks()
 
 
 @worker_init.connect
+@beat_init.connect
+@before_task_publish.connect
 def _make_broker_folders(**_: object) -> None:
-    # kombu's filesystem transport does not create its folders itself.
+    # kombu's filesystem transport (development without Redis) does not create its folders, and
+    # the web process, the worker and beat may each be the first to touch them.
     from django.conf import settings
 
     for key in ("data_folder_in", "data_folder_out", "processed_folder"):

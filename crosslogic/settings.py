@@ -100,6 +100,17 @@ try:
     DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 except Exception as exc:  # environ raises a bare Exception subclass for unknown schemes
     raise ImproperlyConfigured(f"DATABASE_URL is invalid: {exc}") from exc
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # In development the web server, the Celery worker and beat all write to one SQLite file.
+    # WAL lets readers run beside the writer; IMMEDIATE transactions take the write lock up front
+    # so the busy timeout applies (a deferred transaction upgrading to write fails at once).
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {
+            "timeout": 20,
+            "transaction_mode": "IMMEDIATE",
+            "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+        }
+    )
 DATABASES["default"]["CONN_MAX_AGE"] = _env_or_fail("DB_CONN_MAX_AGE", int, 60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Concurrent test runs (helpers, CI) must not share one test database.
@@ -112,7 +123,8 @@ if REDIS_URL and urlparse(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
     raise ImproperlyConfigured("REDIS_URL must be a redis://, rediss:// or unix:// URL.")
 
 _BROKER_DIR = VAR_DIR / "broker"
-CELERY_BROKER_URL: str = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://")
+# The filesystem transport ignores the host; naming one keeps kombu from warning about it.
+CELERY_BROKER_URL: str = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://localhost//")
 CELERY_BROKER_TRANSPORT_OPTIONS: dict = {}
 if CELERY_BROKER_URL.startswith("filesystem://"):
     # kombu's filesystem transport: single-machine development without Redis.
@@ -233,15 +245,6 @@ FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_* intervals, timeouts and thresholds must be positive.")
-
-# --- Tenancy and management API -------------------------------------------------------------
-# Several serializers have a `status` field with different choice sets; name their enums.
-SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
-    {
-        "TenantStatusEnum": "apps.tenancy.models.TenantStatus",
-        "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
-    }
-)
 
 # --- R2 storage -----------------------------------------------------------------------------
 # Cloudflare R2 (or any S3-compatible store): model weights that nodes stream with vLLM's Run:ai

@@ -1,11 +1,21 @@
 #!/usr/bin/env bash
-# Runs the suite against a real PostgreSQL and Redis: those named by DATABASE_URL/REDIS_URL,
-# else the local ones on their standard ports, else throwaway servers started from installed
-# binaries. Stops with a message naming what to install when none can be had.
+# `make test`: the whole suite against a real PostgreSQL and Redis: those named by
+# DATABASE_URL/REDIS_URL, else the local ones on their standard ports, else throwaway servers
+# started from installed binaries (see scripts/services.sh). Stops with a message naming what
+# to install when none can be had. Arguments go to pytest: make test ARGS="apps/fleet -x".
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/services.sh
 ensure_postgres
 ensure_redis
+export DATABASE_URL REDIS_URL
 echo "test: PostgreSQL at ${DATABASE_URL%%\?*}, Redis at $REDIS_URL"
-exec .venv/bin/pytest "$@"
+
+# Not exec: the EXIT trap must still stop any throwaway servers after pytest.
+status=0
+.venv/bin/pytest "$@" || status=$?
+if [[ $status == 5 ]]; then
+  echo "test: error: pytest collected no tests (exit 5); check the paths or -k expression" >&2
+  exit 1
+fi
+exit "$status"
