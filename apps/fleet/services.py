@@ -96,7 +96,7 @@ def node_transition(
         "status": to, "status_reason": reason, "updated_at": now, "status_changed_at": now, **fields,
     }
     for phase in _PHASE_FIELDS.get(to, ()):
-        if getattr(node, phase) is None:
+        if getattr(node, phase) is None and phase not in updates:  # a node-reported time wins
             updates[phase] = now
     with transaction.atomic():
         moved = Node.objects.filter(pk=node.pk, status=current).update(**updates)
