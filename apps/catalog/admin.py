@@ -1,0 +1,335 @@
+"""Staff cockpit for the model catalog: serving config, prices, and the weights pipeline to R2.
+
+Every write goes through apps.catalog.services / uploads / verify. Upload progress is shown as
+a bar that refreshes itself from a small JSON endpoint (``upload-status/``) under this admin.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django import forms
+from django.contrib import admin, messages
+from django.db.models import QuerySet
+from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
+from django.shortcuts import get_object_or_404
+from django.template.response import TemplateResponse
+from django.urls import NoReverseMatch, URLPattern, path, reverse
+from django.utils.html import format_html, format_html_join
+from django.views.decorators.http import require_POST
+
+from apps.catalog import storage, uploads
+from apps.catalog.models import Model, UploadStatus
+from apps.catalog.selectors import models_with_counts, storage_browser
+from apps.catalog.services import model_update
+from apps.catalog.verify import verify_model
+
+
+def human_bytes(n: float) -> str:
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if abs(n) < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} TB"
+
+
+def upload_payload(model: Model) -> dict[str, Any]:
+    """What the progress bar shows; also the JSON the bar polls."""
+    eta = None
+    if model.upload_status == UploadStatus.UPLOADING and model.upload_rate_bps:
+        eta = int(max(0, model.upload_bytes_total - model.upload_bytes_done) / model.upload_rate_bps)
+    return {
+        "id": model.pk,
+        "status": model.upload_status,
+        "status_label": model.get_upload_status_display(),
+        "percent": round(100 * model.upload_progress, 1),
+        "done": human_bytes(model.upload_bytes_done),
+        "total": human_bytes(model.upload_bytes_total),
+        "rate": human_bytes(model.upload_rate_bps) + "/s" if model.upload_rate_bps else "",
+        "eta_seconds": eta,
+        "file": model.upload_current_file,
+        "error": model.upload_error if model.upload_status == UploadStatus.FAILED else "",
+        "cancel_requested": model.upload_cancel_requested,
+        "active": model.upload_status in uploads.BUSY_STATUSES,
+    }
+
+
+def _progress_html(model: Model) -> str:
+    data = upload_payload(model)
+    return format_html(
+        '<div class="cl-upload" data-model-id="{}" data-status="{}" data-active="{}">'
+        '<progress max="100" value="{}"></progress> <span class="cl-upload-text">{}</span></div>',
+        model.pk, data["status"], "1" if data["active"] else "0", data["percent"], _progress_text(data),
+    )
+
+
+def _progress_text(data: dict[str, Any]) -> str:
+    if data["status"] == UploadStatus.UPLOADING:
+        parts = [f"{data['percent']}%", f"{data['done']} / {data['total']}", data["rate"]]
+        if data["eta_seconds"] is not None:
+            parts.append(f"ETA {data['eta_seconds']}s")
+        return " · ".join(p for p in parts if p) + (f" · {data['file']}" if data["file"] else "")
+    if data["status"] == UploadStatus.FAILED:
+        return f"Failed: {data['error'][:200]}"
+    return str(data["status_label"])
+
+
+class ModelAdminForm(forms.ModelForm):
+    class Meta:
+        model = Model
+        fields = ("name", "is_active", "hf_repo", "hf_revision", "storage_uri", "accelerator", "dtype", "max_model_len",
+                  "context_length", "tensor_parallel_size", "gpu_memory_utilization", "extra_vllm_args",
+                  "price_input_per_mtok", "price_output_per_mtok", "min_replicas", "max_replicas")
+        widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
+
+
+class UploadForm(forms.Form):
+    SOURCES = [("hf", "Hugging Face repo"), ("dir", "Folder on the worker machine")]
+
+    source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="hf")
+    hf_repo = forms.CharField(label="Repo[@revision]", required=False,
+                              help_text="e.g. Qwen/Qwen2.5-7B-Instruct@main. HF_ENDPOINT/HF_TOKEN apply.")
+    local_dir = forms.CharField(label="Folder", required=False, help_text="An absolute path on the worker machine.")
+    prefix = forms.CharField(required=False, help_text="Leave empty for models/<org>--<name>/<revision>.")
+    keep_downloads = forms.BooleanField(required=False, help_text="Keep the files downloaded from the hub.")
+
+    def clean(self) -> dict[str, Any]:
+        data = super().clean()
+        if data.get("source") == "hf" and not data.get("hf_repo"):
+            self.add_error("hf_repo", "Give the Hugging Face repo, e.g. org/name@main.")
+        if data.get("source") == "dir" and not data.get("local_dir"):
+            self.add_error("local_dir", "Give the folder holding config.json and the *.safetensors files.")
+        return data
+
+
+def _field_for(message: str) -> str | None:
+    for name in ("hf_repo", "revision", "local_dir", "prefix"):
+        if message.startswith(f"{name}:"):
+            return "hf_repo" if name == "revision" else name
+    return None
+
+
+@admin.register(Model)
+class ModelAdmin(admin.ModelAdmin):
+    form = ModelAdminForm
+    list_display = ("name", "is_active", "upload_column", "replicas", "prices", "nodes_column", "accelerator")
+    list_display_links = ("name",)
+    list_filter = ("is_active", "upload_status", "verify_status", "accelerator")
+    search_fields = ("name", "hf_repo", "storage_uri")
+    ordering = ("name",)
+    list_per_page = 100
+    actions = ("upload_weights", "cancel_upload", "verify_weights")
+    change_list_template = "admin/catalog/model/change_list.html"
+    change_form_template = "admin/catalog/model/change_form.html"
+    readonly_fields = ("upload_panel", "manifest_pretty", "total_bytes", "verify_panel", "cold_start",
+                       "created_at", "updated_at")
+    fieldsets = (
+        ("Identity", {"fields": ("name", "is_active", "hf_repo", "hf_revision")}),
+        ("Storage", {"fields": ("storage_uri", "total_bytes", "upload_panel", "verify_panel", "manifest_pretty")}),
+        ("Serving config", {"fields": ("accelerator", "dtype", "max_model_len", "context_length",
+                                       "tensor_parallel_size", "gpu_memory_utilization", "extra_vllm_args",
+                                       "cold_start")}),
+        ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
+        ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
+        ("History", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
+    )
+
+    # --- changelist ------------------------------------------------------------------------------
+    def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
+        return models_with_counts()
+
+    @admin.display(description="weights", ordering="upload_status")
+    def upload_column(self, obj: Model) -> str:
+        return _progress_html(obj)
+
+    @admin.display(description="replicas")
+    def replicas(self, obj: Model) -> str:
+        return f"{obj.min_replicas}–{obj.max_replicas}"
+
+    @admin.display(description="$ / 1M in · out", ordering="price_input_per_mtok")
+    def prices(self, obj: Model) -> str:
+        return f"{obj.price_input_per_mtok.normalize():f} · {obj.price_output_per_mtok.normalize():f}"
+
+    @admin.display(description="nodes ready / live / all", ordering="live_nodes")
+    def nodes_column(self, obj: Model) -> str:
+        counts = f"{obj.ready_nodes} / {obj.live_nodes} / {obj.total_nodes}"
+        try:
+            url = reverse("admin:fleet_node_changelist") + f"?model__id__exact={obj.pk}"
+        except NoReverseMatch:  # the fleet admin is not registered (e.g. a trimmed-down deployment)
+            return counts
+        return format_html('<a href="{}">{}</a>', url, counts)
+
+    # --- change page -----------------------------------------------------------------------------
+    @admin.display(description="upload")
+    def upload_panel(self, obj: Model) -> str:
+        if obj.pk is None:
+            return "Save the model first, then upload its weights."
+        return _progress_html(obj)
+
+    @admin.display(description="last verify")
+    def verify_panel(self, obj: Model) -> str:
+        if not obj.verified_at:
+            return "Never verified."
+        problems = format_html_join("", "<li>{}</li>", ((p,) for p in obj.verify_report[:20]))
+        return format_html("{} at {}<ul>{}</ul>", obj.get_verify_status_display(), obj.verified_at, problems)
+
+    @admin.display(description="manifest")
+    def manifest_pretty(self, obj: Model) -> str:
+        if not obj.manifest:
+            return "No manifest yet (upload the weights)."
+        rows = format_html_join(
+            "", "<tr><td><code>{}</code></td><td style='text-align:right'>{}</td><td><code>{}</code></td></tr>",
+            ((e.get("path", "?"), human_bytes(int(e.get("size", 0))), str(e.get("sha256", ""))[:16] + "…")
+             for e in obj.manifest),
+        )
+        raw = json.dumps(obj.manifest, indent=2)
+        return format_html(
+            "<table><thead><tr><th>file</th><th>size</th><th>sha256</th></tr></thead><tbody>{}</tbody></table>"
+            "<details><summary>JSON</summary><pre>{}</pre></details>", rows, raw,
+        )
+
+    @admin.display(description="cold start (median)")
+    def cold_start(self, obj: Model) -> str:
+        if obj.pk is None:
+            return "-"
+        from apps.fleet.selectors import model_cold_start_medians
+
+        rows = model_cold_start_medians(model_id=obj.pk)
+        if not rows:
+            return "No node has become ready yet."
+        return format_html_join(
+            "<br>", "{}: {} s (over {} node(s))",
+            ((r["accelerator"], r["median_seconds"], r["samples"]) for r in rows),
+        )
+
+    def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
+        model_update(model=obj)  # full_clean, save, and tell the gateways the catalog changed
+
+    # --- actions ---------------------------------------------------------------------------------
+    @admin.action(description="Upload weights to R2 (one: choose the source; several: same source again)")
+    def upload_weights(self, request: HttpRequest, queryset: QuerySet[Model]) -> HttpResponse | None:
+        models = list(queryset)
+        if len(models) == 1:
+            return HttpResponseRedirect(reverse("admin:catalog_model_upload", args=[models[0].pk]))
+        for model in models:
+            source = model.upload_source or {}
+            try:
+                uploads.upload_request(
+                    model=model, hf_repo=str(source.get("repo") or ("" if source else model.hf_repo)),
+                    revision=str(source.get("revision") or model.hf_revision), local_dir=str(source.get("path", "")),
+                    prefix=str(source.get("prefix", "")), keep_downloads=bool(source.get("keep")),
+                )
+            except uploads.UploadError as exc:
+                self.message_user(request, f"{model.name}: {exc}", messages.ERROR)
+            else:
+                self.message_user(request, f"{model.name}: upload queued.", messages.SUCCESS)
+        return None
+
+    @admin.action(description="Cancel upload")
+    def cancel_upload(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+        for model in queryset:
+            try:
+                uploads.upload_cancel(model=model)
+            except uploads.UploadError as exc:
+                self.message_user(request, str(exc), messages.WARNING)
+            else:
+                self.message_user(request, f"{model.name}: cancel requested.", messages.SUCCESS)
+
+    @admin.action(description="Verify weights in R2 (size + stored checksum)")
+    def verify_weights(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+        for model in queryset:
+            self._verify_one(request, model)
+
+    def _verify_one(self, request: HttpRequest, model: Model) -> None:
+        try:
+            report = verify_model(model=model)
+        except storage.StorageError as exc:
+            self.message_user(request, f"{model.name}: cannot verify: {exc}", messages.ERROR)
+            return
+        self.message_user(request, f"{model.name}: {report.summary()}", messages.SUCCESS if report.ok else
+                          messages.ERROR)
+
+    # --- extra views -----------------------------------------------------------------------------
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view
+        return [
+            path("storage/", view(self.storage_view), name="catalog_model_storage"),
+            path("storage/verify/", view(require_POST(self.storage_verify_view)), name="catalog_model_storage_verify"),
+            path("upload-status/", view(self.upload_status_view), name="catalog_model_upload_status"),
+            path("<int:model_id>/upload/", view(self.upload_view), name="catalog_model_upload"),
+            *super().get_urls(),
+        ]
+
+    def upload_status_view(self, request: HttpRequest) -> JsonResponse:
+        ids = [int(i) for i in request.GET.getlist("id") if i.isdigit()][:200]
+        if not self.has_view_permission(request):
+            return JsonResponse({"error": "forbidden"}, status=403)
+        models = Model.objects.filter(pk__in=ids).only(
+            "id", "upload_status", "upload_bytes_done", "upload_bytes_total", "upload_rate_bps",
+            "upload_current_file", "upload_error", "upload_cancel_requested",
+        )
+        return JsonResponse({"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))}
+                                        for m in models]})
+
+    def upload_view(self, request: HttpRequest, model_id: int) -> HttpResponse:
+        model = get_object_or_404(Model, pk=model_id)
+        if not self.has_change_permission(request, model):
+            return HttpResponse(status=403)
+        source = model.upload_source or {}
+        initial = {
+            "source": source.get("kind", "hf" if model.hf_repo or not source else "dir"),
+            "hf_repo": f"{source.get('repo') or model.hf_repo}@{source.get('revision') or model.hf_revision}"
+            if (source.get("repo") or model.hf_repo) else "",
+            "local_dir": source.get("path", ""), "prefix": source.get("prefix", ""),
+            "keep_downloads": bool(source.get("keep")),
+        }
+        form = UploadForm(request.POST or None, initial=initial)
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                uploads.upload_request(
+                    model=model,
+                    hf_repo=data["hf_repo"] if data["source"] == "hf" else "",
+                    local_dir=data["local_dir"] if data["source"] == "dir" else "",
+                    prefix=data["prefix"], keep_downloads=data["keep_downloads"],
+                )
+            except uploads.UploadError as exc:
+                form.add_error(_field_for(str(exc)), str(exc))
+            else:
+                self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
+                return HttpResponseRedirect(reverse("admin:catalog_model_change", args=[model.pk]))
+        context = {
+            **self.admin_site.each_context(request), "opts": self.opts, "original": model, "form": form,
+            "title": f"Upload weights for {model.name}", "busy": model.upload_status in uploads.BUSY_STATUSES,
+            "bucket": storage.default_bucket() if _configured() else "",
+        }
+        return TemplateResponse(request, "admin/catalog/model/upload_form.html", context)
+
+    def storage_view(self, request: HttpRequest) -> HttpResponse:
+        rows, error = [], ""
+        try:
+            rows = storage_browser()
+        except storage.StorageError as exc:
+            error = str(exc)
+        context = {
+            **self.admin_site.each_context(request), "opts": self.opts, "title": "Model weights in R2",
+            "rows": [{"row": r, "size": human_bytes(r.total_bytes)} for r in rows], "error": error,
+            "bucket": storage.default_bucket() if _configured() else "",
+        }
+        return TemplateResponse(request, "admin/catalog/model/storage_browser.html", context)
+
+    def storage_verify_view(self, request: HttpRequest) -> HttpResponse:
+        model = get_object_or_404(Model, pk=request.POST.get("model_id", "0"))
+        if not self.has_change_permission(request, model):
+            return HttpResponse(status=403)
+        self._verify_one(request, model)
+        return HttpResponseRedirect(reverse("admin:catalog_model_storage"))
+
+
+def _configured() -> bool:
+    try:
+        storage.check_configured()
+    except storage.StorageError:
+        return False
+    return True

@@ -1,0 +1,220 @@
+"""The catalog admin: changelist without N+1, forms, upload action and form, progress JSON, storage browser."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from django.urls import reverse
+from django.utils import timezone
+
+from apps.catalog import storage
+from apps.catalog.models import Model, UploadStatus
+from apps.catalog.services import model_create
+from apps.catalog.tasks import run_upload
+from apps.catalog.uploads import upload_request
+
+pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture
+def eager_celery(monkeypatch):
+    from crosslogic.celery import app
+
+    # The app reads Django settings with the CELERY_ namespace: the namespaced key is the one that counts.
+    monkeypatch.setitem(app.conf, "CELERY_TASK_ALWAYS_EAGER", True)
+    return app
+
+
+def _form_data(**overrides) -> dict:
+    data = {
+        "name": "new-model", "is_active": "on", "hf_repo": "", "hf_revision": "main", "storage_uri": "",
+        "accelerator": "L4:1", "dtype": "auto", "max_model_len": "", "context_length": "",
+        "tensor_parallel_size": "1", "gpu_memory_utilization": "0.9", "extra_vllm_args": "[]",
+        "price_input_per_mtok": "0.1", "price_output_per_mtok": "0.2", "min_replicas": "0", "max_replicas": "1",
+    }
+    data.update(overrides)
+    return data
+
+
+def test_changelist_shows_counts_and_progress_without_a_query_per_row(admin_client, django_assert_max_num_queries):
+    from apps.fleet.services import node_create
+
+    for i in range(15):
+        model = model_create(name=f"model-{i}")
+        node_create(model=model, launcher="static", endpoint_url=f"http://127.0.0.1:{9000 + i}")
+    Model.objects.filter(name="model-3").update(upload_status=UploadStatus.UPLOADING, upload_bytes_done=50,
+                                                upload_bytes_total=100, upload_rate_bps=10)
+
+    with django_assert_max_num_queries(12):
+        response = admin_client.get(reverse("admin:catalog_model_changelist"))
+
+    assert response.status_code == 200
+    body = response.content.decode()
+    assert "Storage browser (R2)" in body
+    assert 'data-active="1"' in body and "50.0%" in body and "ETA 5s" in body
+    assert "0 / 1 / 1" in body  # ready / live / all nodes
+
+
+def test_add_and_change_pages_render(admin_client, catalog_model):
+    assert admin_client.get(reverse("admin:catalog_model_add")).status_code == 200
+    response = admin_client.get(reverse("admin:catalog_model_change", args=[catalog_model.pk]))
+    assert response.status_code == 200
+    assert "Upload weights" in response.content.decode()
+    assert "No node has become ready yet." in response.content.decode()
+
+
+def test_change_page_shows_median_cold_start_per_accelerator(admin_client, catalog_model):
+    from apps.fleet.models import Node
+
+    now = timezone.now()
+    for seconds in (60, 90, 300):
+        Node.objects.create(model=catalog_model, accelerator="L4:1", requested_at=now - timedelta(seconds=seconds),
+                            ready_at=now, launcher="static")
+
+    body = admin_client.get(reverse("admin:catalog_model_change", args=[catalog_model.pk])).content.decode()
+
+    assert "L4:1: 90.0 s (over 3 node(s))" in body
+
+
+def test_adding_a_model_through_the_admin_uses_the_service(admin_client):
+    response = admin_client.post(reverse("admin:catalog_model_add"), _form_data())
+    assert response.status_code == 302
+    assert Model.objects.get(name="new-model").price_output_per_mtok == Decimal("0.2")
+
+
+@pytest.mark.parametrize(("overrides", "field", "message"), [
+    ({"name": "has spaces!"}, "name", "Use letters, digits"),
+    ({"storage_uri": "https://example.com/x"}, "storage_uri", "s3://bucket/prefix"),
+    ({"min_replicas": "3", "max_replicas": "1"}, "max_replicas", "at least min replicas"),
+    ({"accelerator": "L4:many"}, "accelerator", "SkyPilot syntax"),
+])
+def test_bad_input_gives_form_errors_and_saves_nothing(admin_client, overrides, field, message):
+    response = admin_client.post(reverse("admin:catalog_model_add"), _form_data(**overrides))
+
+    assert response.status_code == 200
+    errors = response.context["adminform"].form.errors
+    assert message in " ".join(errors[field])
+    assert not Model.objects.exists()
+
+
+def test_upload_action_on_one_model_opens_the_upload_form(admin_client, catalog_model):
+    response = admin_client.post(reverse("admin:catalog_model_changelist"),
+                                 {"action": "upload_weights", "_selected_action": [catalog_model.pk]})
+    assert response.status_code == 302
+    assert response["Location"] == reverse("admin:catalog_model_upload", args=[catalog_model.pk])
+    form_page = admin_client.get(response["Location"])
+    assert form_page.status_code == 200
+    assert "meta-llama/Meta-Llama-3-8B-Instruct@main" in form_page.content.decode()
+
+
+def test_the_upload_form_enqueues_and_the_worker_uploads(admin_client, r2, catalog_model, model_folder, eager_celery,
+                                                          django_capture_on_commit_callbacks):
+    with django_capture_on_commit_callbacks(execute=True) as callbacks:
+        response = admin_client.post(reverse("admin:catalog_model_upload", args=[catalog_model.pk]), {
+            "source": "dir", "local_dir": str(model_folder), "prefix": "models/from-admin",
+        })
+
+    assert response.status_code == 302
+    assert any("upload_request" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
+    catalog_model.refresh_from_db()
+    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert storage.head(r2, "models/from-admin/model-00001-of-00002.safetensors") is not None
+    page = admin_client.get(reverse("admin:catalog_model_change", args=[catalog_model.pk])).content.decode()
+    assert "model-00001-of-00002.safetensors" in page and "Uploaded" in page
+
+
+def test_the_upload_form_shows_errors_on_the_field(admin_client, catalog_model):
+    url = reverse("admin:catalog_model_upload", args=[catalog_model.pk])
+
+    missing = admin_client.post(url, {"source": "dir", "local_dir": ""})
+    relative = admin_client.post(url, {"source": "dir", "local_dir": "weights/here"})
+    bad_prefix = admin_client.post(url, {"source": "hf", "hf_repo": "org/name", "prefix": "a/../b"})
+
+    assert "Give the folder" in " ".join(missing.context["form"].errors["local_dir"])
+    assert "absolute path" in " ".join(relative.context["form"].errors["local_dir"])
+    assert "prefix" in " ".join(bad_prefix.context["form"].errors["prefix"])
+    catalog_model.refresh_from_db()
+    assert catalog_model.upload_status == UploadStatus.NONE
+
+
+def test_several_failed_uploads_are_retried_from_their_last_source(admin_client, r2, catalog_model, model_folder,
+                                                                    eager_celery, django_capture_on_commit_callbacks):
+    (model_folder / "bad.pt").write_bytes(b"pickle")
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry", enqueue=False)
+    assert run_upload(catalog_model.pk) == "failed"
+    (model_folder / "bad.pt").unlink()
+    other = model_create(name="other-model")
+
+    with django_capture_on_commit_callbacks(execute=True):
+        admin_client.post(reverse("admin:catalog_model_changelist"),
+                          {"action": "upload_weights", "_selected_action": [catalog_model.pk, other.pk]})
+
+    catalog_model.refresh_from_db()
+    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.storage_uri == f"s3://{r2}/models/retry"
+
+
+def test_cancel_action_requests_a_stop(admin_client, catalog_model):
+    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING)
+
+    admin_client.post(reverse("admin:catalog_model_changelist"),
+                      {"action": "cancel_upload", "_selected_action": [catalog_model.pk]})
+
+    catalog_model.refresh_from_db()
+    assert catalog_model.upload_cancel_requested is True
+
+
+def test_upload_status_json_feeds_the_progress_bar(admin_client, catalog_model):
+    Model.objects.filter(pk=catalog_model.pk).update(
+        upload_status=UploadStatus.UPLOADING, upload_bytes_done=2_000_000_000, upload_bytes_total=4_000_000_000,
+        upload_rate_bps=100_000_000, upload_current_file="model-00002.safetensors")
+
+    data = admin_client.get(reverse("admin:catalog_model_upload_status"), {"id": [catalog_model.pk]}).json()
+
+    (entry,) = data["models"]
+    assert entry["percent"] == 50.0 and entry["eta_seconds"] == 20 and entry["active"] is True
+    assert entry["text"] == "50.0% · 2.0 GB / 4.0 GB · 100.0 MB/s · ETA 20s · model-00002.safetensors"
+
+
+def test_upload_status_json_is_for_staff_only(client, catalog_model):
+    response = client.get(reverse("admin:catalog_model_upload_status"), {"id": [catalog_model.pk]})
+    assert response.status_code == 302  # to the admin login
+
+
+def test_storage_browser_lists_bucket_prefixes_with_state_and_model(admin_client, r2, catalog_model, model_folder):
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed", enqueue=False)
+    run_upload(catalog_model.pk)
+    storage.put_bytes(r2, "models/hand-made/config.json", b"{}")
+    storage.put_bytes(r2, "models/hand-made/model.safetensors", b"0" * 10)
+
+    body = admin_client.get(reverse("admin:catalog_model_storage")).content.decode()
+
+    assert "models/browsed" in body and "models/hand-made" in body
+    assert "sb-present" in body and "sb-missing" in body
+    assert f"Verify {catalog_model.name}" in body
+
+
+def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
+    settings.R2_BUCKET = "not-a-bucket-here"
+    response = admin_client.get(reverse("admin:catalog_model_storage"))
+    assert response.status_code == 200
+    assert "does not exist" in response.content.decode()
+
+
+def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(admin_client, r2, catalog_model,
+                                                                               model_folder):
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper", enqueue=False)
+    run_upload(catalog_model.pk)
+    storage.put_bytes(r2, "models/tamper/model-00002-of-00002.safetensors", b"not the weights")
+
+    response = admin_client.post(reverse("admin:catalog_model_storage_verify"), {"model_id": catalog_model.pk},
+                                 follow=True)
+
+    body = response.content.decode()
+    assert "model-00002-of-00002.safetensors: size 15 != manifest 1048576" in body
+    catalog_model.refresh_from_db()
+    assert catalog_model.verify_status == "mismatch"
+    browser = admin_client.get(reverse("admin:catalog_model_storage")).content.decode()
+    assert "sb-mismatch" in browser  # the listing's sizes no longer match the manifest either
