@@ -1,0 +1,92 @@
+"""Health checks against real vLLM simulator processes on localhost."""
+
+from __future__ import annotations
+
+import threading
+
+import httpx
+import pytest
+
+from apps.core import invalidation
+from apps.fleet.health import run_health_checks
+from apps.fleet.models import Node, NodeStatus
+from apps.fleet.services import node_create, node_transition
+from apps.gateway.simulator_process import run_simulator_process
+
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]
+
+
+def _node(model, url: str, status: str) -> Node:
+    node = node_create(model=model, launcher="static", endpoint_url=url)
+    for step in {"loading": ["loading"], "ready": ["loading", "ready"]}[status]:
+        node_transition(node=node, to=step)
+    return Node.objects.get(pk=node.pk)
+
+
+def test_loading_becomes_ready_on_first_success_and_load_is_recorded(served_model, redis_db,
+                                                                       django_capture_on_commit_callbacks) -> None:
+    with run_simulator_process(model=served_model.name, itl_ms=50, ttft_ms=5) as sim:
+        node = _node(served_model, sim.url, "loading")
+        version_before = int(redis_db.get(invalidation.version_key(invalidation.ROUTING)) or 0)
+        # Two streams in flight, so the node reports load.
+        def stream() -> None:
+            with httpx.stream("POST", sim.base_url + "/chat/completions", timeout=30, json={
+                    "model": served_model.name, "stream": True, "max_tokens": 60,
+                    "messages": [{"role": "user", "content": "hi"}]}) as response:
+                for _ in response.iter_bytes():
+                    pass
+        threads = [threading.Thread(target=stream) for _ in range(2)]
+        for t in threads:
+            t.start()
+        sim.wait_for(lambda s: s["running"] >= 2)
+
+        with django_capture_on_commit_callbacks(execute=True):
+            summary = run_health_checks()
+        for t in threads:
+            t.join()
+
+    node.refresh_from_db()
+    assert summary.checked == 1 and summary.healthy == 1
+    assert node.status == NodeStatus.READY and node.ready_at is not None
+    assert node.requests_running == 2 and node.requests_waiting == 0
+    assert node.kv_cache_usage is not None and 0 < node.kv_cache_usage < 1
+    assert node.health_latency_ms is not None and node.consecutive_failures == 0
+    # The gateway's routing table is told at once.
+    assert int(redis_db.get(invalidation.version_key(invalidation.ROUTING))) > version_before
+
+
+def test_three_failures_make_a_ready_node_unhealthy_and_it_recovers(served_model, settings) -> None:
+    settings.FLEET_HEALTH_TIMEOUT_S = 1.0
+    with run_simulator_process(model=served_model.name) as sim:
+        node = _node(served_model, sim.url, "ready")
+        port = sim.port
+        run_health_checks()
+        sim.kill()  # vLLM died: nothing answers any more
+
+        for expected_failures in (1, 2):
+            run_health_checks()
+            node.refresh_from_db()
+            assert (node.status, node.consecutive_failures) == (NodeStatus.READY, expected_failures)
+        run_health_checks()
+        node.refresh_from_db()
+        assert node.status == NodeStatus.UNHEALTHY and node.consecutive_failures == 3
+        assert "3 consecutive health check failures" in node.status_reason
+
+    with run_simulator_process(model=served_model.name, port=port):
+        run_health_checks()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.READY and node.consecutive_failures == 0
+    assert node.status_reason.startswith("recovered")
+
+
+def test_one_dead_node_does_not_slow_or_spoil_the_others(served_model, settings) -> None:
+    settings.FLEET_HEALTH_TIMEOUT_S = 0.5
+    with run_simulator_process(model=served_model.name) as sim:
+        good = [_node(served_model, sim.url, "loading") for _ in range(3)]
+        bad = _node(served_model, "http://10.255.255.1:8000", "ready")  # blackholed: times out
+        summary = run_health_checks()
+    assert summary.checked == 4 and summary.healthy == 3
+    assert summary.seconds < 3  # concurrent: one timeout, not four
+    assert {n.status for n in Node.objects.filter(pk__in=[g.pk for g in good])} == {NodeStatus.READY}
+    bad.refresh_from_db()
+    assert bad.consecutive_failures == 1 and bad.status == NodeStatus.READY
