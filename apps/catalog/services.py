@@ -38,3 +38,13 @@ def model_update(*, model: Model, **fields: object) -> Model:
     model.save()
     invalidation.bump(invalidation.ROUTING)
     return model
+
+
+def model_delete(*, model: Model) -> None:
+    """Delete a catalog entry that no node ever served (usage and nodes keep their history)."""
+    from django.core.exceptions import ValidationError
+
+    if model.nodes.exists():
+        raise ValidationError(f"{model.name} has nodes (live or past): deactivate it instead of deleting it.")
+    model.delete()
+    invalidation.bump(invalidation.ROUTING)
