@@ -100,6 +100,11 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
                     get_launcher(node.launcher).terminate(node)  # reap what is left of its process group
                 report.preempted.append(str(node))
             continue
+        if node.status in {S.PROVISIONING, S.LOADING} and \
+                (now - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+            # Stuck (lost launch, a node that never registered, weights that never loaded).
+            _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
+            continue
         limit = settings.FLEET_REPLACE_UNHEALTHY_AFTER_S
         if node.status == S.UNHEALTHY and (now - node.status_changed_at).total_seconds() > limit \
                 and _move(node, S.TERMINATING, f"unhealthy for over {limit}s", report):
@@ -118,9 +123,10 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
 def queue_teardowns(report: Report) -> None:
     from apps.fleet import tasks
 
+    # (``contains`` rather than a key lookup: a missing key must count as "not torn down".)
     pending = Node.objects.filter(
-        Q(status=S.TERMINATING) | Q(status=S.FAILED)
-    ).exclude(launcher_state__torn_down=True).values_list("pk", flat=True)
+        Q(status__in=[S.TERMINATING, S.FAILED]) & ~Q(launcher_state__contains={"torn_down": True})
+    ).values_list("pk", flat=True)
     for node_id in pending:
         report.teardowns.append(node_id)
         transaction.on_commit(lambda node_id=node_id: tasks.node_teardown_task.delay(node_id))

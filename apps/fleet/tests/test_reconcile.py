@@ -1,0 +1,142 @@
+"""The reconciler: replacement, preemption, orphans and draining."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from apps.fleet import lifecycle
+from apps.fleet.models import Node, NodeEvent, NodeStatus
+from apps.fleet.reconcile import reconcile
+from apps.fleet.services import node_create, node_fail, node_transition
+
+pytestmark = pytest.mark.django_db
+
+
+def _walk(node: Node, *statuses: str) -> Node:
+    for status in statuses:
+        node_transition(node=node, to=status)
+    return Node.objects.get(pk=node.pk)
+
+
+def _keep(model, n: int, maximum: int = 3) -> None:
+    model.min_replicas, model.max_replicas = n, maximum
+    model.save()
+
+
+def test_a_failed_node_is_replaced_with_the_same_placement_and_a_reason(served_model) -> None:
+    _keep(served_model, 1)
+    node = node_create(model=served_model, launcher="local", accelerator="L4:1", use_spot=True)
+    node = _walk(node, "provisioning")
+    node_fail(node=node, reason="no capacity: tried 3 placement(s)")
+
+    report = reconcile()
+
+    (new,) = Node.objects.exclude(pk=node.pk)
+    assert new.status == NodeStatus.PENDING and (new.launcher, new.accelerator) == ("local", "L4:1")
+    assert report.launched == [str(new)]
+    event = NodeEvent.objects.filter(node=new, actor="reconciler").first()
+    assert f"replaces {node}" in event.message and "no capacity" in event.message
+    assert node.pk in report.teardowns  # the failed node's machine gets cleaned up
+    assert reconcile().launched == []  # a second pass sees the pending replacement
+
+
+def test_never_more_than_max_replicas_and_no_relaunch_storm(served_model) -> None:
+    _keep(served_model, 3, maximum=2)
+    reconcile()
+    assert Node.objects.filter(model=served_model).count() == 2
+    Node.objects.update(status=NodeStatus.FAILED, status_changed_at=timezone.now())
+    node_create(model=served_model, launcher="local")
+    Node.objects.filter(status=NodeStatus.PENDING).update(status=NodeStatus.FAILED)
+    report = reconcile()
+    assert report.launched == [] and "launches failed" in report.errors[0]
+
+
+def test_a_vanished_cluster_is_marked_preempted_and_replaced(served_model, fake_sky, real_sky) -> None:
+    _keep(served_model, 1)
+    node = node_create(model=served_model, launcher="skypilot", cloud="aws")
+    lifecycle.launch_node(node.pk)
+    fake_sky.finish(fake_sky.last("launch"), result=(1, "h"))
+    lifecycle.poll_launch(node.pk)
+    node = _walk(Node.objects.get(pk=node.pk), "loading", "ready")
+    assert reconcile().preempted == []  # the cluster is there
+
+    fake_sky.clusters.clear()  # the spot instance was reclaimed
+    report = reconcile()
+
+    node.refresh_from_db()
+    assert node.status == NodeStatus.TERMINATED and node.status_reason == "preempted"
+    assert report.preempted == [str(node)]
+    (replacement,) = Node.objects.exclude(pk=node.pk)
+    assert (replacement.launcher, replacement.cloud, replacement.status) == ("skypilot", "aws", "pending")
+
+
+def test_orphan_clusters_are_torn_down_after_the_grace_period(served_model, fake_sky, real_sky, settings) -> None:
+    settings.FLEET_ORPHAN_GRACE_S = 600
+    up = real_sky.ClusterStatus.UP
+    now = timezone.now().timestamp()
+    live = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading")
+    fake_sky.clusters.update({
+        "crosslogic-99999": {"name": "crosslogic-99999", "status": up, "launched_at": now - 3600},  # orphan
+        "crosslogic-99998": {"name": "crosslogic-99998", "status": up, "launched_at": now - 30},  # too young
+        "crosslogic-dev-box": {"name": "crosslogic-dev-box", "status": up, "launched_at": 1},  # not one of ours
+        live.cluster_name: {"name": live.cluster_name, "status": up, "launched_at": now - 3600},
+    })
+
+    report = reconcile()
+
+    assert report.orphans == ["crosslogic-99999"]
+    assert [c for c in fake_sky.calls if c[0] == "down"] == [("down", "crosslogic-99999")]
+
+
+def test_draining_waits_for_in_flight_requests_then_terminates(served_model, settings) -> None:
+    settings.FLEET_DRAIN_TIMEOUT_S = 300
+    node = node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9")
+    node = _walk(node, "loading", "ready", "draining")
+    Node.objects.filter(pk=node.pk).update(requests_running=2, last_health_at=timezone.now() + timedelta(seconds=1))
+    reconcile()
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.DRAINING
+
+    Node.objects.filter(pk=node.pk).update(requests_running=0, last_health_at=timezone.now() + timedelta(seconds=2))
+    report = reconcile()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.TERMINATING and node.status_reason.startswith("drained")
+    assert report.drained == [str(node)] and node.pk in report.teardowns
+    lifecycle.teardown_node(node.pk)
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.TERMINATED
+
+
+def test_a_drain_that_never_empties_is_bounded(served_model, settings) -> None:
+    settings.FLEET_DRAIN_TIMEOUT_S = 60
+    node = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+                 "loading", "ready", "draining")
+    Node.objects.filter(pk=node.pk).update(requests_running=5, last_health_at=timezone.now(),
+                                           status_changed_at=timezone.now() - timedelta(seconds=61))
+    reconcile()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.TERMINATING and "drain timed out" in node.status_reason
+
+
+def test_a_long_unhealthy_node_is_replaced(served_model, settings) -> None:
+    settings.FLEET_REPLACE_UNHEALTHY_AFTER_S = 120
+    _keep(served_model, 1)
+    node = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+                 "loading", "ready", "unhealthy")
+    assert reconcile().replaced_unhealthy == []
+    Node.objects.filter(pk=node.pk).update(status_changed_at=timezone.now() - timedelta(seconds=121))
+    report = reconcile()
+    assert report.replaced_unhealthy == [str(node)] and len(report.launched) == 1
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.TERMINATING
+
+
+def test_a_node_stuck_loading_past_the_launch_timeout_fails(served_model, settings) -> None:
+    settings.FLEET_LAUNCH_TIMEOUT_S = 600
+    node = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"), "loading")
+    reconcile()
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.LOADING
+    Node.objects.filter(pk=node.pk).update(requested_at=timezone.now() - timedelta(seconds=601))
+    reconcile()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.FAILED and "not ready within 600s" in node.status_reason
