@@ -44,11 +44,12 @@ def test_task_passes_skypilot_validation_with_the_vllm_command(r2, served_model)
     assert opts["--load-format"] == "runai_streamer"
     assert opts["--served-model-name"] == "llama-3-8b-instruct"
     assert json.loads(opts["--model-loader-extra-config"]) == {"concurrency": 32, "memory_limit": 5 * 1024**3}
-    assert (opts["--host"], opts["--port"], opts["--dtype"]) == ("0.0.0.0", "8000", "bfloat16")
+    assert (opts["--host"], opts["--port"], opts["--dtype"]) == ("0.0.0.0", "8000", "bfloat16")  # noqa: S104
     assert opts["--max-model-len"] == "8192" and opts["--gpu-memory-utilization"] == "0.92"
     assert opts["--tensor-parallel-size"] == "1"
     # Extra args survive the shell intact, even with quotes, braces and a dollar sign.
-    assert args[-5:] == ["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME", "--api-key", "$VLLM_API_KEY"]
+    tail = ["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME", "--api-key", "$VLLM_API_KEY"]
+    assert args[-5:] == tail
     assert task.run.rstrip().endswith('--api-key "$VLLM_API_KEY"')
     assert "vllm[runai]==" in task.setup
     (resources,) = list(task.resources)
