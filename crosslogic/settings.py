@@ -15,10 +15,25 @@ BASE_DIR = Path(__file__).resolve().parent.parent
 VAR_DIR = BASE_DIR / "var"
 
 env = environ.Env()
-environ.Env.read_env(BASE_DIR / ".env", overwrite=False)
+# Values from the real environment win over the file. CROSSLOGIC_ENV_FILE="" reads no file (tests).
+_ENV_FILE = env("CROSSLOGIC_ENV_FILE", default=str(BASE_DIR / ".env"))
+if _ENV_FILE:
+    environ.Env.read_env(_ENV_FILE, overwrite=False)
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off", ""}
 
 
 def _env_or_fail(name: str, cast, default):
+    if cast is bool:
+        # Strict: a typo such as SESSION_COOKIE_SECURE=treu must not quietly mean False.
+        raw = env.str(name, default=None)
+        if raw is None:
+            return default
+        value = raw.strip().lower()
+        if value in _TRUE | _FALSE:
+            return value in _TRUE
+        raise ImproperlyConfigured(f"{name} is invalid: {raw!r} is not a boolean (true/false, 1/0, yes/no, on/off).")
     try:
         return env(name, cast=cast, default=default)
     except (ValueError, TypeError) as exc:
@@ -100,6 +115,13 @@ try:
     DATABASES = {"default": env.db("DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'db.sqlite3'}")}
 except Exception as exc:  # environ raises a bare Exception subclass for unknown schemes
     raise ImproperlyConfigured(f"DATABASE_URL is invalid: {exc}") from exc
+# environ passes unknown schemes through as an engine name, or returns {} for non-URLs.
+if DATABASES["default"].get("ENGINE") not in {"django.db.backends.postgresql", "django.db.backends.sqlite3"}:
+    raise ImproperlyConfigured(
+        "DATABASE_URL is invalid: use postgres://user:password@host:port/name (or sqlite:////path for development)."
+    )
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql" and not DATABASES["default"].get("NAME"):
+    raise ImproperlyConfigured("DATABASE_URL is invalid: it names no database (postgres://user@host:port/NAME).")
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # In development the web server, the Celery worker and beat all write to one SQLite file.
     # WAL lets readers run beside the writer; IMMEDIATE transactions take the write lock up front
@@ -148,7 +170,7 @@ TIME_ZONE = "UTC"
 USE_I18N = True
 USE_TZ = True
 STATIC_URL = "static/"
-STATIC_ROOT = BASE_DIR / "staticfiles"
+STATIC_ROOT = Path(env("STATIC_ROOT", default=str(BASE_DIR / "staticfiles")))
 STATICFILES_DIRS = [BASE_DIR / "static"]
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
@@ -169,7 +191,7 @@ SECURE_HSTS_PRELOAD: bool = _env_or_fail("SECURE_HSTS_PRELOAD", bool, False)
 SECURE_CONTENT_TYPE_NOSNIFF = True
 SECURE_REFERRER_POLICY = "same-origin"
 X_FRAME_OPTIONS = "DENY"
-if env.bool("USE_X_FORWARDED_PROTO", default=not DEBUG):
+if _env_or_fail("USE_X_FORWARDED_PROTO", bool, not DEBUG):
     SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
 # Health and readiness probes come over plain HTTP from the load balancer.
 SECURE_REDIRECT_EXEMPT = [r"^health$", r"^ready$"]
@@ -204,6 +226,17 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    # One stable schema name per choice set (several fields share NodeStatus, several models
+    # have a "status"); without these the generated names depend on field order.
+    "ENUM_NAME_OVERRIDES": {
+        "TenantStatusEnum": "apps.tenancy.models.TenantStatus",
+        "ScopeEnum": "apps.tenancy.models.Scope",
+        "UploadStatusEnum": "apps.catalog.models.UploadStatus",
+        "VerifyStatusEnum": "apps.catalog.models.VerifyStatus",
+        "LauncherEnum": "apps.fleet.models.Launcher",
+        "NodeStatusEnum": "apps.fleet.models.NodeStatus",
+        "NodeEventKindEnum": "apps.fleet.models.NodeEvent.Kind",
+    },
 }
 
 # --- Domain settings ------------------------------------------------------------------------
@@ -215,12 +248,15 @@ FLEET_DEFAULT_LAUNCHER: str = env("FLEET_DEFAULT_LAUNCHER", default="local" if D
 if FLEET_DEFAULT_LAUNCHER not in {"skypilot", "local", "static"}:
     raise ImproperlyConfigured("FLEET_DEFAULT_LAUNCHER must be one of skypilot, local, static.")
 
+LOG_LEVEL: str = env("LOG_LEVEL", default="INFO").upper()
+if LOG_LEVEL not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+    raise ImproperlyConfigured("LOG_LEVEL must be one of DEBUG, INFO, WARNING, ERROR, CRITICAL.")
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
-    "root": {"handlers": ["console"], "level": env("LOG_LEVEL", default="INFO")},
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
     "loggers": {"django.db.backends": {"level": "WARNING"}},
 }
 
