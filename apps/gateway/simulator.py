@@ -27,6 +27,7 @@ from dataclasses import asdict, dataclass
 from aiohttp import web
 
 from apps.gateway import simulator_text as txt
+from apps.gateway.simulator_pacer import PacedStream, Pacer, StreamKilled
 from apps.gateway.simulator_process import SimHandle, run_simulator_process
 
 __all__ = ["SimConfig", "SimHandle", "SimServer", "build_app", "run_simulator_process", "serve_forever",
@@ -93,6 +94,7 @@ class SimState:
         self.created = int(time.time())
         self.rng = random.Random(config.seed)
         self.slots = asyncio.Semaphore(config.max_num_seqs)
+        self.pacer = Pacer()
         self.running = 0
         self.waiting = 0
         self.kv_tokens = 0
@@ -262,9 +264,13 @@ async def _sleep_until(loop: asyncio.AbstractEventLoop, deadline: float) -> None
         await asyncio.sleep(delay)
 
 
+_KILLED = "sim_killed"
+
+
 def _cut(sim: SimState, request: web.Request) -> None:
     """Upstream death: close the connection mid-response (or end the whole process)."""
     sim.counters["requests_killed"] += 1
+    request[_KILLED] = True  # the cancellation that our own close causes is not a client's
     if sim.config.die_exits_process:
         os._exit(DIE_EXIT_CODE)
     if request.transport is not None:
@@ -277,10 +283,14 @@ async def _stream(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot,
     enc = (txt.StreamEncoder.for_chat if chat else txt.StreamEncoder.for_completion)(
         request_id=plan.request_id, created=created, model=model)
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
-    await resp.prepare(request)
+    await resp.prepare(request)  # sends the headers at once, as vLLM does
     loop = asyncio.get_running_loop()
     deadline = loop.time() + sim.ttft
     die_after = sim.config.die_after_tokens
+    if sim.itl >= 0.001 and request.transport is not None:
+        await _paced(sim, request, plan, slot, enc, first_at=deadline)
+        await resp.write_eof()
+        return resp
     pending = enc.role_chunk() if chat else b""
     last = plan.n_tokens - 1
     for i in range(plan.n_tokens):
@@ -306,6 +316,29 @@ async def _stream(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot,
 
 class _Killed(Exception):  # noqa: N818 - the simulated death, not an error
     pass
+
+
+async def _paced(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, enc: txt.StreamEncoder, *,
+                 first_at: float) -> None:
+    """Tokens on their schedule, written by the shared pacer rather than by this coroutine."""
+    last, offset, finish = plan.n_tokens - 1, plan.offset, plan.finish_reason
+
+    def render(i: int) -> bytes:
+        token = txt.token_bytes(offset, i)
+        return enc.final_token_chunk(token, finish) if i == last else enc.token_chunk(token)
+
+    tail = (enc.usage_chunk(plan.prompt_tokens, plan.n_tokens) if plan.include_usage else b"") + txt.DONE
+    stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=render,  # type: ignore[arg-type]
+                         n_tokens=plan.n_tokens, first_at=first_at, itl=sim.itl,
+                         head=enc.role_chunk() if enc.chat else b"", tail=tail,
+                         die_after=sim.config.die_after_tokens, on_token=lambda: slot.add_tokens(1),
+                         on_die=lambda: _cut(sim, request))
+    try:
+        await stream.done
+    except StreamKilled:
+        raise _Killed from None
+    finally:
+        stream.cancel()
 
 
 async def _complete(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, *, chat: bool) -> web.Response:
@@ -363,7 +396,7 @@ def _generation(*, chat: bool) -> Callable:
         except ConnectionResetError:
             return web.Response(status=499)  # never delivered: the client is gone
         finally:
-            if not finished:
+            if not finished and not request.get(_KILLED):
                 sim.counters["requests_cancelled"] += 1
 
     return handler

@@ -1,6 +1,6 @@
-"""How many SSE chunks per second the simulator serves, flat out (``--ttft-ms 0 --itl-ms 0``).
+"""How many SSE chunks per second the simulator serves, flat out (``--ttft-ms 0 --itl-ms 0``) or paced.
 
-    .venv/bin/python -m apps.gateway.simulator_bench [--streams 32] [--tokens 256] [--rounds 4]
+    .venv/bin/python -m apps.gateway.simulator_bench [--streams 32] [--tokens 256] [--rounds 4] [--itl-ms 0]
 
 Starts ``manage.py simulate_vllm`` as a subprocess, drives concurrent streaming chat requests
 at it with aiohttp, and prints chunks/s and the simulator's CPU seconds per 1,000 chunks (from
@@ -52,8 +52,9 @@ def main() -> None:
     parser.add_argument("--streams", type=int, default=32)
     parser.add_argument("--tokens", type=int, default=256)
     parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--itl-ms", type=float, default=0.0, help="paced streams instead of flat out")
     args = parser.parse_args()
-    with run_simulator_process(model="bench", ttft_ms=0, itl_ms=0) as sim:
+    with run_simulator_process(model="bench", ttft_ms=0, itl_ms=args.itl_ms) as sim:
         cpu0, t0 = _cpu_seconds(sim.proc.pid), time.perf_counter()
         chunks = asyncio.run(_drive(sim.url, args.streams, args.tokens, args.rounds))
         elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(sim.proc.pid) - cpu0

@@ -284,8 +284,9 @@ def test_fail_rate_one_answers_500_before_any_byte():
         assert httpx.get(failing.url + "/health").status_code == 200
 
 
-def test_die_after_tokens_cuts_the_stream_without_done():
-    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=1) as dying:
+@pytest.mark.parametrize("itl_ms", [0, 1], ids=["flat-out", "paced"])
+def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
+    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms) as dying:
         received = b""
         with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
             "POST", dying.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=50), timeout=10,
@@ -327,6 +328,22 @@ def test_nothing_listens_during_the_startup_delay():
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+async def test_flat_out_streams_send_the_same_events_as_paced_ones(sim):
+    body = chat_body(stream=True, max_tokens=40, stream_options={"include_usage": True})
+    async with (simulator_server(model=MODEL, ttft_ms=0, itl_ms=0) as flat,
+                httpx.AsyncClient(timeout=10) as http):
+        fast = await http.post(flat.url + "/v1/chat/completions", json=body)
+        paced = await http.post(sim.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
+
+    def comparable(raw: bytes) -> list:
+        events = sse_events(raw)
+        return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]] + [
+            events[-1]]
+
+    assert comparable(fast.content) == comparable(paced.content)
+    assert len(sse_events(fast.content)) == 1 + 40 + 1 + 1
 
 
 async def test_requests_beyond_max_num_seqs_wait_and_show_in_metrics():
