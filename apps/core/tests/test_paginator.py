@@ -1,0 +1,29 @@
+"""Big unfiltered admin lists use the planner's row estimate; filtered lists count exactly."""
+
+from __future__ import annotations
+
+import pytest
+from django.db import connection
+
+from apps.core import paginator as paginator_module
+from apps.core.paginator import EstimatedCountPaginator, estimated_row_count
+from apps.metering.models import UsageRecord
+from apps.metering.tests.factories import make_usage
+
+pytestmark = pytest.mark.django_db
+
+
+def test_unfiltered_count_comes_from_the_estimate_once_the_table_is_big(tenant, monkeypatch) -> None:
+    for _ in range(5):
+        make_usage(tenant=tenant)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {UsageRecord._meta.db_table}")
+    make_usage(tenant=tenant, status_code=500)  # after ANALYZE: the estimate does not know this row
+    assert estimated_row_count(UsageRecord) == 5
+
+    monkeypatch.setattr(paginator_module, "EXACT_COUNT_BELOW", 3)
+    assert EstimatedCountPaginator(UsageRecord.objects.all(), 10).count == 5
+    assert EstimatedCountPaginator(UsageRecord.objects.filter(status_code=500), 10).count == 1
+
+    monkeypatch.setattr(paginator_module, "EXACT_COUNT_BELOW", 50_000)
+    assert EstimatedCountPaginator(UsageRecord.objects.all(), 10).count == 6
