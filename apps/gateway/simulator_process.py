@@ -22,9 +22,14 @@ MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
 LISTENING = re.compile(r"^simulate_vllm listening on (http://\S+?):(\d+)\s*$")
 
 
-def command_line(*, model: str, port: int = 0, **options: object) -> list[str]:
-    """``manage.py simulate_vllm`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag."""
-    args = [sys.executable, str(MANAGE_PY), "simulate_vllm", "--port", str(port), "--model", model]
+def command_line(*, model: str, port: int = 0, light: bool = False, **options: object) -> list[str]:
+    """``manage.py simulate_vllm`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag.
+
+    ``light=True`` runs ``python -m apps.gateway.simulator_cli`` instead: same flags and output,
+    without Django's start-up (about 2 s of CPU less per simulator on the development machine).
+    """
+    entry = ["-m", "apps.gateway.simulator_cli"] if light else [str(MANAGE_PY), "simulate_vllm"]
+    args = [sys.executable, *entry, "--port", str(port), "--model", model]
     for name, value in options.items():
         if value is None or value is False:
             continue
@@ -119,7 +124,8 @@ def run_simulator_process(
 
     Options are the command's flags in snake_case: ``ttft_ms``, ``itl_ms``, ``api_key``,
     ``max_tokens_default``, ``fail_rate``, ``die_after_tokens``, ``die_exits_process``,
-    ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ...
+    ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ... and ``light=True``
+    to skip Django's start-up (see command_line()).
     """
     port = int(options.pop("port", 0))  # type: ignore[arg-type]
     args = command_line(model=model, port=port, **options)

@@ -16,7 +16,8 @@ pytestmark = pytest.mark.django_db
 
 @pytest.fixture(scope="module")
 def sim():
-    with run_simulator_process(model="llama-3-8b", api_key="static-node-key", ttft_ms=1, itl_ms=0) as handle:
+    with run_simulator_process(model="llama-3-8b", api_key="static-node-key", ttft_ms=1, itl_ms=0,
+                               light=True) as handle:
         yield handle
 
 

@@ -26,6 +26,7 @@ MODEL = "sim-llama"
 
 @pytest.fixture(scope="module")
 def sim():
+    # The documented way, `manage.py simulate_vllm`; the other simulators here use the light entry.
     with run_simulator_process(model=MODEL, api_key=KEY, ttft_ms=5, itl_ms=2, max_tokens_default=12) as handle:
         yield handle
 
@@ -274,7 +275,7 @@ def test_client_disconnect_is_seen_as_cancelled_within_a_short_time(sim):
 
 
 def test_fail_rate_one_answers_500_before_any_byte():
-    with run_simulator_process(model=MODEL, fail_rate=1.0, ttft_ms=1, itl_ms=0) as failing:
+    with run_simulator_process(model=MODEL, fail_rate=1.0, ttft_ms=1, itl_ms=0, light=True) as failing:
         client = openai.OpenAI(base_url=failing.base_url, api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(**chat_body(stream=True))
@@ -286,7 +287,7 @@ def test_fail_rate_one_answers_500_before_any_byte():
 
 @pytest.mark.parametrize("itl_ms", [0, 1], ids=["flat-out", "paced"])
 def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
-    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms) as dying:
+    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms, light=True) as dying:
         received = b""
         with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
             "POST", dying.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=50), timeout=10,
@@ -307,7 +308,8 @@ def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
 
 
 def test_die_exits_process_ends_the_whole_simulator():
-    with run_simulator_process(model=MODEL, die_after_tokens=2, die_exits_process=True, ttft_ms=1, itl_ms=1) as dying:
+    with run_simulator_process(model=MODEL, die_after_tokens=2, die_exits_process=True, ttft_ms=1, itl_ms=1,
+                               light=True) as dying:
         with pytest.raises(httpx.TransportError):
             raw_post(dying, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10})
         assert dying.proc.wait(timeout=5) == 17
@@ -317,8 +319,8 @@ def test_nothing_listens_during_the_startup_delay():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(command_line(model=MODEL, port=port, startup_delay_s=1.5), stdout=subprocess.PIPE,
-                            text=True)
+    proc = subprocess.Popen(command_line(model=MODEL, port=port, startup_delay_s=1.5, light=True),
+                            stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
         with pytest.raises(httpx.ConnectError):
