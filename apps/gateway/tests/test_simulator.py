@@ -50,8 +50,9 @@ def sse_events(raw: bytes) -> list[str]:
     return [e[len("data: "):] for e in events]
 
 
-def raw_post(sim, path: str, body: dict, **headers) -> httpx.Response:
-    return httpx.post(sim.url + path, json=body, headers={"Authorization": f"Bearer {KEY}", **headers}, timeout=10)
+def raw_post(sim, path: str, body: dict, *, timeout: float = 10, **headers) -> httpx.Response:
+    return httpx.post(sim.url + path, json=body, headers={"Authorization": f"Bearer {KEY}", **headers},
+                      timeout=timeout)
 
 
 def metric(sim, name: str) -> float:
@@ -272,6 +273,15 @@ def test_client_disconnect_is_seen_as_cancelled_within_a_short_time(sim):
     assert stats["tokens_generated"] < 2000
     time.sleep(0.1)
     assert sim.stats()["tokens_generated"] == stats["tokens_generated"]  # generation really stopped
+
+
+def test_a_non_streaming_client_that_gives_up_cancels_the_generation(sim):
+    sim.reset()
+    with pytest.raises(httpx.ReadTimeout):
+        raw_post(sim, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 2000}, timeout=0.2)
+
+    stats = sim.wait_for(lambda s: s["requests_cancelled"] == 1, timeout_s=2)
+    assert stats["requests_completed"] == 0 and stats["running"] == 0
 
 
 def test_fail_rate_one_answers_500_before_any_byte():
