@@ -318,3 +318,19 @@ def test_generic_builder_makes_valid_rows_for_models_without_a_factory(db) -> No
     group = _generic_instance(Group)
     tenant = _generic_instance(Tenant)
     assert Group.objects.filter(pk=group.pk).exists() and tenant.slug == "admin-test"
+
+
+def test_staff_without_superuser_only_issue_and_see_their_own_staff_tokens(client, admin_user) -> None:
+    from django.contrib.auth.models import Permission
+
+    operator = User.objects.create_user("operator", is_staff=True)
+    operator.user_permissions.set(Permission.objects.filter(codename__endswith="_stafftoken"))
+    client.force_login(operator)
+    theirs, _ = staff_token_issue(user=admin_user, name="root-token")
+    assert client.get(reverse("admin:tenancy_stafftoken_change", args=[theirs.pk])).status_code == 302
+    assert "root-token" not in client.get(reverse("admin:tenancy_stafftoken_changelist")).content.decode()
+
+    response = client.post(reverse("admin:tenancy_stafftoken_add"),
+                           {"user": admin_user.pk, "name": "escalate", "expires_at_0": "", "expires_at_1": ""})
+    assert response.status_code == 200 and response.context["adminform"].form.errors["user"]
+    assert not StaffToken.objects.filter(name="escalate").exists()

@@ -264,11 +264,6 @@ class StaffTokenForm(forms.ModelForm):
         model = StaffToken
         fields = ("user", "name", "expires_at")
 
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if "user" in self.fields:
-            self.fields["user"].queryset = User.objects.filter(is_staff=True, is_active=True)
-
     def clean_expires_at(self) -> Any:
         value = self.cleaned_data.get("expires_at")
         if value is not None and value <= timezone.now():
@@ -285,6 +280,17 @@ class StaffTokenAdmin(admin.ModelAdmin):
     search_fields = ("=prefix", "name", "user__username")
     ordering = ("-created_at",)
     actions = ("revoke",)
+
+    def get_queryset(self, request: HttpRequest) -> QuerySet[StaffToken]:
+        queryset = super().get_queryset(request)
+        # A token acts with its user's powers: only superusers see and manage other people's.
+        return queryset if request.user.is_superuser else queryset.filter(user=request.user)
+
+    def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
+        if db_field.name == "user":
+            users = User.objects.filter(is_staff=True, is_active=True)
+            kwargs["queryset"] = users if request.user.is_superuser else users.filter(pk=request.user.pk)
+        return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:
         if obj is None:

@@ -133,6 +133,8 @@ def api_key_issue(
     )
     key.full_clean(exclude=["tenant"])
     key.save()
+    # A gateway that remembered this prefix as unknown must learn about the new key at once.
+    invalidation.bump(invalidation.KEYS)
     return key, raw
 
 
