@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 
 from apps.gateway.simulator import SimConfig, serve_forever
@@ -26,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="The served model name.")
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="Delay before the first token.")
     parser.add_argument("--itl-ms", type=float, default=20.0, help="Delay between tokens.")
-    parser.add_argument("--api-key", default=None, help="Require `Authorization: Bearer KEY` on /v1/*.")
+    parser.add_argument("--api-key", default=None,
+                        help="Require `Authorization: Bearer KEY` on /v1/*. Default: $VLLM_API_KEY, as vLLM "
+                             "(keeps the key off the process list).")
     parser.add_argument("--max-tokens-default", type=int, default=64,
                         help="Answer length when a request sets no max_tokens (finish_reason 'stop').")
     parser.add_argument("--max-model-len", type=int, default=4096)
@@ -62,7 +65,7 @@ def config_from_options(opts: dict) -> SimConfig:
     if not opts["model"]:
         raise ValueError("--model must not be empty.")
     values = {name: opts[name] for name in SimConfig.__dataclass_fields__ if name in opts}
-    values["api_key"] = opts.get("api_key") or None
+    values["api_key"] = opts.get("api_key") or os.environ.get("VLLM_API_KEY") or None
     return SimConfig(**values)
 
 

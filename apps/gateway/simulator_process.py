@@ -3,6 +3,7 @@ local fleets: start it, wait until ``/health`` answers, hand back its URL, kill 
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import subprocess
@@ -128,9 +129,14 @@ def run_simulator_process(
     to skip Django's start-up (see command_line()).
     """
     port = int(options.pop("port", 0))  # type: ignore[arg-type]
+    api_key = options.pop("api_key", None)
     args = command_line(model=model, port=port, **options)
+    # The key goes by environment, as to vLLM: never on a command line, never inherited by accident.
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
+    if api_key:
+        env["VLLM_API_KEY"] = str(api_key)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                            cwd=MANAGE_PY.parent)
+                            cwd=MANAGE_PY.parent, env=env)
     keep: deque[str] = deque(maxlen=200)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines, keep), daemon=True, name="simulate_vllm-stdout").start()
@@ -138,7 +144,7 @@ def run_simulator_process(
     try:
         host_url, bound = _wait_listening(proc, lines, keep, timeout_s)
         handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model,
-                           api_key=options.get("api_key"), output=keep)  # type: ignore[arg-type]
+                           api_key=api_key, output=keep)  # type: ignore[arg-type]
         deadline = time.monotonic() + timeout_s
         while httpx.get(handle.url + "/health", timeout=2).status_code != 200:
             if time.monotonic() > deadline:

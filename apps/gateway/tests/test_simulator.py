@@ -223,6 +223,12 @@ def test_bearer_key_guards_v1_only(sim):
         openai.OpenAI(base_url=sim.base_url, api_key="wrong", max_retries=0).models.list()
 
 
+def test_the_key_reaches_the_simulator_by_environment_not_command_line(sim):
+    with open(f"/proc/{sim.proc.pid}/cmdline", "rb") as cmdline:
+        assert KEY.encode() not in cmdline.read()
+    assert httpx.get(sim.url + "/v1/models").status_code == 401
+
+
 def test_stats_record_the_authorization_headers_the_node_saw(sim):
     sim.reset()
     raw_post(sim, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
