@@ -12,7 +12,8 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.utils import timezone
 from django.utils.html import format_html
@@ -116,7 +117,10 @@ class TenantAdmin(admin.ModelAdmin):
     paginator = EstimatedCountPaginator
 
     def get_queryset(self, request: HttpRequest) -> QuerySet[Tenant]:
-        return super().get_queryset(request).annotate(_key_count=Count("api_keys"))
+        # A correlated subquery runs only for the rows on the page, where a JOIN + GROUP BY would
+        # aggregate every key of every tenant before paginating.
+        keys = ApiKey.objects.filter(tenant=OuterRef("pk")).order_by().values("tenant").annotate(n=Count("id"))
+        return super().get_queryset(request).annotate(_key_count=Coalesce(Subquery(keys.values("n")), 0))
 
     @admin.display(description="keys", ordering="_key_count")
     def key_count(self, tenant: Tenant) -> int:
