@@ -14,11 +14,9 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import json
 import os
 import random
 import time
-import uuid
 from collections import deque
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -29,6 +27,17 @@ from aiohttp import web
 from apps.gateway import simulator_text as txt
 from apps.gateway.simulator_pacer import PacedStream, Pacer, StreamKilled
 from apps.gateway.simulator_process import SimHandle, run_simulator_process
+from apps.gateway.simulator_requests import (
+    Plan,
+    Reject,
+    bad_request,
+    check_model,
+    error,
+    json_response,
+    plan_generation,
+    read_json,
+    request_id_for,
+)
 
 __all__ = ["SimConfig", "SimHandle", "SimServer", "build_app", "run_simulator_process", "serve_forever",
            "simulator_server", "start_simulator"]
@@ -58,36 +67,6 @@ class SimConfig:
     seed: int | None = None
 
 
-class _Reject(Exception):  # noqa: N818 - a response to send, not a failure of ours
-    def __init__(self, response: web.Response) -> None:
-        self.response = response
-
-
-def _json_response(status: int, body: bytes) -> web.Response:
-    return web.Response(status=status, body=body, content_type="application/json")
-
-
-def _error(status: int, message: str, err_type: str) -> _Reject:
-    return _Reject(_json_response(status, txt.error_body(status, message, err_type)))
-
-
-def _bad_request(message: str) -> _Reject:
-    return _error(400, message, "BadRequestError")
-
-
-@dataclass
-class _Plan:
-    """One generation request, validated."""
-
-    request_id: str
-    prompt_tokens: int
-    offset: int
-    n_tokens: int
-    finish_reason: str
-    stream: bool
-    include_usage: bool
-
-
 class SimState:
     def __init__(self, config: SimConfig) -> None:
         self.config = config
@@ -100,6 +79,10 @@ class SimState:
         self.kv_tokens = 0
         self.ttft = config.ttft_ms / 1000.0
         self.itl = config.itl_ms / 1000.0
+        # Faults start from the flags and can be changed live through POST /sim/faults.
+        self.fail_rate = config.fail_rate
+        self.die_after_tokens = config.die_after_tokens
+        self.health_status = 200
         self.reset()
 
     def reset(self) -> None:
@@ -127,105 +110,16 @@ class SimState:
             self.auth_seen.append(header)
         key = self.config.api_key
         if key and not hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode()):
-            raise _Reject(_json_response(401, txt.UNAUTHORIZED_BODY))
+            raise Reject(json_response(401, txt.UNAUTHORIZED_BODY))
 
     def maybe_fail(self) -> None:
-        rate = self.config.fail_rate
+        rate = self.fail_rate
         if rate > 0 and (rate >= 1 or self.rng.random() < rate):
             self.counters["requests_failed_injected"] += 1
-            raise _error(500, "Simulated engine failure (--fail-rate).", "InternalServerError")
+            raise error(500, "Simulated engine failure (--fail-rate).", "InternalServerError")
 
     def check_model(self, body: dict) -> None:
-        model = body.get("model")
-        if model is not None and model != self.config.model:
-            raise _error(404, f"The model `{model}` does not exist.", "NotFoundError")
-
-
-async def _read_json(request: web.Request) -> dict:
-    raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise _bad_request(f"Invalid JSON body: {exc}") from None
-    if not isinstance(body, dict):
-        raise _bad_request("The request body must be a JSON object.")
-    return body
-
-
-def _int_param(body: dict, name: str, *, minimum: int) -> int | None:
-    value = body.get(name)
-    if value is None:
-        return None
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise _bad_request(f"`{name}` must be an integer >= {minimum}.")
-    return value
-
-
-def _request_id(request: web.Request, prefix: str) -> str:
-    # vLLM uses the caller's X-Request-Id as the base of the response id when there is one.
-    return prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
-
-
-def _plan(sim: SimState, request: web.Request, body: dict, *, chat: bool) -> _Plan:
-    sim.check_model(body)
-    if chat:
-        messages = body.get("messages")
-        if not isinstance(messages, list) or not messages:
-            raise _bad_request("`messages` must be a non-empty list.")
-        texts = []
-        for message in messages:
-            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
-                raise _bad_request("Each message must be an object with a string `role`.")
-            text = txt.message_text(message.get("content"))
-            if text is None:
-                raise _bad_request("A message's `content` must be a string or a list of content parts.")
-            texts.append(text)
-        prompt_tokens = txt.chat_prompt_tokens(texts)
-        seed_text = "\n".join(texts)
-        max_tokens = _int_param(body, "max_completion_tokens", minimum=1)
-        if max_tokens is None:
-            max_tokens = _int_param(body, "max_tokens", minimum=1)
-    else:
-        prompt = body.get("prompt")
-        if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str | list):
-            prompt = prompt[0]  # a batch of one prompt
-        if isinstance(prompt, str):
-            seed_text = prompt
-        elif isinstance(prompt, list) and prompt and all(isinstance(t, int) and not isinstance(t, bool)
-                                                         for t in prompt):
-            seed_text = " ".join(map(str, prompt))
-        else:
-            raise _bad_request("`prompt` must be a string or a list of token ids (the simulator serves one "
-                               "prompt per request).")
-        prompt_tokens = txt.completion_prompt_tokens(prompt)
-        max_tokens = _int_param(body, "max_tokens", minimum=1)
-    if body.get("n") not in (None, 1):
-        raise _bad_request("The simulator supports `n` = 1 only.")
-    stream = body.get("stream", False)
-    if not isinstance(stream, bool | None):
-        raise _bad_request("`stream` must be a boolean.")
-    options = body.get("stream_options")
-    if options is not None and not (isinstance(options, dict) and isinstance(options.get("include_usage", True),
-                                                                               bool | None)):
-        raise _bad_request("`stream_options` must be an object with a boolean `include_usage`.")
-    if options is not None and not stream:
-        raise _bad_request("Stream options can only be defined when `stream=True`.")
-    # vLLM's StreamOptions defaults include_usage to true once stream_options is present.
-    include_usage = bool(options is not None and options.get("include_usage", True))
-    # With max_tokens the answer runs exactly that long ("length"); without, it ends naturally
-    # after --max-tokens-default tokens ("stop"), as if the model emitted EOS there.
-    n_tokens = max_tokens if max_tokens is not None else sim.config.max_tokens_default
-    finish = "length" if max_tokens is not None else "stop"
-    limit = sim.config.max_model_len
-    if prompt_tokens + n_tokens > limit:
-        where = "messages" if chat else "prompt"
-        raise _bad_request(
-            f"This model's maximum context length is {limit} tokens. However, you requested "
-            f"{prompt_tokens + n_tokens} tokens ({prompt_tokens} in the {where}, {n_tokens} in the completion). "
-            f"Please reduce the length of the {where} or completion.")
-    return _Plan(request_id=_request_id(request, "chatcmpl-" if chat else "cmpl-"), prompt_tokens=prompt_tokens,
-                 offset=txt.start_offset(seed_text), n_tokens=n_tokens, finish_reason=finish,
-                 stream=bool(stream), include_usage=include_usage)
+        check_model(body, self.config.model)
 
 
 class _Slot:
@@ -277,7 +171,7 @@ def _cut(sim: SimState, request: web.Request) -> None:
         request.transport.close()  # flushes what was written, then FIN: no terminating chunk, no [DONE]
 
 
-async def _stream(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, *, chat: bool) -> web.StreamResponse:
+async def _stream(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, *, chat: bool) -> web.StreamResponse:
     model = sim.config.model
     created = int(time.time())
     enc = (txt.StreamEncoder.for_chat if chat else txt.StreamEncoder.for_completion)(
@@ -286,7 +180,7 @@ async def _stream(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot,
     await resp.prepare(request)  # sends the headers at once, as vLLM does
     loop = asyncio.get_running_loop()
     deadline = loop.time() + sim.ttft
-    die_after = sim.config.die_after_tokens
+    die_after = sim.die_after_tokens
     if sim.itl >= 0.001 and request.transport is not None:
         await _paced(sim, request, plan, slot, enc, first_at=deadline)
         await resp.write_eof()
@@ -318,7 +212,7 @@ class _Killed(Exception):  # noqa: N818 - the simulated death, not an error
     pass
 
 
-async def _paced(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, enc: txt.StreamEncoder, *,
+async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, enc: txt.StreamEncoder, *,
                  first_at: float) -> None:
     """Tokens on their schedule, written by the shared pacer rather than by this coroutine."""
     last, offset, finish = plan.n_tokens - 1, plan.offset, plan.finish_reason
@@ -331,7 +225,7 @@ async def _paced(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, 
     stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=render,  # type: ignore[arg-type]
                          n_tokens=plan.n_tokens, first_at=first_at, itl=sim.itl,
                          head=enc.role_chunk() if enc.chat else b"", tail=tail,
-                         die_after=sim.config.die_after_tokens, on_token=lambda: slot.add_tokens(1),
+                         die_after=sim.die_after_tokens, on_token=lambda: slot.add_tokens(1),
                          on_die=lambda: _cut(sim, request))
     try:
         await stream.done
@@ -341,10 +235,10 @@ async def _paced(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, 
         stream.cancel()
 
 
-async def _complete(sim: SimState, request: web.Request, plan: _Plan, slot: _Slot, *, chat: bool) -> web.Response:
+async def _complete(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, *, chat: bool) -> web.Response:
     loop = asyncio.get_running_loop()
     start = loop.time()
-    die_after = sim.config.die_after_tokens
+    die_after = sim.die_after_tokens
     if die_after is not None and die_after < plan.n_tokens:
         await _sleep_until(loop, start + sim.ttft + sim.itl * max(die_after - 1, 0))
         slot.add_tokens(die_after)
@@ -356,7 +250,7 @@ async def _complete(sim: SimState, request: web.Request, plan: _Plan, slot: _Slo
     body = build(request_id=plan.request_id, created=int(time.time()), model=sim.config.model,
                  text=txt.generated_text(plan.offset, plan.n_tokens), finish_reason=plan.finish_reason,
                  prompt_tokens=plan.prompt_tokens, completion_tokens=plan.n_tokens)
-    return _json_response(200, body)
+    return json_response(200, body)
 
 
 def _v1(handler: Callable) -> Callable:
@@ -370,7 +264,7 @@ def _v1(handler: Callable) -> Callable:
             if request.method == "POST":
                 sim.maybe_fail()
             return await handler(sim, request)
-        except _Reject as reject:
+        except Reject as reject:
             if reject.response.status < 500:
                 sim.counters["requests_rejected"] += 1
             return reject.response
@@ -380,7 +274,9 @@ def _v1(handler: Callable) -> Callable:
 
 def _generation(*, chat: bool) -> Callable:
     async def handler(sim: SimState, request: web.Request) -> web.StreamResponse:
-        plan = _plan(sim, request, await _read_json(request), chat=chat)
+        plan = plan_generation(request, await read_json(request), chat=chat, served_model=sim.config.model,
+                               max_tokens_default=sim.config.max_tokens_default,
+                               max_model_len=sim.config.max_model_len)
         slot = _Slot(sim, plan.prompt_tokens)
         finished = False
         try:
@@ -403,7 +299,7 @@ def _generation(*, chat: bool) -> Callable:
 
 
 async def _embeddings(sim: SimState, request: web.Request) -> web.Response:
-    body = await _read_json(request)
+    body = await read_json(request)
     sim.check_model(body)
     raw = body.get("input")
     if isinstance(raw, str):
@@ -413,26 +309,26 @@ async def _embeddings(sim: SimState, request: web.Request) -> web.Response:
     elif isinstance(raw, list) and raw and all(isinstance(x, int) and not isinstance(x, bool) for x in raw):
         inputs = [" ".join(map(str, raw))]
     else:
-        raise _bad_request("`input` must be a string, a list of strings or a list of token ids.")
+        raise bad_request("`input` must be a string, a list of strings or a list of token ids.")
     encoding = body.get("encoding_format") or "float"
     if encoding not in ("float", "base64"):
-        raise _bad_request("`encoding_format` must be 'float' or 'base64'.")
+        raise bad_request("`encoding_format` must be 'float' or 'base64'.")
     prompt_tokens = sum(txt.completion_prompt_tokens(t) for t in inputs)
     async with _Slot(sim, prompt_tokens):
         await asyncio.sleep(sim.ttft)
     sim.counters["requests_completed"] += 1
-    return _json_response(200, txt.embeddings_response(
-        request_id=_request_id(request, "embd-"), created=int(time.time()), model=sim.config.model, inputs=inputs,
+    return json_response(200, txt.embeddings_response(
+        request_id=request_id_for(request, "embd-"), created=int(time.time()), model=sim.config.model, inputs=inputs,
         dim=sim.config.embedding_dim, base64_encoding=encoding == "base64", prompt_tokens=prompt_tokens))
 
 
 async def _models(sim: SimState, request: web.Request) -> web.Response:
-    return _json_response(200, txt.models_response(model=sim.config.model, created=sim.created,
+    return json_response(200, txt.models_response(model=sim.config.model, created=sim.created,
                                                    max_model_len=sim.config.max_model_len))
 
 
 async def _health(request: web.Request) -> web.Response:
-    return web.Response(status=200)
+    return web.Response(status=request.app[SIM_KEY].health_status)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -442,16 +338,37 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _version(request: web.Request) -> web.Response:
-    return _json_response(200, b'{"version":"0.10.0-simulated"}')
+    return json_response(200, b'{"version":"0.10.0-simulated"}')
 
 
 async def _stats(request: web.Request) -> web.Response:
-    return _json_response(200, txt.dumps_bytes(request.app[SIM_KEY].stats()))
+    return json_response(200, txt.dumps_bytes(request.app[SIM_KEY].stats()))
+
+
+async def _faults(request: web.Request) -> web.Response:
+    """Change faults live: {"fail_rate": 0..1, "die_after_tokens": N|null, "health_status": 200|503...}."""
+    sim: SimState = request.app[SIM_KEY]
+    try:
+        body = await read_json(request)
+        rate = body.get("fail_rate", sim.fail_rate)
+        die = body.get("die_after_tokens", sim.die_after_tokens)
+        health = body.get("health_status", sim.health_status)
+        if isinstance(rate, bool) or not isinstance(rate, int | float) or not 0 <= rate <= 1:
+            raise bad_request("`fail_rate` must be a number from 0 to 1.")
+        if die is not None and (isinstance(die, bool) or not isinstance(die, int) or die < 0):
+            raise bad_request("`die_after_tokens` must be null or an integer >= 0.")
+        if isinstance(health, bool) or not isinstance(health, int) or not 200 <= health <= 599:
+            raise bad_request("`health_status` must be an HTTP status (200-599).")
+    except Reject as reject:
+        return reject.response
+    sim.fail_rate, sim.die_after_tokens, sim.health_status = float(rate), die, health
+    return json_response(200, txt.dumps_bytes(
+        {"fail_rate": sim.fail_rate, "die_after_tokens": die, "health_status": health}))
 
 
 async def _reset(request: web.Request) -> web.Response:
     request.app[SIM_KEY].reset()
-    return _json_response(200, b'{"reset":true}')
+    return json_response(200, b'{"reset":true}')
 
 
 SIM_KEY = web.AppKey("sim", SimState)
@@ -469,6 +386,7 @@ def build_app(config: SimConfig) -> web.Application:
     app.router.add_post("/v1/embeddings", _v1(_embeddings))
     app.router.add_get("/sim/stats", _stats)
     app.router.add_post("/sim/reset", _reset)
+    app.router.add_post("/sim/faults", _faults)
     return app
 
 

@@ -64,6 +64,12 @@ class SimHandle:
     def reset(self) -> None:
         httpx.post(self.url + "/sim/reset", timeout=5).raise_for_status()
 
+    def set_faults(self, **faults: object) -> dict:
+        """Change faults live: ``fail_rate``, ``die_after_tokens`` (None = never), ``health_status``."""
+        response = httpx.post(self.url + "/sim/faults", json=faults, timeout=5)
+        response.raise_for_status()
+        return response.json()
+
     def wait_for(self, predicate: Callable[[dict], bool], *, timeout_s: float = 5.0, interval_s: float = 0.02) -> dict:
         """Poll ``stats()`` until ``predicate(stats)`` holds; return the stats, or raise TimeoutError."""
         deadline = time.monotonic() + timeout_s

@@ -323,6 +323,24 @@ def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
         assert httpx.get(dying.url + "/health").status_code == 200  # only the streams died
 
 
+def test_faults_can_be_switched_on_and_off_while_running(sim):
+    try:
+        assert sim.set_faults(health_status=503, fail_rate=1.0)["health_status"] == 503
+        sick_health = httpx.get(sim.url + "/health").status_code
+        sick_chat = raw_post(sim, "/v1/chat/completions", chat_body(max_tokens=2)).status_code
+        sim.set_faults(fail_rate=0, die_after_tokens=1)
+        with pytest.raises(httpx.RemoteProtocolError):
+            raw_post(sim, "/v1/chat/completions", chat_body(max_tokens=5, stream=True))
+        bad = httpx.post(sim.url + "/sim/faults", json={"fail_rate": 2})
+    finally:
+        sim.set_faults(health_status=200, fail_rate=0, die_after_tokens=None)
+
+    assert sick_health == 503 and sick_chat == 500
+    assert bad.status_code == 400 and "fail_rate" in bad.json()["error"]["message"]
+    assert httpx.get(sim.url + "/health").status_code == 200
+    assert raw_post(sim, "/v1/chat/completions", chat_body(max_tokens=2)).status_code == 200
+
+
 def test_die_exits_process_ends_the_whole_simulator():
     with run_simulator_process(model=MODEL, die_after_tokens=2, die_exits_process=True, ttft_ms=1, itl_ms=1,
                                light=True) as dying:
