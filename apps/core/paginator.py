@@ -1,10 +1,12 @@
-"""Admin pagination that stays fast on tables with millions of rows."""
+"""Pagination (admin and API) that stays fast on tables with millions of rows."""
 
 from __future__ import annotations
 
 from django.core.paginator import Paginator
 from django.db import connections
+from django.db.models import QuerySet
 from django.utils.functional import cached_property
+from rest_framework.pagination import LimitOffsetPagination
 
 # Below this many rows an exact COUNT(*) is cheap; above it an unfiltered changelist uses
 # PostgreSQL's planner estimate instead of scanning the table.
@@ -23,15 +25,27 @@ def estimated_row_count(model: type, using: str = "default") -> int | None:
     return int(row[0]) if row and row[0] is not None and row[0] >= 0 else None
 
 
+def fast_count(queryset: QuerySet) -> int:
+    """Exact for filtered querysets and small tables; the planner's estimate for a big unfiltered one."""
+    if not queryset.query.where:
+        estimate = estimated_row_count(queryset.model, using=queryset.db)
+        if estimate is not None and estimate >= EXACT_COUNT_BELOW:
+            return estimate
+    return queryset.count()
+
+
 class EstimatedCountPaginator(Paginator):
-    """Exact counts for filtered lists and small tables; the planner's estimate for a big unfiltered one."""
+    """The admin's paginator, counting with fast_count()."""
 
     @cached_property
     def count(self) -> int:
-        queryset = self.object_list
-        query = getattr(queryset, "query", None)
-        if query is not None and not query.where:
-            estimate = estimated_row_count(queryset.model, using=queryset.db)
-            if estimate is not None and estimate >= EXACT_COUNT_BELOW:
-                return estimate
+        if isinstance(self.object_list, QuerySet):
+            return fast_count(self.object_list)
         return super().count
+
+
+class EstimatedCountPagination(LimitOffsetPagination):
+    """limit/offset for the API; ``count`` is an estimate for a big unfiltered table."""
+
+    def get_count(self, queryset: QuerySet) -> int:
+        return fast_count(queryset) if isinstance(queryset, QuerySet) else super().get_count(queryset)

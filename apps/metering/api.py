@@ -10,6 +10,7 @@ import django_filters
 from django.db.models import QuerySet
 from rest_framework import serializers, viewsets
 
+from apps.core.paginator import EstimatedCountPagination
 from apps.core.permissions import StaffOrCustomerScope, customer
 from apps.metering.models import UsageRecord
 from apps.tenancy.models import Scope
@@ -57,6 +58,7 @@ class UsageRecordViewSet(viewsets.ReadOnlyModelViewSet):
     """Usage records, newest first. Filter by tenant, key, model, node and a created_at range."""
 
     permission_classes = [StaffOrCustomerScope]
+    pagination_class = EstimatedCountPagination
     customer_scope = Scope.USAGE_READ
     filterset_class = UsageRecordFilterSet
     search_fields = ["=request_id"]

@@ -27,3 +27,19 @@ def test_unfiltered_count_comes_from_the_estimate_once_the_table_is_big(tenant, 
 
     monkeypatch.setattr(paginator_module, "EXACT_COUNT_BELOW", 50_000)
     assert EstimatedCountPaginator(UsageRecord.objects.all(), 10).count == 6
+
+
+def test_usage_api_count_uses_the_estimate_only_when_unfiltered(tenant, monkeypatch) -> None:
+    from django.contrib.auth.models import User
+    from rest_framework.test import APIClient
+
+    for _ in range(4):
+        make_usage(tenant=tenant)
+    with connection.cursor() as cursor:
+        cursor.execute(f"ANALYZE {UsageRecord._meta.db_table}")
+    make_usage(tenant=tenant)
+    monkeypatch.setattr(paginator_module, "EXACT_COUNT_BELOW", 2)
+    client = APIClient()
+    client.force_authenticate(User.objects.create_user("ops", is_staff=True))
+    assert client.get("/api/v1/usage/").json()["count"] == 4
+    assert client.get("/api/v1/usage/?tenant=acme").json()["count"] == 5
