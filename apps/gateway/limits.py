@@ -55,17 +55,22 @@ local reserve = tonumber(ARGV[2])
 local conc_ttl = tonumber(ARGV[3])
 local n = #KEYS / 3
 local out = {1, 0, 0}
+local before = {0, 0, 0}  -- what the headers say if nothing is charged
 local writes = {}
 local worst_reason, worst_retry = 0, -1
+local function report(pre_rem, pre_reset, post_rem, post_reset)
+  table.insert(before, pre_rem); table.insert(before, pre_reset)
+  table.insert(out, post_rem); table.insert(out, post_reset)
+end
 for i = 0, n - 1 do
   local rpm, tpm, conc = tonumber(ARGV[4 + i * 3]), tonumber(ARGV[5 + i * 3]), tonumber(ARGV[6 + i * 3])
   for d = 1, 2 do
     local limit = (d == 1) and rpm or tpm
     if limit < 0 then
-      table.insert(out, -1); table.insert(out, -1)
+      report(-1, -1, -1, -1)
     elseif limit == 0 then
       if window > worst_retry then worst_retry = window; worst_reason = d end
-      table.insert(out, 0); table.insert(out, 0)
+      report(0, 0, 0, 0)
     else
       local key = KEYS[i * 3 + d]
       local cost = 1
@@ -75,14 +80,15 @@ for i = 0, n - 1 do
       if tat < now then tat = now end
       local new_tat = tat + cost * interval
       local allow_at = new_tat - window
+      local pre_rem = math.max(0, math.floor((window - (tat - now)) / interval + 1e-9))
+      local pre_reset = math.ceil(tat - now)
       if allow_at > now then
         if allow_at - now > worst_retry then worst_retry = allow_at - now; worst_reason = d end
-        table.insert(out, math.max(0, math.floor((window - (tat - now)) / interval + 1e-9)))
-        table.insert(out, math.ceil(tat - now))
+        report(pre_rem, pre_reset, pre_rem, pre_reset)
       else
         table.insert(writes, {key, new_tat})
-        table.insert(out, math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-9)))
-        table.insert(out, math.ceil(new_tat - now))
+        report(pre_rem, pre_reset, math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-9)),
+               math.ceil(new_tat - now))
       end
     end
   end
@@ -97,8 +103,8 @@ for i = 0, n - 1 do
   end
 end
 if worst_reason ~= 0 then
-  out[1] = 0; out[2] = worst_reason; out[3] = math.ceil(worst_retry)
-  return out
+  before[1] = 0; before[2] = worst_reason; before[3] = math.ceil(worst_retry)
+  return before
 end
 for _, w in ipairs(writes) do
   if w[2] == 'z' then

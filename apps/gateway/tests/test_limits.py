@@ -226,6 +226,18 @@ async def test_headers_follow_openai_for_the_most_constraining_subject(limiter):
     }
 
 
+async def test_a_refusal_reports_the_other_subjects_uncharged(limiter):
+    key, tenant = Limit("key:1", 10, None, None), Limit("tenant:1", None, 100, None)
+    await limiter.admit(limits=[tenant], reserve_tokens=100, request_id="uses-the-tenant-up")
+
+    refused = await limiter.admit(limits=[key, tenant], reserve_tokens=50, request_id="r")
+
+    assert not refused.allowed and refused.reason == "tokens"
+    assert refused.headers["x-ratelimit-remaining-tokens"] == "0"
+    assert refused.headers["x-ratelimit-remaining-requests"] == "10"  # the key was not charged
+    assert refused.headers["x-ratelimit-reset-requests"] == "0ms"
+
+
 async def test_refusals_carry_headers_too(limiter):
     limit = Limit("key:1", 1, None, None)
     await limiter.admit(limits=[limit], reserve_tokens=0, request_id="a")
