@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import socket
 from io import StringIO
 
@@ -28,6 +29,7 @@ def closed_port() -> int:
 
 
 def test_a_healthy_endpoint_becomes_a_ready_static_node_with_its_key_kept(catalog_model, sim):
+    sim.reset()
     out = StringIO()
 
     call_command("add_node", model="llama-3-8b", endpoint=sim.url + "/", api_key="static-node-key", stdout=out)
@@ -42,14 +44,15 @@ def test_a_healthy_endpoint_becomes_a_ready_static_node_with_its_key_kept(catalo
                                     actor="add_node").exists()
     assert "is ready" in out.getvalue()
     assert "static-node-key" not in out.getvalue()
+    assert sim.stats()["authorization_headers"] == ["Bearer static-node-key"]  # the /v1/models check
 
 
 def test_an_sdk_style_base_url_is_accepted(catalog_model, sim):
-    call_command("add_node", model="llama-3-8b", endpoint=sim.url + "/v1", stdout=StringIO())
+    call_command("add_node", model="llama-3-8b", endpoint=sim.url + "/v1", api_key="static-node-key",
+                 stdout=StringIO())
 
     node = Node.objects.get()
     assert node.endpoint_url == sim.url and node.status == NodeStatus.READY
-    assert "static_api_key" not in node.launcher_state
 
 
 def test_an_unreachable_endpoint_leaves_a_failed_node_and_a_nonzero_exit(catalog_model):
@@ -63,6 +66,27 @@ def test_an_unreachable_endpoint_leaves_a_failed_node_and_a_nonzero_exit(catalog
     assert "ConnectError" in node.status_reason
     assert "static_api_key" not in node.launcher_state
     assert NodeEvent.objects.filter(node=node, to_status=NodeStatus.FAILED).exists()
+
+
+@pytest.mark.parametrize(("api_key", "reason"), [("wrong-key", "the server refused the API key"),
+                                                 (None, "the server requires an API key (--api-key)")])
+def test_a_server_that_refuses_our_key_is_failed(catalog_model, sim, api_key, reason):
+    with pytest.raises(CommandError, match=re.escape(reason)):
+        call_command("add_node", model="llama-3-8b", endpoint=sim.url, api_key=api_key, stdout=StringIO())
+
+    node = Node.objects.get()
+    assert node.status == NodeStatus.FAILED and node.status_reason == reason
+
+
+def test_a_server_serving_another_model_is_failed(db, sim):
+    from apps.catalog.services import model_create
+
+    model_create(name="mistral-7b")
+
+    with pytest.raises(CommandError, match="the server serves llama-3-8b, not mistral-7b"):
+        call_command("add_node", model="mistral-7b", endpoint=sim.url, api_key="static-node-key", stdout=StringIO())
+
+    assert Node.objects.get().status == NodeStatus.FAILED
 
 
 def test_an_unknown_model_is_refused_before_anything_is_created(db):

@@ -1,5 +1,6 @@
 """``manage.py add_node``: register a vLLM server that already runs (on-prem, or the simulator) as
-a ``static`` node, probe its /health once, and mark it ready or failed."""
+a ``static`` node, probe its /health once (and /v1/models, to check the key and the served model
+name the gateway will use), and mark it ready or failed."""
 
 from __future__ import annotations
 
@@ -35,6 +36,26 @@ def probe_health(endpoint: str, *, timeout_s: float) -> tuple[bool, str, float]:
     if response.status_code != 200:
         return False, f"health probe answered HTTP {response.status_code}", latency_ms
     return True, "", latency_ms
+
+
+def probe_models(endpoint: str, *, served_name: str, api_key: str | None, timeout_s: float) -> str:
+    """GET {endpoint}/v1/models as the gateway will call it: "" when it serves ``served_name``, else why not."""
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    try:
+        response = httpx.get(endpoint + "/v1/models", headers=headers, timeout=timeout_s, follow_redirects=False)
+    except httpx.HTTPError as exc:
+        return f"GET /v1/models failed: {type(exc).__name__}: {exc}"
+    if response.status_code == 401:
+        return "the server refused the API key" if api_key else "the server requires an API key (--api-key)"
+    if response.status_code != 200:
+        return f"GET /v1/models answered HTTP {response.status_code}"
+    try:
+        served = [card["id"] for card in response.json()["data"]]
+    except (ValueError, KeyError, TypeError):
+        return "GET /v1/models did not answer a model list"
+    if served_name not in served:
+        return f"the server serves {', '.join(served) or 'no model'}, not {served_name}"
+    return ""
 
 
 def _endpoint(raw: str) -> str:
@@ -76,6 +97,10 @@ class Command(BaseCommand):
         self.stdout.write(f"node {node.pk} ({node}) registered for {model.name} at {endpoint}; probing /health")
 
         healthy, reason, latency_ms = probe_health(endpoint, timeout_s=timeout_s)
+        if healthy:
+            # The gateway sends the catalog name with this key: check both work before routing to it.
+            reason = probe_models(endpoint, served_name=model.name, api_key=api_key, timeout_s=timeout_s)
+            healthy = not reason
         fields: dict[str, object] = {"last_health_at": timezone.now(), "health_latency_ms": round(latency_ms, 2)}
         try:
             if healthy:
