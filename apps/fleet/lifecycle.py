@@ -104,7 +104,10 @@ def _fail_quietly(node: Node, reason: str) -> None:
 def poll_launch(node_id: int) -> Step:
     """Follow an asynchronous launch until the machine runs our job (or it fails)."""
     node = Node.objects.select_related("model").get(pk=node_id)
-    if node.status != NodeStatus.PROVISIONING or node.launcher_state.get("launched"):
+    # The node may register (→ loading) before we saw its launch finish; keep going until we also
+    # know its endpoint, which a SkyPilot node does not report itself.
+    if node.status not in {NodeStatus.PROVISIONING, NodeStatus.LOADING} or (
+            node.launcher_state.get("launched") and node.endpoint_url):
         return Step()
     launcher = get_launcher(node.launcher)
     try:
@@ -126,6 +129,8 @@ def poll_launch(node_id: int) -> Step:
     if result.progress is Progress.GONE:
         _fail_quietly(node, result.message or "the machine vanished during launch")
         return Step()
+    if node.launcher_state.get("launched") and not result.endpoint_url:
+        return _again_unless_late(node)
     with transaction.atomic():
         _save_state(node, launched=True, **result.state)
         fields = {"provisioned_at": node.provisioned_at or timezone.now()}
@@ -134,7 +139,16 @@ def poll_launch(node_id: int) -> Step:
         Node.objects.filter(pk=node.pk).update(**fields)
         node_event(node=node, message=f"machine up; endpoint {fields.get('endpoint_url', node.endpoint_url) or '?'}"
                                       "; waiting for vLLM to register")
+    if not fields.get("endpoint_url", node.endpoint_url):
+        return _again_unless_late(node)
     return Step()
+
+
+def _again_unless_late(node: Node) -> Step:
+    if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+        _fail_quietly(node, "the node's endpoint never became known")
+        return Step()
+    return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
 
 
 def teardown_node(node_id: int) -> Step:

@@ -160,7 +160,7 @@ class SkyPilotLauncher(Launcher):
 
     def poll(self, node: Node) -> PollResult:
         request_id = str(node.launcher_state.get("launch_request_id") or "")
-        if request_id:
+        if request_id and not node.launcher_state.get("launched"):
             status = sky.request_status(request_id)
             if status is None:
                 raise LaunchError(f"SkyPilot API server does not know launch request {request_id}")

@@ -142,3 +142,16 @@ def test_no_api_server_configured_fails_without_starting_one(served_model, setti
     lifecycle.launch_node(node.pk)
     node = _reload(node)
     assert node.status == NodeStatus.FAILED and "SKYPILOT_API_SERVER_ENDPOINT" in node.status_reason
+
+
+def test_a_node_registering_before_its_launch_is_seen_still_gets_its_endpoint(sky_node, fake_sky) -> None:
+    lifecycle.launch_node(sky_node.pk)
+    (_, launch_call), = [c for c in fake_sky.calls if c[0] == "launch"]
+    token = launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value()
+    node_register(token=token, health_ok=True)  # a SkyPilot node does not send its endpoint
+    assert _reload(sky_node).status == NodeStatus.LOADING
+
+    fake_sky.endpoints_by_cluster[sky_node.cluster_name] = "198.51.100.4:8000"
+    fake_sky.finish(fake_sky.last("launch"), result=(1, "handle"))
+    assert lifecycle.poll_launch(sky_node.pk).again_in is None
+    assert _reload(sky_node).endpoint_url == "http://198.51.100.4:8000"
