@@ -293,8 +293,8 @@ R2_REGION: str = env("R2_REGION", default="auto")
 R2_CONNECT_TIMEOUT_S: float = _env_or_fail("R2_CONNECT_TIMEOUT_S", float, 10.0)
 R2_READ_TIMEOUT_S: float = _env_or_fail("R2_READ_TIMEOUT_S", float, 120.0)
 R2_MAX_ATTEMPTS: int = _env_or_fail("R2_MAX_ATTEMPTS", int, 5)
-R2_MULTIPART_THRESHOLD_MB: int = _env_or_fail("R2_MULTIPART_THRESHOLD_MB", int, 64)
-R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 64)
+R2_MULTIPART_THRESHOLD_MB: int = _env_or_fail("R2_MULTIPART_THRESHOLD_MB", int, 16)
+R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 16)
 R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
 # botocore's default ("when_supported") adds CRC checksums; "when_required" for older S3 clones.
 R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_supported")
@@ -311,6 +311,8 @@ UPLOAD_PROGRESS_INTERVAL_S: float = _env_or_fail("UPLOAD_PROGRESS_INTERVAL_S", f
 # An upload whose row has not moved for this long is considered dead (worker killed) and may be re-queued.
 UPLOAD_STALE_AFTER_S: int = _env_or_fail("UPLOAD_STALE_AFTER_S", int, 600)
 UPLOAD_FILE_RETRIES: int = _env_or_fail("UPLOAD_FILE_RETRIES", int, 3)
+# Files sent at once (their parts share the R2_MAX_CONCURRENCY threads): keeps the pipe full across small files.
+UPLOAD_FILES_IN_FLIGHT: int = _env_or_fail("UPLOAD_FILES_IN_FLIGHT", int, 4)
 
 # --- Tenancy and management API -------------------------------------------------------------
 # Several serializers have a `status` field with different choice sets; name their enums.

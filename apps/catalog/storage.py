@@ -394,7 +394,8 @@ class Uploader:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         # On error, cancel what is in flight so multipart uploads are aborted, not left behind.
-        self._manager.shutdown(cancel=exc is not None, cancel_msg="upload interrupted")
+        # (The manager's own __exit__ does that; its shutdown(cancel=True) is broken in s3transfer 0.19.)
+        self._manager.__exit__(exc_type, exc, tb)
 
     def submit(self, path: Path, bucket: str, key: str, *, sha256: str, content_type: str,
                on_bytes: Callable[[int], None]) -> Transfer:

@@ -14,7 +14,7 @@ import mimetypes
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -148,63 +148,55 @@ def sha256_file(path: Path, on_chunk: Callable[[], None] | None = None) -> str:
     return digest.hexdigest()
 
 
-def _wait(future: Future, progress: Progress) -> object:
-    while True:
-        try:
-            return future.result(timeout=0.1)
-        except TimeoutError:
-            progress.tick()
-
-
 def _content_type(rel: str) -> str:
     if rel.endswith(".json"):
         return "application/json"
     return mimetypes.guess_type(rel)[0] or "application/octet-stream"
 
 
-class _SentCounter:
-    """Bytes sent for one attempt at one file (called from transfer threads)."""
+class _InFlight:
+    """One file being sent: its transfer, the bytes this attempt counted, and its retry state."""
 
-    def __init__(self, progress: Progress) -> None:
+    def __init__(self, item: SourceFile, sha: str, key: str, progress: Progress) -> None:
+        self.item, self.sha, self.key = item, sha, key
+        self.attempt = 0
         self.sent = 0
+        self.transfer: storage.Transfer | None = None
+        self.retry_at = 0.0
         self._progress = progress
         self._lock = threading.Lock()
 
-    def add(self, n: int) -> None:
+    def on_bytes(self, n: int) -> None:  # from transfer threads
         with self._lock:
             self.sent += n
         self._progress.add(n)
 
+    def submit(self, uploader: storage.Uploader, bucket: str) -> None:
+        self.attempt += 1
+        self.sent = 0
+        self.transfer = uploader.submit(self.item.path, bucket, self.key, sha256=self.sha,
+                                        content_type=_content_type(self.item.rel), on_bytes=self.on_bytes)
 
-def _send(uploader: storage.Uploader, item: SourceFile, sha: str, bucket: str, key: str,
-          progress: Progress) -> None:
-    """Upload one file, retrying transient failures with exponential backoff."""
-    attempts = max(1, settings.UPLOAD_FILE_RETRIES + 1)
-    for attempt in range(1, attempts + 1):
-        counter = _SentCounter(progress)
-        transfer = uploader.submit(item.path, bucket, key, sha256=sha, content_type=_content_type(item.rel),
-                                   on_bytes=counter.add)
-        try:
-            while not transfer.done():
-                progress.tick()
-                time.sleep(0.05)
-            transfer.result()
-            return
-        except UploadCancelled:
-            transfer.cancel()
-            while not transfer.done():
-                time.sleep(0.05)
-            raise
-        except storage.StorageTransientError as exc:
-            progress.add(-counter.sent)  # the file starts over
-            if attempt == attempts:
-                raise
-            delay = min(60.0, 2.0 ** attempt)
-            log.warning("transient failure on %s (%s); retry %d/%d in %.0fs", key, exc, attempt, attempts - 1, delay)
-            deadline = time.monotonic() + delay
-            while time.monotonic() < deadline:
-                progress.tick()
-                time.sleep(0.1)
+    def failed_transiently(self, exc: Exception) -> bool:
+        """Rewind its progress and schedule a retry with backoff; False once out of attempts."""
+        self._progress.add(-self.sent)  # the file starts over
+        self.transfer = None
+        if self.attempt > settings.UPLOAD_FILE_RETRIES:
+            return False
+        delay = min(60.0, 2.0 ** self.attempt)
+        log.warning("transient failure on %s (%s); retry %d/%d in %.0fs", self.key, exc, self.attempt,
+                    settings.UPLOAD_FILE_RETRIES, delay)
+        self.retry_at = time.monotonic() + delay
+        return True
+
+
+def _cancel_all(flying: list[_InFlight]) -> None:
+    for entry in flying:
+        if entry.transfer is not None:
+            entry.transfer.cancel()
+    for entry in flying:
+        while entry.transfer is not None and not entry.transfer.done():
+            time.sleep(0.05)
 
 
 def _write_manifest(bucket: str, prefix: str, document: dict) -> None:
@@ -229,7 +221,7 @@ def transfer_folder(
     """Upload ``files`` below ``s3://bucket/prefix/`` and write the manifest; return the manifest entries.
 
     Idempotent: an object already present with the same size and sha256 is not sent again, so
-    a rerun after a crash resumes with the first file that did not make it.
+    a rerun after a crash sends only the files that had not made it.
     """
     prefix = prefix.strip("/")
     storage.check_bucket(bucket)  # one cheap request: bad credentials / missing bucket fail here, clearly
@@ -237,26 +229,55 @@ def transfer_folder(
     if aborted:
         log.info("aborted %d incomplete multipart upload(s) under %s", aborted, prefix)
     progress.start(sum(f.size for f in files))
-    entries: list[dict] = []
-    # Hash the next files while the current one uploads; the hasher reads 1 MiB at a time.
+    done: dict[str, dict] = {}
+    # Hash ahead in order (1 MiB reads); send up to UPLOAD_FILES_IN_FLIGHT files at once through one
+    # transfer pool, whose R2_MAX_CONCURRENCY threads bound the parts (and memory) in flight.
+    window = max(1, settings.UPLOAD_FILES_IN_FLIGHT)
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="sha256") as hasher, storage.Uploader() as uploader:
-        hashes = [hasher.submit(sha256_file, f.path) for f in files]
+        waiting = [(f, hasher.submit(sha256_file, f.path)) for f in files]
+        flying: list[_InFlight] = []
         try:
-            for item, hash_future in zip(files, hashes, strict=True):
-                progress.file(item.rel)
-                sha = str(_wait(hash_future, progress))
-                key = f"{prefix}/{item.rel}"
-                existing = storage.head(bucket, key)
-                if existing is not None and existing.size == item.size and existing.sha256 == sha:
-                    progress.skip(item.size)
-                else:
-                    _send(uploader, item, sha, bucket, key, progress)
-                entries.append({"path": item.rel, "size": item.size, "sha256": sha})
-                if on_file_done is not None:
-                    on_file_done(item.rel)
+            while waiting or flying:
+                while waiting and len(flying) < window and waiting[0][1].done():
+                    item, hash_future = waiting.pop(0)
+                    sha, key = str(hash_future.result()), f"{prefix}/{item.rel}"
+                    existing = storage.head(bucket, key)
+                    if existing is not None and existing.size == item.size and existing.sha256 == sha:
+                        progress.skip(item.size)  # already there: resume without re-sending it
+                        done[item.rel] = {"path": item.rel, "size": item.size, "sha256": sha}
+                        if on_file_done is not None:
+                            on_file_done(item.rel)
+                        continue
+                    entry = _InFlight(item, sha, key, progress)
+                    entry.submit(uploader, bucket)
+                    flying.append(entry)
+                for entry in list(flying):
+                    if entry.transfer is None:
+                        if time.monotonic() >= entry.retry_at:
+                            entry.submit(uploader, bucket)
+                        continue
+                    if not entry.transfer.done():
+                        continue
+                    try:
+                        entry.transfer.result()
+                    except storage.StorageTransientError as exc:
+                        if not entry.failed_transiently(exc):
+                            raise
+                        continue
+                    flying.remove(entry)
+                    done[entry.item.rel] = {"path": entry.item.rel, "size": entry.item.size, "sha256": entry.sha}
+                    if on_file_done is not None:
+                        on_file_done(entry.item.rel)
+                progress.file(", ".join(e.item.rel for e in flying) or (waiting[0][0].rel if waiting else ""))
+                progress.tick()
+                time.sleep(0.02)
+        except UploadCancelled:
+            _cancel_all(flying)
+            raise
         finally:
-            for pending in hashes:
+            for _, pending in waiting:
                 pending.cancel()
+    entries = [done[f.rel] for f in files]
     progress.tick()
     _write_manifest(bucket, prefix, {
         "format": 1,

@@ -73,7 +73,9 @@ def test_a_rerun_sends_no_object_bytes(r2, catalog_model, model_folder):
     assert catalog_model.upload_status == UploadStatus.UPLOADED
 
 
-def test_an_upload_killed_after_the_first_file_resumes_from_the_second(r2, catalog_model, model_folder):
+def test_an_upload_killed_after_the_first_file_resumes_from_the_second(r2, settings, catalog_model, model_folder):
+    settings.UPLOAD_FILES_IN_FLIGHT = 1  # one file at a time: the kill lands exactly after file 1
+
     def die_after_first(rel: str) -> None:
         raise KeyboardInterrupt(f"worker killed after {rel}")
 
@@ -90,6 +92,24 @@ def test_an_upload_killed_after_the_first_file_resumes_from_the_second(r2, catal
     written = storage.request_log.keys_written()
     assert first not in written
     assert written == {f"models/test-model/{name}" for name in WEIGHTS[1:]} | {f"models/test-model/{MANIFEST_NAME}"}
+
+
+def test_a_killed_parallel_upload_resends_only_what_had_not_landed(r2, catalog_model, model_folder):
+    def die_after_first(rel: str) -> None:
+        raise KeyboardInterrupt(f"worker killed after {rel}")
+
+    with pytest.raises(KeyboardInterrupt):
+        _upload_from_dir(catalog_model, model_folder, on_file_done=die_after_first)
+    landed = {o.key for o in storage.list_objects(r2, "models/test-model/")}
+    assert f"models/test-model/{WEIGHTS[0]}" in landed
+    assert "models/test-model/model-00001-of-00002.safetensors" not in landed  # cancelled mid-multipart
+    assert storage.abort_incomplete_uploads(r2, "models/test-model/") == 0  # and its parts were aborted
+    storage.request_log.reset()
+
+    assert _upload_from_dir(catalog_model, model_folder) == "uploaded"
+
+    everything = {f"models/test-model/{name}" for name in WEIGHTS}
+    assert storage.request_log.keys_written() == (everything - landed) | {f"models/test-model/{MANIFEST_NAME}"}
 
 
 def test_a_changed_file_is_sent_again_on_rerun(r2, catalog_model, model_folder):

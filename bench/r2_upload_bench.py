@@ -1,0 +1,235 @@
+"""Upload benchmark: CrossLogic's upload service vs plain boto3 ``upload_file``, side by side, in one run.
+
+Starts moto's S3 server on a free localhost port, writes a synthetic model (configs plus
+safetensors shards totalling ``--size-mb``), then uploads it, in alternating rounds:
+
+- ``service``: apps.catalog.transfer (what the Celery task runs: sha256 per file, HEAD per
+  object, parallel multipart from disk, manifest) with the project's default R2_* settings;
+- ``plain``: ``boto3.client("s3").upload_file`` per file with boto3's default TransferConfig.
+
+Each upload runs in a fresh child process that reports its own peak RSS (VmHWM), so the memory
+figure is the worker's, Django and all. Prints a table and the throughput ratio
+(service / plain; target >= 1.0) and peak memory (target < 300 MB), and writes the table into
+docs/benchmarks.md under "## R2 upload" (only that section is replaced).
+
+    .venv/bin/python bench/r2_upload_bench.py --size-mb 200
+    .venv/bin/python bench/r2_upload_bench.py            # 2 GB (moto keeps it in RAM: ~2-4 GB)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+PYTHON = sys.executable
+MOTO = Path(sys.executable).with_name("moto_server")
+MIB = 1024 * 1024
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def peak_rss_mb() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def make_model(folder: Path, size_mb: int, shards: int) -> int:
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 4096}')
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {f"t{i}": i for i in range(5000)}}}))
+    (folder / "tokenizer_config.json").write_text('{"chat_template": "{{ messages }}"}')
+    per_shard = size_mb * MIB // shards
+    block = os.urandom(16 * MIB)  # random bytes so nothing along the way can compress them
+    for i in range(shards):
+        with (folder / f"model-{i + 1:05d}-of-{shards:05d}.safetensors").open("wb") as fh:
+            left = per_shard
+            while left > 0:
+                chunk = block[: min(left, len(block))]
+                fh.write(chunk)
+                left -= len(chunk)
+            fh.write(i.to_bytes(8, "little"))  # shards differ
+    return sum(p.stat().st_size for p in folder.iterdir())
+
+
+# --- children -------------------------------------------------------------------------------------
+def child_service(folder: Path, bucket: str, prefix: str) -> dict:
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
+    sys.path.insert(0, str(ROOT))
+    import django
+
+    django.setup()
+    from apps.catalog import transfer
+
+    files = transfer.select_files(transfer.scan_folder(folder))
+    started = time.perf_counter()
+    entries = transfer.transfer_folder(files=files, bucket=bucket, prefix=prefix, progress=transfer.NullProgress())
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": sum(e["size"] for e in entries), "files": len(entries)}
+
+
+def child_plain(folder: Path, bucket: str, prefix: str) -> dict:
+    import boto3
+
+    client = boto3.client("s3", endpoint_url=os.environ["R2_ENDPOINT_URL"], region_name="us-east-1",
+                          aws_access_key_id=os.environ["R2_ACCESS_KEY_ID"],
+                          aws_secret_access_key=os.environ["R2_SECRET_ACCESS_KEY"])
+    files = sorted(p for p in folder.iterdir() if p.is_file())
+    started = time.perf_counter()
+    for path in files:
+        client.upload_file(str(path), bucket, f"{prefix}/{path.name}")
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "bytes": sum(p.stat().st_size for p in files), "files": len(files)}
+
+
+def run_child(kind: str, folder: Path, bucket: str, prefix: str, env: dict) -> dict:
+    out = subprocess.run(
+        [PYTHON, __file__, "--child", kind, "--folder", str(folder), "--bucket", bucket, "--prefix", prefix],
+        env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{kind} child failed:\n{out.stdout}\n{out.stderr}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+# --- parent ---------------------------------------------------------------------------------------
+def s3_admin(endpoint: str):
+    import boto3
+
+    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
+                        aws_access_key_id="bench", aws_secret_access_key="bench")
+
+
+def empty_bucket(client, bucket: str) -> None:
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=bucket):
+        for item in page.get("Contents", []):
+            client.delete_object(Bucket=bucket, Key=item["Key"])
+
+
+def write_docs(path: Path, table: str) -> None:
+    heading = "## R2 upload"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    start = text.find(heading)
+    if start == -1:
+        text = text.rstrip("\n") + "\n\n" + table + "\n"
+    else:
+        end = text.find("\n## ", start + len(heading))
+        text = text[:start] + table + ("\n" + text[end + 1:] if end != -1 else "\n")
+    path.write_text(text)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--size-mb", type=int, default=2048)
+    parser.add_argument("--shards", type=int, default=4)
+    parser.add_argument("--rounds", type=int, default=1, help="Alternating rounds (plain, service) per run.")
+    parser.add_argument("--docs", default=str(ROOT / "docs" / "benchmarks.md"))
+    parser.add_argument("--no-docs", action="store_true")
+    parser.add_argument("--child", choices=["service", "plain"], help=argparse.SUPPRESS)
+    parser.add_argument("--folder", help=argparse.SUPPRESS)
+    parser.add_argument("--bucket", help=argparse.SUPPRESS)
+    parser.add_argument("--prefix", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args.child:
+        fn = child_service if args.child == "service" else child_plain
+        result = fn(Path(args.folder), args.bucket, args.prefix)
+        result["peak_rss_mb"] = peak_rss_mb()
+        print(json.dumps(result))
+        return
+
+    port = free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    work = Path(tempfile.mkdtemp(prefix="r2-bench-"))
+    moto_log = (work / "moto.log").open("w")
+    moto = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=moto_log, stderr=moto_log)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                urllib.request.urlopen(f"{endpoint}/moto-api/", timeout=1)
+                break
+            except OSError:
+                if time.monotonic() > deadline or moto.poll() is not None:
+                    raise SystemExit("moto_server did not start") from None
+                time.sleep(0.2)
+        admin = s3_admin(endpoint)
+        admin.create_bucket(Bucket="bench")
+        print(f"writing a {args.size_mb} MB synthetic model ({args.shards} shards) …", flush=True)
+        total = make_model(work / "model", args.size_mb, args.shards)
+        env = {**os.environ, "R2_ENDPOINT_URL": endpoint, "R2_ACCESS_KEY_ID": "bench",
+               "R2_SECRET_ACCESS_KEY": "bench", "R2_BUCKET": "bench", "R2_REGION": "us-east-1",
+               "DJANGO_SETTINGS_MODULE": "crosslogic.settings", "LOG_LEVEL": "WARNING"}
+        results: dict[str, list[dict]] = {"plain": [], "service": []}
+        for round_no in range(args.rounds):
+            for kind in ("plain", "service"):
+                result = run_child(kind, work / "model", "bench", f"models/{kind}-{round_no}", env)
+                results[kind].append(result)
+                print(f"round {round_no + 1} {kind:<8} {result['seconds']:.2f}s "
+                      f"{result['bytes'] / MIB / result['seconds']:.0f} MiB/s peak {result['peak_rss_mb']:.0f} MB",
+                      flush=True)
+                empty_bucket(admin, "bench")  # moto keeps objects in RAM
+    finally:
+        moto.terminate()
+        moto.wait(timeout=20)
+        moto_log.close()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def throughput(kind: str) -> float:
+        runs = results[kind]
+        return sum(r["bytes"] for r in runs) / MIB / sum(r["seconds"] for r in runs)
+
+    ratio = throughput("service") / throughput("plain")
+    peak = max(r["peak_rss_mb"] for r in results["service"])
+    rows = [
+        "| path | MiB/s | seconds (mean) | worker peak RSS |",
+        "|---|---|---|---|",
+    ]
+    for kind, label in (("plain", "plain boto3 `upload_file`, default TransferConfig"),
+                        ("service", "CrossLogic upload service (sha256 + HEAD + multipart + manifest)")):
+        runs = results[kind]
+        rows.append(f"| {label} | {throughput(kind):.0f} | {sum(r['seconds'] for r in runs) / len(runs):.2f} "
+                    f"| {max(r['peak_rss_mb'] for r in runs):.0f} MB |")
+    table = "\n".join([
+        "## R2 upload",
+        "",
+        f"`bench/r2_upload_bench.py --size-mb {args.size_mb} --shards {args.shards} --rounds {args.rounds}` "
+        f"on {platform.machine()} / Python {platform.python_version()}, {os.cpu_count()} cores, "
+        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Model: {total / MIB:.0f} MiB; store: moto_server on "
+        "localhost (in-memory, CPU-bound, shares the cores with the uploader).",
+        "",
+        *rows,
+        "",
+        f"- throughput ratio service / plain: **{ratio:.2f}** (target >= 1.0)",
+        f"- upload worker peak memory: **{peak:.0f} MB** (target < 300 MB, whatever the model size)",
+        "",
+        "The service also hashes every file (sha256, overlapped with the previous file's upload) and "
+        "HEADs each object to skip what is already there; plain boto3 does neither.",
+    ])
+    print()
+    print(table)
+    if not args.no_docs:
+        write_docs(Path(args.docs), table)
+        print(f"\n(written to {args.docs})")
+
+
+if __name__ == "__main__":
+    main()
