@@ -90,3 +90,19 @@ def test_one_dead_node_does_not_slow_or_spoil_the_others(served_model, settings)
     assert {n.status for n in Node.objects.filter(pk__in=[g.pk for g in good])} == {NodeStatus.READY}
     bad.refresh_from_db()
     assert bad.consecutive_failures == 1 and bad.status == NodeStatus.READY
+
+
+def test_a_503_engine_dead_answer_counts_as_a_failure_and_200_recovers(served_model) -> None:
+    with run_simulator_process(model=served_model.name) as sim:
+        node = _node(served_model, sim.url, "ready")
+        sim.set_faults(health_status=503)
+        for _ in range(3):
+            run_health_checks()
+        node.refresh_from_db()
+        assert node.status == NodeStatus.UNHEALTHY and "/health answered 503" in node.status_reason
+        assert node.health_latency_ms is not None  # it answered, just not OK
+
+        sim.set_faults(health_status=200)
+        run_health_checks()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.READY
