@@ -94,3 +94,22 @@ def test_node_events_are_append_only_in_the_admin(admin_client_, node) -> None:
         == 403
     view = admin_client_.post(reverse("admin:fleet_nodeevent_change", args=[event.pk]), {"message": "rewritten"})
     assert view.status_code == 403 or NodeEvent.objects.get(pk=event.pk).message != "rewritten"
+
+
+def test_changelist_queries_do_not_grow_with_the_fleet(admin_client_, served_model, django_assert_max_num_queries) -> None:
+    from apps.fleet.models import Node as NodeModel
+
+    NodeModel.objects.bulk_create([NodeModel(model=served_model, launcher="static", cluster_name=f"bulk-{i}",
+                                             status=NodeStatus.READY) for i in range(300)])
+    url = reverse("admin:fleet_node_changelist")
+    with django_assert_max_num_queries(12):
+        page = admin_client_.get(url)
+    assert page.status_code == 200 and "bulk-299" in page.content.decode()
+    with django_assert_max_num_queries(12):
+        assert admin_client_.get(url, {"status__exact": "ready", "launcher__exact": "static"}).status_code == 200
+
+
+def test_the_node_page_shows_only_the_newest_events(admin_client_, node) -> None:
+    NodeEvent.objects.bulk_create([NodeEvent(node=node, message=f"event number {i:03d}") for i in range(60)])
+    text = admin_client_.get(reverse("admin:fleet_node_change", args=[node.pk])).content.decode()
+    assert "event number 059" in text and "event number 010" in text and "event number 009" not in text
