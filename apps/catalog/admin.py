@@ -301,7 +301,8 @@ class ModelAdmin(admin.ModelAdmin):
                 return HttpResponseRedirect(reverse("admin:catalog_model_change", args=[model.pk]))
         context = {
             **self.admin_site.each_context(request), "opts": self.opts, "original": model, "form": form,
-            "title": f"Upload weights for {model.name}", "busy": model.upload_status in uploads.BUSY_STATUSES,
+            "title": f"Upload weights for {model.name}",
+            "busy": model.upload_status in uploads.BUSY_STATUSES and not uploads.is_stale(model),
             "bucket": storage.default_bucket() if _configured() else "",
         }
         return TemplateResponse(request, "admin/catalog/model/upload_form.html", context)

@@ -240,6 +240,19 @@ def test_a_second_request_while_one_runs_is_refused(r2, catalog_model, model_fol
         upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
 
 
+def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    silent_since = timezone.now() - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S + 5)
+    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING, updated_at=silent_since)
+
+    model = upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+
+    assert model.upload_status == UploadStatus.QUEUED
+
+
 @pytest.mark.parametrize(("kwargs", "message"), [
     ({"local_dir": "relative/path"}, "absolute path"),
     ({"hf_repo": "not a repo"}, "hf_repo"),
