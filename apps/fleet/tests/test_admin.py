@@ -96,10 +96,9 @@ def test_node_events_are_append_only_in_the_admin(admin_client_, node) -> None:
     assert view.status_code == 403 or NodeEvent.objects.get(pk=event.pk).message != "rewritten"
 
 
-def test_changelist_queries_do_not_grow_with_the_fleet(admin_client_, served_model, django_assert_max_num_queries) -> None:
-    from apps.fleet.models import Node as NodeModel
-
-    NodeModel.objects.bulk_create([NodeModel(model=served_model, launcher="static", cluster_name=f"bulk-{i}",
+def test_changelist_queries_do_not_grow_with_the_fleet(admin_client_, served_model,
+                                                       django_assert_max_num_queries) -> None:
+    Node.objects.bulk_create([Node(model=served_model, launcher="static", cluster_name=f"bulk-{i}",
                                              status=NodeStatus.READY) for i in range(300)])
     url = reverse("admin:fleet_node_changelist")
     with django_assert_max_num_queries(12):
