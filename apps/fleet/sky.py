@@ -124,9 +124,13 @@ def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[C
 
 
 def endpoint(cluster_name: str, port: int) -> str:
+    """``http://host:port`` of the cluster's port; ValueError while it is not exposed/up yet."""
     sdk = _sdk()
-    with _mapped(sdk):
-        endpoints = sdk.get(sdk.endpoints(cluster_name, port))
+    try:
+        with _mapped(sdk):
+            endpoints = sdk.get(sdk.endpoints(cluster_name, port))
+    except sdk.exceptions.ClusterNotUpError as exc:
+        raise ValueError(f"cluster not up yet: {exc}") from exc
     url = endpoints.get(port) or endpoints.get(str(port)) or ""
     return url if "://" in url or not url else f"http://{url}"
 
