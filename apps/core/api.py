@@ -11,12 +11,24 @@ are turned into the same 400 as serializer errors, so callers see one format.
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 from django.core.exceptions import ValidationError as DjangoValidationError
+from django.db import IntegrityError
+from django.db.models import ProtectedError
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
+
+log = logging.getLogger(__name__)
+
+
+class Conflict(exceptions.APIException):
+    status_code = 409
+    default_detail = "The request conflicts with the current state of the resource."
+    default_code = "conflict"
+
 
 _TYPES = {
     400: "invalid_request",
@@ -51,6 +63,12 @@ def _first_message(detail: Any) -> str:
 def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | None:
     if isinstance(exc, DjangoValidationError):
         exc = exceptions.ValidationError(_django_detail(exc))
+    elif isinstance(exc, ProtectedError):
+        exc = Conflict("Other records still refer to this one; it cannot be deleted.")
+    elif isinstance(exc, IntegrityError):
+        # Validation normally catches duplicates first; this is the race between two writers.
+        log.warning("integrity error on %s: %s", context.get("request") and context["request"].path, exc)
+        exc = Conflict("The change conflicts with existing data (a concurrent duplicate?). Retry.")
     response = drf_exception_handler(exc, context)
     if response is None:
         return None  # an unexpected error: Django's 500 handling (and logging) takes over

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from django.core.cache import cache
 from django.db.models import Count, Q
 
 from apps.catalog.models import Model
@@ -27,5 +28,19 @@ def admin_summary() -> dict[str, object]:
         "nodes_total": sum(nodes.values()),
         "models": models,
         "tenants": tenants,
-        "usage_24h": usage_last_24h(),
+        "usage_24h": _cached_usage_last_24h(),
     }
+
+
+USAGE_CACHE_KEY = "crosslogic:admin:usage_24h"
+USAGE_CACHE_SECONDS = 60
+
+
+def _cached_usage_last_24h() -> dict[str, int]:
+    # The only aggregate here that grows with traffic (a day of usage rows); a minute-old
+    # figure is fine on a dashboard and keeps the index page fast when staff reload it.
+    totals = cache.get(USAGE_CACHE_KEY)
+    if totals is None:
+        totals = usage_last_24h()
+        cache.set(USAGE_CACHE_KEY, totals, USAGE_CACHE_SECONDS)
+    return totals

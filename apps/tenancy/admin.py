@@ -206,7 +206,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     )
     list_select_related = ("tenant",)
     list_filter = (KeyStatusFilter, ScopeFilter, "tenant__status", "created_at")
-    search_fields = ("=prefix", "name", "tenant__slug")
+    search_fields = ("^prefix", "name", "tenant__slug")
     ordering = ("-created_at",)
     autocomplete_fields = ("tenant",)
     actions = ("revoke",)
@@ -281,7 +281,7 @@ class StaffTokenAdmin(admin.ModelAdmin):
     list_display = ("prefix", "name", "user", "status", "expires_at", "revoked_at", "last_used_at", "created_at")
     list_select_related = ("user",)
     list_filter = (KeyStatusFilter,)
-    search_fields = ("=prefix", "name", "user__username")
+    search_fields = ("^prefix", "name", "user__username")
     ordering = ("-created_at",)
     actions = ("revoke",)
 

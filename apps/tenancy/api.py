@@ -16,10 +16,10 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 
+from apps.core.api import Conflict
 from apps.core.permissions import IsStaff, StaffOrCustomerScope, customer
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
@@ -34,12 +34,6 @@ from apps.tenancy.serializers import (
     TenantSerializer,
     TenantSuspendSerializer,
 )
-
-
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The request conflicts with the current state of the resource."
-    default_code = "conflict"
 
 
 def _filter_key_status(queryset: QuerySet, name: str, value: str) -> QuerySet:

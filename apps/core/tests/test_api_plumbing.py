@@ -47,3 +47,14 @@ def test_openapi_schema_and_swagger_ui_are_served() -> None:
         assert path in body["paths"], path
     docs = client.get("/api/docs/")
     assert docs.status_code == 200 and b"swagger" in docs.content.lower()
+
+
+def test_database_conflicts_become_409s() -> None:
+    from django.db import IntegrityError
+    from django.db.models import ProtectedError
+
+    response = exception_handler(IntegrityError("duplicate key value violates unique constraint"), {})
+    assert (response.status_code, response.data["error"]["type"]) == (409, "conflict")
+    assert "duplicate key" not in response.data["error"]["message"]  # no SQL details leak
+    response = exception_handler(ProtectedError("protected", set()), {})
+    assert response.status_code == 409
