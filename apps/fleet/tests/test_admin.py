@@ -23,6 +23,10 @@ def test_launch_form_previews_the_skypilot_task_with_secrets_redacted_then_launc
         admin_client_, served_model, settings) -> None:
     settings.R2_SECRET_ACCESS_KEY = "r2-secret-that-must-not-show"
     url = reverse("admin:fleet_node_launch")
+    empty = admin_client_.get(url)
+    assert empty.status_code == 200 and 'value="Preview"' in empty.content.decode()
+    changelist = admin_client_.get(reverse("admin:fleet_node_changelist")).content.decode()
+    assert f'href="{url}"' in changelist
     form = {"model": served_model.pk, "launcher": "skypilot", "cloud": "aws", "region": "us-east-1",
             "accelerator": "", "use_spot": "on", "count": 2}
 
