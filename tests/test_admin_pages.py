@@ -363,3 +363,26 @@ def test_usage_date_hierarchy_drills_down_by_calendar_without_scanning_rows(admi
         assert not [q["sql"] for q in queries.captured_queries if "DISTINCT" in q["sql"].upper()]
     day = admin_client.get(url + "?created_at__year=2025&created_at__month=3&created_at__day=9")
     assert len(day.context["cl"].result_list) == 1
+
+
+def test_admin_creates_and_edits_tenants_through_the_services(admin_client, tenant) -> None:
+    limits = {"requests_per_minute": 60, "tokens_per_minute": 1000, "max_concurrent_requests": 2,
+              "monthly_token_budget": ""}
+    response = admin_client.post(reverse("admin:tenancy_tenant_add"),
+                                 {"slug": "globex", "name": "Globex", "contact_email": "ops@globex.test", **limits,
+                                  "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    assert response.status_code == 302, response.context["adminform"].form.errors
+    globex = Tenant.objects.get(slug="globex")
+    assert (globex.requests_per_minute, globex.monthly_token_budget) == (60, None)
+
+    duplicate = admin_client.post(reverse("admin:tenancy_tenant_add"),
+                                  {"slug": "acme", "name": "Again", **limits,
+                                   "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    assert duplicate.status_code == 200 and duplicate.context["adminform"].form.errors["slug"]
+
+    response = admin_client.post(reverse("admin:tenancy_tenant_change", args=[globex.pk]),
+                                 {"slug": "globex", "name": "Globex Inc", "contact_email": "", **limits,
+                                  "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    assert response.status_code == 302
+    globex.refresh_from_db()
+    assert globex.name == "Globex Inc"
