@@ -105,6 +105,12 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
             # Stuck (lost launch, a node that never registered, weights that never loaded).
             _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
             continue
+        if node.launcher == Launcher.SKYPILOT and clusters and node.status in MACHINE_EXPECTED \
+                and getattr(clusters.get(node.cluster_name), "status", "") == "STOPPED":
+            # A stopped spot instance (preempted with stop semantics) serves nothing but still bills disk.
+            if _move(node, S.TERMINATING, "preempted: cluster stopped", report):
+                report.preempted.append(str(node))
+            continue
         limit = settings.FLEET_REPLACE_UNHEALTHY_AFTER_S
         if node.status == S.UNHEALTHY and (now - node.status_changed_at).total_seconds() > limit \
                 and _move(node, S.TERMINATING, f"unhealthy for over {limit}s", report):

@@ -140,3 +140,16 @@ def test_a_node_stuck_loading_past_the_launch_timeout_fails(served_model, settin
     reconcile()
     node.refresh_from_db()
     assert node.status == NodeStatus.FAILED and "not ready within 600s" in node.status_reason
+
+
+def test_a_stopped_cluster_is_torn_down_and_replaced(served_model, fake_sky, real_sky) -> None:
+    _keep(served_model, 1)
+    node = _walk(node_create(model=served_model, launcher="skypilot", cloud="gcp"), "provisioning", "loading", "ready")
+    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.STOPPED,
+                                            "launched_at": 1.0}
+    report = reconcile()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.TERMINATING and node.status_reason == "preempted: cluster stopped"
+    assert node.pk in report.teardowns and len(report.launched) == 1
+    lifecycle.teardown_node(node.pk)
+    assert ("down", node.cluster_name) in fake_sky.calls
