@@ -201,6 +201,26 @@ def test_progress_advances_on_the_row_while_uploading(r2, catalog_model, model_f
     assert catalog_model.upload_finished_at is not None
 
 
+def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_model, tmp_path):
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+
+    settings.UPLOAD_PROGRESS_INTERVAL_S = 0.5
+    settings.R2_MAX_CONCURRENCY = 1  # slow enough to span several intervals
+    folder = make_model_folder(tmp_path / "slow-model", big=30 * 1024 * 1024)
+    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/throttle", enqueue=False)
+
+    started = time.monotonic()
+    with CaptureQueriesContext(connection) as queries:
+        assert run_upload(catalog_model.pk) == "uploaded"
+    elapsed = time.monotonic() - started
+
+    progress_writes = [q for q in queries.captured_queries
+                       if q["sql"].startswith('UPDATE "catalog_model"') and "upload_rate_bps" in q["sql"]]
+    # One forced write at the start, one per interval at most, and the final "uploaded" write.
+    assert 2 <= len(progress_writes) <= elapsed / 0.5 + 3
+
+
 def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tmp_path):
     settings.R2_MAX_CONCURRENCY = 1  # one part at a time, so there is time to cancel mid-file
     folder = make_model_folder(tmp_path / "big-model", big=40 * 1024 * 1024)
