@@ -386,3 +386,13 @@ def test_admin_creates_and_edits_tenants_through_the_services(admin_client, tena
     assert response.status_code == 302
     globex.refresh_from_db()
     assert globex.name == "Globex Inc"
+
+
+def test_tenant_page_links_to_issuing_a_prefilled_key(admin_client, tenant, api_key) -> None:
+    body = admin_client.get(reverse("admin:tenancy_tenant_change", args=[tenant.pk])).content.decode()
+    add_url = reverse("admin:tenancy_apikey_add") + f"?tenant={tenant.pk}"
+    assert add_url in body and api_key[0].prefix in body  # the read-only key inline lists it
+    form = admin_client.get(add_url).context["adminform"].form
+    assert form.initial["tenant"] == str(tenant.pk)
+    listing = admin_client.get(reverse("admin:tenancy_apikey_changelist") + f"?tenant__id__exact={tenant.pk}")
+    assert [k.pk for k in listing.context["cl"].result_list] == [api_key[0].pk]

@@ -15,6 +15,7 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
@@ -105,9 +106,9 @@ class TenantAdmin(admin.ModelAdmin):
     list_filter = ("status", "created_at")
     search_fields = ("slug", "name", "contact_email")
     ordering = ("slug",)
-    readonly_fields = ("status", "status_reason", "created_at", "updated_at")
+    readonly_fields = ("status", "status_reason", "issue_key", "created_at", "updated_at")
     fieldsets = (
-        (None, {"fields": ("slug", "name", "contact_email", "status", "status_reason")}),
+        (None, {"fields": ("slug", "name", "contact_email", "status", "status_reason", "issue_key")}),
         ("Limits", {"fields": (*_LIMITS, "monthly_token_budget")}),
         ("Dates", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
@@ -121,6 +122,14 @@ class TenantAdmin(admin.ModelAdmin):
         # aggregate every key of every tenant before paginating.
         keys = ApiKey.objects.filter(tenant=OuterRef("pk")).order_by().values("tenant").annotate(n=Count("id"))
         return super().get_queryset(request).annotate(_key_count=Coalesce(Subquery(keys.values("n")), 0))
+
+    @admin.display(description="API keys")
+    def issue_key(self, tenant: Tenant) -> str:
+        if tenant.pk is None:
+            return "Save the tenant first, then issue its keys."
+        url = reverse("admin:tenancy_apikey_add") + f"?tenant={tenant.pk}"
+        listing = reverse("admin:tenancy_apikey_changelist") + f"?tenant__id__exact={tenant.pk}"
+        return format_html('<a href="{}">Issue a new key</a> · <a href="{}">all keys</a>', url, listing)
 
     @admin.display(description="keys", ordering="_key_count")
     def key_count(self, tenant: Tenant) -> int:
