@@ -35,7 +35,7 @@ def test_run_local_node_needs_its_token(monkeypatch) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_refused_registration_stops_the_node_and_its_simulator(live_server) -> None:
-    env = {**os.environ, "CROSSLOGIC_REGISTRATION_TOKEN": "clr_" + "x" * 48,
+    env = {**os.environ, "CROSSLOGIC_REGISTRATION_TOKEN": "clr_" + "x" * 48, "VLLM_API_KEY": "vk-test",
            "CROSSLOGIC_CONTROL_PLANE_URL": live_server.url}
     proc = subprocess.run(
         [sys.executable, "manage.py", "run_local_node", "--node-id", "1", "--model", "m", "--timeout-s", "30"],
@@ -62,6 +62,7 @@ def test_local_launch_runs_a_detached_node_and_terminate_kills_its_process_group
             time.sleep(0.1)
         (child,) = [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
         assert _running(child)
+        assert b"vk-test" not in Path(f"/proc/{child}/cmdline").read_bytes()  # nor on the simulator's
 
         assert launcher.terminate(node) is True
         assert launcher.exists(node) is False and not _running(pid)

@@ -44,9 +44,9 @@ class Command(BaseCommand):
         started_at = time.time()
         cmd = [sys.executable, "manage.py", "simulate_vllm", "--port", "0", "--model", opts["model"],
                "--startup-delay-s", str(opts["startup_delay_s"])]
-        api_key = os.environ.get("VLLM_API_KEY", "")
-        if api_key:
-            cmd += ["--api-key", api_key]
+        if not os.environ.get("VLLM_API_KEY"):
+            raise CommandError("VLLM_API_KEY is not set: the launcher passes the node's key in the environment.")
+        # The simulator, like vLLM, reads VLLM_API_KEY from its environment: the key stays off `ps`.
         sim = subprocess.Popen(cmd, cwd=settings.BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                                stdin=subprocess.DEVNULL, text=True, bufsize=1)
         signal.signal(signal.SIGTERM, lambda *_: self._stop(sim, 0))
