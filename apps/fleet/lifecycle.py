@@ -133,12 +133,14 @@ def poll_launch(node_id: int) -> Step:
         return _again_unless_late(node)
     with transaction.atomic():
         _save_state(node, launched=True, **result.state)
-        fields = {"provisioned_at": node.provisioned_at or timezone.now()}
+        fields: dict[str, object] = {"provisioned_at": node.provisioned_at or timezone.now(), **result.placement}
         if result.endpoint_url and not node.endpoint_url:
             fields["endpoint_url"] = result.endpoint_url
         Node.objects.filter(pk=node.pk).update(**fields)
-        node_event(node=node, message=f"machine up; endpoint {fields.get('endpoint_url', node.endpoint_url) or '?'}"
-                                      "; waiting for vLLM to register")
+        where = "/".join(str(result.placement[k]) for k in ("cloud", "region", "accelerator") if k in result.placement)
+        endpoint = fields.get("endpoint_url", node.endpoint_url) or "?"
+        node_event(node=node, message=f"machine up{' on ' + where if where else ''}; endpoint {endpoint}; "
+                                      "waiting for vLLM to register")
     if not fields.get("endpoint_url", node.endpoint_url):
         return _again_unless_late(node)
     return Step()

@@ -109,6 +109,21 @@ def request_result(request_id: str) -> Any:
         return sdk.get(request_id)
 
 
+def launched_placement(launch_result: Any) -> dict[str, str]:
+    """Cloud, region and accelerator SkyPilot actually chose (from ``(job_id, handle)``)."""
+    handle = launch_result[1] if isinstance(launch_result, tuple | list) and len(launch_result) > 1 else None
+    resources = getattr(handle, "launched_resources", None)
+    if resources is None:
+        return {}
+    accelerators = getattr(resources, "accelerators", None) or {}
+    placement = {
+        "cloud": str(getattr(resources, "cloud", "") or "").lower(),
+        "region": str(getattr(resources, "region", "") or ""),
+        "accelerator": ",".join(f"{name}:{count:g}" for name, count in accelerators.items()),
+    }
+    return {k: v for k, v in placement.items() if v and v != "none"}
+
+
 def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[ClusterRecord]:
     sdk = _sdk()
     mode = sdk.StatusRefreshMode.FORCE if refresh else sdk.StatusRefreshMode.NONE

@@ -38,6 +38,7 @@ class PollResult:
     state: dict[str, object] = field(default_factory=dict)  # merged into launcher_state
     endpoint_url: str = ""
     message: str = ""
+    placement: dict[str, str] = field(default_factory=dict)  # cloud/region/accelerator actually chosen
 
 
 @dataclass

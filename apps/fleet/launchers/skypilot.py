@@ -166,14 +166,16 @@ class SkyPilotLauncher(Launcher):
                 raise LaunchError(f"SkyPilot API server does not know launch request {request_id}")
             if status in {"PENDING", "WAITING", "RUNNING"}:
                 return PollResult(Progress.WAITING, message=status.lower())
-            sky.request_result(request_id)  # raises the launch's error, mapped
+            placement = sky.launched_placement(sky.request_result(request_id))  # raises its error, mapped
+        else:
+            placement = {}
         try:
             url = sky.endpoint(node.cluster_name, VLLM_PORT)
         except sky.ClusterMissing:
             return PollResult(Progress.GONE, message="cluster vanished right after launch")
         except (ValueError, RuntimeError) as exc:  # not exposed yet: the health check needs it later
-            return PollResult(Progress.LAUNCHED, message=f"endpoint not known yet: {exc}")
-        return PollResult(Progress.LAUNCHED, endpoint_url=url)
+            return PollResult(Progress.LAUNCHED, message=f"endpoint not known yet: {exc}", placement=placement)
+        return PollResult(Progress.LAUNCHED, endpoint_url=url, placement=placement)
 
     def terminate(self, node: Node) -> bool:
         request_id = str(node.launcher_state.get("down_request_id") or "")

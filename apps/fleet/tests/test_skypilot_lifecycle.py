@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from apps.fleet import lifecycle
@@ -21,7 +23,7 @@ def _reload(node: Node) -> Node:
     return Node.objects.get(pk=node.pk)
 
 
-def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_sky, settings) -> None:
+def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_sky, settings, real_sky) -> None:
     step = lifecycle.launch_node(sky_node.pk)
 
     node = _reload(sky_node)
@@ -34,10 +36,14 @@ def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_
     assert lifecycle.poll_launch(node.pk).then == "poll"  # still running: come back later
     assert _reload(node).status == NodeStatus.PROVISIONING
 
-    fake_sky.finish(rid, result=(1, "handle"))
+    # SkyPilot failed over: it reports where the node actually runs.
+    handle = SimpleNamespace(launched_resources=real_sky.Resources(infra="gcp/us-central1", accelerators="L4:1"))
+    fake_sky.finish(rid, result=(1, handle))
     assert lifecycle.poll_launch(node.pk).again_in is None
     node = _reload(node)
     assert node.endpoint_url == "http://203.0.113.7:8000" and node.launcher_state["launched"] is True
+    assert (node.cloud, node.region, node.accelerator) == ("gcp", "us-central1", "L4:1")
+    assert NodeEvent.objects.filter(node=node, message__contains="machine up on gcp/us-central1/L4:1").exists()
     assert node.provisioned_at is not None
 
     token = launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value()
