@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import UTC, datetime
 
+from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.catalog.models import Model
@@ -49,6 +50,7 @@ class NodeEventSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
+@extend_schema_field({"oneOf": [{"type": "string", "format": "date-time"}, {"type": "number"}]})
 class FlexibleTimestamp(serializers.Field):
     """ISO 8601 or Unix seconds: a shell script on the node sends ``$(date +%s)``."""
 
