@@ -154,3 +154,13 @@ def submit_down(cluster_name: str) -> str:
     sdk = _sdk()
     with _mapped(sdk):
         return str(sdk.down(cluster_name))
+
+
+def server_report() -> tuple[str, list[str]]:
+    """(API server version, enabled clouds) — what ``manage.py fleet_check`` prints."""
+    sdk = _sdk()
+    with _mapped(sdk):
+        info = sdk.api_info()
+        clouds = sdk.get(sdk.enabled_clouds())
+    version = info.get("version") if hasattr(info, "get") else getattr(info, "version", "?")
+    return str(version or "?"), [str(c) for c in clouds or []]

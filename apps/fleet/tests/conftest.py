@@ -61,6 +61,11 @@ class FakeSky:
         self.requests[rid] = {"kind": kind, "cluster": cluster, "status": "RUNNING", "at": 1_000_000.0, **extra}
         return rid
 
+    def _finished_with(self, result: Any) -> str:
+        rid = self._new("other")
+        self.finish(rid, result=result)
+        return rid
+
     # --- the SDK surface apps.fleet.sky uses --------------------------------------------------
     @property
     def Task(self) -> Any:  # noqa: N802 - mirrors sky.Task

@@ -161,3 +161,33 @@ def test_a_node_registering_before_its_launch_is_seen_still_gets_its_endpoint(sk
     fake_sky.finish(fake_sky.last("launch"), result=(1, "handle"))
     assert lifecycle.poll_launch(sky_node.pk).again_in is None
     assert _reload(sky_node).endpoint_url == "http://198.51.100.4:8000"
+
+
+def test_fleet_check_reports_the_server_and_its_clouds(fake_sky, settings) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    fake_sky.api_info = lambda: {"status": "healthy", "version": "0.14.1"}
+    fake_sky.enabled_clouds = lambda: fake_sky._finished_with(["AWS", "GCP"])
+    out = StringIO()
+    call_command("fleet_check", stdout=out, stderr=StringIO())
+    assert "version 0.14.1" in out.getvalue() and "enabled clouds: AWS, GCP" in out.getvalue()
+
+    fake_sky.enabled_clouds = lambda: fake_sky._finished_with([])
+    with pytest.raises(CommandError, match="run `sky check`"):
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
+    fake_sky.unreachable = True
+    fake_sky.api_info = lambda: fake_sky._new("info")
+    with pytest.raises(CommandError, match="SkyPilot API server unreachable"):
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
+
+
+def test_fleet_check_without_an_api_server_names_the_setting(settings) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.SKYPILOT_API_SERVER_ENDPOINT = ""
+    with pytest.raises(CommandError, match="SKYPILOT_API_SERVER_ENDPOINT is not set"):
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
