@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import time
 from dataclasses import dataclass
 
 from django.conf import settings
@@ -159,6 +160,7 @@ def teardown_node(node_id: int) -> Step:
     if node.status not in {NodeStatus.TERMINATING, NodeStatus.FAILED} or node.launcher_state.get("torn_down"):
         return Step()
     launcher = get_launcher(node.launcher)
+    _save_state(node, teardown_at=time.time())  # the reconciler does not queue a second chain meanwhile
     try:
         done = launcher.terminate(node)
     except RetryableLaunchError as exc:
@@ -166,6 +168,7 @@ def teardown_node(node_id: int) -> Step:
             return Step(again_in=_api_retry(node, exc, what="teardown").again_in, then="teardown")
         except LaunchError as final:
             node_event(node=node, kind=NodeEvent.Kind.ERROR, message=f"teardown failed: {final.reason}")
+            _save_state(node, teardown_api_retries=0)
             return Step()  # the reconciler tries again on its next run
     except Exception as exc:  # a teardown that failed must be retried, never forgotten
         node_event(node=node, kind=NodeEvent.Kind.ERROR, message=f"teardown failed: {exc}")

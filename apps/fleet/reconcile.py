@@ -132,8 +132,12 @@ def queue_teardowns(report: Report) -> None:
     # (``contains`` rather than a key lookup: a missing key must count as "not torn down".)
     pending = Node.objects.filter(
         Q(status__in=[S.TERMINATING, S.FAILED]) & ~Q(launcher_state__contains={"torn_down": True})
-    ).values_list("pk", flat=True)
-    for node_id in pending:
+    ).values_list("pk", "launcher_state")
+    busy_until = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
+    for node_id, state in pending:
+        if float(state.get("teardown_at") or 0) > busy_until:
+            continue  # a teardown chain is following this node right now
+
         report.teardowns.append(node_id)
         transaction.on_commit(lambda node_id=node_id: tasks.node_teardown_task.delay(node_id))
 

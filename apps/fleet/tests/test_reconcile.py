@@ -153,3 +153,17 @@ def test_a_stopped_cluster_is_torn_down_and_replaced(served_model, fake_sky, rea
     assert node.pk in report.teardowns and len(report.launched) == 1
     lifecycle.teardown_node(node.pk)
     assert ("down", node.cluster_name) in fake_sky.calls
+
+
+def test_a_teardown_in_progress_is_not_queued_twice(served_model, fake_sky, real_sky) -> None:
+    node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready")
+    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.UP,
+                                            "launched_at": 1.0}
+    node_transition(node=Node.objects.get(pk=node.pk), to="terminating")
+    assert lifecycle.teardown_node(node.pk).then == "teardown"  # sky.down submitted, still running
+
+    assert node.pk not in reconcile().teardowns
+    state = Node.objects.get(pk=node.pk).launcher_state
+    Node.objects.filter(pk=node.pk).update(launcher_state={**state, "teardown_at": 0})  # the chain was lost
+    assert node.pk in reconcile().teardowns
+    assert len([c for c in fake_sky.calls if c[0] == "down"]) == 1
