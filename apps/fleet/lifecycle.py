@@ -86,7 +86,7 @@ def _start(node: Node, launcher, raw_token: str) -> Step:
     except LaunchError as exc:
         _fail_quietly(node, exc.reason)
         return Step()
-    _save_state(node, **state)
+    _save_state(node, **state, poll_at=time.time())
     if launcher.asynchronous:
         return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
     if not launcher.self_registers:
@@ -111,6 +111,7 @@ def poll_launch(node_id: int) -> Step:
             node.launcher_state.get("launched") and node.endpoint_url):
         return Step()
     launcher = get_launcher(node.launcher)
+    _save_state(node, poll_at=time.time())  # see reconcile.resume_polls
     try:
         result = launcher.poll(node)
     except RetryableLaunchError as exc:

@@ -54,6 +54,7 @@ class Report:
     teardowns: list[int] = field(default_factory=list)
     launched: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
+    resumed_polls: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
 
 
@@ -142,6 +143,22 @@ def queue_teardowns(report: Report) -> None:
         transaction.on_commit(lambda node_id=node_id: tasks.node_teardown_task.delay(node_id))
 
 
+def resume_polls(report: Report) -> None:
+    """Re-queue the poll of an asynchronous launch whose poll chain was lost (e.g. a worker restart)."""
+    from apps.fleet import tasks
+
+    stale_before = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
+    rows = Node.objects.filter(launcher=Launcher.SKYPILOT, status__in=[S.PROVISIONING, S.LOADING]).values_list(
+        "pk", "launcher_state", "endpoint_url")
+    for node_id, state, endpoint_url in rows:
+        following = state.get("launch_request_id") or state.get("adopted_existing_cluster")
+        if not following or (state.get("launched") and endpoint_url):
+            continue
+        if float(state.get("poll_at") or 0) < stale_before:
+            report.resumed_polls.append(node_id)
+            transaction.on_commit(lambda node_id=node_id: tasks.node_launch_poll_task.delay(node_id))
+
+
 def _template(model: Model) -> Node | None:
     """The most recent node of the model, whose placement a replacement copies."""
     return Node.objects.filter(model=model).exclude(launcher=Launcher.STATIC).order_by("-id").first()
@@ -217,6 +234,7 @@ def reconcile() -> Report:
     clusters = _sky_clusters(report)
     heal_nodes(report, clusters)
     queue_teardowns(report)
+    resume_polls(report)
     ensure_replicas(report)
     teardown_orphans(report, clusters)
     return report

@@ -167,3 +167,12 @@ def test_a_teardown_in_progress_is_not_queued_twice(served_model, fake_sky, real
     Node.objects.filter(pk=node.pk).update(launcher_state={**state, "teardown_at": 0})  # the chain was lost
     assert node.pk in reconcile().teardowns
     assert len([c for c in fake_sky.calls if c[0] == "down"]) == 1
+
+
+def test_a_lost_launch_poll_is_resumed(served_model, fake_sky) -> None:
+    node = node_create(model=served_model, launcher="skypilot")
+    lifecycle.launch_node(node.pk)
+    assert reconcile().resumed_polls == []  # its poll chain is alive
+    state = Node.objects.get(pk=node.pk).launcher_state
+    Node.objects.filter(pk=node.pk).update(launcher_state={**state, "poll_at": 0})
+    assert reconcile().resumed_polls == [node.pk]
