@@ -20,18 +20,11 @@ from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
 from apps.catalog import storage, uploads
+from apps.catalog.display import human_bytes
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.selectors import models_with_counts, storage_browser
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
-
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"
 
 
 def upload_payload(model: Model) -> dict[str, Any]:

@@ -14,10 +14,3 @@ def get_model(name: str) -> Model:
         known = ", ".join(Model.objects.order_by("name").values_list("name", flat=True)[:10]) or "none yet"
         raise CommandError(f"No model named '{name}' (known: {known}). Create it with create_model.") from None
 
-
-def human_bytes(n: float) -> str:
-    for unit in ("B", "KB", "MB", "GB", "TB"):
-        if abs(n) < 1000 or unit == "TB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} TB"

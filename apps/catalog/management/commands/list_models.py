@@ -6,7 +6,7 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from apps.catalog.management.commands._common import human_bytes
+from apps.catalog.display import human_bytes
 from apps.catalog.selectors import storage_browser
 from apps.catalog.storage import StorageError
 

@@ -7,7 +7,8 @@ from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from apps.catalog.management.commands._common import get_model, human_bytes
+from apps.catalog.display import human_bytes
+from apps.catalog.management.commands._common import get_model
 from apps.catalog.models import UploadStatus
 from apps.catalog.uploads import UploadError, parse_hf_spec, upload_request
 
