@@ -23,7 +23,7 @@ from apps.core.paginator import EstimatedCountPaginator
 from apps.fleet import services
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
-from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
 
 STATUS_COLORS = {
     NodeStatus.PENDING: "#6c757d", NodeStatus.PROVISIONING: "#0d6efd", NodeStatus.LOADING: "#6610f2",
@@ -73,6 +73,21 @@ class NodeEventInline(admin.TabularInline):
         return False
 
 
+class LiveFilter(admin.SimpleListFilter):
+    title = "lifecycle"
+    parameter_name = "live"
+
+    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
+        return [("yes", "Live (has or will have a machine)"), ("no", "Ended (terminating, terminated, failed)")]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Node]) -> QuerySet[Node]:
+        if self.value() == "yes":
+            return queryset.filter(status__in=LIVE_STATUSES)
+        if self.value() == "no":
+            return queryset.exclude(status__in=LIVE_STATUSES)
+        return queryset
+
+
 class LaunchForm(forms.Form):
     model = forms.ModelChoiceField(queryset=Model.objects.filter(is_active=True))
     launcher = forms.ChoiceField(choices=Launcher.choices)
@@ -98,7 +113,7 @@ class LaunchForm(forms.Form):
 class NodeAdmin(admin.ModelAdmin):
     list_display = ["cluster_name", "model", "launcher", "placement", "accelerator", "use_spot", "status_badge",
                     "load", "last_health_at", "hourly_cost"]
-    list_filter = ["status", "launcher", "model", "cloud", "use_spot"]
+    list_filter = [LiveFilter, "status", "launcher", "model", "cloud", "use_spot"]
     search_fields = ["cluster_name", "endpoint_url", "model__name"]
     list_select_related = ["model"]
     show_full_result_count = False

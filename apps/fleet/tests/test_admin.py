@@ -110,6 +110,8 @@ def test_changelist_queries_do_not_grow_with_the_fleet(admin_client_, served_mod
     assert page.status_code == 200 and "bulk-299" in page.content.decode()
     with django_assert_max_num_queries(12):
         assert admin_client_.get(url, {"status__exact": "ready", "launcher__exact": "static"}).status_code == 200
+    ended = admin_client_.get(url, {"live": "no"}).content.decode()
+    assert "bulk-1" not in ended
 
 
 def test_the_node_page_shows_only_the_newest_events(admin_client_, node) -> None:
