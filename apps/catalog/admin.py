@@ -197,7 +197,11 @@ class ModelAdmin(admin.ModelAdmin):
         )
 
     def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
-        model_update(model=obj)  # full_clean, save, and tell the gateways the catalog changed
+        # Only the edited columns: an upload running meanwhile keeps its progress and status.
+        changed = {name: getattr(obj, name) for name in form.changed_data} if change else {}
+        if change and not changed:
+            return
+        model_update(model=obj, **changed)  # full_clean, save, and tell the gateways the catalog changed
 
     # --- actions ---------------------------------------------------------------------------------
     @admin.action(description="Upload weights to R2 (one: choose the source; several: same source again)")

@@ -32,10 +32,18 @@ def model_create(
 
 
 def model_update(*, model: Model, **fields: object) -> Model:
+    """Change ``fields`` (all of the row when none are named, e.g. for a new instance).
+
+    Only the named columns are written: the upload worker updates progress and status on the
+    same row concurrently, and a whole-row save from a stale copy would undo its writes.
+    """
     for field, value in fields.items():
         setattr(model, field, value)
     model.full_clean()
-    model.save()
+    if fields and model.pk is not None:
+        model.save(update_fields=[*fields, "updated_at"])
+    else:
+        model.save()
     invalidation.bump(invalidation.ROUTING)
     return model
 

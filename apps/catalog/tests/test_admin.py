@@ -218,3 +218,26 @@ def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(a
     assert catalog_model.verify_status == "mismatch"
     browser = admin_client.get(reverse("admin:catalog_model_storage")).content.decode()
     assert "sb-mismatch" in browser  # the listing's sizes no longer match the manifest either
+
+
+def test_saving_the_change_form_keeps_an_upload_that_finished_meanwhile(admin_client, catalog_model, monkeypatch):
+    from apps.catalog.admin import ModelAdminForm
+
+    url = reverse("admin:catalog_model_change", args=[catalog_model.pk])
+    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING)
+    original_clean = ModelAdminForm.clean
+
+    def worker_finishes_while_the_form_is_validated(form):
+        # The admin has loaded the row ("uploading"); the worker now records the finished upload.
+        Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADED, total_bytes=123)
+        return original_clean(form)
+
+    monkeypatch.setattr(ModelAdminForm, "clean", worker_finishes_while_the_form_is_validated)
+
+    response = admin_client.post(url, _form_data(name=catalog_model.name, hf_repo=catalog_model.hf_repo,
+                                                 storage_uri=catalog_model.storage_uri, max_replicas="3"))
+
+    assert response.status_code == 302
+    catalog_model.refresh_from_db()
+    assert catalog_model.max_replicas == 3
+    assert (catalog_model.upload_status, catalog_model.total_bytes) == (UploadStatus.UPLOADED, 123)
