@@ -311,6 +311,8 @@ UPLOAD_PROGRESS_INTERVAL_S: float = _env_or_fail("UPLOAD_PROGRESS_INTERVAL_S", f
 # An upload whose row has not moved for this long is considered dead (worker killed) and may be re-queued.
 UPLOAD_STALE_AFTER_S: int = _env_or_fail("UPLOAD_STALE_AFTER_S", int, 600)
 UPLOAD_FILE_RETRIES: int = _env_or_fail("UPLOAD_FILE_RETRIES", int, 3)
+# First wait before a file is retried; doubles on each further attempt (capped at 60 s).
+UPLOAD_RETRY_BACKOFF_S: float = _env_or_fail("UPLOAD_RETRY_BACKOFF_S", float, 2.0)
 # Files sent at once (their parts share the R2_MAX_CONCURRENCY threads): keeps the pipe full across small files.
 UPLOAD_FILES_IN_FLIGHT: int = _env_or_fail("UPLOAD_FILES_IN_FLIGHT", int, 4)
 

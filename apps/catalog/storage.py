@@ -152,7 +152,7 @@ def client():  # -> botocore S3 client (untyped: botocore generates it at runtim
                 region_name=settings.R2_REGION,
                 signature_version="s3v4",
                 s3={"addressing_style": "path"},
-                retries={"mode": "standard", "max_attempts": settings.R2_MAX_ATTEMPTS},
+                retries={"mode": "standard", "total_max_attempts": settings.R2_MAX_ATTEMPTS},  # initial + retries
                 connect_timeout=settings.R2_CONNECT_TIMEOUT_S,
                 read_timeout=settings.R2_READ_TIMEOUT_S,
                 # Room for every multipart worker plus a few control calls.

@@ -183,7 +183,7 @@ class _InFlight:
         self.transfer = None
         if self.attempt > settings.UPLOAD_FILE_RETRIES:
             return False
-        delay = min(60.0, 2.0 ** self.attempt)
+        delay = min(60.0, settings.UPLOAD_RETRY_BACKOFF_S * 2 ** (self.attempt - 1))
         log.warning("transient failure on %s (%s); retry %d/%d in %.0fs", self.key, exc, self.attempt,
                     settings.UPLOAD_FILE_RETRIES, delay)
         self.retry_at = time.monotonic() + delay
