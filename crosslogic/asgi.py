@@ -1,8 +1,12 @@
-"""ASGI entry point. The gateway mounts its raw ASGI app for /v1/ in front of Django here."""
+"""ASGI entry point: the gateway serves /v1/*, /health and /ready; Django serves the rest."""
 
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+from apps.gateway.app import Gateway  # noqa: E402 - needs the app registry that get_asgi_application() set up
+
+application = Gateway(django_application)

@@ -19,8 +19,12 @@ def client() -> redis.Redis | None:
     return redis.Redis.from_url(settings.REDIS_URL, **_TIMEOUTS)
 
 
-def async_client() -> aioredis.Redis | None:
-    """A new asyncio client; each event loop needs its own, so the caller keeps it."""
+def async_client(**overrides: object) -> aioredis.Redis | None:
+    """A new asyncio client; each event loop needs its own, so the caller keeps it.
+
+    ``overrides`` adjust connection options, e.g. ``socket_timeout=None`` for a pub/sub listener
+    that legitimately waits for minutes.
+    """
     if not settings.REDIS_URL:
         return None
-    return aioredis.Redis.from_url(settings.REDIS_URL, **_TIMEOUTS)
+    return aioredis.Redis.from_url(settings.REDIS_URL, **{**_TIMEOUTS, **overrides})

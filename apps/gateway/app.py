@@ -1,0 +1,377 @@
+"""The gateway: a raw ASGI app that serves /v1/*, /health and /ready itself and hands every
+other path to Django.
+
+Why raw ASGI and not a Django async view: on the view path every request runs Django's
+connection signal handlers and response.close through sync_to_async on a thread, which measured
+~55% of the CPU at 256 streams here; a raw callable does none of that (see docs/gateway.md).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import uuid
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+
+from apps.core import invalidation
+from apps.core import redis as redis_lib
+from apps.gateway import payloads, relay, upstream
+from apps.gateway.auth import KeyCache, KeyEntry
+from apps.gateway.errors import GatewayError, bad_request
+from apps.gateway.limits import RateLimiter
+from apps.gateway.routing import LOADBOARD_PERIOD_S, LoadBoard, RoutingTable, aload_table
+from apps.gateway.usage import UsageRecorder, cost_micros
+
+log = logging.getLogger(__name__)
+
+ROUTES = {
+    "/v1/chat/completions": payloads.CHAT,
+    "/v1/completions": payloads.COMPLETIONS,
+    "/v1/embeddings": payloads.EMBEDDINGS,
+}
+_JSON = (b"content-type", b"application/json")
+
+
+def _new_request_id() -> str:
+    return "req_" + uuid.uuid4().hex
+
+
+def _header(scope: dict, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key == name:
+            return value.decode("latin-1")
+    return None
+
+
+async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Gateway:
+    def __init__(self, django_app: Any) -> None:
+        self.django_app = django_app
+        self.keys = KeyCache()
+        self.board = LoadBoard()
+        self.table = RoutingTable()
+        self.usage = UsageRecorder()
+        self.session: Any = None
+        self.redis: Any = None
+        self.limiter = RateLimiter(None, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
+        self._tasks: list[asyncio.Task] = []
+        self._started = False
+        self._start_lock: asyncio.Lock | None = None
+        self._routing_dirty: asyncio.Event | None = None
+
+    # --- lifecycle -------------------------------------------------------------------------
+    async def startup(self) -> None:
+        if self._started:
+            return
+        if self._start_lock is None:
+            self._start_lock = asyncio.Lock()
+        async with self._start_lock:
+            if self._started:
+                return
+            self.session = upstream.new_session()
+            self.redis = redis_lib.async_client()
+            self.limiter = RateLimiter(self.redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
+            self._routing_dirty = asyncio.Event()
+            try:
+                self.table = await aload_table()
+            except Exception:
+                log.exception("gateway: could not load the routing table at start")
+            self._tasks = [asyncio.ensure_future(c) for c in (
+                self._refresh_routing(), self.usage.run(), self._listen_invalidations(), self._sync_load())]
+            self._started = True
+
+    async def shutdown(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        try:
+            await self.usage.flush()
+        except Exception:
+            log.exception("gateway: %d usage records could not be written at shutdown", len(self.usage.buffer))
+        if self.session is not None:
+            await self.session.close()
+        if self.redis is not None:
+            await self.redis.aclose()
+        self._started = False
+
+    async def _refresh_routing(self) -> None:
+        assert self._routing_dirty is not None
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._routing_dirty.wait(), timeout=settings.ROUTING_REFRESH_S)
+            self._routing_dirty.clear()
+            try:
+                self.table = await aload_table()
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                log.warning("gateway: routing refresh failed (%s); serving the last table", exc)
+                await asyncio.sleep(1)
+
+    async def _listen_invalidations(self) -> None:
+        """Drop cached keys / reload routing when another process changes them."""
+        if self.redis is None:
+            self.keys.ttl = 1.0
+            return
+        while True:
+            client = redis_lib.async_client(socket_timeout=None)
+            try:
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                await pubsub.subscribe(invalidation.CHANNEL)
+                # Anything may have changed while we were not listening.
+                self.keys.ttl = settings.GATEWAY_KEY_CACHE_TTL_S
+                self.keys.clear()
+                self._routing_dirty.set()  # type: ignore[union-attr]
+                async for message in pubsub.listen():
+                    topic = message.get("data")
+                    topic = topic.decode() if isinstance(topic, bytes) else topic
+                    if topic == invalidation.KEYS:
+                        self.keys.clear()
+                    elif topic == invalidation.ROUTING:
+                        self._routing_dirty.set()  # type: ignore[union-attr]
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                self.keys.ttl = 1.0
+                log.warning("gateway: invalidation listener lost Redis (%s); key cache TTL now 1s", exc)
+                await asyncio.sleep(1)
+            finally:
+                await client.aclose()
+
+    async def _sync_load(self) -> None:
+        if self.redis is None:
+            return
+        failures = 0
+        while True:
+            await asyncio.sleep(LOADBOARD_PERIOD_S)
+            try:
+                await asyncio.wait_for(self.board.sync(self.redis), timeout=1.0)
+                failures = 0
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:
+                failures += 1
+                self.board.others = {}
+                if failures == 1:
+                    log.warning("gateway: cannot share load through Redis (%s)", exc)
+                await asyncio.sleep(min(5.0, failures * 0.5))
+
+    # --- ASGI ------------------------------------------------------------------------------
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        kind = scope["type"]
+        if kind == "lifespan":
+            await self._lifespan(receive, send)
+            return
+        path = scope.get("path", "")
+        if kind != "http" or not (path.startswith("/v1/") or path in ("/health", "/ready")):
+            await self.django_app(scope, receive, send)
+            return
+        if not self._started:
+            await self.startup()
+        request_id = _new_request_id()
+        base_headers = [(b"x-request-id", request_id.encode())]
+        try:
+            if path == "/health":
+                await _send_json(send, 200, b'{"status":"ok"}', base_headers)
+            elif path == "/ready":
+                await self._ready(send, base_headers)
+            elif path == "/v1/models":
+                self._require_method(scope, "GET")
+                entry = await self.keys.authenticate(_header(scope, b"authorization"))
+                await _send_json(send, 200, self._models_body(entry), base_headers)
+            elif path in ROUTES:
+                self._require_method(scope, "POST")
+                await self._inference(scope, receive, send, ROUTES[path], request_id, base_headers)
+            else:
+                raise GatewayError(404, f"Unknown path {path}.", code="unknown_url")
+        except GatewayError as err:
+            extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
+            await _send_json(send, err.status, err.body(), base_headers + extra)
+
+    async def _lifespan(self, receive: Any, send: Any) -> None:
+        while True:
+            message = await receive()
+            if message["type"] == "lifespan.startup":
+                try:
+                    await self.startup()
+                except Exception as exc:
+                    await send({"type": "lifespan.startup.failed", "message": str(exc)})
+                    return
+                await send({"type": "lifespan.startup.complete"})
+            elif message["type"] == "lifespan.shutdown":
+                await self.shutdown()
+                await send({"type": "lifespan.shutdown.complete"})
+                return
+
+    @staticmethod
+    def _require_method(scope: dict, method: str) -> None:
+        if scope["method"] != method:
+            raise GatewayError(405, f"Method {scope['method']} is not allowed here; use {method}.",
+                               code="method_not_allowed", headers={"allow": method})
+
+    async def _ready(self, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        checks: dict[str, str] = {}
+        try:
+            await sync_to_async(_ping_database, thread_sensitive=False)()
+            checks["database"] = "ok"
+        except Exception as exc:
+            checks["database"] = f"unreachable: {type(exc).__name__}"
+        if self.redis is None:
+            checks["redis"] = "not configured"
+        else:
+            try:
+                await asyncio.wait_for(self.redis.ping(), timeout=1.0)
+                checks["redis"] = "ok"
+            except Exception as exc:
+                checks["redis"] = f"unreachable: {type(exc).__name__}"
+        ok = checks["database"] == "ok" and checks["redis"] in ("ok", "not configured")
+        body = json.dumps({"status": "ready" if ok else "not ready", "checks": checks}).encode()
+        await _send_json(send, 200 if ok else 503, body, headers)
+
+    def _models_body(self, entry: KeyEntry) -> bytes:
+        data = [
+            {"id": name, "object": "model", "created": route.created, "owned_by": "crosslogic",
+             "ready": bool(route.nodes)}
+            for name, route in sorted(self.table.models.items()) if entry.allows_model(name)
+        ]
+        return json.dumps({"object": "list", "data": data}).encode()
+
+    # --- inference -------------------------------------------------------------------------
+    async def _inference(self, scope: dict, receive: Any, send: Any, endpoint: str, request_id: str,
+                         base_headers: list[tuple[bytes, bytes]]) -> None:
+        entry = await self.keys.authenticate(_header(scope, b"authorization"))
+        if "inference" not in entry.scopes:
+            raise GatewayError(403, "This API key lacks the 'inference' scope.", type="permission_error",
+                               code="insufficient_scope")
+        body = await _read_body(scope, receive)
+        payload = payloads.parse(body, endpoint)
+        name = payload["model"]
+        route = self.table.models.get(name)
+        if route is None:
+            raise GatewayError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        if not entry.allows_model(name):
+            raise GatewayError(403, f"This API key may not use the model '{name}'.", type="permission_error",
+                               param="model", code="model_not_allowed")
+        admission = await self.limiter.admit(limits=[entry.key_limit, entry.tenant_limit],
+                                             reserve_tokens=payloads.reserve_tokens(payload, len(body)),
+                                             request_id=request_id)
+        limit_headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
+        if not admission.allowed:
+            retry = str(max(1, int(-(-(admission.retry_after_s or 1) // 1))))
+            if admission.reason == "unavailable":
+                raise GatewayError(503, "Rate limiting is unavailable; retry shortly.", type="server_error",
+                                   code="rate_limiter_unavailable", headers={"retry-after": retry})
+            raise GatewayError(429, f"Rate limit reached for {admission.reason}; retry after {retry}s.",
+                               type="rate_limit_error", code=f"rate_limit_{admission.reason}",
+                               headers={"retry-after": retry, **admission.headers})
+        ex = relay.Exchange(request_id=request_id, endpoint=endpoint, stream=bool(payload.get("stream")),
+                            estimated_prompt=len(body) // 4)
+        client_wants_usage = False
+        if ex.stream:
+            options = payload.get("stream_options") or {}
+            client_wants_usage = bool(options.get("include_usage"))
+            if not client_wants_usage:
+                # vLLM reports a stream's usage only when asked; we ask, and strip it on the way back.
+                payload["stream_options"] = {**options, "include_usage": True}
+                body = json.dumps(payload).encode()
+        try:
+            cut = await relay.run_until_disconnect(
+                self._forward(route=route, path=scope["path"], body=body, ex=ex, send=send,
+                              client_wants_usage=client_wants_usage, headers=base_headers + limit_headers),
+                receive)
+            if cut:
+                ex.status = 499  # client closed the request (nginx's convention)
+        except GatewayError as err:
+            ex.status = err.status
+            self._meter(ex, entry, route)
+            raise
+        finally:
+            prompt, completion, _ = ex.tokens()
+            await self.limiter.settle(admission, used_tokens=prompt + completion)
+        self._meter(ex, entry, route)
+
+    async def _forward(self, *, route: Any, path: str, body: bytes, ex: relay.Exchange, send: Any,
+                       client_wants_usage: bool, headers: list[tuple[bytes, bytes]]) -> None:
+        node, resp = await relay.open_upstream(session=self.session, board=self.board, route=route, path=path,
+                                               body=body, ex=ex)
+        try:
+            is_sse = resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
+            if is_sse:
+                await relay.relay_stream(resp=resp, send=send, ex=ex, client_wants_usage=client_wants_usage,
+                                         headers=headers)
+            else:
+                await relay.relay_json(resp=resp, send=send, ex=ex, headers=headers)
+            resp.release()
+        finally:
+            # Closing an unfinished response drops the connection, which makes vLLM abort the generation.
+            if not resp.closed:
+                resp.close()
+            self.board.release(node.node_id)
+
+    def _meter(self, ex: relay.Exchange, entry: KeyEntry, route: Any) -> None:
+        prompt, completion, estimated = ex.tokens()
+        if ex.node_id is None:
+            prompt = completion = 0
+            estimated = False
+        self.usage.record({
+            "request_id": ex.request_id,
+            "tenant_id": entry.tenant_id,
+            "api_key_id": entry.key_id,
+            "model_id": route.model_id,
+            "model_name": route.name,
+            "node_id": ex.node_id,
+            "endpoint": ex.endpoint,
+            "prompt_tokens": prompt,
+            "completion_tokens": completion,
+            "estimated": estimated,
+            "streamed": ex.stream,
+            "status_code": ex.status,
+            "ttft_ms": ex.ttft_ms,
+            "latency_ms": (time.monotonic() - ex.started) * 1000,
+            "cost_micros": cost_micros(prompt, completion, route.price_in, route.price_out),
+        })
+
+
+def _ping_database() -> None:
+    from django.db import connection
+
+    try:
+        with connection.cursor() as cursor:
+            cursor.execute("SELECT 1")
+    finally:
+        connection.close()
+
+
+async def _read_body(scope: dict, receive: Any) -> bytes:
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    declared = _header(scope, b"content-length")
+    if declared is not None:
+        if not declared.isdigit():
+            raise bad_request("Invalid Content-Length header.")
+        if int(declared) > limit:
+            raise GatewayError(413, f"The request body exceeds {limit} bytes.", code="request_too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise asyncio.CancelledError
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise GatewayError(413, f"The request body exceeds {limit} bytes.", code="request_too_large")
+        chunks.append(chunk)
+        if not message.get("more_body"):
+            return b"".join(chunks)
+

@@ -1,0 +1,131 @@
+"""API-key verification for the gateway, from an in-process cache.
+
+A key is looked up in the database once (by its visible prefix) and then served from memory.
+Writers bump the ``keys`` version in Redis (apps.core.invalidation); every worker listens and
+drops its cache, so a revoked key stops working everywhere within a second. Should Redis be
+unreachable, entries expire after GATEWAY_KEY_CACHE_TTL_S instead.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from datetime import datetime
+
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.db import close_old_connections, connection
+from django.utils import timezone
+
+from apps.core import secrets as tokens
+from apps.gateway.errors import GatewayError
+from apps.gateway.limits import Limit
+
+
+@dataclass(frozen=True)
+class KeyEntry:
+    key_id: int
+    tenant_id: int
+    digest: str
+    prefix: str
+    scopes: frozenset[str]
+    allowed_models: frozenset[str]
+    expires_at: datetime | None
+    revoked: bool
+    tenant_active: bool
+    key_limit: Limit
+    tenant_limit: Limit
+
+    def allows_model(self, name: str) -> bool:
+        return not self.allowed_models or name in self.allowed_models
+
+
+def _unauthorized(message: str) -> GatewayError:
+    return GatewayError(401, message, type="authentication_error", code="invalid_api_key")
+
+
+def _load(prefix: str) -> KeyEntry | None:
+    from apps.tenancy.models import ApiKey, TenantStatus
+
+    close_old_connections()
+    try:
+        key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
+    finally:
+        # No connection is kept by the gateway between lookups: streams must not pin one.
+        connection.close()
+    if key is None:
+        return None
+    tenant = key.tenant
+    return KeyEntry(
+        key_id=key.pk,
+        tenant_id=tenant.pk,
+        digest=key.digest,
+        prefix=key.prefix,
+        scopes=frozenset(key.scopes),
+        allowed_models=frozenset(key.allowed_models or ()),
+        expires_at=key.expires_at,
+        revoked=key.revoked_at is not None,
+        tenant_active=tenant.status == TenantStatus.ACTIVE,
+        key_limit=Limit(
+            subject=f"key:{key.pk}",
+            requests_per_minute=key.requests_per_minute,
+            tokens_per_minute=key.tokens_per_minute,
+            max_concurrent=key.max_concurrent_requests,
+        ),
+        tenant_limit=Limit(
+            subject=f"tenant:{tenant.pk}",
+            requests_per_minute=tenant.requests_per_minute,
+            tokens_per_minute=tenant.tokens_per_minute,
+            max_concurrent=tenant.max_concurrent_requests,
+        ),
+    )
+
+
+class KeyCache:
+    def __init__(self) -> None:
+        self._entries: dict[str, tuple[float, KeyEntry | None]] = {}
+        # Lowered to ~1 s while invalidations cannot be heard (Redis away).
+        self.ttl = settings.GATEWAY_KEY_CACHE_TTL_S
+        self._load = sync_to_async(_load, thread_sensitive=False)
+        # Verified raw keys, so the HMAC runs once per key and worker, not once per request.
+        self._verified: dict[str, str] = {}
+
+    def clear(self) -> None:
+        self._entries.clear()
+        self._verified.clear()
+
+    async def entry(self, prefix: str) -> KeyEntry | None:
+        now = time.monotonic()
+        cached = self._entries.get(prefix)
+        if cached is not None and now - cached[0] < self.ttl:
+            return cached[1]
+        entry = await self._load(prefix)
+        if len(self._entries) > 100_000:  # bounded under a flood of made-up prefixes
+            self._entries.clear()
+        self._entries[prefix] = (now, entry)
+        return entry
+
+    async def authenticate(self, authorization: str | None) -> KeyEntry:
+        if not authorization:
+            raise _unauthorized("Missing API key: send 'Authorization: Bearer <key>'.")
+        scheme, _, raw = authorization.partition(" ")
+        raw = raw.strip()
+        if scheme.lower() != "bearer" or not raw:
+            raise _unauthorized("Malformed Authorization header: use 'Bearer <key>'.")
+        prefix = tokens.split_prefix(raw, settings.API_KEY_PREFIX)
+        if prefix is None:
+            raise _unauthorized("Incorrect API key provided.")
+        entry = await self.entry(prefix)
+        if entry is None:
+            raise _unauthorized("Incorrect API key provided.")
+        if self._verified.get(raw) != entry.digest:
+            if not tokens.matches(raw, entry.digest):
+                raise _unauthorized("Incorrect API key provided.")
+            self._verified[raw] = entry.digest
+        if entry.revoked:
+            raise _unauthorized("This API key has been revoked.")
+        if entry.expires_at is not None and entry.expires_at <= timezone.now():
+            raise _unauthorized("This API key has expired.")
+        if not entry.tenant_active:
+            raise _unauthorized("This account is suspended.")
+        return entry

@@ -1,0 +1,65 @@
+"""Validation of /v1 request bodies: OpenAI's 400s, each naming the offending param."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from django.conf import settings
+
+from apps.gateway.errors import bad_request
+
+CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
+# What each endpoint requires besides `model`.
+_REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
+
+
+def parse(body: bytes, endpoint: str) -> dict[str, Any]:
+    if not body.strip():
+        raise bad_request("The request body is empty; send a JSON object.")
+    try:
+        payload = json.loads(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    if not isinstance(payload, dict):
+        raise bad_request("The request body must be a JSON object.")
+    model = payload.get("model")
+    if model is None:
+        raise bad_request("Missing required parameter: 'model'.", "model")
+    if not isinstance(model, str) or not model:
+        raise bad_request("'model' must be a non-empty string.", "model")
+    field = _REQUIRED[endpoint]
+    if field not in payload:
+        raise bad_request(f"Missing required parameter: '{field}'.", field)
+    value = payload[field]
+    if endpoint == CHAT:
+        if not isinstance(value, list) or not value:
+            raise bad_request("'messages' must be a non-empty array of message objects.", "messages")
+        for i, message in enumerate(value):
+            if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+                raise bad_request(f"'messages[{i}]' must be an object with a string 'role'.", f"messages[{i}]")
+    elif endpoint == COMPLETIONS:
+        if not isinstance(value, (str, list)) or (isinstance(value, list) and not value):
+            raise bad_request("'prompt' must be a string or a non-empty array.", "prompt")
+    elif not isinstance(value, (str, list)) or (isinstance(value, list) and not value):
+        raise bad_request("'input' must be a string or a non-empty array.", "input")
+    if "stream" in payload and not isinstance(payload["stream"], bool) and payload["stream"] is not None:
+        raise bad_request("'stream' must be a boolean.", "stream")
+    if endpoint == EMBEDDINGS and payload.get("stream"):
+        raise bad_request("Embeddings cannot be streamed.", "stream")
+    for name in ("max_tokens", "max_completion_tokens", "n"):
+        v = payload.get(name)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+            raise bad_request(f"'{name}' must be a positive integer.", name)
+    options = payload.get("stream_options")
+    if options is not None and not isinstance(options, dict):
+        raise bad_request("'stream_options' must be an object.", "stream_options")
+    return payload
+
+
+def reserve_tokens(payload: dict[str, Any], body_len: int) -> int:
+    """Tokens to reserve before the answer is known: the output cap plus ~4 bytes per prompt token."""
+    out = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if out is None:
+        out = 0 if "input" in payload and "messages" not in payload else settings.GATEWAY_DEFAULT_MAX_TOKENS
+    return int(out) + body_len // 4

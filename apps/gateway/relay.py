@@ -1,0 +1,218 @@
+"""Forwarding one admitted request to a node, with failover before the first byte, and relaying
+the answer: byte-for-byte SSE events as they arrive, or the JSON body.
+
+Per chunk the work is byte operations: events are split on the blank line, forwarded in one
+``send`` per upstream read; only vLLM's final usage chunk is parsed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from django.conf import settings
+
+from apps.gateway import upstream
+from apps.gateway.errors import GatewayError, error_body
+from apps.gateway.payloads import CHAT
+from apps.gateway.routing import LoadBoard, ModelRoute, NodeRoute
+
+log = logging.getLogger(__name__)
+
+Send = Any  # the ASGI send callable
+_DONE = b"data: [DONE]"
+_FORWARDED_UPSTREAM_HEADERS = ("content-type",)
+
+
+@dataclass
+class Exchange:
+    """What one request did, filled in as it goes so that a cancelled request can be metered too."""
+
+    request_id: str
+    endpoint: str
+    stream: bool
+    started: float = field(default_factory=time.monotonic)
+    node_id: int | None = None
+    status: int = 0
+    ttft_ms: float | None = None
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    chunks: int = 0
+    response_started: bool = False
+    estimated_prompt: int = 0
+
+    @property
+    def has_usage(self) -> bool:
+        return self.prompt_tokens is not None
+
+    def tokens(self) -> tuple[int, int, bool]:
+        """(prompt, completion, estimated)."""
+        if self.prompt_tokens is not None:
+            return self.prompt_tokens, self.completion_tokens or 0, False
+        # No usage from vLLM (disconnect, upstream death): count what was delivered.
+        content_chunks = max(0, self.chunks - 1) if self.endpoint == CHAT else self.chunks
+        return self.estimated_prompt, content_chunks, True
+
+
+def _upstream_headers(node: NodeRoute, request_id: str) -> dict[str, str]:
+    # Only what vLLM needs: never the customer's Authorization or any of their other headers.
+    return {"Authorization": f"Bearer {node.api_key}", "Content-Type": "application/json",
+            "X-Request-Id": request_id}
+
+
+async def open_upstream(
+    *, session: Any, board: LoadBoard, route: ModelRoute, path: str, body: bytes, ex: Exchange
+) -> tuple[NodeRoute, upstream.ClientResponse]:
+    """Connect to the least-loaded node; on a failure before the first byte, cool it down and try
+    another (GATEWAY_MAX_RETRIES times). The caller must release the node on the board."""
+    tried: set[int] = set()
+    last = "no ready node serves this model"
+    for _ in range(1 + settings.GATEWAY_MAX_RETRIES):
+        node = board.pick(route.nodes, tried)
+        if node is None:
+            break
+        tried.add(node.node_id)
+        board.acquire(node.node_id)
+        try:
+            resp = await upstream.post(session, node.base_url + path, body=body,
+                                       headers=_upstream_headers(node, ex.request_id))
+        except (upstream.ClientError, TimeoutError) as exc:
+            board.release(node.node_id)
+            board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
+            last = f"node {node.node_id} unreachable: {type(exc).__name__}"
+            log.warning("request %s: %s; failing over", ex.request_id, last)
+            continue
+        if resp.status >= 500:
+            resp.close()
+            board.release(node.node_id)
+            board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
+            last = f"node {node.node_id} answered {resp.status}"
+            log.warning("request %s: %s; failing over", ex.request_id, last)
+            continue
+        ex.node_id = node.node_id
+        return node, resp
+    if not tried:
+        raise GatewayError(503, f"No ready node serves '{route.name}' right now; retry shortly.",
+                           type="server_error", code="no_capacity", headers={"retry-after": "5"})
+    raise GatewayError(503, "The model's nodes are unavailable right now; retry shortly.",
+                       type="server_error", code="upstream_unavailable", headers={"retry-after": "2"})
+
+
+def _response_headers(resp: upstream.ClientResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    headers = list(extra)
+    for name in _FORWARDED_UPSTREAM_HEADERS:
+        value = resp.headers.get(name)
+        if value:
+            headers.append((name.encode(), value.encode("latin-1")))
+    return headers
+
+
+async def relay_json(*, resp: upstream.ClientResponse, send: Send, ex: Exchange,
+                     headers: list[tuple[bytes, bytes]]) -> None:
+    body = await resp.read()
+    ex.status = resp.status
+    if resp.status == 200:
+        try:
+            usage = json.loads(body).get("usage") or {}
+            ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+            ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+        except (ValueError, AttributeError, TypeError):
+            log.warning("request %s: upstream JSON without readable usage", ex.request_id)
+    ex.ttft_ms = (time.monotonic() - ex.started) * 1000
+    ex.response_started = True
+    await send({"type": "http.response.start", "status": resp.status, "headers": _response_headers(resp, headers)})
+    await send({"type": "http.response.body", "body": body})
+
+
+def _read_usage(event: bytes, ex: Exchange) -> None:
+    try:
+        usage = json.loads(event[5:])["usage"]
+        ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
+        ex.completion_tokens = int(usage.get("completion_tokens") or 0)
+    except (ValueError, KeyError, TypeError, AttributeError):
+        log.warning("request %s: unreadable usage chunk", ex.request_id)
+
+
+def _is_usage_chunk(event: bytes) -> bool:
+    return b'"usage"' in event and (b'"choices":[]' in event or b'"choices": []' in event)
+
+
+async def relay_stream(*, resp: upstream.ClientResponse, send: Send, ex: Exchange, client_wants_usage: bool,
+                       headers: list[tuple[bytes, bytes]]) -> None:
+    ex.status = 200
+    ex.response_started = True
+    start_headers = [*_response_headers(resp, headers), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]
+    await send({"type": "http.response.start", "status": 200, "headers": start_headers})
+    pending = b""
+    saw_done = False
+    failure: str | None = None
+    try:
+        async for piece in resp.content.iter_any():
+            pending += piece
+            if b"\n\n" not in pending:
+                continue
+            *events, pending = pending.split(b"\n\n")
+            out: list[bytes] = []
+            for event in events:
+                if not event:
+                    continue
+                if event.startswith(_DONE):
+                    saw_done = True
+                elif _is_usage_chunk(event):
+                    _read_usage(event, ex)
+                    if not client_wants_usage:
+                        continue
+                else:
+                    ex.chunks += 1
+                out.append(event)
+                out.append(b"\n\n")
+            if out:
+                if ex.ttft_ms is None:
+                    ex.ttft_ms = (time.monotonic() - ex.started) * 1000
+                await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+        if not saw_done:
+            failure = "The model server closed the stream before it finished."
+    except (upstream.ClientError, TimeoutError) as exc:
+        failure = f"The model server failed mid-stream ({type(exc).__name__})."
+    if failure is not None:
+        ex.status = 502
+        log.warning("request %s: %s", ex.request_id, failure)
+        event = b"data: " + error_body(failure, type="server_error", code="upstream_error") + b"\n\n"
+        await send({"type": "http.response.body", "body": event, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def watch_disconnect(receive: Any) -> None:
+    """Return when the client goes away (uvicorn's send() stays silent about it)."""
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def run_until_disconnect(work: Any, receive: Any) -> bool:
+    """Run ``work`` (a coroutine) and cancel it if the client disconnects. True if it was cut."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(watch_disconnect(receive))
+    try:
+        done, _ = await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:
+        task.cancel()
+        watcher.cancel()
+        raise
+    if task in done:
+        watcher.cancel()
+        task.result()  # re-raise what the work raised
+        return False
+    task.cancel()
+    try:
+        await task
+    except asyncio.CancelledError:
+        pass
+    except Exception:
+        log.debug("work raised after disconnect", exc_info=True)
+    return True

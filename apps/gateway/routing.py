@@ -1,0 +1,163 @@
+"""The routing table: served model name → its catalog entry and ready nodes, and node choice.
+
+Loaded from the database in the background (on a ``routing`` invalidation and at least every
+ROUTING_REFRESH_S, so the scraped queue lengths stay fresh); requests only read memory.
+
+Least loaded = this worker's in-flight requests on the node + every other worker's (published to
+Redis every 200 ms by LoadBoard) + the node's last scraped ``vllm:num_requests_waiting``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections import defaultdict
+from dataclasses import dataclass, field
+from decimal import Decimal
+
+from asgiref.sync import sync_to_async
+from django.db import close_old_connections, connection
+
+log = logging.getLogger(__name__)
+
+LOADBOARD_PERIOD_S = 0.2
+_WORKERS_KEY = "crosslogic:inflight:workers"
+_COOLDOWN_KEY = "crosslogic:cooldowns"
+
+
+@dataclass(frozen=True)
+class NodeRoute:
+    node_id: int
+    base_url: str
+    api_key: str
+    waiting: int
+
+
+@dataclass(frozen=True)
+class ModelRoute:
+    model_id: int
+    name: str
+    created: int
+    price_in: Decimal
+    price_out: Decimal
+    nodes: tuple[NodeRoute, ...] = ()
+
+
+@dataclass
+class RoutingTable:
+    models: dict[str, ModelRoute] = field(default_factory=dict)
+    loaded_at: float = 0.0
+
+
+def _node_key(node_id: int, launcher: str, state: dict) -> str:
+    from apps.fleet.keys import node_api_key
+
+    static_key = state.get("static_api_key") if launcher == "static" else None
+    return static_key or node_api_key(node_id)
+
+
+def load_table() -> RoutingTable:
+    from apps.catalog.models import Model
+    from apps.fleet.models import Node, NodeStatus
+
+    close_old_connections()
+    try:
+        models = list(Model.objects.filter(is_active=True).values(
+            "id", "name", "created_at", "price_input_per_mtok", "price_output_per_mtok"))
+        nodes = list(Node.objects.filter(status=NodeStatus.READY, model__is_active=True).exclude(endpoint_url="")
+                     .values("id", "model_id", "endpoint_url", "launcher", "launcher_state", "requests_waiting"))
+    finally:
+        connection.close()
+    by_model: dict[int, list[NodeRoute]] = defaultdict(list)
+    for n in nodes:
+        base = n["endpoint_url"].rstrip("/")
+        if base.endswith("/v1"):
+            base = base[:-3]
+        by_model[n["model_id"]].append(NodeRoute(
+            node_id=n["id"], base_url=base, api_key=_node_key(n["id"], n["launcher"], n["launcher_state"] or {}),
+            waiting=n["requests_waiting"] or 0))
+    table = RoutingTable(loaded_at=time.monotonic())
+    for m in models:
+        table.models[m["name"]] = ModelRoute(
+            model_id=m["id"], name=m["name"], created=int(m["created_at"].timestamp()),
+            price_in=m["price_input_per_mtok"], price_out=m["price_output_per_mtok"],
+            nodes=tuple(by_model.get(m["id"], ())))
+    return table
+
+
+aload_table = sync_to_async(load_table, thread_sensitive=False)
+
+
+class LoadBoard:
+    """In-flight requests per node: this worker's exact counts, other workers' from Redis."""
+
+    def __init__(self) -> None:
+        self.worker_id = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.local: dict[int, int] = defaultdict(int)
+        self.others: dict[int, int] = {}
+        self.cooldown_until: dict[int, float] = {}
+
+    def acquire(self, node_id: int) -> None:
+        self.local[node_id] += 1
+
+    def release(self, node_id: int) -> None:
+        self.local[node_id] -= 1
+        if self.local[node_id] <= 0:
+            del self.local[node_id]
+
+    def cool_down(self, node_id: int, seconds: float) -> None:
+        self.cooldown_until[node_id] = time.monotonic() + seconds
+
+    def pick(self, nodes: tuple[NodeRoute, ...], exclude: set[int]) -> NodeRoute | None:
+        now = time.monotonic()
+        best: NodeRoute | None = None
+        best_load = 0
+        for node in nodes:
+            if node.node_id in exclude or self.cooldown_until.get(node.node_id, 0.0) > now:
+                continue
+            load = self.local.get(node.node_id, 0) + self.others.get(node.node_id, 0) + node.waiting
+            if best is None or load < best_load:
+                best, best_load = node, load
+        return best
+
+    async def sync(self, redis: object) -> None:
+        """Publish our counts and cooldowns; read everyone else's. Two pipelined round trips."""
+        own = f"crosslogic:inflight:{self.worker_id}"
+        now = time.time()
+        mono = time.monotonic()
+        pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe.delete(own)
+        if self.local:
+            pipe.hset(own, mapping={str(k): v for k, v in self.local.items()})
+            pipe.expire(own, 3)
+        pipe.zadd(_WORKERS_KEY, {self.worker_id: now})
+        pipe.zremrangebyscore(_WORKERS_KEY, "-inf", now - 3)
+        # Cooldowns are shared as node id -> wall-clock end in one sorted set.
+        for node_id, until in list(self.cooldown_until.items()):
+            if until > mono:
+                pipe.zadd(_COOLDOWN_KEY, {str(node_id): now + (until - mono)}, gt=True)
+            else:
+                del self.cooldown_until[node_id]
+        pipe.zremrangebyscore(_COOLDOWN_KEY, "-inf", now)
+        pipe.zrange(_WORKERS_KEY, 0, -1)
+        pipe.zrange(_COOLDOWN_KEY, 0, -1, withscores=True)
+        results = await pipe.execute()
+        workers, cooldowns = results[-2], results[-1]
+        for member, end in cooldowns:
+            node_id = int(member)
+            until = mono + (float(end) - now)
+            if self.cooldown_until.get(node_id, 0.0) < until:
+                self.cooldown_until[node_id] = until
+        others = [w.decode() if isinstance(w, bytes) else w for w in workers]
+        others = [w for w in others if w != self.worker_id]
+        counts: dict[int, int] = defaultdict(int)
+        if others:
+            pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+            for w in others:
+                pipe.hgetall(f"crosslogic:inflight:{w}")
+            for mapping in await pipe.execute():
+                for k, v in mapping.items():
+                    counts[int(k)] += int(v)
+        self.others = dict(counts)
