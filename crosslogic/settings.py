@@ -324,3 +324,24 @@ SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
         "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
     }
 )
+
+# --- Gateway --------------------------------------------------------------------------------
+# The OpenAI-compatible /v1 proxy (apps/gateway). No total timeout on upstream calls: streams
+# may run for many minutes; only connecting and silence between bytes are bounded.
+GATEWAY_CONNECT_TIMEOUT_S: float = _env_or_fail("GATEWAY_CONNECT_TIMEOUT_S", float, 3.0)
+GATEWAY_READ_IDLE_TIMEOUT_S: float = _env_or_fail("GATEWAY_READ_IDLE_TIMEOUT_S", float, 300.0)
+GATEWAY_MAX_BODY_BYTES: int = _env_or_fail("GATEWAY_MAX_BODY_BYTES", int, 4 * 1024 * 1024)
+GATEWAY_DEFAULT_MAX_TOKENS: int = _env_or_fail("GATEWAY_DEFAULT_MAX_TOKENS", int, 1024)
+GATEWAY_RATE_LIMIT_FAIL_OPEN: bool = _env_or_fail("GATEWAY_RATE_LIMIT_FAIL_OPEN", bool, True)
+GATEWAY_MAX_RETRIES: int = _env_or_fail("GATEWAY_MAX_RETRIES", int, 2)
+GATEWAY_NODE_COOLDOWN_S: float = _env_or_fail("GATEWAY_NODE_COOLDOWN_S", float, 10.0)
+GATEWAY_UPSTREAM_POOL_SIZE: int = _env_or_fail("GATEWAY_UPSTREAM_POOL_SIZE", int, 1024)
+GATEWAY_KEY_CACHE_TTL_S: float = _env_or_fail("GATEWAY_KEY_CACHE_TTL_S", float, 60.0)
+GATEWAY_USAGE_FLUSH_INTERVAL_S: float = _env_or_fail("GATEWAY_USAGE_FLUSH_INTERVAL_S", float, 0.5)
+GATEWAY_USAGE_BATCH_SIZE: int = _env_or_fail("GATEWAY_USAGE_BATCH_SIZE", int, 500)
+GATEWAY_USAGE_BUFFER_MAX: int = _env_or_fail("GATEWAY_USAGE_BUFFER_MAX", int, 200_000)
+ROUTING_REFRESH_S: float = _env_or_fail("ROUTING_REFRESH_S", float, 1.0)
+if min(GATEWAY_CONNECT_TIMEOUT_S, GATEWAY_READ_IDLE_TIMEOUT_S, ROUTING_REFRESH_S) <= 0 or GATEWAY_MAX_RETRIES < 0:
+    raise ImproperlyConfigured("GATEWAY_* timeouts and ROUTING_REFRESH_S must be positive, retries >= 0.")
+if GATEWAY_MAX_BODY_BYTES < 1024 or GATEWAY_DEFAULT_MAX_TOKENS < 1:
+    raise ImproperlyConfigured("GATEWAY_MAX_BODY_BYTES must be >= 1024 and GATEWAY_DEFAULT_MAX_TOKENS >= 1.")

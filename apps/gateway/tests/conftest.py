@@ -38,7 +38,7 @@ class RunningGateway:
 
 
 @pytest.fixture
-def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:  # noqa: ARG001
+def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:
     app = Gateway(get_asgi_application())
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
                             loop="asyncio", http="h11")
@@ -56,7 +56,7 @@ def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:  # noqa: AR
     thread.join(15)
 
 
-def ready_node(model, endpoint_url: str, key: str = NODE_KEY, gateway: RunningGateway | None = None):  # noqa: ANN001, ANN201
+def ready_node(model, endpoint_url: str, key: str = NODE_KEY, gateway: RunningGateway | None = None):
     """A static node in state ready, pointing at ``endpoint_url``, presenting ``key`` to it."""
     node = node_create(model=model, launcher="static", endpoint_url=endpoint_url)
     type(node).objects.filter(pk=node.pk).update(launcher_state={"static_api_key": key})
@@ -66,7 +66,7 @@ def ready_node(model, endpoint_url: str, key: str = NODE_KEY, gateway: RunningGa
     return node
 
 
-def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02):  # noqa: ANN001, ANN201
+def wait_until(predicate, timeout_s: float = 5.0, interval_s: float = 0.02):
     deadline = time.monotonic() + timeout_s
     while True:
         value = predicate()
