@@ -1,15 +1,20 @@
-PY ?= python3.11
+# The two commands a newcomer needs: `make run` and `make test`. Both create .venv on first use.
+PY ?= $(shell command -v python3.11 2>/dev/null || command -v python3 2>/dev/null)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint ci bench clean
 
 $(BIN)/python:
-	@command -v $(PY) >/dev/null || { echo "error: $(PY) not found; install Python 3.11"; exit 1; }
-	$(PY) -m venv $(VENV)
+	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
+	@$(PY) -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))' || { echo "error: $(PY) is $$($(PY) -V 2>&1); CrossLogic needs Python 3.11: make PY=/path/to/python3.11 ..."; exit 1; }
+	@echo "make: creating $(VENV) with $(PY)"
+	@$(PY) -m venv $(VENV) || { rm -rf $(VENV); echo "error: venv creation failed (Debian/Ubuntu: apt-get install python3.11-venv)"; exit 1; }
 
+# Reinstalls when a requirements file changes; constraints.txt pins every transitive package.
 $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt constraints.txt
+	@echo "make: installing dependencies into $(VENV) (the first time takes a few minutes)"
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements-dev.txt -c constraints.txt
 	@touch $(STAMP)
@@ -17,11 +22,15 @@ $(STAMP): $(BIN)/python requirements.txt requirements-dev.txt constraints.txt
 run: $(STAMP)
 	@bash scripts/run.sh
 
+# Extra pytest arguments: make test ARGS="apps/fleet -x"
 test: $(STAMP)
 	@bash scripts/test.sh $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+ci:
+	@bash .ci/run
 
 bench: $(STAMP)
 	@bash scripts/bench.sh
