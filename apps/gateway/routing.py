@@ -98,6 +98,7 @@ class LoadBoard:
         self.local: dict[int, int] = defaultdict(int)
         self.others: dict[int, int] = {}
         self.cooldown_until: dict[int, float] = {}
+        self._turn = 0  # rotates the start of the scan, so equal loads spread over the nodes
 
     def acquire(self, node_id: int) -> None:
         self.local[node_id] += 1
@@ -114,7 +115,9 @@ class LoadBoard:
         now = time.monotonic()
         best: NodeRoute | None = None
         best_load = 0
-        for node in nodes:
+        self._turn += 1
+        start = self._turn % len(nodes) if nodes else 0
+        for node in nodes[start:] + nodes[:start]:
             if node.node_id in exclude or self.cooldown_until.get(node.node_id, 0.0) > now:
                 continue
             load = self.local.get(node.node_id, 0) + self.others.get(node.node_id, 0) + node.waiting

@@ -5,6 +5,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import pytest
@@ -37,8 +38,9 @@ class RunningGateway:
             raise AssertionError(f"gateway never routed {nodes} node(s) for {model}")
 
 
-@pytest.fixture
-def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:
+@contextmanager
+def running_gateway() -> Iterator[RunningGateway]:
+    """A fresh Gateway (empty caches) served by uvicorn on a free port, in a thread."""
     app = Gateway(get_asgi_application())
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
                             loop="asyncio", http="h11")
@@ -51,9 +53,17 @@ def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:
             raise RuntimeError("gateway did not start")
         time.sleep(0.02)
     port = server.servers[0].sockets[0].getsockname()[1]
-    yield RunningGateway(url=f"http://127.0.0.1:{port}", app=app, server=server)
-    server.should_exit = True
-    thread.join(15)
+    try:
+        yield RunningGateway(url=f"http://127.0.0.1:{port}", app=app, server=server)
+    finally:
+        server.should_exit = True
+        thread.join(15)
+
+
+@pytest.fixture
+def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:
+    with running_gateway() as running:
+        yield running
 
 
 def ready_node(model, endpoint_url: str, key: str = NODE_KEY, gateway: RunningGateway | None = None):
