@@ -15,6 +15,8 @@ PORT=${PORT:-8000}
 HOST=${HOST:-127.0.0.1}
 export DJANGO_SETTINGS_MODULE=crosslogic.settings
 export PYTHONUNBUFFERED=1
+# Local-launcher nodes register with this URL: follow the port chosen here unless set explicitly.
+export CONTROL_PLANE_URL=${CONTROL_PLANE_URL:-http://$HOST:$PORT}
 mkdir -p var
 
 say() { printf 'run: %s\n' "$*"; }

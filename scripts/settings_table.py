@@ -1,13 +1,15 @@
 """Print the README's configuration table: every setting crosslogic/settings.py reads from the
 environment, its default (as written in settings.py) and its description (from .env.example).
 
-    .venv/bin/python scripts/settings_table.py > /tmp/table.md
+    .venv/bin/python scripts/settings_table.py                  # print it
+    .venv/bin/python scripts/settings_table.py --write-readme   # replace it in README.md
 """
 
 from __future__ import annotations
 
 import ast
 import re
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -55,15 +57,28 @@ def env_example_descriptions() -> dict[str, str]:
     return descriptions
 
 
-def main() -> None:
+def table() -> str:
     defaults = settings_defaults()
     descriptions = env_example_descriptions()
-    print("| Variable | Default | What it does |")
-    print("|---|---|---|")
+    rows = ["| Variable | Default | What it does |", "|---|---|---|"]
     for name, default in defaults.items():
         text = descriptions.get(name, "").replace("|", "\\|")
-        shown = f"`{default}`" if default else ""
-        print(f"| `{name}` | {shown.replace('|', chr(92) + '|')} | {text} |")
+        shown = f"`{default}`".replace("|", "\\|") if default else ""
+        rows.append(f"| `{name}` | {shown} | {text} |")
+    return "\n".join(rows)
+
+
+def main() -> None:
+    if "--write-readme" not in sys.argv[1:]:
+        print(table())
+        return
+    readme = ROOT / "README.md"
+    start, end = "<!-- settings-table:start -->", "<!-- settings-table:end -->"
+    text = readme.read_text()
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    readme.write_text(f"{head}{start}\n{table()}\n{end}{tail}")
+    print(f"updated the configuration table in {readme}")
 
 
 if __name__ == "__main__":
