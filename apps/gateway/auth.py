@@ -35,6 +35,7 @@ class KeyEntry:
     tenant_active: bool
     key_limit: Limit
     tenant_limit: Limit
+    monthly_token_budget: int | None = None
 
     def allows_model(self, name: str) -> bool:
         return not self.allowed_models or name in self.allowed_models
@@ -78,6 +79,7 @@ def _load(prefix: str) -> KeyEntry | None:
             tokens_per_minute=tenant.tokens_per_minute,
             max_concurrent=tenant.max_concurrent_requests,
         ),
+        monthly_token_budget=tenant.monthly_token_budget,
     )
 
 

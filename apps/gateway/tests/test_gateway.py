@@ -203,3 +203,33 @@ def test_health_touches_nothing_and_ready_checks_database_and_redis(gateway) -> 
 def test_django_still_serves_everything_else(gateway) -> None:
     r = httpx.get(gateway.url + "/admin/login/")
     assert r.status_code == 200 and "Django" in r.text
+
+
+def test_after_warm_up_requests_do_not_touch_the_database_for_keys(gateway, client, catalog_model, sim) -> None:
+    ready_node(catalog_model, sim.url, gateway=gateway)
+    client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=1)  # warm-up
+    loads = []
+    real_load = gateway.app.keys._load
+
+    async def counting_load(prefix: str):
+        loads.append(prefix)
+        return await real_load(prefix)
+
+    gateway.app.keys._load = counting_load
+    for _ in range(20):
+        client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=1)
+    assert loads == []
+
+
+def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_model, sim) -> None:
+    from apps.tenancy.services import tenant_update
+
+    tenant_update(tenant=tenant, monthly_token_budget=50)  # each call below costs 30
+    ready_node(catalog_model, sim.url, gateway=gateway)
+    client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
+    assert wait_until(lambda: gateway.app.keys._entries == {})  # the tenant change reached the cache
+    client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
+    client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
+    with pytest.raises(openai.RateLimitError) as exc:
+        client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
+    assert exc.value.body["code"] == "insufficient_quota"
