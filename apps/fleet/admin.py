@@ -6,6 +6,7 @@ and node API keys are never rendered.
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from django import forms
@@ -31,6 +32,16 @@ STATUS_COLORS = {
     NodeStatus.TERMINATING: "#6c757d", NodeStatus.TERMINATED: "#adb5bd", NodeStatus.FAILED: "#dc3545",
 }
 EVENTS_SHOWN = 50
+_SECRET_WORDS = ("key", "token", "secret", "password")
+
+
+def redact(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
+                for k, v in value.items()}
+    if isinstance(value, list):
+        return [redact(v) for v in value]
+    return value
 
 
 def _actor(request: HttpRequest) -> str:
@@ -131,7 +142,7 @@ class NodeAdmin(admin.ModelAdmin):
         ("Health", {"fields": ["last_health_at", "consecutive_failures", "health_latency_ms",
                                "requests_running", "requests_waiting", "kv_cache_usage"]}),
         ("Lifecycle", {"fields": ["requested_at", "registered_at", "provisioned_at", "weights_loaded_at",
-                                  "ready_at", "terminated_at", "launcher_state"]}),
+                                  "ready_at", "terminated_at", "launcher_bookkeeping"]}),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Node | None = None) -> list[str]:
@@ -142,6 +153,11 @@ class NodeAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
         return False  # the event log and usage records refer to nodes: terminate instead
+
+    @admin.display(description="launcher state")
+    def launcher_bookkeeping(self, obj: Node) -> str:
+        # launcher_state may hold a static node's API key (gateway add_node): never render secrets.
+        return json.dumps(redact(obj.launcher_state), indent=1, sort_keys=True, default=str)
 
     @admin.display(description="cloud/region")
     def placement(self, obj: Node) -> str:

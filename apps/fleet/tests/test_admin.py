@@ -63,7 +63,8 @@ def test_node_page_shows_events_load_and_cold_start_but_no_secrets(admin_client_
     node_transition(node=node, to=NodeStatus.LOADING, reason="registered")
     node_transition(node=node, to=NodeStatus.READY, reason="health check passed")
     Node.objects.filter(pk=node.pk).update(requests_running=3, requests_waiting=1, kv_cache_usage=0.4,
-                                           last_health_at=node.ready_at)
+                                           last_health_at=node.ready_at,
+                                           launcher_state={"pid": 4242, "static_api_key": "sk-static-secret-1"})
 
     page = admin_client_.get(reverse("admin:fleet_node_change", args=[node.pk]))
 
@@ -72,6 +73,7 @@ def test_node_page_shows_events_load_and_cold_start_but_no_secrets(admin_client_
     assert "Cold start" in text and "weights loaded" in text and "health check passed" in text
     assert "3 running · 1 waiting" in text and "40%" in text
     assert token_hash not in text and raw not in text
+    assert "4242" in text and "sk-static-secret-1" not in text
 
 
 def test_changelist_actions_call_the_services(admin_client_, served_model) -> None:
