@@ -1,6 +1,6 @@
 """End to end with the local launcher: real processes, a real Celery worker, the real API.
 
-launch from the API → the node registers → ready → a request to the node → its vLLM dies →
+launch from the API → the node registers → ready → a request through the gateway → its vLLM dies →
 unhealthy → the reconciler replaces it → terminate. Intervals are shortened through the worker's
 environment; every wait is bounded.
 """
@@ -23,7 +23,6 @@ from django.db import connection
 from rest_framework.test import APIClient
 
 from apps.catalog.services import model_create
-from apps.fleet.keys import node_api_key
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 
 pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
@@ -90,8 +89,10 @@ def worker(transactional_db, live_server, redis_db, tmp_path) -> Iterator[Path]:
                     os.killpg(pid, signal.SIGKILL)
 
 
-def test_local_fleet_lifecycle_with_a_real_worker(worker: Path) -> None:
+def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
     from apps.fleet.tasks import fleet_health_check, fleet_reconcile
+    from apps.gateway.tests.conftest import running_gateway
+    from apps.tenancy.services import api_key_issue
 
     model = model_create(name="e2e-llama", storage_uri="s3://weights/e2e-llama", min_replicas=1, max_replicas=1)
     staff = User.objects.create_user("ops", is_staff=True)
@@ -110,38 +111,47 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path) -> None:
     kinds = list(NodeEvent.objects.filter(node=node).order_by("id").values_list("to_status", flat=True))
     assert kinds[-3:] == ["provisioning", "loading", "ready"]
 
-    # 2. A request to the node with its derived key (the gateway's credential); none → refused.
+    # 2. A customer request through the real gateway reaches the node (which wants its derived key).
     body = {"model": model.name, "messages": [{"role": "user", "content": "hello"}], "max_tokens": 5}
-    answer = httpx.post(node.endpoint_url + "/v1/chat/completions", json=body, timeout=10,
-                        headers={"Authorization": f"Bearer {node_api_key(node.pk)}"})
-    assert answer.status_code == 200 and answer.json()["choices"][0]["message"]["content"]
-    assert httpx.post(node.endpoint_url + "/v1/chat/completions", json=body, timeout=10).status_code == 401
+    _, customer_key = api_key_issue(tenant=tenant, name="e2e", scopes=["inference"])
+    customer = {"Authorization": f"Bearer {customer_key}"}
+    with running_gateway() as gateway:
+        gateway.wait_routed(model.name, 1, timeout_s=10)
+        answer = httpx.post(gateway.base_url + "/chat/completions", json=body, timeout=20, headers=customer)
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["message"]["content"]
+        assert httpx.post(node.endpoint_url + "/v1/chat/completions", json=body, timeout=10).status_code == 401
 
-    # 3. vLLM dies (SIGKILL); three failed checks → unhealthy.
-    node_pid = node.launcher_state["pid"]
-    (sim_pid,) = _children(node_pid)
-    os.kill(sim_pid, signal.SIGKILL)
-    for failures in (1, 2, 3):
-        fleet_health_check.delay()
-        _wait(f"health failure {failures}", lambda n=failures: Node.objects.get(pk=node.pk).consecutive_failures >= n,
-              timeout_s=20, log=worker)
-    node.refresh_from_db()
-    assert node.status == NodeStatus.UNHEALTHY
-    _wait("the node process to exit after its vLLM", lambda: not _alive(node_pid), timeout_s=15)
+        # 3. vLLM dies (SIGKILL); three failed checks → unhealthy → the gateway stops routing there.
+        node_pid = node.launcher_state["pid"]
+        (sim_pid,) = _children(node_pid)
+        os.kill(sim_pid, signal.SIGKILL)
+        for failures in (1, 2, 3):
+            fleet_health_check.delay()
+            _wait(f"health failure {failures}",
+                  lambda n=failures: Node.objects.get(pk=node.pk).consecutive_failures >= n, timeout_s=20, log=worker)
+        node.refresh_from_db()
+        assert node.status == NodeStatus.UNHEALTHY
+        gateway.wait_routed(model.name, 0, timeout_s=2)  # follows the worker's transition within ~1 s
+        _wait("the node process to exit after its vLLM", lambda: not _alive(node_pid), timeout_s=15)
 
-    # 4. The reconciler replaces it (min_replicas=1) and the replacement comes up.
-    fleet_reconcile.delay()
-    _wait("a replacement node", lambda: Node.objects.exclude(pk=node.pk).exists(), timeout_s=30, log=worker)
-    node.refresh_from_db()
-    assert node.status == NodeStatus.TERMINATED and node.status_reason == "preempted"
-    replacement = Node.objects.exclude(pk=node.pk).get()
-    assert NodeEvent.objects.filter(node=replacement, actor="reconciler", message__contains=str(node)).exists()
-    _wait("the replacement to become ready",
-          lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.READY).exists(), log=worker)
+        # 4. The reconciler replaces it (min_replicas=1); the replacement comes up and serves.
+        fleet_reconcile.delay()
+        _wait("a replacement node", lambda: Node.objects.exclude(pk=node.pk).exists(), timeout_s=30, log=worker)
+        node.refresh_from_db()
+        assert node.status == NodeStatus.TERMINATED and node.status_reason == "preempted"
+        replacement = Node.objects.exclude(pk=node.pk).get()
+        assert NodeEvent.objects.filter(node=replacement, actor="reconciler", message__contains=str(node)).exists()
+        _wait("the replacement to become ready",
+              lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.READY).exists(), log=worker)
+        gateway.wait_routed(model.name, 1, timeout_s=5)
+        again = httpx.post(gateway.base_url + "/chat/completions", json=body, timeout=20, headers=customer)
+        assert again.status_code == 200, again.text
 
-    # 5. Terminate from the API: the worker tears it down and the process is gone.
-    assert api.post(f"/api/v1/nodes/{replacement.pk}/terminate/").status_code == 200
-    _wait("the replacement to be terminated",
-          lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.TERMINATED).exists(), log=worker)
+        # 5. Terminate from the API: the worker tears it down and the process is gone.
+        assert api.post(f"/api/v1/nodes/{replacement.pk}/terminate/").status_code == 200
+        _wait("the replacement to be terminated",
+              lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.TERMINATED).exists(), log=worker)
+        gateway.wait_routed(model.name, 0, timeout_s=2)
     replacement.refresh_from_db()
     assert not _alive(replacement.launcher_state["pid"])
