@@ -141,7 +141,10 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
         node.refresh_from_db()
         assert node.status == NodeStatus.TERMINATED and node.status_reason == "preempted"
         replacement = Node.objects.exclude(pk=node.pk).get()
-        assert NodeEvent.objects.filter(node=replacement, actor="reconciler", message__contains=str(node)).exists()
+        # The reconciler writes its reason right after creating the node: wait for it, don't race it.
+        _wait("the reconciler's reason on the replacement",
+              lambda: NodeEvent.objects.filter(node=replacement, actor="reconciler",
+                                               message__contains=str(node)).exists(), timeout_s=10, log=worker)
         _wait("the replacement to become ready",
               lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.READY).exists(), log=worker)
         gateway.wait_routed(model.name, 1, timeout_s=5)

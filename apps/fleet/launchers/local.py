@@ -58,6 +58,21 @@ def _alive(pid: int, node_id: int | None = None) -> bool:
     return "run_local_node" in cmdline and (node_id is None or f"--node-id {node_id} " in cmdline + " ")
 
 
+def _gone(pid: int) -> bool:
+    """After we signalled our own process: has it fully exited? (An exiting process loses its
+    cmdline before it leaves /proc, so _alive() would call it gone too early.)"""
+    try:
+        if os.waitpid(pid, os.WNOHANG)[0] == pid:
+            return True
+    except ChildProcessError:
+        pass
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in {"Z", "X"}
+
+
 class LocalLauncher(Launcher):
     name = "local"
 
@@ -104,11 +119,14 @@ class LocalLauncher(Launcher):
             return True
         deadline = time.monotonic() + TERM_GRACE_S
         while time.monotonic() < deadline:
-            if not _alive(pid, node.pk):
+            if _gone(pid):
                 return True
             time.sleep(0.1)
         with contextlib.suppress(ProcessLookupError):
             os.killpg(pid, signal.SIGKILL)
+        deadline = time.monotonic() + 2.0
+        while not _gone(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
         return True
 
     def exists(self, node: Node) -> bool | None:
