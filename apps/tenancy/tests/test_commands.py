@@ -168,3 +168,38 @@ def test_bootstrap_demo_refuses_a_username_without_password(monkeypatch, db) -> 
     monkeypatch.delenv("DJANGO_SUPERUSER_PASSWORD", raising=False)
     with pytest.raises(CommandError, match="DJANGO_SUPERUSER_PASSWORD"):
         run("bootstrap_demo")
+
+
+def test_bootstrap_demo_in_development_launches_one_local_demo_node(settings, monkeypatch, db) -> None:
+    from apps.fleet.models import Node
+
+    settings.DEBUG = True
+    settings.FLEET_DEFAULT_LAUNCHER = "local"
+    monkeypatch.delenv("DJANGO_SUPERUSER_USERNAME", raising=False)
+    call_command("bootstrap_demo", stdout=StringIO(), stderr=StringIO())
+    node = Node.objects.get()
+    assert node.launcher == "local" and node.model.name == "demo-llama" and node.status == "pending"
+    assert node.model.min_replicas == 1  # the reconciler keeps it there
+    out = StringIO()
+    call_command("bootstrap_demo", stdout=out, stderr=StringIO())
+    assert Node.objects.count() == 1 and "already has a live node" in out.getvalue()
+
+
+def test_bootstrap_demo_launches_nothing_outside_development(superuser_env) -> None:
+    from apps.fleet.models import Node
+
+    call_command("bootstrap_demo", stdout=StringIO())
+    assert not Node.objects.exists()
+
+
+def test_stop_local_nodes_terminates_local_nodes_only(catalog_model) -> None:
+    from apps.fleet.models import Node
+    from apps.fleet.services import node_create
+
+    local = node_create(model=catalog_model, launcher="local")
+    static = node_create(model=catalog_model, launcher="static", endpoint_url="http://127.0.0.1:9")
+    out = StringIO()
+    call_command("stop_local_nodes", stdout=out)
+    assert Node.objects.get(pk=local.pk).status == "terminated"
+    assert Node.objects.get(pk=static.pk).status == "pending"
+    assert "stopped 1 local node(s)" in out.getvalue()

@@ -38,6 +38,7 @@ class Command(BaseCommand):
             tenant = self._tenant()
             self._model()
             self._key(tenant, new=options["new_key"])
+        self._demo_node()
 
     def _superuser(self) -> None:
         username = os.environ.get("DJANGO_SUPERUSER_USERNAME", "")
@@ -91,6 +92,31 @@ class Command(BaseCommand):
         except ValidationError as exc:
             raise CommandError(f"could not create the demo model: {'; '.join(exc.messages)}") from None
         self.stdout.write(self.style.SUCCESS(f"model: created {DEMO_MODEL}"))
+
+    def _demo_node(self) -> None:
+        """In development, serve the demo model at once from a local simulator node, so the first
+        /v1 request works without a GPU. The node registers with CONTROL_PLANE_URL once the
+        Celery worker has started it; the reconciler keeps it there (min_replicas=1)."""
+        from apps.catalog.models import Model
+        from apps.fleet.models import LIVE_STATUSES, Launcher, Node
+        from apps.fleet.services import node_request_launch
+
+        if not settings.DEBUG or settings.FLEET_DEFAULT_LAUNCHER != Launcher.LOCAL:
+            return
+        model = Model.objects.get(name=DEMO_MODEL)
+        if Node.objects.filter(model=model, status__in=LIVE_STATUSES).exists():
+            self.stdout.write(f"demo node: {DEMO_MODEL} already has a live node")
+            return
+        with transaction.atomic():
+            if model.min_replicas < 1:
+                Model.objects.filter(pk=model.pk).update(min_replicas=1, max_replicas=max(1, model.max_replicas))
+                model.refresh_from_db()
+            try:
+                [node] = node_request_launch(model=model, launcher=Launcher.LOCAL, actor="bootstrap_demo")
+            except ValidationError as exc:
+                raise CommandError(f"could not launch the demo node: {'; '.join(exc.messages)}") from None
+        self.stdout.write(self.style.SUCCESS(
+            f"demo node: launching {node} (local simulator); ready a few seconds after the worker starts"))
 
     def _key(self, tenant: Tenant, *, new: bool) -> None:
         now = timezone.now()
