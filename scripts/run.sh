@@ -86,6 +86,15 @@ cleanup() {
   done
   for pid in "${PIDS[@]}"; do kill -KILL -- "-$pid" 2>/dev/null || true; done
   wait 2>/dev/null || true
+  # Local-launcher nodes (simulator processes) are detached, like machines: stop them too, now
+  # that no worker or reconciler can start new ones.
+  local out
+  if ! out=$(timeout 60 "$BIN/python" manage.py stop_local_nodes 2>&1) && ! grep -q "Unknown command" <<<"$out"; then
+    printf '%s\n' "$out" >&2
+    say "warning: stop_local_nodes failed (above); local simulator nodes may still run" >&2
+  elif ! grep -q "Unknown command" <<<"$out"; then
+    printf '%s\n' "$out"
+  fi
   say "stopped"
   exit "$status"
 }
