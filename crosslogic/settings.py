@@ -12,13 +12,14 @@ import environ
 from django.core.exceptions import ImproperlyConfigured
 
 BASE_DIR = Path(__file__).resolve().parent.parent
-VAR_DIR = BASE_DIR / "var"
 
 env = environ.Env()
 # Values from the real environment win over the file. CROSSLOGIC_ENV_FILE="" reads no file (tests).
 _ENV_FILE = env("CROSSLOGIC_ENV_FILE", default=str(BASE_DIR / ".env"))
 if _ENV_FILE:
     environ.Env.read_env(_ENV_FILE, overwrite=False)
+# Local state in development: the SQLite database, the filesystem broker, local nodes' logs, uploads.
+VAR_DIR = Path(env("CROSSLOGIC_VAR_DIR", default=str(BASE_DIR / "var")))
 
 _TRUE = {"1", "true", "yes", "on"}
 _FALSE = {"0", "false", "no", "off", ""}

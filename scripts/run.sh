@@ -4,7 +4,8 @@
 # Migrates, creates the demo data, then runs the ASGI server (uvicorn), a Celery worker and
 # Celery beat side by side until Ctrl-C, which stops all three and waits for them.
 # Defaults need nothing installed: SQLite under var/ and kombu's filesystem broker under var/.
-# DATABASE_URL / REDIS_URL (environment or .env) switch to PostgreSQL / Redis.
+# DATABASE_URL / REDIS_URL (environment or .env) switch to PostgreSQL / Redis;
+# CROSSLOGIC_VAR_DIR moves var/ (SQLite, broker folders, local nodes' logs).
 #   PORT (default 8000), HOST (default 127.0.0.1), WEB_CONCURRENCY (uvicorn workers, default 1),
 #   CELERY_CONCURRENCY (worker processes, default 2).
 set -euo pipefail
@@ -17,7 +18,6 @@ export DJANGO_SETTINGS_MODULE=crosslogic.settings
 export PYTHONUNBUFFERED=1
 # Local-launcher nodes register with this URL: follow the port chosen here unless set explicitly.
 export CONTROL_PLANE_URL=${CONTROL_PLANE_URL:-http://$HOST:$PORT}
-mkdir -p var
 
 say() { printf 'run: %s\n' "$*"; }
 
@@ -29,7 +29,7 @@ if port_open "$HOST" "$PORT"; then
 fi
 
 # One Django start to read what the rest of the script needs (also fails fast on bad settings).
-read -r DEBUG_ON DB_DESC BROKER_DESC < <(
+IFS=$'\t' read -r DEBUG_ON DB_DESC BROKER_DESC VAR_DIR < <(
   "$BIN/python" - <<'PY'
 import django
 from django.conf import settings
@@ -38,9 +38,10 @@ db = settings.DATABASES["default"]
 engine = db["ENGINE"].rsplit(".", 1)[-1]
 where = db["NAME"] if engine == "sqlite3" else f'{db.get("HOST") or "localhost"}:{db.get("PORT") or 5432}/{db["NAME"]}'
 broker = settings.CELERY_BROKER_URL.split("://", 1)[0]
-print(int(settings.DEBUG), f"{engine}:{where}", broker)
+print(int(settings.DEBUG), f"{engine}:{where}", broker, settings.VAR_DIR, sep="\t")
 PY
 )
+mkdir -p "$VAR_DIR"
 say "database $DB_DESC, Celery broker $BROKER_DESC"
 
 "$BIN/python" manage.py migrate --noinput

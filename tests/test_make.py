@@ -1,16 +1,24 @@
-"""`make test`'s service discovery (scripts/test.sh + scripts/services.sh), run for real.
+"""The two commands, run for real: `make run` (scripts/run.sh) and `make test`'s service
+discovery (scripts/test.sh + scripts/services.sh).
 
-The standard ports are made unreachable through CROSSLOGIC_PG_PORT / CROSSLOGIC_REDIS_PORT, so
-these tests exercise the fallbacks without touching the shared PostgreSQL and Redis.
+For `make test` the standard ports are made unreachable through CROSSLOGIC_PG_PORT /
+CROSSLOGIC_REDIS_PORT, so the fallbacks run without touching the shared PostgreSQL and Redis.
+`make run` runs with its development defaults (SQLite, filesystem broker) in a temporary var/.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import re
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -99,3 +107,67 @@ def test_a_run_that_collects_no_test_fails():
     result = _run_test_sh(INNER_TEST, "-k", "no_test_has_this_name", "-p", "no:cacheprovider", env=env, timeout=60)
     assert result.returncode == 1
     assert "collected no tests" in result.stderr
+
+
+def _processes_with_env(marker: str) -> list[int]:
+    """Pids whose environment holds marker: every descendant of run.sh, detached ones included."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                if marker.encode() in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue  # gone, or not ours to read
+    return pids
+
+
+def _get(url: str, **headers: str) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, headers=headers)  # noqa: S310 - loopback only
+    with urllib.request.urlopen(request, timeout=10) as response:  # noqa: S310 - loopback only
+        return response.status, response.read()
+
+
+@pytest.mark.slow
+def test_make_run_serves_admin_and_api_and_ctrl_c_stops_every_process(tmp_path):
+    port = _closed_port()
+    var_dir = tmp_path / "var"
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "HOME": os.environ.get("HOME", "/tmp"),
+        "CROSSLOGIC_ENV_FILE": "",
+        "CROSSLOGIC_VAR_DIR": str(var_dir),  # also marks every process this run starts
+        "PORT": str(port),
+    }
+    log_path = tmp_path / "run.log"
+    with log_path.open("wb") as log:
+        proc = subprocess.Popen(["bash", "scripts/run.sh"], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 180
+        while "CrossLogic is running" not in log_path.read_text(errors="replace"):
+            assert proc.poll() is None, log_path.read_text(errors="replace")
+            assert time.monotonic() < deadline, log_path.read_text(errors="replace")
+            time.sleep(0.5)
+        output = log_path.read_text(errors="replace")
+        assert f"http://127.0.0.1:{port}/admin/" in output
+        assert "admin (password: admin)" in output
+        key = re.findall(r"^\s*(clk_\w+)\s*$", output, flags=re.MULTILINE)[-1]
+
+        assert _get(f"http://127.0.0.1:{port}/admin/login/")[0] == 200
+        assert _get(f"http://127.0.0.1:{port}/api/docs/")[0] == 200
+        status, body = _get(f"http://127.0.0.1:{port}/v1/models", Authorization=f"Bearer {key}")
+        assert status == 200
+        assert "demo-llama" in [model["id"] for model in json.loads(body)["data"]]
+        assert (var_dir / "db.sqlite3").is_file()  # the development defaults: SQLite under var/
+        assert _processes_with_env(str(var_dir))
+
+        os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
+        proc.wait(timeout=120)
+        output = log_path.read_text(errors="replace")
+        assert "run: stopped" in output, output
+        assert _processes_with_env(str(var_dir)) == [], output
+    finally:
+        for pid in _processes_with_env(str(var_dir)):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
