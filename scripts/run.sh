@@ -10,6 +10,10 @@
 #   CELERY_CONCURRENCY (worker processes, default 2).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
+  echo "run: error: needs bash 4.4 or newer (this is $BASH_VERSION; macOS: brew install bash)" >&2
+  exit 1
+fi
 
 BIN=.venv/bin
 PORT=${PORT:-8000}
@@ -90,7 +94,9 @@ cleanup() {
   # Local-launcher nodes (simulator processes) are detached, like machines: stop them too, now
   # that no worker or reconciler can start new ones.
   local out
-  if ! out=$(timeout 60 "$BIN/python" manage.py stop_local_nodes 2>&1) && ! grep -q "Unknown command" <<<"$out"; then
+  local limit=()
+  command -v timeout >/dev/null && limit=(timeout 60)
+  if ! out=$("${limit[@]}" "$BIN/python" manage.py stop_local_nodes 2>&1) && ! grep -q "Unknown command" <<<"$out"; then
     printf '%s\n' "$out" >&2
     say "warning: stop_local_nodes failed (above); local simulator nodes may still run" >&2
   elif ! grep -q "Unknown command" <<<"$out"; then

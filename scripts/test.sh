@@ -5,6 +5,10 @@
 # to install when none can be had. Arguments go to pytest: make test ARGS="apps/fleet -x".
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if ((BASH_VERSINFO[0] * 100 + BASH_VERSINFO[1] < 404)); then
+  echo "test: error: needs bash 4.4 or newer (this is $BASH_VERSION; macOS: brew install bash)" >&2
+  exit 1
+fi
 source scripts/services.sh
 ensure_postgres
 ensure_redis
