@@ -160,6 +160,7 @@ def test_make_run_serves_admin_and_api_and_ctrl_c_stops_every_process(tmp_path):
         assert status == 200
         assert "demo-llama" in [model["id"] for model in json.loads(body)["data"]]
         assert (var_dir / "db.sqlite3").is_file()  # the development defaults: SQLite under var/
+        assert (var_dir / "broker" / "control").is_dir()  # and the filesystem broker, all of it under var/
         assert _processes_with_env(str(var_dir))
 
         os.killpg(proc.pid, signal.SIGINT)  # what Ctrl-C in the terminal does
