@@ -33,6 +33,7 @@ ci:
 	@bash .ci/run
 
 bench: $(STAMP)
+	@test -f scripts/bench.sh || { echo "make bench: scripts/bench.sh is not in this checkout (see docs/benchmarks.md)"; exit 1; }
 	@bash scripts/bench.sh
 
 clean:
