@@ -344,6 +344,9 @@ GATEWAY_USAGE_FLUSH_INTERVAL_S: float = _env_or_fail("GATEWAY_USAGE_FLUSH_INTERV
 GATEWAY_USAGE_BATCH_SIZE: int = _env_or_fail("GATEWAY_USAGE_BATCH_SIZE", int, 500)
 GATEWAY_USAGE_BUFFER_MAX: int = _env_or_fail("GATEWAY_USAGE_BUFFER_MAX", int, 200_000)
 ROUTING_REFRESH_S: float = _env_or_fail("ROUTING_REFRESH_S", float, 1.0)
+# Redis connections per gateway worker (limiter, budgets, load board). redis-py's asyncio pool
+# refuses beyond its size (default 100), which under load turned into fail-open admissions.
+GATEWAY_REDIS_MAX_CONNECTIONS: int = _env_or_fail("GATEWAY_REDIS_MAX_CONNECTIONS", int, 2048)
 if min(GATEWAY_CONNECT_TIMEOUT_S, GATEWAY_READ_IDLE_TIMEOUT_S, ROUTING_REFRESH_S) <= 0 or GATEWAY_MAX_RETRIES < 0:
     raise ImproperlyConfigured("GATEWAY_* timeouts and ROUTING_REFRESH_S must be positive, retries >= 0.")
 if GATEWAY_MAX_BODY_BYTES < 1024 or GATEWAY_DEFAULT_MAX_TOKENS < 1:

@@ -79,7 +79,7 @@ class Gateway:
             if self._started:
                 return
             self.session = upstream.new_session()
-            self.redis = redis_lib.async_client()
+            self.redis = redis_lib.async_client(max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS)
             self.limiter = RateLimiter(self.redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
             self._routing_dirty = asyncio.Event()
             try:
