@@ -42,7 +42,20 @@ class Scope(models.TextChoices):
     KEYS_MANAGE = "keys:manage", "Manage keys"
 
 
-class ApiKey(models.Model):
+class _Revocable:
+    """Shared by secrets that can expire or be revoked (API keys, staff tokens)."""
+
+    revoked_at: timezone.datetime | None
+    expires_at: timezone.datetime | None
+
+    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+        now = now or timezone.now()
+        if self.revoked_at is not None:
+            return False
+        return self.expires_at is None or self.expires_at > now
+
+
+class ApiKey(_Revocable, models.Model):
     tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
     name = models.CharField(max_length=100, blank=True)
     prefix = models.CharField(max_length=16, unique=True, editable=False)
@@ -68,11 +81,6 @@ class ApiKey(models.Model):
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.name or 'unnamed'})"
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
-        now = now or timezone.now()
-        if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or self.expires_at > now
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -81,7 +89,7 @@ class ApiKey(models.Model):
         return not self.allowed_models or served_name in self.allowed_models
 
 
-class StaffToken(models.Model):
+class StaffToken(_Revocable, models.Model):
     """A management-API token for a staff user; stored, like API keys, only as a digest."""
 
     user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="staff_tokens")
@@ -99,8 +107,3 @@ class StaffToken(models.Model):
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
-        now = now or timezone.now()
-        if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or self.expires_at > now
