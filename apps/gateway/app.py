@@ -26,7 +26,7 @@ from apps.core import redis as redis_lib
 from apps.gateway import payloads, relay, upstream
 from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.errors import GatewayError, bad_request
-from apps.gateway.limits import RateLimiter
+from apps.gateway.limits import Budget, RateLimiter
 from apps.gateway.routing import LOADBOARD_PERIOD_S, LoadBoard, RoutingTable, aload_table
 from apps.gateway.usage import UsageRecorder, cost_micros
 
@@ -286,13 +286,17 @@ class Gateway:
         if not entry.allows_model(name):
             raise GatewayError(403, f"This API key may not use the model '{name}'.", type="permission_error",
                                param="model", code="model_not_allowed")
-        await self._check_budget(entry)
+        budget = (None if entry.monthly_token_budget is None
+                  else Budget.monthly(tenant_id=entry.tenant_id, limit=entry.monthly_token_budget))
         admission = await self.limiter.admit(limits=[entry.key_limit, entry.tenant_limit],
                                              reserve_tokens=payloads.reserve_tokens(payload, len(body)),
-                                             request_id=request_id)
+                                             request_id=request_id, budget=budget)
         limit_headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
         if not admission.allowed:
             retry = str(max(1, int(-(-(admission.retry_after_s or 1) // 1))))
+            if admission.reason == "budget":
+                raise GatewayError(429, "You exceeded your monthly token budget; contact us to raise it.",
+                                   type="insufficient_quota", code="insufficient_quota")
             if admission.reason == "unavailable":
                 raise GatewayError(503, "Rate limiting is unavailable; retry shortly.", type="server_error",
                                    code="rate_limiter_unavailable", headers={"retry-after": retry})
@@ -323,38 +327,7 @@ class Gateway:
         finally:
             prompt, completion, _ = ex.tokens()
             await self.limiter.settle(admission, used_tokens=prompt + completion)
-            await self._charge_budget(entry, prompt + completion)
         self._meter(ex, entry, route)
-
-    # --- monthly token budgets ---------------------------------------------------------------
-    @staticmethod
-    def _budget_key(entry: KeyEntry) -> str:
-        return f"crosslogic:budget:{entry.tenant_id}:{time.strftime('%Y-%m', time.gmtime())}"
-
-    async def _check_budget(self, entry: KeyEntry) -> None:
-        """Refuse once the tenant has used its monthly budget (counted in Redis, fail-open)."""
-        if entry.monthly_token_budget is None or self.redis is None:
-            return
-        try:
-            used = int(await asyncio.wait_for(self.redis.get(self._budget_key(entry)), timeout=0.5) or 0)
-        except Exception as exc:
-            log.warning("gateway: budget check skipped, Redis unavailable (%s)", exc)
-            return
-        if used >= entry.monthly_token_budget:
-            raise GatewayError(429, "You exceeded your monthly token budget; contact us to raise it.",
-                               type="insufficient_quota", code="insufficient_quota")
-
-    async def _charge_budget(self, entry: KeyEntry, tokens: int) -> None:
-        if entry.monthly_token_budget is None or self.redis is None or tokens <= 0:
-            return
-        key = self._budget_key(entry)
-        try:
-            pipe = self.redis.pipeline(transaction=False)
-            pipe.incrby(key, tokens)
-            pipe.expire(key, 40 * 86400)
-            await asyncio.wait_for(pipe.execute(), timeout=0.5)
-        except Exception as exc:
-            log.warning("gateway: could not count %d tokens against the budget (%s)", tokens, exc)
 
     async def _forward(self, *, route: Any, path: str, body: bytes, ex: relay.Exchange, send: Any,
                        client_wants_usage: bool, headers: list[tuple[bytes, bytes]]) -> None:

@@ -67,14 +67,26 @@ def _upstream_headers(node: NodeRoute, request_id: str) -> dict[str, str]:
 async def open_upstream(
     *, session: Any, board: LoadBoard, route: ModelRoute, path: str, body: bytes, ex: Exchange
 ) -> tuple[NodeRoute, upstream.ClientResponse]:
-    """Connect to the least-loaded node; on a failure before the first byte, cool it down and try
-    another (GATEWAY_MAX_RETRIES times). The caller must release the node on the board."""
+    """Connect to the least-loaded node; on a failure before the first byte, try another
+    (GATEWAY_MAX_RETRIES times). The caller must release the node on the board.
+
+    A node that refused the connection, timed out or answered 5xx is cooled down
+    (GATEWAY_NODE_COOLDOWN_S). A connection that merely broke (reset, closed by the peer) says
+    little about the node: under bursts a kept-alive connection can be reset while the node is
+    fine, and cooling a model's only node down for that turned a blip into seconds of 503s. Such
+    a node is not cooled down and gets one more try, on a fresh connection, once the other
+    nodes are used up; it is cooled down if that fails too."""
     tried: set[int] = set()
+    second_chances: list[NodeRoute] = []
+    failovers = 0
     last = "no ready node serves this model"
-    for _ in range(1 + settings.GATEWAY_MAX_RETRIES):
-        node = board.pick(route.nodes, tried)
+    while True:
+        node = board.pick(route.nodes, tried) if failovers <= settings.GATEWAY_MAX_RETRIES else None
         if node is None:
-            break
+            if not second_chances:
+                break
+            node = second_chances.pop(0)
+        first_try = node.node_id not in tried
         tried.add(node.node_id)
         board.acquire(node.node_id)
         try:
@@ -82,22 +94,29 @@ async def open_upstream(
                                        headers=_upstream_headers(node, ex.request_id))
         except (upstream.ClientError, TimeoutError) as exc:
             board.release(node.node_id)
-            board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
-            last = f"node {node.node_id} unreachable: {type(exc).__name__}"
-            log.warning("request %s: %s; failing over", ex.request_id, last)
+            last = f"node {node.node_id} unreachable: {type(exc).__name__}: {exc}"
+            if first_try and upstream.is_broken_connection(exc):
+                second_chances.append(node)
+                log.warning("request %s: %s; will retry it on a fresh connection", ex.request_id, last)
+            else:
+                board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
+                log.warning("request %s: %s; cooling it down, failing over", ex.request_id, last)
+            failovers += 1
             continue
         if resp.status >= 500:
             resp.close()
             board.release(node.node_id)
             board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
             last = f"node {node.node_id} answered {resp.status}"
-            log.warning("request %s: %s; failing over", ex.request_id, last)
+            log.warning("request %s: %s; cooling it down, failing over", ex.request_id, last)
+            failovers += 1
             continue
         ex.node_id = node.node_id
         return node, resp
     if not tried:
         raise GatewayError(503, f"No ready node serves '{route.name}' right now; retry shortly.",
                            type="server_error", code="no_capacity", headers={"retry-after": "5"})
+    log.warning("request %s: giving up on '%s', last error: %s", ex.request_id, route.name, last)
     raise GatewayError(503, "The model's nodes are unavailable right now; retry shortly.",
                        type="server_error", code="upstream_unavailable", headers={"retry-after": "2"})
 

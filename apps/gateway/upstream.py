@@ -14,6 +14,14 @@ ClientResponse = aiohttp.ClientResponse
 ServerTimeoutError = aiohttp.ServerTimeoutError
 
 
+def is_broken_connection(exc: BaseException) -> bool:
+    """The connection broke after it was made (reset, closed by the peer), as opposed to the
+    node refusing it, timing out or not resolving."""
+    if isinstance(exc, aiohttp.ClientConnectorError):
+        return False
+    return isinstance(exc, (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError))
+
+
 def new_session() -> aiohttp.ClientSession:
     timeout = aiohttp.ClientTimeout(
         total=None,  # generations may stream for many minutes

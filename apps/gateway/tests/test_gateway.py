@@ -222,6 +222,7 @@ def test_after_warm_up_requests_do_not_touch_the_database_for_keys(gateway, clie
 
 
 def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_model, sim, redis_db) -> None:
+    from apps.gateway.limits import Budget
     from apps.tenancy.services import tenant_update
 
     tenant_update(tenant=tenant, monthly_token_budget=50)  # each call below costs 30
@@ -231,8 +232,8 @@ def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_mode
     client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
     client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
     # The budget is charged as each request ends, just after its last byte went out: wait for it.
-    assert wait_until(lambda: int(redis_db.get(gateway.app._budget_key(gateway.app.keys._entries[
-        api_key[0].prefix][1])) or 0) == 60)
+    month = Budget.monthly(tenant_id=tenant.pk, limit=50)
+    assert wait_until(lambda: int(redis_db.get(month.key) or 0) == 60)
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
     assert exc.value.body["code"] == "insufficient_quota"

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import shutil
 import socket
 import subprocess
+import threading
 import time
+from urllib.parse import urlsplit
 
 import httpx
 import openai
@@ -182,3 +185,78 @@ def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenan
 def _port_open(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+class DroppingFront:
+    """A TCP front for a node that drops its first ``drop`` connections once a request arrived
+    (what a reset kept-alive connection looks like to the gateway) and pipes the rest through."""
+
+    def __init__(self, target_port: int, drop: int) -> None:
+        self.target_port, self.drop, self.dropped = target_port, drop, 0
+        self.port = free_port()
+        self.loop = asyncio.new_event_loop()
+        started = threading.Event()
+        self.thread = threading.Thread(target=self._run, args=(started,), daemon=True)
+        self.thread.start()
+        assert started.wait(5)
+
+    def _run(self, started: threading.Event) -> None:
+        asyncio.set_event_loop(self.loop)
+        self.server = self.loop.run_until_complete(asyncio.start_server(self._serve, "127.0.0.1", self.port))
+        started.set()
+        self.loop.run_forever()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.dropped < self.drop:
+            self.dropped += 1
+            await reader.read(1)
+            writer.transport.abort()  # an RST, not a polite close
+            return
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            with contextlib.suppress(OSError):
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+
+    def close(self) -> None:
+        self.loop.call_soon_threadsafe(self.server.close)
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(5)
+
+
+def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(gateway, api_key,
+                                                                               catalog_model) -> None:
+    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim:
+        front = DroppingFront(urlsplit(sim.url).port, drop=1)
+        try:
+            only = ready_node(catalog_model, f"http://127.0.0.1:{front.port}", gateway=gateway)
+            client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
+            answer = client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
+            assert answer.usage.completion_tokens == 3
+            assert front.dropped == 1
+            assert only.pk not in gateway.app.board.cooldown_until
+        finally:
+            front.close()
+    [record] = records(1)
+    assert record.node_id == only.pk and record.status_code == 200
+
+
+def test_a_node_that_keeps_resetting_is_cooled_down_after_its_second_chance(gateway, api_key,
+                                                                           catalog_model) -> None:
+    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim:
+        front = DroppingFront(urlsplit(sim.url).port, drop=1000)
+        try:
+            only = ready_node(catalog_model, f"http://127.0.0.1:{front.port}", gateway=gateway)
+            client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
+            with pytest.raises(openai.APIStatusError) as exc:
+                client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
+            assert exc.value.status_code == 503 and exc.value.body["code"] == "upstream_unavailable"
+            assert front.dropped == 2  # the first try and one fresh connection, no more
+            assert only.pk in gateway.app.board.cooldown_until
+        finally:
+            front.close()

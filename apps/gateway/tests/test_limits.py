@@ -14,7 +14,7 @@ from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 
 from apps.core import redis as redis_lib
-from apps.gateway.limits import Admission, Limit, RateLimiter, format_duration
+from apps.gateway.limits import Admission, Budget, Limit, RateLimiter, format_duration
 
 PREFIX = "crosslogic:rl:"
 
@@ -181,6 +181,46 @@ async def test_refresh_keeps_a_long_stream_in_its_slot(clients):
         await limiter.refresh(streaming)
 
     assert not (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="other")).allowed
+
+
+# --- monthly budgets ---------------------------------------------------------------------------
+
+
+async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_admit_exactly_ten(clients):
+    workers = [RateLimiter(c) for c in clients]
+    budget = Budget(key="crosslogic:budget:1:2026-11", limit=1000)
+
+    results = await asyncio.gather(*(
+        workers[i % 5].admit(limits=[], reserve_tokens=100, request_id=f"req-{i}", budget=budget)
+        for i in range(50)))
+
+    assert sum(a.allowed for a in results) == 10
+    assert {a.reason for a in results if not a.allowed} == {"budget"}
+    assert int(await clients[0].get(budget.key)) == 1000
+
+
+async def test_settle_charges_the_budget_what_was_used_and_a_refused_request_charges_nothing(limiter, clients):
+    budget = Budget(key="crosslogic:budget:1:2026-11", limit=100)
+    tpm = Limit("key:1", None, 10, None)  # a tokens/min refusal must leave the budget alone
+    first = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="a", budget=budget)
+    refused = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="b", budget=budget)
+    assert first.allowed and not refused.allowed and refused.reason == "tokens"
+    assert int(await clients[0].get(budget.key)) == 8
+
+    await limiter.settle(first, used_tokens=130)  # overran its reservation
+    await limiter.settle(first, used_tokens=130)  # idempotent
+
+    assert int(await clients[0].get(budget.key)) == 130
+    assert 0 < await clients[0].pttl(budget.key) <= 40 * 86_400_000
+    late = await limiter.admit(limits=[], reserve_tokens=1, request_id="c", budget=budget)
+    assert not late.allowed and late.reason == "budget"
+
+
+def test_monthly_budget_keys_change_with_the_utc_month():
+    nov = Budget.monthly(tenant_id=7, limit=5, now=1_796_000_000)  # 2026-11-29 UTC
+    dec = Budget.monthly(tenant_id=7, limit=5, now=1_796_000_000 + 5 * 86_400)
+
+    assert nov.key == "crosslogic:budget:7:2026-11" and dec.key == "crosslogic:budget:7:2026-12"
 
 
 # --- edges --------------------------------------------------------------------------------------
