@@ -311,8 +311,7 @@ class Gateway:
             client_wants_usage = bool(options.get("include_usage"))
             if not client_wants_usage:
                 # vLLM reports a stream's usage only when asked; we ask, and strip it on the way back.
-                payload["stream_options"] = {**options, "include_usage": True}
-                body = json.dumps(payload).encode()
+                body = payloads.with_usage_option(body, payload)
         try:
             cut = await relay.run_until_disconnect(
                 self._forward(route=route, path=scope["path"], body=body, ex=ex, send=send,

@@ -63,3 +63,20 @@ def reserve_tokens(payload: dict[str, Any], body_len: int) -> int:
     if out is None:
         out = 0 if "input" in payload and "messages" not in payload else settings.GATEWAY_DEFAULT_MAX_TOKENS
     return int(out) + body_len // 4
+
+
+_USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
+
+
+def with_usage_option(body: bytes, payload: dict[str, Any]) -> bytes:
+    """The body with ``stream_options.include_usage`` set, so that vLLM reports a stream's usage.
+
+    When the client sent no ``stream_options``, the member is appended to the body's bytes:
+    everything the client sent reaches the node exactly as sent, and a large prompt is not
+    serialised again on the request path. Otherwise the options are merged and the body rebuilt.
+    """
+    stripped = body.rstrip()
+    if "stream_options" not in payload and stripped.endswith(b"}") and stripped.lstrip().startswith(b"{"):
+        return stripped[:-1] + _USAGE_OPTION
+    options = payload.get("stream_options") or {}
+    return json.dumps({**payload, "stream_options": {**options, "include_usage": True}}).encode()
