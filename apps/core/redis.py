@@ -2,8 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import ssl
+from collections import deque
 from functools import lru_cache
+from urllib.parse import unquote, urlsplit
 
+import hiredis
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
@@ -28,3 +33,128 @@ def async_client(**overrides: object) -> aioredis.Redis | None:
     if not settings.REDIS_URL:
         return None
     return aioredis.Redis.from_url(settings.REDIS_URL, **{**_TIMEOUTS, **overrides})
+
+
+class RedisReplyError(Exception):
+    """Redis answered with an error reply (``str()`` is Redis's message, e.g. ``NOSCRIPT ...``)."""
+
+
+class _Protocol(asyncio.Protocol):
+    def __init__(self) -> None:
+        self.reader = hiredis.Reader()
+        self.pending: deque[asyncio.Future] = deque()
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        try:
+            while (reply := self.reader.gets()) is not False:
+                future = self.pending.popleft()
+                if future.done():  # its caller timed out; the reply is dropped, in order
+                    continue
+                if isinstance(reply, hiredis.ReplyError):
+                    future.set_exception(RedisReplyError(str(reply)))
+                else:
+                    future.set_result(reply)
+        except (hiredis.ProtocolError, IndexError) as exc:  # garbage, or a reply nobody asked for
+            self.fail(ConnectionError(f"Redis protocol error: {exc}"))
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.fail(ConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
+
+    def fail(self, error: Exception) -> None:
+        if self.transport is not None:
+            self.transport.abort()
+            self.transport = None
+        while self.pending:
+            future = self.pending.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+
+class Multiplexed:
+    """One Redis connection shared by every coroutine of a process, for the gateway's hot path.
+
+    Each command is written as soon as it is issued and its reply matched in order (Redis answers
+    a connection's commands in the order they came), so concurrent requests pipeline on one socket
+    with no pool to wait for and no reader task: replies are parsed (by hiredis) in the protocol's
+    callback. Measured against redis-py's pooled client here: about half the time per script call.
+    A failure (connection lost, timeout) fails the commands in flight and the next command
+    reconnects. Not for blocking commands or pub/sub.
+    """
+
+    def __init__(self, url: str, *, connect_timeout_s: float = 0.5) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("redis", "rediss"):
+            raise ValueError(f"Unsupported Redis URL scheme {parts.scheme!r}; use redis:// or rediss://.")
+        self.host = parts.hostname or "127.0.0.1"
+        self.port = parts.port or 6379
+        self.db = int(parts.path.strip("/") or 0)
+        self.username = unquote(parts.username) if parts.username else None
+        self.password = unquote(parts.password) if parts.password else None
+        self.tls = parts.scheme == "rediss"
+        self.connect_timeout_s = connect_timeout_s
+        self._protocol: _Protocol | None = None
+        self._connecting: asyncio.Lock | None = None
+
+    async def _connection(self) -> _Protocol:
+        protocol = self._protocol
+        if protocol is not None and protocol.transport is not None:
+            return protocol
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            if self._protocol is not None and self._protocol.transport is not None:
+                return self._protocol
+            loop = asyncio.get_running_loop()
+            async with asyncio.timeout(self.connect_timeout_s):
+                _, protocol = await loop.create_connection(
+                    _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+                setup: list[tuple[object, ...]] = []
+                if self.password is not None:
+                    setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))
+                if self.db:
+                    setup.append(("SELECT", self.db))
+                try:
+                    for command in setup:
+                        await self._send(protocol, command)
+                except BaseException:
+                    protocol.fail(ConnectionError("Redis connection set-up failed"))
+                    raise
+            self._protocol = protocol
+            return protocol
+
+    @staticmethod
+    def _send(protocol: _Protocol, command: tuple[object, ...]) -> asyncio.Future:
+        if protocol.transport is None:
+            raise ConnectionError("Redis connection lost")
+        future = asyncio.get_running_loop().create_future()
+        protocol.pending.append(future)
+        protocol.transport.write(hiredis.pack_command(command))
+        return future
+
+    async def execute(self, *command: object, timeout_s: float) -> object:
+        """Send one command and return its reply; raises ConnectionError, TimeoutError or RedisReplyError."""
+        protocol = await self._connection()
+        try:
+            async with asyncio.timeout(timeout_s):
+                return await self._send(protocol, command)
+        except TimeoutError:
+            # A Redis that does not answer in time is not trusted with what is queued behind.
+            protocol.fail(TimeoutError("Redis did not answer in time"))
+            raise
+
+    async def aclose(self) -> None:
+        if self._protocol is not None:
+            self._protocol.fail(ConnectionError("Redis connection closed"))
+            self._protocol = None
+
+
+def multiplexed() -> Multiplexed | None:
+    """A shared-connection client on REDIS_URL for the gateway's hot path, or None without Redis."""
+    if not settings.REDIS_URL:
+        return None
+    return Multiplexed(settings.REDIS_URL, connect_timeout_s=_TIMEOUTS["socket_connect_timeout"])

@@ -82,6 +82,7 @@ class Gateway:
         self.usage = UsageRecorder()
         self.session: Any = None
         self.redis: Any = None
+        self.hot_redis: redis_lib.Multiplexed | None = None
         self.limiter = RateLimiter(None, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
         self._tasks: list[asyncio.Task] = []
         self._started = False
@@ -103,7 +104,10 @@ class Gateway:
             # requests paid all at once.
             self.redis = redis_lib.async_client(max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS,
                                                 driver_info=None)
-            self.limiter = RateLimiter(self.redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
+            # Limits get their own shared, pipelined connection: two script calls per request, and
+            # a pool checkout per call cost as much as the call itself (docs/gateway.md).
+            self.hot_redis = redis_lib.multiplexed()
+            self.limiter = RateLimiter(self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
             self._routing_dirty = asyncio.Event()
             try:
                 self.table = await aload_table()
@@ -125,6 +129,8 @@ class Gateway:
             await self.session.close()
         if self.redis is not None:
             await self.redis.aclose()
+        if self.hot_redis is not None:
+            await self.hot_redis.aclose()
         self._started = False
 
     async def _refresh_routing(self) -> None:

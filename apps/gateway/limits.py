@@ -29,7 +29,7 @@ Keys span several subjects in one script: a single Redis (or keys in one cluster
 
 from __future__ import annotations
 
-import asyncio
+import hashlib
 import json
 import logging
 import math
@@ -37,9 +37,10 @@ import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from apps.core.redis import RedisReplyError
+
 if TYPE_CHECKING:
-    import redis.asyncio
-    from redis.commands.core import AsyncScript
+    from apps.core.redis import Multiplexed
 
 log = logging.getLogger(__name__)
 
@@ -180,6 +181,19 @@ return 1
 
 
 @dataclass(frozen=True)
+class _Script:
+    source: str
+    sha: str
+
+    @classmethod
+    def of(cls, source: str) -> _Script:
+        return cls(source=source, sha=hashlib.sha1(source.encode()).hexdigest())  # noqa: S324 - Redis's script id
+
+
+_ADMIT_SCRIPT, _SETTLE_SCRIPT, _REFRESH_SCRIPT = _Script.of(_ADMIT), _Script.of(_SETTLE), _Script.of(_REFRESH)
+
+
+@dataclass(frozen=True)
 class Limit:
     """The limits of one subject (an API key or a tenant); None means unlimited."""
 
@@ -259,7 +273,7 @@ def _arg(value: int | None) -> int:
 class RateLimiter:
     def __init__(
         self,
-        redis: redis.asyncio.Redis | None,
+        redis: Multiplexed | None,
         *,
         fail_open: bool = True,
         key_prefix: str = "crosslogic:rl:",
@@ -280,10 +294,6 @@ class RateLimiter:
         self._down_until = 0.0
         self._last_warning = 0.0
         self._suppressed = 0
-        if redis is not None:
-            self._admit = redis.register_script(_ADMIT)
-            self._settle = redis.register_script(_SETTLE)
-            self._refresh = redis.register_script(_REFRESH)
 
     def _keys(self, subject: str) -> list[str]:
         return [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
@@ -310,11 +320,16 @@ class RateLimiter:
         return Admission(allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={},
                          token="")
 
-    async def _call(self, script: AsyncScript, keys: list[str], args: list[object]) -> object:
-        # asyncio.timeout, not wait_for: on Python 3.11 wait_for wraps the call in a new Task,
-        # which cost measurable CPU per request in the gateway's profile.
-        async with asyncio.timeout(self.timeout_s):
-            return await script(keys=keys, args=args)
+    async def _call(self, script: _Script, keys: list[str], args: list[object]) -> object:
+        assert self.redis is not None
+        try:
+            return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout_s=self.timeout_s)
+        except RedisReplyError as exc:
+            if not str(exc).startswith("NOSCRIPT"):
+                raise
+        # First use on this Redis (or after SCRIPT FLUSH / a restart): load it, once.
+        await self.redis.execute("SCRIPT", "LOAD", script.source, timeout_s=self.timeout_s)
+        return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout_s=self.timeout_s)
 
     # --- the interface -------------------------------------------------------------------
     async def admit(self, *, limits: list[Limit], reserve_tokens: int, request_id: str,
@@ -339,7 +354,7 @@ class RateLimiter:
         else:
             args += [_NO_LIMIT, 0]
         try:
-            result = await self._call(self._admit, keys, args)
+            result = await self._call(_ADMIT_SCRIPT, keys, args)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)
             return self._unavailable()
@@ -376,7 +391,7 @@ class RateLimiter:
         if self.redis is None:
             return
         try:
-            await self._call(self._settle, keys, args)
+            await self._call(_SETTLE_SCRIPT, keys, args)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             # The reservation stands and the slot expires by itself after concurrency_ttl_s.
             self._failed(exc)
@@ -390,6 +405,6 @@ class RateLimiter:
         if not keys:
             return
         try:
-            await self._call(self._refresh, keys, [handle["r"], self.concurrency_ttl_ms])
+            await self._call(_REFRESH_SCRIPT, keys, [handle["r"], self.concurrency_ttl_ms])
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)

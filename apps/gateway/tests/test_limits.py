@@ -9,9 +9,6 @@ import logging
 import socket
 
 import pytest
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
 
 from apps.core import redis as redis_lib
 from apps.gateway.limits import Admission, Budget, Limit, RateLimiter, format_duration
@@ -22,7 +19,7 @@ PREFIX = "crosslogic:rl:"
 @pytest.fixture
 async def clients(redis_db):
     """Five independent Redis clients: five gateway workers competing for the same limits."""
-    made = [redis_lib.async_client() for _ in range(5)]
+    made = [redis_lib.multiplexed() for _ in range(5)]
     yield made
     for client in made:
         await client.aclose()
@@ -186,7 +183,8 @@ async def test_refresh_keeps_a_long_stream_in_its_slot(clients):
 # --- monthly budgets ---------------------------------------------------------------------------
 
 
-async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_admit_exactly_ten(clients):
+async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_admit_exactly_ten(clients,
+                                                                                                 redis_db):
     workers = [RateLimiter(c) for c in clients]
     budget = Budget(key="crosslogic:budget:1:2026-11", limit=1000)
 
@@ -196,22 +194,22 @@ async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_
 
     assert sum(a.allowed for a in results) == 10
     assert {a.reason for a in results if not a.allowed} == {"budget"}
-    assert int(await clients[0].get(budget.key)) == 1000
+    assert int(redis_db.get(budget.key)) == 1000
 
 
-async def test_settle_charges_the_budget_what_was_used_and_a_refused_request_charges_nothing(limiter, clients):
+async def test_settle_charges_the_budget_what_was_used_and_a_refused_request_charges_nothing(limiter, redis_db):
     budget = Budget(key="crosslogic:budget:1:2026-11", limit=100)
     tpm = Limit("key:1", None, 10, None)  # a tokens/min refusal must leave the budget alone
     first = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="a", budget=budget)
     refused = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="b", budget=budget)
     assert first.allowed and not refused.allowed and refused.reason == "tokens"
-    assert int(await clients[0].get(budget.key)) == 8
+    assert int(redis_db.get(budget.key)) == 8
 
     await limiter.settle(first, used_tokens=130)  # overran its reservation
     await limiter.settle(first, used_tokens=130)  # idempotent
 
-    assert int(await clients[0].get(budget.key)) == 130
-    assert 0 < await clients[0].pttl(budget.key) <= 40 * 86_400_000
+    assert int(redis_db.get(budget.key)) == 130
+    assert 0 < redis_db.pttl(budget.key) <= 40 * 86_400_000
     late = await limiter.admit(limits=[], reserve_tokens=1, request_id="c", budget=budget)
     assert not late.allowed and late.reason == "budget"
 
@@ -299,8 +297,7 @@ def test_durations_use_openais_format(ms, text):
 
 
 async def test_without_redis_fail_open_admits_and_fail_closed_refuses_without_raising(caplog):
-    # No client-side retries, so twenty refused connections take milliseconds, not seconds.
-    dead = aioredis.Redis(host="127.0.0.1", port=closed_port(), retry=Retry(NoBackoff(), 0))
+    dead = redis_lib.Multiplexed(f"redis://127.0.0.1:{closed_port()}")
     limits = [Limit("key:1", 10, 1000, 5)]
     try:
         with caplog.at_level(logging.WARNING, logger="apps.gateway.limits"):
@@ -324,7 +321,7 @@ async def test_a_hanging_redis_is_given_up_on_quickly(redis_db):
     with socket.socket() as server:
         server.bind(("127.0.0.1", 0))
         server.listen()
-        hung = aioredis.Redis(host="127.0.0.1", port=server.getsockname()[1], socket_timeout=5)
+        hung = redis_lib.Multiplexed(f"redis://127.0.0.1:{server.getsockname()[1]}")
         limiter = RateLimiter(hung, fail_open=True, timeout_s=0.2)
         try:
             loop = asyncio.get_running_loop()
