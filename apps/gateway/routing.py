@@ -51,15 +51,9 @@ class RoutingTable:
     loaded_at: float = 0.0
 
 
-def _node_key(node_id: int, launcher: str, state: dict) -> str:
-    from apps.fleet.keys import node_api_key
-
-    static_key = state.get("static_api_key") if launcher == "static" else None
-    return static_key or node_api_key(node_id)
-
-
 def load_table() -> RoutingTable:
     from apps.catalog.models import Model
+    from apps.fleet.keys import presented_key
     from apps.fleet.models import Node, NodeStatus
 
     close_old_connections()
@@ -76,7 +70,7 @@ def load_table() -> RoutingTable:
         if base.endswith("/v1"):
             base = base[:-3]
         by_model[n["model_id"]].append(NodeRoute(
-            node_id=n["id"], base_url=base, api_key=_node_key(n["id"], n["launcher"], n["launcher_state"] or {}),
+            node_id=n["id"], base_url=base, api_key=presented_key(n["id"], n["launcher"], n["launcher_state"] or {}),
             waiting=n["requests_waiting"] or 0))
     table = RoutingTable(loaded_at=time.monotonic())
     for m in models:

@@ -12,6 +12,7 @@ import pytest
 import uvicorn
 from django.core.asgi import get_asgi_application
 
+from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import NodeStatus
 from apps.fleet.services import node_create, node_transition
 from apps.gateway.app import Gateway
@@ -69,7 +70,7 @@ def gateway(transactional_db, redis_db) -> Iterator[RunningGateway]:
 def ready_node(model, endpoint_url: str, key: str = NODE_KEY, gateway: RunningGateway | None = None):
     """A static node in state ready, pointing at ``endpoint_url``, presenting ``key`` to it."""
     node = node_create(model=model, launcher="static", endpoint_url=endpoint_url)
-    type(node).objects.filter(pk=node.pk).update(launcher_state={"static_api_key": key})
+    type(node).objects.filter(pk=node.pk).update(launcher_state={SEALED_STATIC_KEY: seal_static_key(key)})
     node = node_transition(node=node, to=NodeStatus.READY, reason="test")
     if gateway is not None:
         gateway.wait_routed(model.name, type(node).objects.filter(model=model, status=NodeStatus.READY).count())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import socket
 from io import StringIO
@@ -9,6 +10,7 @@ from io import StringIO
 import pytest
 from django.core.management import CommandError, call_command
 
+from apps.fleet.keys import static_key
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.gateway.simulator import run_simulator_process
 
@@ -38,7 +40,8 @@ def test_a_healthy_endpoint_becomes_a_ready_static_node_with_its_key_kept(catalo
     assert node.launcher == "static" and node.model == catalog_model
     assert node.status == NodeStatus.READY and node.ready_at is not None
     assert node.endpoint_url == sim.url
-    assert node.launcher_state["static_api_key"] == "static-node-key"
+    assert static_key(node.pk, node.launcher_state) == "static-node-key"
+    assert "static-node-key" not in json.dumps(node.launcher_state)  # sealed, never in clear
     assert node.health_latency_ms is not None and node.last_health_at is not None
     assert NodeEvent.objects.filter(node=node, from_status=NodeStatus.PENDING, to_status=NodeStatus.READY,
                                     actor="add_node").exists()
@@ -64,7 +67,7 @@ def test_an_unreachable_endpoint_leaves_a_failed_node_and_a_nonzero_exit(catalog
     node = Node.objects.get()
     assert node.status == NodeStatus.FAILED
     assert "ConnectError" in node.status_reason
-    assert "static_api_key" not in node.launcher_state
+    assert static_key(node.pk, node.launcher_state) is None
     assert NodeEvent.objects.filter(node=node, to_status=NodeStatus.FAILED).exists()
 
 

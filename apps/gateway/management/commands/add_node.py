@@ -14,13 +14,13 @@ from django.core.validators import URLValidator
 from django.utils import timezone
 
 from apps.catalog.models import Model
+from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import IllegalTransition, node_create, node_transition
 
 ACTOR = "add_node"
 # Where a static node's own vLLM API key is kept for the gateway (a node we launch uses the
 # derived apps.fleet.keys.node_api_key instead). It must never be rendered or logged.
-STATIC_API_KEY_FIELD = "static_api_key"
 
 
 def probe_health(endpoint: str, *, timeout_s: float) -> tuple[bool, str, float]:
@@ -106,7 +106,7 @@ class Command(BaseCommand):
             if healthy:
                 state = dict(node.launcher_state)
                 if api_key:
-                    state[STATIC_API_KEY_FIELD] = api_key
+                    state[SEALED_STATIC_KEY] = seal_static_key(api_key)
                 node_transition(node=node, to=NodeStatus.READY, reason="health probe succeeded", actor=ACTOR,
                                 expected_from=NodeStatus.PENDING, launcher_state=state, **fields)
             else:
