@@ -72,6 +72,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",  # Swagger UI's assets served by us, not fetched from a CDN
     "django_celery_beat",
     "apps.core",
     "apps.tenancy",
@@ -229,6 +230,9 @@ SPECTACULAR_SETTINGS = {
     "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",
     "VERSION": "1.0.0",
     "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
     # One stable schema name per choice set (several fields share NodeStatus, several models
     # have a "status"); without these the generated names depend on field order.
     "ENUM_NAME_OVERRIDES": {
