@@ -19,6 +19,18 @@ def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--allow-sqlite", action="store_true", help="Run against SQLite (not for CI).")
 
 
+@pytest.fixture(autouse=True)
+def _fresh_throttles():
+    """Throttle counters live in the shared cache (Redis): no test inherits another's attempts."""
+    from apps.core import redis as redis_lib
+
+    client = redis_lib.client()
+    if client is not None:
+        for key in client.scan_iter("crosslogic:*:throttle_*"):
+            client.delete(key)
+    yield
+
+
 @pytest.fixture
 def tenant(db):
     from apps.tenancy.services import tenant_create

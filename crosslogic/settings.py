@@ -5,6 +5,7 @@ Invalid values raise ImproperlyConfigured at start rather than surprising us lat
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -146,6 +147,12 @@ REDIS_URL: str = env("REDIS_URL", default="")
 if REDIS_URL and urlparse(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
     raise ImproperlyConfigured("REDIS_URL must be a redis://, rediss:// or unix:// URL.")
 
+# Django's cache: request throttles (node registration). Shared through Redis when there is one,
+# so every web process counts against the same limit.
+CACHES: dict = {"default": (
+    {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "crosslogic"}
+    if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"})}
+
 _BROKER_DIR = VAR_DIR / "broker"
 # The filesystem transport ignores the host; naming one keeps kombu from warning about it.
 CELERY_BROKER_URL: str = env("CELERY_BROKER_URL", default=REDIS_URL or "filesystem://localhost//")
@@ -224,7 +231,15 @@ REST_FRAMEWORK = {
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.api.exception_handler",
     "UNAUTHENTICATED_USER": None,
+    # Node registration is open to the internet (a node proves itself with its one-time token):
+    # attempts per client address. Behind N reverse proxies, X-Forwarded-For's Nth-from-last
+    # address is the client's; with 0 the socket's peer is.
+    "DEFAULT_THROTTLE_RATES": {"node-register": env("NODE_REGISTRATION_RATE", default="30/min")},
+    "NUM_PROXIES": _env_or_fail("TRUSTED_PROXY_COUNT", int, 0),
 }
+if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)",
+                    REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"]):
+    raise ImproperlyConfigured("NODE_REGISTRATION_RATE must look like 30/min (per s, min, hour or day).")
 SPECTACULAR_SETTINGS = {
     "TITLE": "CrossLogic management API",
     "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",

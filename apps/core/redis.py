@@ -6,7 +6,7 @@ import asyncio
 import ssl
 from collections import deque
 from functools import lru_cache
-from urllib.parse import unquote, urlsplit
+from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import redis
@@ -88,13 +88,17 @@ class Multiplexed:
 
     def __init__(self, url: str, *, connect_timeout_s: float = 0.5) -> None:
         parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss"):
-            raise ValueError(f"Unsupported Redis URL scheme {parts.scheme!r}; use redis:// or rediss://.")
+        if parts.scheme not in ("redis", "rediss", "unix"):
+            raise ValueError(f"Unsupported Redis URL scheme {parts.scheme!r}; use redis://, rediss:// or unix://.")
+        query = parse_qs(parts.query)
+        self.socket_path = parts.path if parts.scheme == "unix" else None  # unix:///run/redis.sock?db=2
         self.host = parts.hostname or "127.0.0.1"
         self.port = parts.port or 6379
-        self.db = int(parts.path.strip("/") or 0)
+        db = query["db"][0] if "db" in query else ("" if self.socket_path else parts.path.strip("/"))
+        self.db = int(db or 0)
         self.username = unquote(parts.username) if parts.username else None
-        self.password = unquote(parts.password) if parts.password else None
+        password = unquote(parts.password) if parts.password else None
+        self.password = password or (query["password"][0] if "password" in query else None)
         self.tls = parts.scheme == "rediss"
         self.connect_timeout_s = connect_timeout_s
         self._protocol: _Protocol | None = None
@@ -111,8 +115,11 @@ class Multiplexed:
                 return self._protocol
             loop = asyncio.get_running_loop()
             async with asyncio.timeout(self.connect_timeout_s):
-                _, protocol = await loop.create_connection(
-                    _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+                if self.socket_path:
+                    _, protocol = await loop.create_unix_connection(_Protocol, self.socket_path)
+                else:
+                    _, protocol = await loop.create_connection(
+                        _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
                 setup: list[tuple[object, ...]] = []
                 if self.password is not None:
                     setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))

@@ -5,6 +5,7 @@ Plain reads are a ViewSet; launching and every action with side effects call app
 
 from __future__ import annotations
 
+import logging
 from typing import Any
 
 import django_filters
@@ -16,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
 from apps.core.permissions import IsStaff
@@ -27,6 +29,8 @@ from apps.fleet.serializers import (
     NodeSerializer,
     RegistrationSerializer,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Conflict(APIException):
@@ -120,11 +124,29 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
         return self.get_paginated_response(NodeEventSerializer(page, many=True).data)
 
 
+class RegistrationThrottle(SimpleRateThrottle):
+    """NODE_REGISTRATION_RATE attempts per client address, counted in the shared cache. A cache
+    that is down does not keep nodes from registering: the token check still guards the door."""
+
+    scope = "node-register"
+
+    def get_cache_key(self, request: Request, view: Any) -> str:
+        return self.cache_format % {"scope": self.scope, "ident": self.get_ident(request)}
+
+    def allow_request(self, request: Request, view: Any) -> bool:
+        try:
+            return super().allow_request(request, view)
+        except Exception as exc:  # the cache (Redis) is unreachable
+            log.warning("registration throttle skipped: cache unavailable (%s)", exc)
+            return True
+
+
 class NodeRegisterView(APIView):
     """Called by a node once vLLM answers /health. Authenticated by its one-time token only."""
 
     authentication_classes: list = []
     permission_classes = [permissions.AllowAny]
+    throttle_classes = [RegistrationThrottle]
 
     @extend_schema(request=RegistrationSerializer, responses={200: NodeSerializer})
     def post(self, request: Request) -> Response:

@@ -72,6 +72,12 @@ async def test_a_password_in_the_url_is_used(redis_db):
         redis_db.execute_command("ACL", "DELUSER", user)
 
 
-def test_other_url_schemes_are_refused_with_a_clear_error():
-    with pytest.raises(ValueError, match="redis:// or rediss://"):
-        Multiplexed("unix:///tmp/redis.sock")
+def test_urls_are_read_like_redis_py_reads_them():
+    tcp = Multiplexed("rediss://app:p%40ss@cache.internal:6380/3")
+    sock = Multiplexed("unix:///run/redis/redis.sock?db=2&password=pw")
+
+    assert (tcp.host, tcp.port, tcp.db, tcp.username, tcp.password, tcp.tls) == (
+        "cache.internal", 6380, 3, "app", "p@ss", True)
+    assert (sock.socket_path, sock.db, sock.password) == ("/run/redis/redis.sock", 2, "pw")
+    with pytest.raises(ValueError, match="redis://, rediss:// or unix://"):
+        Multiplexed("memcached://cache:11211")

@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 import pytest
+from django.conf import settings
 from django.utils import timezone
 from rest_framework.test import APIClient
 
@@ -55,6 +56,26 @@ def test_a_wrong_token_is_401_and_changes_nothing(provisioning) -> None:
         assert response.json()["error"]["message"] == "Invalid registration token."
     node.refresh_from_db()
     assert node.status == NodeStatus.PROVISIONING and node.endpoint_url == ""
+
+
+def test_registration_attempts_are_throttled_per_address_and_a_good_token_still_waits(provisioning,
+                                                                                      redis_db) -> None:
+    node, raw = provisioning
+    allowed = int(settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"].split("/")[0])
+    client = APIClient(REMOTE_ADDR="203.0.113.7")
+    statuses = [client.post(REGISTER, {"token": "clr_guess"}, format="json").status_code for _ in range(allowed)]
+
+    throttled = client.post(REGISTER, {"token": raw, "endpoint_url": "http://10.0.0.5:8000"}, format="json")
+
+    assert statuses == [401] * allowed
+    assert throttled.status_code == 429 and int(throttled["Retry-After"]) > 0
+    assert set(throttled.json()["error"]) >= {"message", "type"}
+    assert redis_db.keys("crosslogic:*throttle_node-register_203.0.113.7")  # counted in the shared Redis
+    node.refresh_from_db()
+    assert node.status == NodeStatus.PROVISIONING  # nothing happened
+    other = APIClient(REMOTE_ADDR="203.0.113.8").post(REGISTER, {"token": raw, "endpoint_url": "http://10.0.0.5:8000"},
+                                                       format="json")
+    assert other.status_code == 200  # another address is not held back
 
 
 def test_a_terminated_node_cannot_register(provisioning) -> None:
