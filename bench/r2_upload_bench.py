@@ -214,14 +214,15 @@ def main() -> None:
                           zip(results["plain"], results["service"], strict=True))
     peak = max(r["peak_rss_mb"] for r in results["service"])
     rows = [
-        "| path | MiB/s | seconds (mean) | worker peak RSS |",
-        "|---|---|---|---|",
+        "| path | MiB/s | seconds (mean) | uploader CPU s (mean) | store CPU s (mean) | worker peak RSS |",
+        "|---|---|---|---|---|---|",
     ]
     for kind, label in (("plain", "plain boto3 `upload_file`, default TransferConfig"),
                         ("service", "CrossLogic upload service (sha256 + HEAD + multipart + manifest)")):
         runs = results[kind]
-        rows.append(f"| {label} | {throughput(kind):.0f} | {sum(r['seconds'] for r in runs) / len(runs):.2f} "
-                    f"| {max(r['peak_rss_mb'] for r in runs):.0f} MB |")
+        mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("seconds", "cpu_s", "store_cpu_s")}
+        rows.append(f"| {label} | {throughput(kind):.0f} | {mean['seconds']:.2f} | {mean['cpu_s']:.1f} "
+                    f"| {mean['store_cpu_s']:.1f} | {max(r['peak_rss_mb'] for r in runs):.0f} MB |")
     table = "\n".join([
         "## R2 upload",
         "",
