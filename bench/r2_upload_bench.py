@@ -199,6 +199,9 @@ def main() -> None:
                       f"{result['bytes'] / MIB / result['seconds']:.0f} MiB/s peak {result['peak_rss_mb']:.0f} MB, "
                       f"CPU uploader {result['cpu_s']:.1f}s store {result['store_cpu_s']:.1f}s", flush=True)
                 empty_bucket(admin, "bench")  # moto keeps objects in RAM
+                # moto spools large objects to temporary files: flush their pages now, or the next
+                # upload pays for this one's writeback.
+                os.sync()
     finally:
         moto.terminate()
         moto.wait(timeout=20)

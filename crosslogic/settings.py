@@ -336,7 +336,7 @@ UPLOAD_FILE_RETRIES: int = _env_or_fail("UPLOAD_FILE_RETRIES", int, 3)
 # First wait before a file is retried; doubles on each further attempt (capped at 60 s).
 UPLOAD_RETRY_BACKOFF_S: float = _env_or_fail("UPLOAD_RETRY_BACKOFF_S", float, 2.0)
 # Files sent at once (their parts share the R2_MAX_CONCURRENCY threads): keeps the pipe full across small files.
-UPLOAD_FILES_IN_FLIGHT: int = _env_or_fail("UPLOAD_FILES_IN_FLIGHT", int, 4)
+UPLOAD_FILES_IN_FLIGHT: int = _env_or_fail("UPLOAD_FILES_IN_FLIGHT", int, 2)
 
 # --- Tenancy and management API -------------------------------------------------------------
 # Several serializers have a `status` field with different choice sets; name their enums.
