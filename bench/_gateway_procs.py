@@ -107,6 +107,7 @@ import django, json, sys
 django.setup()
 from apps.catalog.models import Model
 from apps.catalog.services import model_create
+from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import node_create, node_transition
 from apps.tenancy.models import Tenant
@@ -118,7 +119,7 @@ model = Model.objects.filter(name=model_name).first() or model_create(name=model
 for old in Node.objects.filter(model=model, status=NodeStatus.READY):
     node_transition(node=old, to=NodeStatus.FAILED, reason="previous bench simulator")
 node = node_create(model=model, launcher="static", endpoint_url=sim_url)
-Node.objects.filter(pk=node.pk).update(launcher_state={"static_api_key": node_key})
+Node.objects.filter(pk=node.pk).update(launcher_state={SEALED_STATIC_KEY: seal_static_key(node_key)})
 node_transition(node=node, to=NodeStatus.READY, reason="bench")
 print(json.dumps(api_key_issue(tenant=tenant, name="bench", scopes=["inference"])[1]))
 """
