@@ -316,7 +316,7 @@ R2_CONNECT_TIMEOUT_S: float = _env_or_fail("R2_CONNECT_TIMEOUT_S", float, 10.0)
 R2_READ_TIMEOUT_S: float = _env_or_fail("R2_READ_TIMEOUT_S", float, 120.0)
 R2_MAX_ATTEMPTS: int = _env_or_fail("R2_MAX_ATTEMPTS", int, 5)
 R2_MULTIPART_THRESHOLD_MB: int = _env_or_fail("R2_MULTIPART_THRESHOLD_MB", int, 16)
-R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 16)
+R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 8)
 R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
 # botocore's default ("when_supported") adds CRC checksums; "when_required" for older S3 clones.
 R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_supported")
