@@ -236,34 +236,34 @@ class DroppingFront:
         self.thread.join(5)
 
 
-def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(gateway, api_key,
-                                                                               catalog_model) -> None:
+@contextlib.contextmanager
+def only_node_behind_a_dropping_front(gateway, catalog_model, raw_key: str, *, drop: int):
+    """The model's only node: a simulator behind a DroppingFront. Yields (front, node, client)."""
     with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim:
-        front = DroppingFront(urlsplit(sim.url).port, drop=1)
+        front = DroppingFront(urlsplit(sim.url).port, drop=drop)
         try:
-            only = ready_node(catalog_model, f"http://127.0.0.1:{front.port}", gateway=gateway)
-            client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
-            answer = client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
-            assert answer.usage.completion_tokens == 3
-            assert front.dropped == 1
-            assert only.pk not in gateway.app.board.cooldown_until
+            node = ready_node(catalog_model, f"http://127.0.0.1:{front.port}", gateway=gateway)
+            yield front, node, openai.OpenAI(base_url=gateway.base_url, api_key=raw_key, max_retries=0)
         finally:
             front.close()
+
+
+def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(gateway, api_key,
+                                                                               catalog_model) -> None:
+    with only_node_behind_a_dropping_front(gateway, catalog_model, api_key[1], drop=1) as (front, only, client):
+        answer = client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
+        assert answer.usage.completion_tokens == 3
+        assert front.dropped == 1
+        assert only.pk not in gateway.app.board.cooldown_until
     [record] = records(1)
     assert record.node_id == only.pk and record.status_code == 200
 
 
 def test_a_node_that_keeps_resetting_is_cooled_down_after_its_second_chance(gateway, api_key,
                                                                            catalog_model) -> None:
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim:
-        front = DroppingFront(urlsplit(sim.url).port, drop=1000)
-        try:
-            only = ready_node(catalog_model, f"http://127.0.0.1:{front.port}", gateway=gateway)
-            client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
-            with pytest.raises(openai.APIStatusError) as exc:
-                client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
-            assert exc.value.status_code == 503 and exc.value.body["code"] == "upstream_unavailable"
-            assert front.dropped == 2  # the first try and one fresh connection, no more
-            assert only.pk in gateway.app.board.cooldown_until
-        finally:
-            front.close()
+    with only_node_behind_a_dropping_front(gateway, catalog_model, api_key[1], drop=1000) as (front, only, client):
+        with pytest.raises(openai.APIStatusError) as exc:
+            client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
+        assert exc.value.status_code == 503 and exc.value.body["code"] == "upstream_unavailable"
+        assert front.dropped == 2  # the first try and one fresh connection, no more
+        assert only.pk in gateway.app.board.cooldown_until
