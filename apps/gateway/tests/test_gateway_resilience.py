@@ -158,8 +158,8 @@ def test_usage_totals_are_exact_across_a_hundred_concurrent_streams(gateway, api
 def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenant, catalog_model,
                                                settings) -> None:
     port = free_port()
-    proc = subprocess.Popen(["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "",
-                             "--appendonly", "no"], stdout=subprocess.DEVNULL)
+    command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+    proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
     try:
         assert wait_until(lambda: _port_open(port), 5)
         settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
@@ -178,6 +178,17 @@ def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenan
             ready = httpx.get(gateway.url + "/ready")
             assert ready.status_code == 503 and ready.json()["checks"]["redis"].startswith("unreachable")
             assert len(records(6)) == 6
+
+            # Redis comes back (empty): limits resume on a fresh connection, scripts reloaded.
+            proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
+            assert wait_until(lambda: _port_open(port), 5)
+
+            def limited_again() -> bool:
+                again = client.chat.completions.with_raw_response.create(model="llama-3-8b", messages=MSG,
+                                                                         max_tokens=2)
+                return again.headers.get("x-ratelimit-remaining-requests") == "999"
+
+            assert wait_until(limited_again, 5, interval_s=0.3)
     finally:
         proc.kill()
 
