@@ -297,6 +297,8 @@ FLEET_REPLACE_UNHEALTHY_AFTER_S: int = _env_or_fail("FLEET_REPLACE_UNHEALTHY_AFT
 FLEET_ORPHAN_GRACE_S: int = _env_or_fail("FLEET_ORPHAN_GRACE_S", int, 600)
 FLEET_DRAIN_TIMEOUT_S: int = _env_or_fail("FLEET_DRAIN_TIMEOUT_S", int, 300)
 FLEET_LAUNCH_POLL_S: int = _env_or_fail("FLEET_LAUNCH_POLL_S", int, 15)
+# Longest wait for a SkyPilot cluster status (the reconciler refreshes it from the clouds); then cancelled.
+FLEET_SKY_STATUS_TIMEOUT_S: float = _env_or_fail("FLEET_SKY_STATUS_TIMEOUT_S", float, 120.0)
 # A launch that has not registered after this long is failed (and replaced by the reconciler).
 FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.

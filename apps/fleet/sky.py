@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -98,8 +99,30 @@ def request_status(request_id: str) -> str | None:
         payloads = sdk.api_status([request_id])
     for payload in payloads:
         if str(payload.request_id).startswith(request_id) or request_id.startswith(str(payload.request_id)):
-            return str(payload.status).upper()
+            # A RequestStatus enum: str() of it is "RequestStatus.RUNNING", its value "RUNNING".
+            return str(getattr(payload.status, "value", payload.status)).upper()
     return None
+
+
+_UNFINISHED = {"PENDING", "WAITING", "RUNNING"}
+
+
+def _result_within(sdk: Any, request_id: str, *, what: str, timeout_s: float) -> Any:
+    """``sdk.get``, but never forever: a SkyPilot API server that is stuck (or a cloud that does
+    not answer a status refresh) must not hold a Celery worker. Past the deadline the request is
+    cancelled and the caller gets a RetryableLaunchError."""
+    deadline = time.monotonic() + timeout_s
+    pause = 0.05
+    while request_status(request_id) in _UNFINISHED:
+        if time.monotonic() >= deadline:
+            with contextlib.suppress(Exception):  # best effort: the server may be the thing that is stuck
+                sdk.api_cancel(request_id)
+            raise RetryableLaunchError(f"SkyPilot did not answer {what} within {timeout_s:g} s "
+                                       f"(request {request_id} cancelled)")
+        time.sleep(pause)
+        pause = min(1.0, pause * 2)
+    with _mapped(sdk):
+        return sdk.get(request_id)
 
 
 def request_result(request_id: str) -> Any:
@@ -128,7 +151,9 @@ def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[C
     sdk = _sdk()
     mode = sdk.StatusRefreshMode.FORCE if refresh else sdk.StatusRefreshMode.NONE
     with _mapped(sdk):
-        records = sdk.get(sdk.status(cluster_names=names, refresh=mode))
+        request_id = sdk.status(cluster_names=names, refresh=mode)
+    records = _result_within(sdk, str(request_id), what="a cluster status request",
+                             timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S)
     out = []
     for record in records:
         get = record.get if isinstance(record, dict) else lambda k, r=record: getattr(r, k, None)

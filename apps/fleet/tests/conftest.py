@@ -26,7 +26,7 @@ def staff_client(staff_user) -> APIClient:
 @dataclass
 class _Payload:
     request_id: str
-    status: str
+    status: Any  # sky's RequestStatus
 
 
 @dataclass
@@ -40,6 +40,8 @@ class FakeSky:
     launch_error: BaseException | None = None
     endpoints_by_cluster: dict[str, str] = field(default_factory=dict)
     unreachable: bool = False
+    status_hangs: bool = False  # cluster status requests never finish (a stuck cloud refresh)
+    cancelled: list[str] = field(default_factory=list)
 
     # --- what the tests script --------------------------------------------------------------
     def finish(self, request_id: str, *, result: Any = None, error: BaseException | None = None) -> None:
@@ -88,7 +90,17 @@ class FakeSky:
     def api_status(self, request_ids: list[str]) -> list[_Payload]:
         if self.unreachable:
             raise self.real.exceptions.ApiServerConnectionError("http://skypilot.test:46580")
-        return [_Payload(rid, self.requests[rid]["status"]) for rid in request_ids if rid in self.requests]
+        # The real SDK's payloads carry a RequestStatus enum, not a string.
+        from sky.server.requests.requests import RequestStatus
+
+        return [_Payload(rid, RequestStatus(self.requests[rid]["status"])) for rid in request_ids
+                if rid in self.requests]
+
+    def api_cancel(self, request_ids: str | list[str]) -> str:
+        for rid in [request_ids] if isinstance(request_ids, str) else request_ids:
+            self.cancelled.append(rid)
+            self.requests[rid]["status"] = "CANCELLED"
+        return self._new("other")
 
     def get(self, request_id: str) -> Any:
         req = self.requests[request_id]
@@ -102,7 +114,8 @@ class FakeSky:
         self.calls.append(("status", cluster_names))
         names = cluster_names if cluster_names is not None else list(self.clusters)
         rid = self._new("status")
-        self.finish(rid, result=[dict(self.clusters[n]) for n in names if n in self.clusters])
+        if not self.status_hangs:
+            self.finish(rid, result=[dict(self.clusters[n]) for n in names if n in self.clusters])
         return rid
 
     def endpoints(self, cluster: str, port: int) -> str:

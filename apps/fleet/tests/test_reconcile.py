@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from datetime import timedelta
 
 import pytest
@@ -71,6 +72,23 @@ def test_a_vanished_cluster_is_marked_preempted_and_replaced(served_model, fake_
     assert report.preempted == [str(node)]
     (replacement,) = Node.objects.exclude(pk=node.pk)
     assert (replacement.launcher, replacement.cloud, replacement.status) == ("skypilot", "aws", "pending")
+
+
+def test_a_status_refresh_that_never_ends_is_cancelled_and_nothing_is_called_vanished(served_model, fake_sky,
+                                                                                      settings) -> None:
+    settings.FLEET_SKY_STATUS_TIMEOUT_S = 0.3
+    _keep(served_model, 1)
+    node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready")
+    fake_sky.status_hangs = True  # a cloud that does not answer the refresh
+
+    started = time.monotonic()
+    report = reconcile()
+
+    assert time.monotonic() - started < 5  # the worker was not held
+    assert any("did not answer a cluster status request within 0.3 s" in e for e in report.errors), report.errors
+    assert fake_sky.cancelled == [fake_sky.last("status")]
+    node.refresh_from_db()
+    assert node.status == NodeStatus.READY and report.preempted == []  # unknown is not gone
 
 
 def test_orphan_clusters_are_torn_down_after_the_grace_period(served_model, fake_sky, real_sky, settings) -> None:
