@@ -6,12 +6,12 @@ import asyncio
 import ssl
 from collections import deque
 from functools import lru_cache
-from urllib.parse import parse_qs, unquote, urlsplit
 
 import hiredis
 import redis
 import redis.asyncio as aioredis
 from django.conf import settings
+from redis.connection import parse_url
 
 _TIMEOUTS = {"socket_connect_timeout": 0.5, "socket_timeout": 1.0}
 
@@ -87,19 +87,18 @@ class Multiplexed:
     """
 
     def __init__(self, url: str, *, connect_timeout_s: float = 0.5) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("redis", "rediss", "unix"):
-            raise ValueError(f"Unsupported Redis URL scheme {parts.scheme!r}; use redis://, rediss:// or unix://.")
-        query = parse_qs(parts.query)
-        self.socket_path = parts.path if parts.scheme == "unix" else None  # unix:///run/redis.sock?db=2
-        self.host = parts.hostname or "127.0.0.1"
-        self.port = parts.port or 6379
-        db = query["db"][0] if "db" in query else ("" if self.socket_path else parts.path.strip("/"))
-        self.db = int(db or 0)
-        self.username = unquote(parts.username) if parts.username else None
-        password = unquote(parts.password) if parts.password else None
-        self.password = password or (query["password"][0] if "password" in query else None)
-        self.tls = parts.scheme == "rediss"
+        try:
+            options = parse_url(url)  # redis-py's own reading of the URL, so every client agrees
+        except ValueError:
+            scheme = url.partition("://")[0]
+            raise ValueError(f"Unsupported Redis URL scheme {scheme!r}; use redis://, rediss:// or unix://.") from None
+        self.socket_path: str | None = options.get("path")
+        self.host = options.get("host") or "127.0.0.1"
+        self.port = int(options.get("port") or 6379)
+        self.db = int(options.get("db") or 0)
+        self.username: str | None = options.get("username")
+        self.password: str | None = options.get("password")
+        self.tls = options.get("connection_class") is redis.connection.SSLConnection
         self.connect_timeout_s = connect_timeout_s
         self._protocol: _Protocol | None = None
         self._connecting: asyncio.Lock | None = None

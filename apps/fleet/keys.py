@@ -20,7 +20,6 @@ from django.conf import settings
 log = logging.getLogger(__name__)
 
 SEALED_STATIC_KEY = "static_api_key_sealed"
-LEGACY_STATIC_KEY = "static_api_key"  # stored in clear before migration fleet.0004
 
 
 def node_api_key(node_id: int) -> str:
@@ -28,18 +27,14 @@ def node_api_key(node_id: int) -> str:
     return "vk-" + mac.hexdigest()
 
 
-def _fernet() -> Fernet:
-    key = hmac.new(settings.NODE_KEY_SECRET.encode(), b"crosslogic:static-node-key", hashlib.sha256).digest()
+@lru_cache(maxsize=4)
+def _fernet(secret: str) -> Fernet:
+    key = hmac.new(secret.encode(), b"crosslogic:static-node-key", hashlib.sha256).digest()
     return Fernet(base64.urlsafe_b64encode(key))
 
 
 def seal_static_key(api_key: str) -> str:
-    return _fernet().encrypt(api_key.encode()).decode()
-
-
-@lru_cache(maxsize=4096)
-def _unseal(sealed: str, secret: str) -> str:  # the routing table is rebuilt every second
-    return _fernet().decrypt(sealed.encode()).decode()
+    return _fernet(settings.NODE_KEY_SECRET).encrypt(api_key.encode()).decode()
 
 
 def static_key(node_id: int, state: dict) -> str | None:
@@ -48,7 +43,7 @@ def static_key(node_id: int, state: dict) -> str | None:
     if not sealed:
         return None
     try:
-        return _unseal(str(sealed), settings.NODE_KEY_SECRET)
+        return _fernet(settings.NODE_KEY_SECRET).decrypt(str(sealed).encode()).decode()
     except InvalidToken:
         log.error("node %s: its static API key cannot be unsealed (NODE_KEY_SECRET changed?); "
                   "register it again with add_node", node_id)

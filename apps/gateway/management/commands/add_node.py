@@ -19,8 +19,6 @@ from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import IllegalTransition, node_create, node_transition
 
 ACTOR = "add_node"
-# Where a static node's own vLLM API key is kept for the gateway (a node we launch uses the
-# derived apps.fleet.keys.node_api_key instead). It must never be rendered or logged.
 
 
 def probe_health(endpoint: str, *, timeout_s: float) -> tuple[bool, str, float]:
