@@ -240,6 +240,8 @@ REST_FRAMEWORK = {
 if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)",
                     REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"]):
     raise ImproperlyConfigured("NODE_REGISTRATION_RATE must look like 30/min (per s, min, hour or day).")
+if REST_FRAMEWORK["NUM_PROXIES"] < 0:
+    raise ImproperlyConfigured("TRUSTED_PROXY_COUNT must be 0 or more (the reverse proxies in front of web).")
 SPECTACULAR_SETTINGS = {
     "TITLE": "CrossLogic management API",
     "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",
@@ -303,6 +305,8 @@ FLEET_SKY_STATUS_TIMEOUT_S: float = _env_or_fail("FLEET_SKY_STATUS_TIMEOUT_S", f
 FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
+if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
+    raise ImproperlyConfigured("FLEET_SKY_STATUS_TIMEOUT_S must be a positive number of seconds.")
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_* intervals, timeouts and thresholds must be positive.")
 

@@ -133,6 +133,9 @@ def test_missing_allowed_hosts_with_debug_off_fails_naming_it():
         ("SESSION_COOKIE_SECURE", "treu"),
         ("FLEET_DEFAULT_LAUNCHER", "kubernetes"),
         ("LOG_LEVEL", "LOUD"),
+        ("NODE_REGISTRATION_RATE", "30 per minute"),
+        ("TRUSTED_PROXY_COUNT", "-1"),
+        ("FLEET_SKY_STATUS_TIMEOUT_S", "0"),
     ],
 )
 def test_invalid_value_fails_at_start_naming_the_setting(name, value):

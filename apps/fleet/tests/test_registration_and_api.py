@@ -159,3 +159,24 @@ def test_check_health_action_reports_an_unreachable_node(staff_client, served_mo
     assert response.status_code == 200
     assert response.json()["consecutive_failures"] == 1 and response.json()["last_health_at"]
     assert response.json()["status"] == "loading"
+
+
+def test_registration_still_works_when_the_throttle_cache_is_unreachable(provisioning, monkeypatch, caplog) -> None:
+    import socket
+
+    from django.core.cache.backends.redis import RedisCache
+
+    from apps.fleet.api import RegistrationThrottle
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead_port = s.getsockname()[1]
+    monkeypatch.setattr(RegistrationThrottle, "cache", RedisCache(f"redis://127.0.0.1:{dead_port}/0", {}))
+    node, raw = provisioning
+
+    response = APIClient().post(REGISTER, {"token": raw, "endpoint_url": "http://10.0.0.5:8000"}, format="json")
+
+    assert response.status_code == 200  # the token check still guards the door
+    node.refresh_from_db()
+    assert node.status == NodeStatus.LOADING
+    assert "registration throttle skipped: cache unavailable" in caplog.text
