@@ -125,7 +125,7 @@ def compare_one_answer(sim_url: str, gw_url: str, key: str, max_tokens: int) -> 
 
 
 def run(args: argparse.Namespace, env: dict) -> dict:
-    from apps.gateway.simulator_process import run_simulator_process
+    from vllm_sim import run_simulator_process
 
     results: dict = {"levels": {}, "flat": {}}
     seconds, rounds = args.seconds, args.rounds
@@ -178,7 +178,7 @@ def profile(args: argparse.Namespace, env: dict) -> None:
     non-streaming requests flat out; the top costs are printed, the .prof files kept under var/bench/."""
     import pstats
 
-    from apps.gateway.simulator_process import run_simulator_process
+    from vllm_sim import run_simulator_process
 
     sim_opts = dict(model=MODEL, api_key=NODE_KEY, light=True, max_num_seqs=4096, kv_cache_tokens=100_000_000)
     level = max(args.levels)

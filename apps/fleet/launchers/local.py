@@ -83,7 +83,7 @@ class LocalLauncher(Launcher):
             "# env: CROSSLOGIC_REGISTRATION_TOKEN=<redacted> VLLM_API_KEY=<redacted>\n"
             f"#      CROSSLOGIC_CONTROL_PLANE_URL={settings.CONTROL_PLANE_URL}\n"
             f"{cmd}\n"
-            "# runs `manage.py simulate_vllm --port 0`, waits for /health, then registers\n"
+            "# runs `python -m vllm_sim --port 0` (the simulator), waits for /health, then registers\n"
         )
 
     def launch(self, node: Node, secrets: Secrets) -> dict[str, object]:

@@ -54,7 +54,7 @@ def test_the_pre_0_10_kv_cache_name_is_understood() -> None:
 
 
 def test_the_simulators_exposition_round_trips() -> None:
-    from apps.gateway.simulator_text import metrics_text
+    from vllm_sim.text import metrics_text
 
     text = metrics_text(model='odd "name" {x}', running=3, waiting=11, kv_usage=0.125).decode()
     load = parse_vllm_load(text)

@@ -12,7 +12,7 @@ from django.core.management import CommandError, call_command
 
 from apps.fleet.keys import static_key
 from apps.fleet.models import Node, NodeEvent, NodeStatus
-from apps.gateway.simulator import run_simulator_process
+from vllm_sim import run_simulator_process
 
 pytestmark = pytest.mark.django_db
 

@@ -8,10 +8,10 @@ import httpx
 import openai
 import pytest
 
-from apps.gateway.simulator import run_simulator_process
 from apps.gateway.tests.conftest import NODE_KEY, ready_node, wait_until
 from apps.metering.models import UsageRecord
 from apps.tenancy.services import api_key_issue, api_key_revoke, tenant_suspend
+from vllm_sim import run_simulator_process
 
 MSG = [{"role": "user", "content": "Say something short"}]
 

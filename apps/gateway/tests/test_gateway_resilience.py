@@ -17,10 +17,10 @@ import openai
 import pytest
 
 from apps.fleet.models import Node
-from apps.gateway.simulator import run_simulator_process
 from apps.gateway.tests.conftest import NODE_KEY, ready_node, running_gateway, wait_until
 from apps.metering.models import UsageRecord
 from apps.tenancy.services import tenant_update
+from vllm_sim import run_simulator_process
 
 MSG = [{"role": "user", "content": "Tell me a long story"}]
 

@@ -42,7 +42,7 @@ class Command(BaseCommand):
         control_plane = (opts["control_plane"] or os.environ.get("CROSSLOGIC_CONTROL_PLANE_URL")
                          or settings.CONTROL_PLANE_URL).rstrip("/")
         started_at = time.time()
-        cmd = [sys.executable, "manage.py", "simulate_vllm", "--port", "0", "--model", opts["model"],
+        cmd = [sys.executable, "-m", "vllm_sim", "--port", "0", "--model", opts["model"],
                "--startup-delay-s", str(opts["startup_delay_s"])]
         if not os.environ.get("VLLM_API_KEY"):
             raise CommandError("VLLM_API_KEY is not set: the launcher passes the node's key in the environment.")

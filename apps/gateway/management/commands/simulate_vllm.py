@@ -1,5 +1,6 @@
 """``manage.py simulate_vllm``: a fake vLLM OpenAI server for development, tests and benchmarks
-(docs/simulator.md). The flags live in apps.gateway.simulator_cli, shared with its Django-free twin."""
+(docs/simulator.md). A thin wrapper: the simulator is the Django-free package ``vllm_sim``
+(``python -m vllm_sim`` takes the same flags)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from argparse import ArgumentParser
 
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.gateway import simulator_cli
+from vllm_sim import cli as simulator_cli
 
 
 class Command(BaseCommand):

@@ -1,5 +1,5 @@
 """The vLLM simulator speaks vLLM's OpenAI server surface, checked with the official openai SDK
-and raw HTTP against a real `manage.py simulate_vllm` subprocess."""
+and raw HTTP against a real `python -m vllm_sim` subprocess."""
 
 from __future__ import annotations
 
@@ -12,11 +12,10 @@ import time
 import httpx
 import openai
 import pytest
-from django.core.management import CommandError, call_command
 from prometheus_client.parser import text_string_to_metric_families
 
-from apps.gateway.simulator import run_simulator_process, simulator_server
-from apps.gateway.simulator_process import command_line
+from vllm_sim import run_simulator_process, simulator_server
+from vllm_sim.process import command_line
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +25,6 @@ MODEL = "sim-llama"
 
 @pytest.fixture(scope="module")
 def sim():
-    # The documented way, `manage.py simulate_vllm`; the other simulators here use the light entry.
     with run_simulator_process(model=MODEL, api_key=KEY, ttft_ms=5, itl_ms=2, max_tokens_default=12) as handle:
         yield handle
 
@@ -291,7 +289,7 @@ def test_a_non_streaming_client_that_gives_up_cancels_the_generation(sim):
 
 
 def test_fail_rate_one_answers_500_before_any_byte():
-    with run_simulator_process(model=MODEL, fail_rate=1.0, ttft_ms=1, itl_ms=0, light=True) as failing:
+    with run_simulator_process(model=MODEL, fail_rate=1.0, ttft_ms=1, itl_ms=0) as failing:
         client = openai.OpenAI(base_url=failing.base_url, api_key="unused", max_retries=0)
         with pytest.raises(openai.InternalServerError):
             client.chat.completions.create(**chat_body(stream=True))
@@ -303,7 +301,7 @@ def test_fail_rate_one_answers_500_before_any_byte():
 
 @pytest.mark.parametrize("itl_ms", [0, 1], ids=["flat-out", "paced"])
 def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
-    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms, light=True) as dying:
+    with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms) as dying:
         received = b""
         with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
             "POST", dying.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=50), timeout=10,
@@ -342,8 +340,7 @@ def test_faults_can_be_switched_on_and_off_while_running(sim):
 
 
 def test_die_exits_process_ends_the_whole_simulator():
-    with run_simulator_process(model=MODEL, die_after_tokens=2, die_exits_process=True, ttft_ms=1, itl_ms=1,
-                               light=True) as dying:
+    with run_simulator_process(model=MODEL, die_after_tokens=2, die_exits_process=True, ttft_ms=1, itl_ms=1) as dying:
         with pytest.raises(httpx.TransportError):
             raw_post(dying, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 10})
         assert dying.proc.wait(timeout=5) == 17
@@ -353,7 +350,7 @@ def test_nothing_listens_during_the_startup_delay():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(command_line(model=MODEL, port=port, startup_delay_s=1.5, light=True),
+    proc = subprocess.Popen(command_line(model=MODEL, port=port, startup_delay_s=1.5),
                             stdout=subprocess.PIPE, text=True)
     try:
         time.sleep(0.5)
@@ -395,10 +392,3 @@ async def test_requests_beyond_max_num_seqs_wait_and_show_in_metrics():
     assert families["vllm:num_requests_waiting"].samples[0].value == 2
     assert all(r.status_code == 200 for r in replies)
     assert server.state.counters["requests_completed"] == 3
-
-
-def test_the_command_rejects_bad_options_with_a_readable_error():
-    with pytest.raises(CommandError, match="--port"):
-        call_command("simulate_vllm", port=-1, model=MODEL)
-    with pytest.raises(CommandError, match="--itl-ms"):
-        call_command("simulate_vllm", port=0, model=MODEL, itl_ms=-5)

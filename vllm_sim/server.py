@@ -1,13 +1,13 @@
 """A vLLM OpenAI-server simulator: a development and test instrument, never a production part.
 
-It answers like ``vllm serve`` (same routes, JSON shapes and SSE events; see simulator_text.py)
+It answers like ``vllm serve`` (same routes, JSON shapes and SSE events; see text.py)
 with deterministic text and token counts, configurable timing (time to first token, inter-token
 latency), injected faults (500s, streams cut mid-way, the whole process dying), live Prometheus
 gauges, and a simulator-only ``GET /sim/stats`` so tests can see what the "node" saw: requests
 started/completed/cancelled, tokens generated, the Authorization headers received.
 
-Run it with ``manage.py simulate_vllm`` (docs/simulator.md), in-process with
-``simulator_server()``, or from tests as a subprocess with ``run_simulator_process()``.
+Run it with ``python -m vllm_sim`` or ``manage.py simulate_vllm`` (docs/simulator.md), in-process
+with ``simulator_server()``, or from tests as a subprocess with ``vllm_sim.run_simulator_process()``.
 """
 
 from __future__ import annotations
@@ -24,10 +24,9 @@ from dataclasses import asdict, dataclass
 
 from aiohttp import web
 
-from apps.gateway import simulator_text as txt
-from apps.gateway.simulator_pacer import PacedStream, Pacer, StreamKilled
-from apps.gateway.simulator_process import SimHandle, run_simulator_process
-from apps.gateway.simulator_requests import (
+from vllm_sim import text as txt
+from vllm_sim.pacer import PacedStream, Pacer, StreamKilled
+from vllm_sim.requests import (
     Plan,
     Reject,
     bad_request,
@@ -39,8 +38,7 @@ from apps.gateway.simulator_requests import (
     request_id_for,
 )
 
-__all__ = ["SimConfig", "SimHandle", "SimServer", "build_app", "run_simulator_process", "serve_forever",
-           "simulator_server", "start_simulator"]
+__all__ = ["SimConfig", "SimServer", "build_app", "serve_forever", "simulator_server", "start_simulator"]
 
 AUTH_SEEN_MAX = 100
 # Exit status when --die-exits-process kills the simulator mid-stream (distinct from errors).

@@ -1,8 +1,8 @@
 """How many SSE chunks per second the simulator serves, flat out (``--ttft-ms 0 --itl-ms 0``) or paced.
 
-    .venv/bin/python -m apps.gateway.simulator_bench [--streams 32] [--tokens 256] [--rounds 4] [--itl-ms 0]
+    .venv/bin/python bench/simulator_bench.py [--streams 32] [--tokens 256] [--rounds 4] [--itl-ms 0]
 
-Starts ``manage.py simulate_vllm`` as a subprocess, drives concurrent streaming chat requests
+Starts ``python -m vllm_sim`` as a subprocess, drives concurrent streaming chat requests
 at it with aiohttp, and prints chunks/s and the simulator's CPU seconds per 1,000 chunks (from
 /proc). Bounded in count and time; a dev tool, not a test.
 """
@@ -14,10 +14,13 @@ import asyncio
 import os
 import sys
 import time
+from pathlib import Path
 
 import aiohttp
 
-from apps.gateway.simulator_process import run_simulator_process
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+
+from vllm_sim import run_simulator_process
 
 
 def _cpu_seconds(pid: int) -> float:

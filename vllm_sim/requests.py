@@ -9,7 +9,7 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
-from apps.gateway import simulator_text as txt
+from vllm_sim import text as txt
 
 
 class Reject(Exception):  # noqa: N818 - a response to send, not a failure of ours

@@ -1,5 +1,5 @@
-"""Run the vLLM simulator as a child process (``manage.py simulate_vllm --port 0``) for tests and
-local fleets: start it, wait until ``/health`` answers, hand back its URL, kill it on exit."""
+"""Run the vLLM simulator as a child process (``python -m vllm_sim --port 0``) for tests and
+benchmarks: start it, wait until ``/health`` answers, hand back its URL, kill it on exit."""
 
 from __future__ import annotations
 
@@ -19,17 +19,18 @@ from typing import IO
 
 import httpx
 
-MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
+ROOT = Path(__file__).resolve().parents[1]  # the directory holding the vllm_sim package
+MANAGE_PY = ROOT / "manage.py"  # only for light=False: the project's Django wrapper
 LISTENING = re.compile(r"^simulate_vllm listening on (http://\S+?):(\d+)\s*$")
 
 
-def command_line(*, model: str, port: int = 0, light: bool = False, **options: object) -> list[str]:
-    """``manage.py simulate_vllm`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag.
+def command_line(*, model: str, port: int = 0, light: bool = True, **options: object) -> list[str]:
+    """``python -m vllm_sim`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag.
 
-    ``light=True`` runs ``python -m apps.gateway.simulator_cli`` instead: same flags and output,
-    without Django's start-up (about 2 s of CPU less per simulator on the development machine).
+    ``light=False`` runs the same flags through ``manage.py simulate_vllm`` (the Django command
+    wrapper), which costs Django's start-up (about 2 s of CPU per simulator on the dev machine).
     """
-    entry = ["-m", "apps.gateway.simulator_cli"] if light else [str(MANAGE_PY), "simulate_vllm"]
+    entry = ["-m", "vllm_sim"] if light else [str(MANAGE_PY), "simulate_vllm"]
     args = [sys.executable, *entry, "--port", str(port), "--model", model]
     for name, value in options.items():
         if value is None or value is False:
@@ -127,12 +128,12 @@ def _wait_listening(proc: subprocess.Popen, lines: queue.Queue, keep: deque[str]
 def run_simulator_process(
     *, model: str = "sim-model", timeout_s: float = 30.0, **options: object
 ) -> Iterator[SimHandle]:
-    """Start ``manage.py simulate_vllm --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
+    """Start ``python -m vllm_sim --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
 
     Options are the command's flags in snake_case: ``ttft_ms``, ``itl_ms``, ``api_key``,
     ``max_tokens_default``, ``fail_rate``, ``die_after_tokens``, ``die_exits_process``,
-    ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ... and ``light=True``
-    to skip Django's start-up (see command_line()).
+    ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ... and ``light=False``
+    to go through ``manage.py simulate_vllm`` instead (see command_line()).
     """
     port = int(options.pop("port", 0))  # type: ignore[arg-type]
     api_key = options.pop("api_key", None)
@@ -142,7 +143,7 @@ def run_simulator_process(
     if api_key:
         env["VLLM_API_KEY"] = str(api_key)
     proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                            cwd=MANAGE_PY.parent, env=env)
+                            cwd=ROOT, env=env)
     keep: deque[str] = deque(maxlen=200)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines, keep), daemon=True, name="simulate_vllm-stdout").start()

@@ -1,6 +1,5 @@
-"""The simulator's command line, shared by ``manage.py simulate_vllm`` (the documented way) and
-``python -m apps.gateway.simulator_cli`` (the same flags without Django's start-up cost, which
-tests that start many simulators on a small machine appreciate)."""
+"""The simulator's command line: ``python -m vllm_sim`` (no Django; tests that start many simulators
+on a small machine save Django's start-up) and ``manage.py simulate_vllm``, which reuses these flags."""
 
 from __future__ import annotations
 
@@ -9,7 +8,7 @@ import asyncio
 import os
 import sys
 
-from apps.gateway.simulator import SimConfig, serve_forever
+from vllm_sim.server import SimConfig, serve_forever
 
 LISTENING_PREFIX = "simulate_vllm listening on "
 
@@ -88,7 +87,7 @@ def run(config: SimConfig) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m apps.gateway.simulator_cli", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m vllm_sim", description=__doc__)
     add_arguments(parser)
     args = parser.parse_args(argv)
     try:
