@@ -1,4 +1,5 @@
-"""`manage.py add_node` registers an existing vLLM server as a static node after one health probe."""
+"""`manage.py add_node` (apps.fleet.static_nodes.static_node_add) registers an existing vLLM server as a
+static node after one probe, the health checker's own."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import socket
 from io import StringIO
 
 import pytest
+from django.core.exceptions import ValidationError
 from django.core.management import CommandError, call_command
 
 from apps.fleet.keys import static_key
 from apps.fleet.models import Node, NodeEvent, NodeStatus
+from apps.fleet.static_nodes import static_node_add
 from vllm_sim import run_simulator_process
 
 pytestmark = pytest.mark.django_db
@@ -61,12 +64,12 @@ def test_an_sdk_style_base_url_is_accepted(catalog_model, sim):
 def test_an_unreachable_endpoint_leaves_a_failed_node_and_a_nonzero_exit(catalog_model):
     url = f"http://127.0.0.1:{closed_port()}"
 
-    with pytest.raises(CommandError, match="failed: health probe failed: ConnectError"):
+    with pytest.raises(CommandError, match="failed: health probe failed: ClientConnectorError"):
         call_command("add_node", model="llama-3-8b", endpoint=url, api_key="k", timeout=1, stdout=StringIO())
 
     node = Node.objects.get()
     assert node.status == NodeStatus.FAILED
-    assert "ConnectError" in node.status_reason
+    assert "ClientConnectorError" in node.status_reason
     assert static_key(node.pk, node.launcher_state) is None
     assert NodeEvent.objects.filter(node=node, to_status=NodeStatus.FAILED).exists()
 
@@ -103,5 +106,25 @@ def test_an_unknown_model_is_refused_before_anything_is_created(db):
 def test_a_bad_url_is_refused(catalog_model, endpoint):
     with pytest.raises(CommandError, match="is not an http"):
         call_command("add_node", model="llama-3-8b", endpoint=endpoint, stdout=StringIO())
+
+    assert not Node.objects.exists()
+
+
+def test_a_server_whose_health_fails_is_failed_with_the_health_checkers_reason(catalog_model, sim):
+    sim.set_faults(health_status=503)
+    try:
+        node = static_node_add(model=catalog_model, endpoint_url=sim.url, api_key="static-node-key", timeout_s=2)
+    finally:
+        sim.set_faults(health_status=200)
+
+    assert node.status == NodeStatus.FAILED
+    assert node.status_reason == "health probe failed: /health answered 503"  # health.check_targets' words
+    assert Node.objects.get().consecutive_failures == 1
+
+
+@pytest.mark.parametrize("timeout_s", [0, -1.5])
+def test_a_non_positive_timeout_is_refused_before_anything_is_created(catalog_model, timeout_s):
+    with pytest.raises(ValidationError, match="timeout must be positive"):
+        static_node_add(model=catalog_model, endpoint_url="http://127.0.0.1:8000", timeout_s=timeout_s)
 
     assert not Node.objects.exists()
