@@ -8,7 +8,7 @@ import asyncio
 import os
 import sys
 
-from vllm_sim.server import SimConfig, serve_forever
+from vllm_sim.server import VLLM_VERSION, SimConfig, serve_forever
 
 LISTENING_PREFIX = "simulate_vllm listening on "
 
@@ -46,6 +46,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="KV cache capacity in tokens, for vllm:kv_cache_usage_perc.")
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--seed", type=int, default=None, help="Seed for --fail-rate's random draws.")
+    parser.add_argument("--enable-auto-tool-choice", action="store_true",
+                        help="As vLLM: with --tool-call-parser, requests with `tools` may be answered with tool "
+                             "calls; without both, tool_choice \"auto\" (the default with tools) is a 400.")
+    parser.add_argument("--tool-call-parser", default=None,
+                        help="As vLLM (hermes, llama3_json, mistral, ...): the simulator answers OpenAI tool_calls "
+                             "whatever the name.")
+    parser.add_argument("--vllm-version", default=VLLM_VERSION, help="What GET /version answers.")
+    parser.add_argument("--socket-send-buffer", type=int, default=None,
+                        help="Simulator only: SO_SNDBUF for streams, so tests can make a client fall behind.")
 
 
 def config_from_options(opts: dict) -> SimConfig:
@@ -63,6 +72,10 @@ def config_from_options(opts: dict) -> SimConfig:
         raise ValueError("--die-after-tokens must not be negative.")
     if not opts["model"]:
         raise ValueError("--model must not be empty.")
+    if opts.get("enable_auto_tool_choice") and not opts.get("tool_call_parser"):
+        raise ValueError("--enable-auto-tool-choice requires --tool-call-parser (as vLLM refuses to start).")
+    if opts.get("socket_send_buffer") is not None and opts["socket_send_buffer"] < 1:
+        raise ValueError("--socket-send-buffer must be a positive number of bytes.")
     values = {name: opts[name] for name in SimConfig.__dataclass_fields__ if name in opts}
     values["api_key"] = opts.get("api_key") or os.environ.get("VLLM_API_KEY") or None
     return SimConfig(**values)

@@ -12,9 +12,6 @@ import asyncio
 import math
 from collections.abc import Callable
 
-# A reader this far behind is paused, like a stalled TCP window, instead of buffering forever.
-MAX_BUFFERED = 1 << 20
-
 
 class Pacer:
     """One per event loop: millisecond slots → the streams due then."""
@@ -42,20 +39,26 @@ class StreamKilled(Exception):  # noqa: N818 - the simulated death, not an error
 
 
 class PacedStream:
-    """Token ``i`` goes out at ``first_at + i * itl``; ``done`` resolves after the last one."""
+    """Step ``i`` (token ``i`` of every choice) is generated at ``first_at + i * itl``; ``done``
+    resolves after the last one is written.
 
-    __slots__ = ("die_after", "done", "head", "i", "itl", "last", "next_at", "on_die", "on_token", "pacer",
-                 "render", "tail", "transport")
+    Generation never waits for the client, as in vLLM: when the kernel cannot take more bytes
+    (the client reads slowly), a step's tokens are held and go out with the next step's, so one
+    event then carries several tokens, as vLLM's stream does when its output queue backs up.
+    """
 
-    def __init__(self, *, pacer: Pacer, transport: asyncio.Transport, render: Callable[[int], bytes], n_tokens: int,
-                 first_at: float, itl: float, head: bytes, tail: bytes, die_after: int | None,
-                 on_token: Callable[[], None], on_die: Callable[[], None]) -> None:
+    __slots__ = ("die_after", "done", "head", "i", "itl", "last", "next_at", "on_die", "on_step", "pacer",
+                 "render", "sent", "tail", "transport")
+
+    def __init__(self, *, pacer: Pacer, transport: asyncio.Transport, render: Callable[[int, int], bytes],
+                 n_steps: int, first_at: float, itl: float, head: bytes, tail: bytes, die_after: int | None,
+                 on_step: Callable[[int], None], on_die: Callable[[], None]) -> None:
         if pacer.loop is None:
             pacer.loop = asyncio.get_running_loop()
         self.pacer, self.transport, self.render = pacer, transport, render
         self.head, self.tail, self.die_after = head, tail, die_after
-        self.on_token, self.on_die = on_token, on_die
-        self.i, self.last, self.itl, self.next_at = 0, n_tokens - 1, itl, first_at
+        self.on_step, self.on_die = on_step, on_die
+        self.i, self.sent, self.last, self.itl, self.next_at = 0, 0, n_steps - 1, itl, first_at
         self.done: asyncio.Future[None] = pacer.loop.create_future()
         pacer.schedule(self, first_at)
 
@@ -66,6 +69,17 @@ class PacedStream:
     def _write(self, payload: bytes) -> None:
         self.transport.write(b"%x\r\n%b\r\n" % (len(payload), payload))
 
+    def _flush(self, upto: int, extra: bytes = b"") -> None:
+        """Write steps [sent, upto) as one event per choice (the role chunks before the first)."""
+        payload = self.render(self.sent, upto) if upto > self.sent else b""
+        if self.sent == 0 and self.head:
+            payload = self.head + payload
+            self.head = b""
+        payload += extra
+        if payload:
+            self._write(payload)
+        self.sent = upto
+
     def step(self) -> None:
         if self.done.done():
             return
@@ -74,26 +88,19 @@ class PacedStream:
             if transport.is_closing():
                 self.done.set_exception(ConnectionResetError("the client went away"))
                 return
-            if transport.get_write_buffer_size() > MAX_BUFFERED:
-                self.pacer.schedule(self, self.pacer.loop.time() + max(self.itl, 0.001))  # type: ignore[union-attr]
-                return
             i = self.i
             if self.die_after is not None and i >= self.die_after:
-                if i == 0 and self.head:
-                    self._write(self.head)
+                self._flush(i)
                 self.on_die()
                 self.done.set_exception(StreamKilled())
                 return
-            payload = self.render(i)
-            if i == 0 and self.head:
-                payload = self.head + payload
+            self.on_step(i)
             if i == self.last:
-                payload += self.tail
-            self._write(payload)
-            self.on_token()
-            if i == self.last:
+                self._flush(i + 1, self.tail)
                 self.done.set_result(None)
                 return
+            if transport.get_write_buffer_size() == 0:
+                self._flush(i + 1)
             self.i = i + 1
             self.next_at += self.itl
             self.pacer.schedule(self, self.next_at)

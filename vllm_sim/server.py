@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import os
 import random
+import socket
 import time
 from collections import deque
 from collections.abc import AsyncIterator, Callable
@@ -25,10 +26,12 @@ from dataclasses import asdict, dataclass
 from aiohttp import web
 
 from vllm_sim import text as txt
+from vllm_sim.output import Choice
 from vllm_sim.pacer import PacedStream, Pacer, StreamKilled
 from vllm_sim.requests import (
     Plan,
     Reject,
+    ServerOptions,
     bad_request,
     check_model,
     error,
@@ -41,6 +44,9 @@ from vllm_sim.requests import (
 __all__ = ["SimConfig", "SimServer", "build_app", "serve_forever", "simulator_server", "start_simulator"]
 
 AUTH_SEEN_MAX = 100
+# The vLLM release whose behaviour the simulator follows (and answers on /version); the fleet
+# installs the same one (settings.VLLM_VERSION), which a test checks.
+VLLM_VERSION = "0.11.0"
 # Exit status when --die-exits-process kills the simulator mid-stream (distinct from errors).
 DIE_EXIT_CODE = 17
 
@@ -63,6 +69,12 @@ class SimConfig:
     kv_cache_tokens: int = 65536
     embedding_dim: int = 16
     seed: int | None = None
+    # vLLM's --enable-auto-tool-choice --tool-call-parser NAME: without both, "auto" tools are a 400.
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    vllm_version: str = VLLM_VERSION
+    # Simulator only: a small kernel send buffer per stream, so a test can make a client "slow".
+    socket_send_buffer: int | None = None
 
 
 class SimState:
@@ -81,6 +93,10 @@ class SimState:
         self.fail_rate = config.fail_rate
         self.die_after_tokens = config.die_after_tokens
         self.health_status = 200
+        self.options = ServerOptions(
+            served_model=config.model, max_tokens_default=config.max_tokens_default,
+            max_model_len=config.max_model_len,
+            tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None)
         self.reset()
 
     def reset(self) -> None:
@@ -169,23 +185,65 @@ def _cut(sim: SimState, request: web.Request) -> None:
         request.transport.close()  # flushes what was written, then FIN: no terminating chunk, no [DONE]
 
 
-async def _stream(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, *, chat: bool) -> web.StreamResponse:
-    model = sim.config.model
-    created = int(time.time())
-    enc = (txt.StreamEncoder.for_chat if chat else txt.StreamEncoder.for_completion)(
-        request_id=plan.request_id, created=created, model=model)
+def _stream_finish(choice: Choice) -> str:
+    # A streamed tool call always ends "tool_calls" (vLLM's tools_streamed); see text._message for
+    # the non-streamed reasons.
+    return "tool_calls" if choice.tool is not None else choice.finish_reason
+
+
+class _Steps:
+    """A plan's stream as steps: step i carries token i of every choice still generating."""
+
+    def __init__(self, plan: Plan, enc: txt.StreamEncoder) -> None:
+        self.plan, self.enc = plan, enc
+        self.head = b"".join(enc.role_chunk(c.index) for c in plan.choices) if plan.chat else b""
+        self.tail = (enc.usage_chunk(plan.completion_tokens) if plan.include_usage else b"") + txt.DONE
+        self.single = len(plan.choices) == 1
+
+    def render(self, start: int, end: int) -> bytes:
+        """One event per choice for its tokens [start, end): one token each, or several when the
+        client fell behind (vLLM merges the deltas it could not send yet)."""
+        enc = self.enc
+        if self.single:
+            choice = self.plan.choices[0]
+            n = len(choice.pieces)
+            return enc.chunk(choice, start, end, finish_reason=_stream_finish(choice) if end >= n else None)
+        out = []
+        for choice in self.plan.choices:
+            n = len(choice.pieces)
+            stop = min(end, n)
+            if start < stop:
+                out.append(enc.chunk(choice, start, stop, finish_reason=_stream_finish(choice) if stop == n else None))
+        return b"".join(out)
+
+    def tokens_at(self, i: int) -> int:
+        return 1 if self.single else sum(1 for c in self.plan.choices if len(c.pieces) > i)
+
+
+def _encoder(sim: SimState, plan: Plan) -> txt.StreamEncoder:
+    return txt.StreamEncoder.create(chat=plan.chat, request_id=plan.request_id, created=int(time.time()),
+                                    model=sim.config.model, prompt_tokens=plan.prompt_tokens, logprobs=plan.logprobs,
+                                    return_token_ids=plan.return_token_ids, prompt_ids=plan.prompt_ids,
+                                    continuous_usage=plan.continuous_usage)
+
+
+async def _stream(sim: SimState, request: web.Request, plan: Plan, slot: _Slot) -> web.StreamResponse:
+    steps = _Steps(plan, _encoder(sim, plan))
     resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
     await resp.prepare(request)  # sends the headers at once, as vLLM does
+    if sim.config.socket_send_buffer and request.transport is not None:
+        sock = request.transport.get_extra_info("socket")
+        if sock is not None:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sim.config.socket_send_buffer)
     loop = asyncio.get_running_loop()
     deadline = loop.time() + sim.ttft
     die_after = sim.die_after_tokens
     if sim.itl >= 0.001 and request.transport is not None:
-        await _paced(sim, request, plan, slot, enc, first_at=deadline)
+        await _paced(sim, request, plan, slot, steps, first_at=deadline)
         await resp.write_eof()
         return resp
-    pending = enc.role_chunk() if chat else b""
-    last = plan.n_tokens - 1
-    for i in range(plan.n_tokens):
+    pending = steps.head
+    for i in range(plan.n_steps):
         await _sleep_until(loop, deadline)
         if sim.itl == 0 and i % 16 == 15:
             await asyncio.sleep(0)  # flat out: let other streams and the disconnect watcher run
@@ -195,13 +253,11 @@ async def _stream(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, 
                 await resp.write(pending)
             _cut(sim, request)
             raise _Killed
-        token = txt.token_bytes(plan.offset, i)
-        chunk = enc.final_token_chunk(token, plan.finish_reason) if i == last else enc.token_chunk(token)
+        chunk = steps.render(i, i + 1)
         await resp.write(pending + chunk if pending else chunk)
         pending = b""
-        slot.add_tokens(1)
-    tail = enc.usage_chunk(plan.prompt_tokens, plan.n_tokens) if plan.include_usage else b""
-    await resp.write(tail + txt.DONE)
+        slot.add_tokens(steps.tokens_at(i))
+    await resp.write(steps.tail)
     await resp.write_eof()
     return resp
 
@@ -210,20 +266,12 @@ class _Killed(Exception):  # noqa: N818 - the simulated death, not an error
     pass
 
 
-async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, enc: txt.StreamEncoder, *,
+async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, steps: _Steps, *,
                  first_at: float) -> None:
     """Tokens on their schedule, written by the shared pacer rather than by this coroutine."""
-    last, offset, finish = plan.n_tokens - 1, plan.offset, plan.finish_reason
-
-    def render(i: int) -> bytes:
-        token = txt.token_bytes(offset, i)
-        return enc.final_token_chunk(token, finish) if i == last else enc.token_chunk(token)
-
-    tail = (enc.usage_chunk(plan.prompt_tokens, plan.n_tokens) if plan.include_usage else b"") + txt.DONE
-    stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=render,  # type: ignore[arg-type]
-                         n_tokens=plan.n_tokens, first_at=first_at, itl=sim.itl,
-                         head=enc.role_chunk() if enc.chat else b"", tail=tail,
-                         die_after=sim.die_after_tokens, on_token=lambda: slot.add_tokens(1),
+    stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=steps.render,  # type: ignore[arg-type]
+                         n_steps=plan.n_steps, first_at=first_at, itl=sim.itl, head=steps.head, tail=steps.tail,
+                         die_after=sim.die_after_tokens, on_step=lambda i: slot.add_tokens(steps.tokens_at(i)),
                          on_die=lambda: _cut(sim, request))
     try:
         await stream.done
@@ -233,21 +281,21 @@ async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, e
         stream.cancel()
 
 
-async def _complete(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, *, chat: bool) -> web.Response:
+async def _complete(sim: SimState, request: web.Request, plan: Plan, slot: _Slot) -> web.Response:
     loop = asyncio.get_running_loop()
     start = loop.time()
     die_after = sim.die_after_tokens
-    if die_after is not None and die_after < plan.n_tokens:
+    if die_after is not None and die_after < plan.n_steps:
         await _sleep_until(loop, start + sim.ttft + sim.itl * max(die_after - 1, 0))
-        slot.add_tokens(die_after)
+        slot.add_tokens(sum(min(len(c.pieces), die_after) for c in plan.choices))
         _cut(sim, request)
         raise _Killed
-    await _sleep_until(loop, start + sim.ttft + sim.itl * (plan.n_tokens - 1))
-    slot.add_tokens(plan.n_tokens)
-    build = txt.chat_response if chat else txt.completion_response
-    body = build(request_id=plan.request_id, created=int(time.time()), model=sim.config.model,
-                 text=txt.generated_text(plan.offset, plan.n_tokens), finish_reason=plan.finish_reason,
-                 prompt_tokens=plan.prompt_tokens, completion_tokens=plan.n_tokens)
+    await _sleep_until(loop, start + sim.ttft + sim.itl * (plan.n_steps - 1))
+    slot.add_tokens(plan.completion_tokens)
+    build = txt.chat_response if plan.chat else txt.completion_response
+    body = build(request_id=plan.request_id, created=int(time.time()), model=sim.config.model, choices=plan.choices,
+                 prompt_tokens=plan.prompt_tokens, logprobs=plan.logprobs, return_token_ids=plan.return_token_ids,
+                 prompt_ids=plan.prompt_ids)
     return json_response(200, body)
 
 
@@ -272,15 +320,13 @@ def _v1(handler: Callable) -> Callable:
 
 def _generation(*, chat: bool) -> Callable:
     async def handler(sim: SimState, request: web.Request) -> web.StreamResponse:
-        plan = plan_generation(request, await read_json(request), chat=chat, served_model=sim.config.model,
-                               max_tokens_default=sim.config.max_tokens_default,
-                               max_model_len=sim.config.max_model_len)
+        plan = plan_generation(request, await read_json(request), chat=chat, server=sim.options)
         slot = _Slot(sim, plan.prompt_tokens)
         finished = False
         try:
             async with slot:
                 run = _stream if plan.stream else _complete
-                response = await run(sim, request, plan, slot, chat=chat)
+                response = await run(sim, request, plan, slot)
                 finished = True
                 sim.counters["requests_completed"] += 1
                 return response
@@ -336,7 +382,7 @@ async def _metrics(request: web.Request) -> web.Response:
 
 
 async def _version(request: web.Request) -> web.Response:
-    return json_response(200, b'{"version":"0.10.0-simulated"}')
+    return json_response(200, txt.dumps_bytes({"version": request.app[SIM_KEY].config.vllm_version}))
 
 
 async def _stats(request: web.Request) -> web.Response:

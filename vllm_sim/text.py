@@ -1,8 +1,9 @@
-"""What the vLLM simulator says, byte for byte: deterministic tokens, token counts, and the JSON
-shapes of vLLM's OpenAI server (modelled on vLLM 0.10's ``protocol.py`` and ``serving_chat.py``).
+"""What the vLLM simulator says, byte for byte: token counts and the JSON shapes of vLLM 0.11's
+OpenAI server (``protocol.py``, ``serving_chat.py``, ``serving_completion.py``: field order, the
+nulls vLLM writes, ``exclude_unset`` on chat chunks and not on completion chunks).
 
 Pure functions, no I/O, so the shapes can be tested and reused by benchmarks. Streaming chunks
-are assembled from pre-encoded byte pieces: a stream's per-token work is two concatenations.
+are assembled from pre-encoded byte pieces: a plain stream's per-token work is a few concatenations.
 """
 
 from __future__ import annotations
@@ -14,18 +15,9 @@ import struct
 import zlib
 from dataclasses import dataclass
 
-# Plain ASCII words, nothing JSON would escape, so a word's bytes go into a chunk unchanged.
-WORDS: tuple[str, ...] = (
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs",
-    "across", "green", "field", "under", "bright", "blue", "sky", "while", "birds", "sing",
-    "softly", "in", "tall", "trees", "near", "quiet", "river", "that", "flows", "toward",
-    "distant", "hills", "where", "old", "stone", "houses", "stand", "beside", "narrow", "roads",
-    "lined", "with", "golden", "wheat", "swaying", "gently", "as", "warm", "wind", "carries",
-    "sweet", "scent", "of", "summer", "flowers", "through", "open", "windows", "every", "day",
-    "until", "night", "falls",
-)
-_FIRST = tuple(w.encode() for w in WORDS)  # a completion's first token has no leading space
-_NEXT = tuple((" " + w).encode() for w in WORDS)
+from vllm_sim.output import WORDS, Choice, alternatives, logprob_of
+
+__all__ = ["WORDS"]  # re-exported: the vocabulary the answers are made of
 
 # Prompt-token accounting (documented in docs/simulator.md): whitespace-separated words, plus
 # per-message and priming overheads for chat, plus one BOS token for completions.
@@ -78,16 +70,7 @@ def completion_prompt_tokens(prompt: str | list[int]) -> int:
 
 def start_offset(seed_text: str) -> int:
     """Where in WORDS an answer starts: the same input gives the same output in every process."""
-    return zlib.crc32(seed_text.encode()) % len(WORDS)
-
-
-def token_bytes(offset: int, i: int) -> bytes:
-    index = (offset + i) % len(WORDS)
-    return _FIRST[index] if i == 0 else _NEXT[index]
-
-
-def generated_text(offset: int, n: int) -> str:
-    return b"".join(token_bytes(offset, i) for i in range(n)).decode()
+    return zlib.crc32(seed_text.encode("utf-8", "surrogatepass")) % len(WORDS)
 
 
 def usage(prompt_tokens: int, completion_tokens: int, *, details: bool = True) -> dict:
@@ -108,77 +91,176 @@ UNAUTHORIZED_BODY = b'{"error":"Unauthorized"}'
 DONE = b"data: [DONE]\n\n"
 
 
-@dataclass(frozen=True)
-class StreamEncoder:
-    """Pre-encoded pieces of one stream's SSE events (chat or text completion)."""
+_ESCAPED: dict[str, bytes] = {}
 
-    head: bytes  # up to and including the opening quote of the token text
-    middle_tail: bytes  # after the token text, for a chunk without finish_reason
+
+def escaped(piece: str) -> bytes:
+    """A token's text as it sits inside a JSON string (words are cached: they need no escaping)."""
+    cached = _ESCAPED.get(piece)
+    if cached is None:
+        cached = json.dumps(piece, ensure_ascii=False)[1:-1].encode()
+        if len(_ESCAPED) < 4096:
+            _ESCAPED[piece] = cached
+    return cached
+
+
+def _chat_logprobs(choice: Choice, start: int, end: int, top: int) -> dict:
+    """vLLM's ChatCompletionLogProbs for tokens [start, end): the sampled token first in each top list."""
+    content = []
+    for i in range(start, end):
+        piece, lp = choice.pieces[i], logprob_of(choice.offset, i)
+        tops = [(piece, lp), *alternatives(piece, top - 1)] if top else []
+        content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()),
+                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in tops]})
+    return {"content": content}
+
+
+def _completion_logprobs(choice: Choice, start: int, end: int, top: int) -> dict:
+    """vLLM's CompletionLogProbs for tokens [start, end): offsets count characters from the answer's start."""
+    offset = sum(len(p) for p in choice.pieces[:start])
+    body: dict = {"text_offset": [], "token_logprobs": [], "tokens": [], "top_logprobs": []}
+    for i in range(start, end):
+        piece, lp = choice.pieces[i], logprob_of(choice.offset, i)
+        body["text_offset"].append(offset)
+        body["token_logprobs"].append(lp)
+        body["tokens"].append(piece)
+        # vLLM lists the sampled token and then `logprobs` others (so up to logprobs + 1 entries).
+        body["top_logprobs"].append(dict([(piece, lp), *alternatives(piece, top)]) if top else None)
+        offset += len(piece)
+    return body
+
+
+def _tool_delta(choice: Choice, start: int, end: int) -> dict:
+    """The tool_calls delta for tokens [start, end), as vLLM's stream sends them: the first delta
+    names the function (an "auto" call's arguments follow in later deltas; a guided call's first
+    delta already carries some), the rest carry argument text only."""
+    tool = choice.tool
+    assert tool is not None
+    arguments = "".join(choice.pieces[max(start, 1 if tool.mode == "auto" else 0):end])
+    # vLLM indexes a named tool call by the choice's index, the others by the call's position.
+    index = choice.index if tool.mode == "named" else 0
+    if start == 0:
+        call: dict = {"id": tool.id, "type": "function", "index": index, "function": {"name": tool.name}}
+        if tool.mode != "auto" or arguments:
+            call["function"]["arguments"] = arguments
+        return {"tool_calls": [call]}
+    return {"tool_calls": [{"index": index, "function": {"arguments": arguments}}]}
+
+
+@dataclass
+class StreamEncoder:
+    """One stream's SSE events. The prefix of every event is encoded once; a plain chunk (no
+    logprobs, token ids or running usage) is then a handful of byte concatenations."""
+
+    prefix: bytes  # `data: {"id":…,"object":…,"created":…,"model":…,"choices":[`
+    chat: bool
+    prompt_tokens: int
     id: str
     created: int
     model: str
-    chat: bool
+    logprobs: int | None = None
+    return_token_ids: bool = False
+    prompt_ids: list[int] | None = None
+    continuous_usage: bool = False
 
     @classmethod
-    def for_chat(cls, *, request_id: str, created: int, model: str) -> StreamEncoder:
-        prefix = _dumps({"id": request_id, "object": "chat.completion.chunk", "created": created, "model": model})
-        head = f'data: {prefix[:-1]},"choices":[{{"index":0,"delta":{{"content":"'.encode()
-        return cls(head=head, middle_tail=b'"},"logprobs":null,"finish_reason":null}]}\n\n',
-                   id=request_id, created=created, model=model, chat=True)
+    def create(cls, *, chat: bool, request_id: str, created: int, model: str, prompt_tokens: int,
+               logprobs: int | None = None, return_token_ids: bool = False, prompt_ids: list[int] | None = None,
+               continuous_usage: bool = False) -> StreamEncoder:
+        head = _dumps({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
+                       "created": created, "model": model})
+        return cls(prefix=f'data: {head[:-1]},"choices":['.encode(), chat=chat, prompt_tokens=prompt_tokens,
+                   id=request_id, created=created, model=model, logprobs=logprobs,
+                   return_token_ids=return_token_ids, prompt_ids=prompt_ids, continuous_usage=continuous_usage)
 
-    @classmethod
-    def for_completion(cls, *, request_id: str, created: int, model: str) -> StreamEncoder:
-        prefix = _dumps({"id": request_id, "object": "text_completion", "created": created, "model": model})
-        head = f'data: {prefix[:-1]},"choices":[{{"index":0,"text":"'.encode()
-        return cls(head=head,
-                   middle_tail=b'","logprobs":null,"finish_reason":null,"stop_reason":null}],"usage":null}\n\n',
-                   id=request_id, created=created, model=model, chat=False)
+    def _usage(self, completion_tokens: int, *, details: bool) -> bytes:
+        return dumps_bytes(usage(self.prompt_tokens, completion_tokens, details=details))
 
-    def role_chunk(self) -> bytes:
-        """The first chat event: the assistant role with empty content (vLLM sends it first)."""
-        head = self.head.replace(b'"delta":{"content":"', b'"delta":{"role":"assistant","content":"')
-        return head + b'"},"logprobs":null,"finish_reason":null}]}\n\n'
+    def role_chunk(self, index: int = 0) -> bytes:
+        """A chat stream's first event per choice: the assistant role with empty content."""
+        out = self.prefix + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,' \
+                            b'"finish_reason":null}]' % index
+        if self.continuous_usage:
+            out += b',"usage":' + self._usage(0, details=False)
+        ids = dumps_bytes(self.prompt_ids) if self.return_token_ids else b"null"
+        return out + b',"prompt_token_ids":' + ids + b"}\n\n"
 
-    def token_chunk(self, text: bytes) -> bytes:
-        return self.head + text + self.middle_tail
-
-    def final_token_chunk(self, text: bytes, finish_reason: str) -> bytes:
-        if self.chat:
-            tail = f'"}},"logprobs":null,"finish_reason":"{finish_reason}","stop_reason":null}}]}}\n\n'
+    def chunk(self, choice: Choice, start: int, end: int, *, finish_reason: str | None) -> bytes:
+        """The event for tokens [start, end) of ``choice`` (several tokens when the client read slowly)."""
+        if self.logprobs is None:
+            lp = b"null"
+        elif self.chat:
+            lp = dumps_bytes(_chat_logprobs(choice, start, end, self.logprobs))
         else:
-            tail = f'","logprobs":null,"finish_reason":"{finish_reason}","stop_reason":null}}],"usage":null}}\n\n'
-        return self.head + text + tail.encode()
+            lp = dumps_bytes(_completion_logprobs(choice, start, end, self.logprobs))
+        finish = b'"finish_reason":null' if finish_reason is None else \
+            b'"finish_reason":"%s","stop_reason":null' % finish_reason.encode()
+        ids = dumps_bytes(choice.ids[start:end]) if self.return_token_ids else b"null"
+        if self.chat:
+            if choice.tool is not None:
+                delta = dumps_bytes(_tool_delta(choice, start, end))
+            else:
+                delta = b'{"content":"' + b"".join(escaped(p) for p in choice.pieces[start:end]) + b'"}'
+            out = self.prefix + b'{"index":%d,"delta":' % choice.index + delta + b',"logprobs":' + lp + b"," + \
+                finish + b',"token_ids":' + ids + b"}]"
+            if self.continuous_usage:
+                out += b',"usage":' + self._usage(end, details=False)
+            return out + b"}\n\n"
+        text = b"".join(escaped(p) for p in choice.pieces[start:end])
+        if finish_reason is None:
+            finish += b',"stop_reason":null'
+        prompt_ids = dumps_bytes(self.prompt_ids) if self.return_token_ids and start == 0 else b"null"
+        use = self._usage(end, details=True) if self.continuous_usage else b"null"
+        return self.prefix + b'{"index":%d,"text":"' % choice.index + text + b'","logprobs":' + lp + b"," + \
+            finish + b',"prompt_token_ids":' + prompt_ids + b',"token_ids":' + ids + b'}],"usage":' + use + \
+            b"}\n\n"
 
-    def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
+    def usage_chunk(self, completion_tokens: int) -> bytes:
         body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [],
-                "usage": usage(prompt_tokens, completion_tokens, details=False)}
+                "usage": usage(self.prompt_tokens, completion_tokens, details=False)}
         return b"data: " + dumps_bytes(body) + b"\n\n"
 
 
-def chat_response(*, request_id: str, created: int, model: str, text: str, finish_reason: str,
-                  prompt_tokens: int, completion_tokens: int) -> bytes:
-    message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-               "function_call": None, "tool_calls": [], "reasoning_content": None}
+def _message(choice: Choice) -> dict:
+    message: dict = {"role": "assistant", "content": choice.text, "refusal": None, "annotations": None,
+                     "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None}
+    if choice.tool is not None:
+        # An "auto" call found by the tool parser leaves no content; a guided one leaves "".
+        message["content"] = None if choice.tool.mode == "auto" else ""
+        message["tool_calls"] = [{"id": choice.tool.id, "type": "function",
+                                  "function": {"name": choice.tool.name, "arguments": choice.arguments}}]
+    return message
+
+
+def chat_response(*, request_id: str, created: int, model: str, choices: list[Choice], prompt_tokens: int,
+                  logprobs: int | None = None, return_token_ids: bool = False,
+                  prompt_ids: list[int] | None = None) -> bytes:
     return dumps_bytes({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,
-                     "stop_reason": None}],
+        "choices": [{"index": c.index, "message": _message(c),
+                     "logprobs": None if logprobs is None else _chat_logprobs(c, 0, len(c.pieces), logprobs),
+                     "finish_reason": c.finish_reason, "stop_reason": None,
+                     "token_ids": c.ids if return_token_ids else None} for c in choices],
         "service_tier": None, "system_fingerprint": None,
-        "usage": usage(prompt_tokens, completion_tokens), "prompt_logprobs": None, "kv_transfer_params": None,
+        "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)), "prompt_logprobs": None,
+        "prompt_token_ids": prompt_ids if return_token_ids else None, "kv_transfer_params": None,
     })
 
 
-def completion_response(*, request_id: str, created: int, model: str, text: str, finish_reason: str,
-                        prompt_tokens: int, completion_tokens: int) -> bytes:
+def completion_response(*, request_id: str, created: int, model: str, choices: list[Choice], prompt_tokens: int,
+                        logprobs: int | None = None, return_token_ids: bool = False,
+                        prompt_ids: list[int] | None = None) -> bytes:
     return dumps_bytes({
         "id": request_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason,
-                     "stop_reason": None, "prompt_logprobs": None}],
+        "choices": [{"index": c.index, "text": c.text,
+                     "logprobs": None if logprobs is None else _completion_logprobs(c, 0, len(c.pieces), logprobs),
+                     "finish_reason": c.finish_reason, "stop_reason": None,
+                     "token_ids": c.ids if return_token_ids else None, "prompt_logprobs": None,
+                     "prompt_token_ids": prompt_ids if return_token_ids else None} for c in choices],
         "service_tier": None, "system_fingerprint": None,
-        "usage": usage(prompt_tokens, completion_tokens), "kv_transfer_params": None,
+        "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)), "kv_transfer_params": None,
     })
-
 
 def embedding_vector(text: str, dim: int) -> list[float]:
     """A unit vector derived from the text: equal texts give equal vectors, in every process."""
