@@ -43,7 +43,7 @@ class Command(BaseCommand):
                          or settings.CONTROL_PLANE_URL).rstrip("/")
         started_at = time.time()
         cmd = [sys.executable, "-m", "vllm_sim", "--port", "0", "--model", opts["model"],
-               "--startup-delay-s", str(opts["startup_delay_s"])]
+               "--startup-delay-s", str(opts["startup_delay_s"]), "--vllm-version", settings.VLLM_VERSION]
         if not os.environ.get("VLLM_API_KEY"):
             raise CommandError("VLLM_API_KEY is not set: the launcher passes the node's key in the environment.")
         # The simulator, like vLLM, reads VLLM_API_KEY from its environment: the key stays off `ps`.

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from argparse import ArgumentParser
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError
 
 from vllm_sim import cli as simulator_cli
@@ -18,6 +19,8 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         simulator_cli.add_arguments(parser)
+        # /version answers the release the fleet installs on real nodes.
+        parser.set_defaults(vllm_version=settings.VLLM_VERSION)
 
     def handle(self, *args: object, **opts: object) -> None:
         try:
