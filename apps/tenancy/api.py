@@ -20,9 +20,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.api import Conflict
-from apps.core.permissions import IsStaff, StaffOrCustomerScope, customer
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
+from apps.tenancy.permissions import IsStaff, StaffOrCustomerScope, customer
 from apps.tenancy.serializers import (
     KEY_STATUS_CHOICES,
     ApiKeyCreatedSerializer,
