@@ -4,7 +4,11 @@ from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 urlpatterns = [
     path("admin/", admin.site.urls),
-    path("api/v1/", include("apps.core.api_urls")),
+    # The management API: each domain app contributes its own api_urls under /api/v1/.
+    path("api/v1/", include("apps.tenancy.api_urls")),
+    path("api/v1/", include("apps.catalog.api_urls")),
+    path("api/v1/", include("apps.fleet.api_urls")),
+    path("api/v1/", include("apps.metering.api_urls")),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("apps.gateway.urls")),

@@ -20,13 +20,8 @@ from rest_framework.response import Response
 from apps.catalog import services, storage, uploads
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.verify import verify_model
-from apps.core.permissions import IsStaff
-
-
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The request conflicts with the current state of the model."
-    default_code = "conflict"
+from apps.core.api import Conflict
+from apps.tenancy.permissions import IsStaff
 
 
 class StorageUnavailable(APIException):

@@ -14,13 +14,12 @@ from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, status, viewsets
 from rest_framework.authentication import get_authorization_header
 from rest_framework.decorators import action
-from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
 from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
-from apps.core.permissions import IsStaff
+from apps.core.api import Conflict
 from apps.fleet import services
 from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeStatus
 from apps.fleet.serializers import (
@@ -29,14 +28,9 @@ from apps.fleet.serializers import (
     NodeSerializer,
     RegistrationSerializer,
 )
+from apps.tenancy.permissions import IsStaff
 
 log = logging.getLogger(__name__)
-
-
-class Conflict(APIException):
-    status_code = status.HTTP_409_CONFLICT
-    default_detail = "The node's state does not allow this."
-    default_code = "conflict"
 
 
 class NodeFilterSet(django_filters.FilterSet):

@@ -28,7 +28,8 @@ from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.errors import GatewayError, bad_request
 from apps.gateway.limits import Budget, RateLimiter
 from apps.gateway.routing import LOADBOARD_PERIOD_S, LoadBoard, RoutingTable, aload_table
-from apps.gateway.usage import UsageRecorder, cost_micros
+from apps.gateway.usage import UsageRecorder
+from apps.metering.services import cost_micros
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,8 @@ class Gateway:
             "status_code": ex.status,
             "ttft_ms": ex.ttft_ms,
             "latency_ms": (time.monotonic() - ex.started) * 1000,
-            "cost_micros": cost_micros(prompt, completion, route.price_in, route.price_out),
+            "cost_micros": cost_micros(prompt_tokens=prompt, completion_tokens=completion,
+                                       price_in=route.price_in, price_out=route.price_out),
         })
 
 

@@ -15,11 +15,11 @@ from datetime import datetime
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
-from django.utils import timezone
 
 from apps.core import secrets as tokens
 from apps.gateway.errors import GatewayError
 from apps.gateway.limits import Limit
+from apps.tenancy.models import ApiKey, SecretStatus, TenantStatus, secret_status
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class KeyEntry:
     scopes: frozenset[str]
     allowed_models: frozenset[str]
     expires_at: datetime | None
-    revoked: bool
+    revoked_at: datetime | None
     tenant_active: bool
     key_limit: Limit
     tenant_limit: Limit
@@ -46,8 +46,6 @@ def _unauthorized(message: str) -> GatewayError:
 
 
 def _load(prefix: str) -> KeyEntry | None:
-    from apps.tenancy.models import ApiKey, TenantStatus
-
     close_old_connections()
     try:
         key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
@@ -65,7 +63,7 @@ def _load(prefix: str) -> KeyEntry | None:
         scopes=frozenset(key.scopes),
         allowed_models=frozenset(key.allowed_models or ()),
         expires_at=key.expires_at,
-        revoked=key.revoked_at is not None,
+        revoked_at=key.revoked_at,
         tenant_active=tenant.status == TenantStatus.ACTIVE,
         key_limit=Limit(
             subject=f"key:{key.pk}",
@@ -124,9 +122,10 @@ class KeyCache:
             if not tokens.matches(raw, entry.digest):
                 raise _unauthorized("Incorrect API key provided.")
             self._verified[raw] = entry.digest
-        if entry.revoked:
+        status = secret_status(revoked_at=entry.revoked_at, expires_at=entry.expires_at)
+        if status is SecretStatus.REVOKED:
             raise _unauthorized("This API key has been revoked.")
-        if entry.expires_at is not None and entry.expires_at <= timezone.now():
+        if status is SecretStatus.EXPIRED:
             raise _unauthorized("This API key has expired.")
         if not entry.tenant_active:
             raise _unauthorized("This account is suspended.")

@@ -1,9 +1,11 @@
 """Usage metering off the request path.
 
-Requests append a plain dict to an in-process buffer; a background task writes batches with
-bulk_create. A failed write (database briefly away) keeps the batch and retries with backoff;
-``ignore_conflicts`` on the unique request_id makes a retried batch that had in fact landed
-harmless. The buffer is bounded; what cannot be kept is logged loudly, never silently lost.
+Requests append a plain dict to an in-process buffer; a background task hands batches to
+apps.metering.services (one bulk insert each) and the keys' last use to apps.tenancy.services,
+thinned on the way in by the rule api_key_touch applies (last_used_due). A failed write
+(database briefly away) keeps the batch and retries with backoff; a retried batch that had in
+fact landed is harmless (usage_records_create ignores duplicate request ids). The buffer is
+bounded; what cannot be kept is logged loudly, never silently lost.
 """
 
 from __future__ import annotations
@@ -12,31 +14,24 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from decimal import ROUND_HALF_UP, Decimal
+from datetime import datetime
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import close_old_connections, connection
 from django.utils import timezone
 
+from apps.metering import services as metering
+from apps.tenancy import services as tenancy
+
 log = logging.getLogger(__name__)
 
 
-def cost_micros(prompt_tokens: int, completion_tokens: int, price_in: Decimal, price_out: Decimal) -> int:
-    """USD per 1M tokens times tokens = micro-dollars, exactly, rounded half-up once at the end."""
-    total = Decimal(prompt_tokens) * price_in + Decimal(completion_tokens) * price_out
-    return int(total.quantize(Decimal(1), rounding=ROUND_HALF_UP))
-
-
-def _write(rows: list[dict], touched_keys: dict[int, object]) -> None:
-    from apps.metering.models import UsageRecord
-    from apps.tenancy.models import ApiKey
-
+def _write(rows: list[dict], touched_keys: dict[int, datetime]) -> None:
     close_old_connections()
     try:
-        UsageRecord.objects.bulk_create([UsageRecord(**row) for row in rows], ignore_conflicts=True)
-        for key_id, when in touched_keys.items():
-            ApiKey.objects.filter(pk=key_id).update(last_used_at=when)
+        metering.usage_records_create(rows=rows)
+        tenancy.api_keys_touch(last_used=touched_keys)
     finally:
         connection.close()
 
@@ -45,8 +40,9 @@ class UsageRecorder:
     def __init__(self) -> None:
         self.buffer: deque[dict] = deque()
         self.dropped = 0
-        self._touched: dict[int, object] = {}
-        self._last_touch: dict[int, float] = {}
+        self._touched: dict[int, datetime] = {}
+        # When this worker last passed each key's use on to be written.
+        self._last_touch: dict[int, datetime] = {}
         self._write = sync_to_async(_write, thread_sensitive=False)
         self._wake = asyncio.Event()
 
@@ -59,10 +55,10 @@ class UsageRecorder:
         self.buffer.append(row)
         key_id = row.get("api_key_id")
         if key_id is not None:
-            loop_now = asyncio.get_running_loop().time()
-            if loop_now - self._last_touch.get(key_id, -1e9) >= settings.API_KEY_LAST_USED_RESOLUTION_S:
-                self._last_touch[key_id] = loop_now
-                self._touched[key_id] = row["created_at"]
+            when = row["created_at"]
+            if tenancy.last_used_due(last_used_at=self._last_touch.get(key_id), now=when):
+                self._last_touch[key_id] = when
+                self._touched[key_id] = when
         if len(self.buffer) >= settings.GATEWAY_USAGE_BATCH_SIZE:
             self._wake.set()
 

@@ -11,9 +11,9 @@ from django.db.models import QuerySet
 from rest_framework import serializers, viewsets
 
 from apps.core.paginator import EstimatedCountPagination
-from apps.core.permissions import StaffOrCustomerScope, customer
 from apps.metering.models import UsageRecord
 from apps.tenancy.models import Scope
+from apps.tenancy.permissions import StaffOrCustomerScope, customer
 
 
 class UsageRecordSerializer(serializers.ModelSerializer):

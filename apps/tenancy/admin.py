@@ -12,7 +12,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
-from django.db.models import Count, OuterRef, Q, QuerySet, Subquery
+from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.urls import reverse
@@ -21,8 +21,7 @@ from django.utils.html import format_html
 
 from apps.core.paginator import EstimatedCountPaginator
 from apps.tenancy import services
-from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
-from apps.tenancy.serializers import key_status
+from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant, TenantStatus
 
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
 
@@ -50,16 +49,11 @@ class KeyStatusFilter(admin.SimpleListFilter):
     parameter_name = "key_status"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [("active", "Active"), ("expired", "Expired"), ("revoked", "Revoked")]
+        return [(s.value, s.label) for s in (SecretStatus.ACTIVE, SecretStatus.EXPIRED, SecretStatus.REVOKED)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        now = timezone.now()
-        if self.value() == "active":
-            return queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True)
-        if self.value() == "expired":
-            return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
-        if self.value() == "revoked":
-            return queryset.filter(revoked_at__isnull=False)
+        if self.value() in SecretStatus.values:
+            return queryset.with_status(self.value())
         return queryset
 
 
@@ -94,7 +88,7 @@ class ApiKeyInline(admin.TabularInline):
 
     @admin.display(description="status")
     def status(self, key: ApiKey) -> str:
-        return key_status(key)
+        return key.status
 
 
 @admin.register(Tenant)
@@ -247,7 +241,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     @admin.display(description="status")
     def status(self, key: ApiKey) -> str:
-        return key_status(key)
+        return key.status
 
     def save_model(self, request: HttpRequest, obj: ApiKey, form: forms.ModelForm, change: bool) -> None:
         data = form.cleaned_data
@@ -321,7 +315,7 @@ class StaffTokenAdmin(admin.ModelAdmin):
 
     @admin.display(description="status")
     def status(self, token: StaffToken) -> str:
-        return key_status(token)
+        return token.status
 
     def save_model(self, request: HttpRequest, obj: StaffToken, form: forms.ModelForm, change: bool) -> None:
         if change:

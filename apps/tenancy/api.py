@@ -11,8 +11,7 @@ from typing import Any
 
 import django_filters
 from django.core.exceptions import ValidationError
-from django.db.models import Q, QuerySet
-from django.utils import timezone
+from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
@@ -20,9 +19,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.core.api import Conflict
-from apps.core.permissions import IsStaff, StaffOrCustomerScope, customer
 from apps.tenancy import services
-from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
+from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, StaffToken, Tenant, TenantStatus
+from apps.tenancy.permissions import IsStaff, StaffOrCustomerScope, customer
 from apps.tenancy.serializers import (
     KEY_STATUS_CHOICES,
     ApiKeyCreatedSerializer,
@@ -36,15 +35,8 @@ from apps.tenancy.serializers import (
 )
 
 
-def _filter_key_status(queryset: QuerySet, name: str, value: str) -> QuerySet:
-    now = timezone.now()
-    if value == "revoked":
-        return queryset.filter(revoked_at__isnull=False)
-    if value == "expired":
-        return queryset.filter(revoked_at__isnull=True, expires_at__lte=now)
-    if value == "active":
-        return queryset.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True)
-    return queryset
+def _filter_key_status(queryset: SecretQuerySet, name: str, value: str) -> QuerySet:
+    return queryset.with_status(value) if value else queryset
 
 
 # --- Tenants --------------------------------------------------------------------------------

@@ -1,7 +1,10 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.core.validators import MinValueValidator
 from django.db import models
+from django.db.models import Q
 from django.utils import timezone
 
 
@@ -42,24 +45,70 @@ class Scope(models.TextChoices):
     KEYS_MANAGE = "keys:manage", "Manage keys"
 
 
-class _Revocable:
-    """Shared by secrets that can expire or be revoked (API keys, staff tokens)."""
+class SecretStatus(models.TextChoices):
+    """What an API key or staff token is now, computed from its revoked_at and expires_at."""
 
-    revoked_at: timezone.datetime | None
-    expires_at: timezone.datetime | None
+    ACTIVE = "active", "Active"
+    REVOKED = "revoked", "Revoked"
+    EXPIRED = "expired", "Expired"
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+
+def secret_status(
+    *, revoked_at: datetime | None, expires_at: datetime | None, now: datetime | None = None
+) -> SecretStatus:
+    """The one rule, shared by the models below and the gateway's cached key entries.
+
+    ``now`` is read only for a secret that expires: the gateway asks on every request."""
+    if revoked_at is not None:
+        return SecretStatus.REVOKED
+    if expires_at is not None and expires_at <= (now or timezone.now()):
+        return SecretStatus.EXPIRED
+    return SecretStatus.ACTIVE
+
+
+class SecretQuerySet(models.QuerySet):
+    def with_status(self, status: str, *, now: datetime | None = None) -> SecretQuerySet:
+        """The rows whose computed status is ``status`` (the SQL twin of ``secret_status``)."""
         now = now or timezone.now()
-        if self.revoked_at is not None:
-            return False
-        return self.expires_at is None or self.expires_at > now
+        if status == SecretStatus.REVOKED:
+            return self.filter(revoked_at__isnull=False)
+        if status == SecretStatus.EXPIRED:
+            return self.filter(revoked_at__isnull=True, expires_at__lte=now)
+        if status == SecretStatus.ACTIVE:
+            return self.filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now), revoked_at__isnull=True)
+        raise ValueError(f"Unknown status {status!r}; one of {', '.join(SecretStatus.values)}.")
 
 
-class ApiKey(_Revocable, models.Model):
-    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
+class Secret(models.Model):
+    """A bearer secret stored only as a digest (API keys, staff tokens): shown once, expires, revoked."""
+
     name = models.CharField(max_length=100, blank=True)
     prefix = models.CharField(max_length=16, unique=True, editable=False)
     digest = models.CharField(max_length=64, editable=False)
+    expires_at = models.DateTimeField(null=True, blank=True)
+    revoked_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    objects = SecretQuerySet.as_manager()
+
+    class Meta:
+        abstract = True
+        ordering = ["-created_at"]
+
+    def status_at(self, now: datetime | None = None) -> SecretStatus:
+        return secret_status(revoked_at=self.revoked_at, expires_at=self.expires_at, now=now)
+
+    @property
+    def status(self) -> SecretStatus:
+        return self.status_at()
+
+    def is_usable(self, now: datetime | None = None) -> bool:
+        return self.status_at(now) == SecretStatus.ACTIVE
+
+
+class ApiKey(Secret):
+    tenant = models.ForeignKey(Tenant, on_delete=models.CASCADE, related_name="api_keys")
     scopes = models.JSONField(default=list)
     allowed_models = models.JSONField(
         default=list, blank=True, help_text="Served model names this key may call; empty means all."
@@ -69,18 +118,12 @@ class ApiKey(_Revocable, models.Model):
     max_concurrent_requests = models.PositiveIntegerField(
         null=True, blank=True, validators=[MinValueValidator(1)]
     )
-    expires_at = models.DateTimeField(null=True, blank=True)
-    revoked_at = models.DateTimeField(null=True, blank=True)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
 
-    class Meta:
-        ordering = ["-created_at"]
+    class Meta(Secret.Meta):
         verbose_name = "API key"
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.name or 'unnamed'})"
-
 
     def has_scope(self, scope: str) -> bool:
         return scope in self.scopes
@@ -89,21 +132,10 @@ class ApiKey(_Revocable, models.Model):
         return not self.allowed_models or served_name in self.allowed_models
 
 
-class StaffToken(_Revocable, models.Model):
+class StaffToken(Secret):
     """A management-API token for a staff user; stored, like API keys, only as a digest."""
 
     user = models.ForeignKey("auth.User", on_delete=models.CASCADE, related_name="staff_tokens")
-    name = models.CharField(max_length=100, blank=True)
-    prefix = models.CharField(max_length=16, unique=True, editable=False)
-    digest = models.CharField(max_length=64, editable=False)
-    expires_at = models.DateTimeField(null=True, blank=True)
-    revoked_at = models.DateTimeField(null=True, blank=True)
-    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
-    created_at = models.DateTimeField(default=timezone.now, editable=False)
-
-    class Meta:
-        ordering = ["-created_at"]
 
     def __str__(self) -> str:
         return f"{self.prefix}… ({self.user})"
-

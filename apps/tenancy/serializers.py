@@ -8,11 +8,11 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant
+from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant
 
 _LIMIT_KWARGS = {"required": False, "allow_null": True, "min_value": 1}
 # Computed status of keys and staff tokens (named KeyStatusEnum in the OpenAPI schema).
-KEY_STATUS_CHOICES = [("active", "Active"), ("revoked", "Revoked"), ("expired", "Expired")]
+KEY_STATUS_CHOICES = SecretStatus.choices
 
 
 class TenantSerializer(serializers.ModelSerializer):
@@ -33,14 +33,6 @@ class TenantSuspendSerializer(serializers.Serializer):
     reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
 
 
-def key_status(key: ApiKey | StaffToken) -> str:
-    if key.revoked_at is not None:
-        return "revoked"
-    if key.expires_at is not None and key.expires_at <= timezone.now():
-        return "expired"
-    return "active"
-
-
 class ApiKeySerializer(serializers.ModelSerializer):
     """A key as anyone may see it again: the prefix identifies it; the secret is gone."""
 
@@ -58,7 +50,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.ChoiceField(choices=KEY_STATUS_CHOICES))
     def get_status(self, key: ApiKey) -> str:
-        return key_status(key)
+        return key.status
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
@@ -125,4 +117,4 @@ class StaffTokenSerializer(serializers.ModelSerializer):
 
     @extend_schema_field(serializers.ChoiceField(choices=KEY_STATUS_CHOICES))
     def get_status(self, token: StaffToken) -> str:
-        return key_status(token)
+        return token.status

@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from django.conf import settings
 from django.contrib.auth.models import User
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Q, QuerySet
 from django.utils import timezone
 
 from apps.core import invalidation
 from apps.core import secrets as tokens
-from apps.tenancy.models import ApiKey, Scope, StaffToken, Tenant, TenantStatus
+from apps.tenancy.models import ApiKey, Scope, Secret, StaffToken, Tenant, TenantStatus
 
 STAFF_TOKEN_PREFIX = "cls_"  # noqa: S105 - a public prefix, not a secret
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
@@ -20,6 +23,7 @@ _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_req
 _TENANT_EDITABLE = ("slug", "name", "contact_email", *_LIMIT_FIELDS, "monthly_token_budget")
 # What api_key_update may change; prefix, digest and tenant are fixed for a key's life.
 _KEY_EDITABLE = ("name", "scopes", "allowed_models", *_LIMIT_FIELDS, "expires_at")
+_S = TypeVar("_S", bound=Secret)
 
 
 def tenant_create(
@@ -190,24 +194,48 @@ def api_key_issue_delegated(
     )
 
 
-def api_key_verify(*, raw: str) -> ApiKey | None:
-    """The usable key matching ``raw``: one indexed lookup plus a constant-time compare."""
-    prefix = tokens.split_prefix(raw, settings.API_KEY_PREFIX)
+def _secret_verify(queryset: QuerySet[_S], *, raw: str, marker: str) -> _S | None:
+    """The usable secret matching ``raw``: one indexed lookup plus a constant-time compare."""
+    prefix = tokens.split_prefix(raw, marker)
     if prefix is None:
         return None
-    key = ApiKey.objects.select_related("tenant").filter(prefix=prefix).first()
-    if key is None or not tokens.matches(raw, key.digest) or not key.is_usable():
+    secret = queryset.filter(prefix=prefix).first()
+    if secret is None or not tokens.matches(raw, secret.digest) or not secret.is_usable():
         return None
-    return key
+    return secret
 
 
-def api_key_touch(*, key: ApiKey) -> None:
-    """Record use, at most once per resolution window, so verification stays read-mostly."""
-    now = timezone.now()
-    window = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
-    if key.last_used_at is None or now - key.last_used_at >= window:
-        ApiKey.objects.filter(pk=key.pk).update(last_used_at=now)
-        key.last_used_at = now
+def last_used_due(*, last_used_at: datetime | None, now: datetime) -> bool:
+    """Whether a use at ``now`` is worth writing: last_used_at moves at most once per resolution
+    window, so verifying a key stays read-mostly. The gateway applies the same rule in memory."""
+    return last_used_at is None or now - last_used_at >= timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
+
+
+def _secret_touch(secret: Secret, *, now: datetime | None = None) -> None:
+    now = now or timezone.now()
+    if last_used_due(last_used_at=secret.last_used_at, now=now):
+        type(secret).objects.filter(pk=secret.pk).update(last_used_at=now)
+        secret.last_used_at = now
+
+
+def api_key_verify(*, raw: str) -> ApiKey | None:
+    """The usable key matching ``raw``, its tenant loaded (the caller checks the tenant's status)."""
+    return _secret_verify(ApiKey.objects.select_related("tenant"), raw=raw, marker=settings.API_KEY_PREFIX)
+
+
+def api_key_touch(*, key: ApiKey, now: datetime | None = None) -> None:
+    """Record use, at most once per resolution window (last_used_due)."""
+    _secret_touch(key, now=now)
+
+
+def api_keys_touch(*, last_used: Mapping[int, datetime]) -> None:
+    """Record uses the gateway collected: key id -> time of use, already thinned by last_used_due.
+
+    A conditional update, so a worker that flushes late never moves last_used_at backwards."""
+    for key_id, when in last_used.items():
+        ApiKey.objects.filter(pk=key_id).filter(Q(last_used_at__isnull=True) | Q(last_used_at__lt=when)).update(
+            last_used_at=when
+        )
 
 
 def api_key_revoke(*, key: ApiKey) -> ApiKey:
@@ -248,24 +276,16 @@ def staff_token_issue(
 
 
 def staff_token_verify(*, raw: str) -> StaffToken | None:
-    prefix = tokens.split_prefix(raw, STAFF_TOKEN_PREFIX)
-    if prefix is None:
-        return None
-    token = StaffToken.objects.select_related("user").filter(prefix=prefix).first()
-    if token is None or not tokens.matches(raw, token.digest) or not token.is_usable():
-        return None
-    if not token.user.is_active or not token.user.is_staff:
+    """The usable token matching ``raw`` whose user is still an active staff user."""
+    token = _secret_verify(StaffToken.objects.select_related("user"), raw=raw, marker=STAFF_TOKEN_PREFIX)
+    if token is None or not token.user.is_active or not token.user.is_staff:
         return None
     return token
 
 
-def staff_token_touch(*, token: StaffToken) -> None:
+def staff_token_touch(*, token: StaffToken, now: datetime | None = None) -> None:
     """Record use, at most once per resolution window, like api_key_touch."""
-    now = timezone.now()
-    window = timedelta(seconds=settings.API_KEY_LAST_USED_RESOLUTION_S)
-    if token.last_used_at is None or now - token.last_used_at >= window:
-        StaffToken.objects.filter(pk=token.pk).update(last_used_at=now)
-        token.last_used_at = now
+    _secret_touch(token, now=now)
 
 
 def staff_token_revoke(*, token: StaffToken) -> StaffToken:

@@ -1,8 +1,4 @@
-"""Template tags for the admin.
-
-``crosslogic_summary`` feeds the admin index (templates/admin/index.html). A tag rather than a
-custom AdminSite keeps ``admin.site`` the default site, so every app's ``@admin.register``
-keeps working unchanged.
+"""Template tags for the admin (the index's ``crosslogic_summary`` lives in apps.metering).
 
 ``calendar_date_hierarchy`` replaces Django's ``date_hierarchy`` on very large tables: Django
 lists only the years, months or days that have rows, which costs a ``SELECT DISTINCT`` over
@@ -23,14 +19,7 @@ from django.utils import formats, timezone
 from django.utils.text import capfirst
 from django.utils.translation import gettext as _
 
-from apps.core.dashboard import admin_summary
-
 register = template.Library()
-
-
-@register.simple_tag
-def crosslogic_summary() -> dict[str, object]:
-    return admin_summary()
 
 
 def _int(value: Any) -> int | None:

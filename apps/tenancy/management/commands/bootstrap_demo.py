@@ -10,11 +10,9 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 from django.db import transaction
-from django.db.models import Q
-from django.utils import timezone
 
 from apps.tenancy.management.commands._common import service_errors
-from apps.tenancy.models import ApiKey, Scope, Tenant
+from apps.tenancy.models import ApiKey, Scope, SecretStatus, Tenant
 from apps.tenancy.services import api_key_issue, tenant_create
 
 DEMO_TENANT = "demo"
@@ -119,12 +117,7 @@ class Command(BaseCommand):
             f"demo node: launching {node} (local simulator); ready a few seconds after the worker starts"))
 
     def _key(self, tenant: Tenant, *, new: bool) -> None:
-        now = timezone.now()
-        existing = (
-            ApiKey.objects.filter(tenant=tenant, name=DEMO_KEY_NAME, revoked_at__isnull=True)
-            .filter(Q(expires_at__isnull=True) | Q(expires_at__gt=now))
-            .first()
-        )
+        existing = ApiKey.objects.with_status(SecretStatus.ACTIVE).filter(tenant=tenant, name=DEMO_KEY_NAME).first()
         if existing is not None and not new:
             self.stdout.write(
                 f"demo API key: {existing.prefix}… exists; keys are shown only once. "

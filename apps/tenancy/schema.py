@@ -7,7 +7,7 @@ from drf_spectacular.plumbing import build_bearer_security_scheme_object
 
 
 class BearerKeyAuthenticationScheme(OpenApiAuthenticationExtension):
-    target_class = "apps.core.authentication.BearerKeyAuthentication"
+    target_class = "apps.tenancy.authentication.BearerKeyAuthentication"
     name = "bearerAuth"
 
     def get_security_definition(self, auto_schema: object) -> dict[str, str]:

@@ -12,7 +12,7 @@ from typing import Any
 from rest_framework import permissions
 from rest_framework.request import Request
 
-from apps.core.authentication import CustomerPrincipal
+from apps.tenancy.authentication import CustomerPrincipal
 
 
 def is_staff(request: Request) -> bool:

@@ -12,6 +12,7 @@ from django.conf import settings
 from rest_framework import authentication, exceptions
 from rest_framework.request import Request
 
+from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Tenant
 
 
@@ -43,8 +44,6 @@ class BearerKeyAuthentication(authentication.BaseAuthentication):
     keyword = "Bearer"
 
     def authenticate(self, request: Request) -> tuple[object, object] | None:
-        from apps.tenancy import services
-
         header = authentication.get_authorization_header(request).decode("latin-1")
         if not header:
             return None
