@@ -1,4 +1,5 @@
-"""The Celery app. Tasks live in each app's tasks.py and are found by autodiscovery."""
+"""The Celery app. Tasks live in each app's tasks.py (and the fleet's beat passes in
+apps/fleet/periodic.py) and are found by autodiscovery."""
 
 from __future__ import annotations
 
@@ -12,6 +13,8 @@ os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
 app = Celery("crosslogic")
 app.config_from_object("django.conf:settings", namespace="CELERY")
 app.autodiscover_tasks()
+# periodic.py: beat passes that enqueue an app's tasks, which tasks.py cannot import back.
+app.autodiscover_tasks(related_name="periodic")
 
 
 @worker_init.connect

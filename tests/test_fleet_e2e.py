@@ -90,7 +90,7 @@ def worker(transactional_db, live_server, redis_db, tmp_path) -> Iterator[Path]:
 
 
 def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
-    from apps.fleet.tasks import fleet_health_check, fleet_reconcile
+    from apps.fleet.periodic import fleet_health_check, fleet_reconcile
     from apps.gateway.tests.conftest import running_gateway
     from apps.tenancy.services import api_key_issue
 

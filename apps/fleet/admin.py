@@ -22,9 +22,12 @@ from django.utils.html import format_html
 from apps.catalog.models import Model
 from apps.core.paginator import EstimatedCountPaginator
 from apps.fleet import services
+from apps.fleet.health import run_health_checks
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
 from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+from apps.fleet.placement import Placement
+from apps.fleet.transitions import IllegalTransition
 
 STATUS_COLORS = {
     NodeStatus.PENDING: "#6c757d", NodeStatus.PROVISIONING: "#0d6efd", NodeStatus.LOADING: "#6610f2",
@@ -184,7 +187,7 @@ class NodeAdmin(admin.ModelAdmin):
                 with transaction.atomic():
                     fn(node=node, actor=_actor(request))
                 done += 1
-            except (services.IllegalTransition, ValidationError) as exc:
+            except (IllegalTransition, ValidationError) as exc:
                 refused.append(f"{node}: {getattr(exc, 'messages', [exc])[0]}")
         if done:
             self.message_user(request, f"{verb} {done} node(s).", messages.SUCCESS)
@@ -205,8 +208,6 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.action(description="Check health now")
     def check_health_now(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
-        from apps.fleet.health import run_health_checks
-
         summary = run_health_checks(list(queryset.values_list("pk", flat=True)[:1000]))
         changes = "; ".join(summary.transitions) or "no status changes"
         self.message_user(request, f"Checked {summary.checked} node(s) with an endpoint in {summary.seconds:.1f}s: "
@@ -227,7 +228,8 @@ class NodeAdmin(admin.ModelAdmin):
             data = dict(form.cleaned_data)
             if "confirm" in request.POST:
                 try:
-                    nodes = services.node_request_launch(actor=_actor(request), **data)
+                    nodes = services.node_request_launch(model=data["model"], placement=_placement(data),
+                                                         count=data["count"], actor=_actor(request))
                 except ValidationError as exc:
                     for field, errors in exc.message_dict.items():
                         form.add_error(field if field in form.fields else None, errors)
@@ -251,10 +253,16 @@ class NodeAdmin(admin.ModelAdmin):
         return super().change_view(request, object_id, form_url, extra)
 
 
+def _placement(data: dict[str, Any]) -> Placement:
+    return Placement(launcher=data["launcher"], cloud=data["cloud"], region=data["region"],
+                     accelerator=data["accelerator"], use_spot=data["use_spot"],
+                     launch_profile=data["launch_profile"], endpoint_url=data["endpoint_url"])
+
+
 def _preview(data: dict[str, Any], form: LaunchForm) -> str:
-    node = Node(model=data["model"], launcher=data["launcher"], cloud=data["cloud"], region=data["region"],
-                accelerator=data["accelerator"] or data["model"].accelerator, use_spot=data["use_spot"],
-                launch_profile=data["launch_profile"], endpoint_url=data["endpoint_url"])
+    placement = _placement(data)
+    node = Node(model=data["model"], **{**placement.as_kwargs(),
+                                        "accelerator": placement.accelerator or data["model"].accelerator})
     try:
         text = get_launcher(node.launcher).preview(node)
     except LaunchError as exc:

@@ -21,13 +21,16 @@ from rest_framework.views import APIView
 
 from apps.core.api import Conflict
 from apps.fleet import services
+from apps.fleet.health import run_health_checks
 from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeStatus
+from apps.fleet.placement import Placement
 from apps.fleet.serializers import (
     NodeEventSerializer,
     NodeLaunchSerializer,
     NodeSerializer,
     RegistrationSerializer,
 )
+from apps.fleet.transitions import IllegalTransition
 from apps.tenancy.permissions import IsStaff
 
 log = logging.getLogger(__name__)
@@ -66,7 +69,9 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
     def create(self, request: Request, *args: Any, **kwargs: Any) -> Response:
         data = NodeLaunchSerializer(data=request.data)
         data.is_valid(raise_exception=True)
-        (node,) = services.node_request_launch(actor=_actor(request), count=1, **data.validated_data)
+        fields = dict(data.validated_data)
+        model = fields.pop("model")
+        (node,) = services.node_request_launch(model=model, placement=Placement(**fields), actor=_actor(request))
         return Response(NodeSerializer(node).data, status=status.HTTP_201_CREATED)
 
     def _act(self, request: Request, fn, **kwargs: Any) -> Response:
@@ -74,7 +79,7 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
         try:
             with transaction.atomic():
                 result = fn(node=node, actor=_actor(request), **kwargs)
-        except services.IllegalTransition as exc:
+        except IllegalTransition as exc:
             raise Conflict(f"{exc}.") from exc
         return Response(NodeSerializer(result).data)
 
@@ -102,8 +107,6 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
     @action(detail=True, methods=["post"], url_path="check-health")
     def check_health(self, request: Request, pk: str | None = None) -> Response:
         """Check this node's /health and /metrics now and return the updated node."""
-        from apps.fleet.health import run_health_checks
-
         node = self.get_object()
         run_health_checks([node.pk])
         node.refresh_from_db()

@@ -21,7 +21,7 @@ from django.utils import timezone
 
 from apps.fleet.metrics import NodeLoad, parse_vllm_load
 from apps.fleet.models import HEALTH_CHECKED_STATUSES, Node, NodeStatus
-from apps.fleet.services import IllegalTransition, node_transition
+from apps.fleet.transitions import IllegalTransition, node_transition
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,5 @@
-"""Per-node secrets. A node's vLLM API key is derived, not stored: HMAC of a server secret and
+"""Per-node secrets. A node launched by us calls home once with a one-time registration token
+(we keep only its digest). A node's vLLM API key is derived, not stored: HMAC of a server secret and
 the node id. The gateway presents it to the node; customers never see it.
 
 A static node (``add_node``) brings a key of its own, which the gateway must present as is, so it
@@ -17,9 +18,18 @@ from functools import lru_cache
 from cryptography.fernet import Fernet, InvalidToken
 from django.conf import settings
 
+from apps.core.secrets import new_token
+
 log = logging.getLogger(__name__)
 
 SEALED_STATIC_KEY = "static_api_key_sealed"
+REGISTRATION_TOKEN_PREFIX = "clr_"  # noqa: S105 - a public prefix, not a secret
+
+
+def registration_token_issue() -> tuple[str, str]:
+    """(raw token for the node, digest we keep)."""
+    raw, _visible, token_hash = new_token(REGISTRATION_TOKEN_PREFIX)
+    return raw, token_hash
 
 
 def node_api_key(node_id: int) -> str:

@@ -16,11 +16,11 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from apps.fleet.keys import node_api_key
+from apps.fleet.keys import node_api_key, registration_token_issue
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError, Progress, RetryableLaunchError, Secrets
 from apps.fleet.models import Node, NodeEvent, NodeStatus
-from apps.fleet.services import IllegalTransition, node_event, node_fail, node_transition, registration_token_issue
+from apps.fleet.transitions import IllegalTransition, node_event, node_fail, node_transition
 
 log = logging.getLogger(__name__)
 MAX_API_RETRIES = 5

@@ -20,21 +20,18 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
 from apps.catalog.models import Model
 from apps.fleet import sky
+from apps.fleet.enqueue import enqueue_node_poll, enqueue_node_teardown
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
 from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeEvent, NodeStatus
-from apps.fleet.services import (
-    IllegalTransition,
-    node_event,
-    node_request_launch,
-    node_transition,
-)
+from apps.fleet.placement import Placement
+from apps.fleet.services import node_request_launch
+from apps.fleet.transitions import IllegalTransition, node_event, node_transition
 
 log = logging.getLogger(__name__)
 S = NodeStatus
@@ -128,8 +125,6 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
 
 
 def queue_teardowns(report: Report) -> None:
-    from apps.fleet import tasks
-
     # (``contains`` rather than a key lookup: a missing key must count as "not torn down".)
     pending = Node.objects.filter(
         Q(status__in=[S.TERMINATING, S.FAILED]) & ~Q(launcher_state__contains={"torn_down": True})
@@ -140,13 +135,11 @@ def queue_teardowns(report: Report) -> None:
             continue  # a teardown chain is following this node right now
 
         report.teardowns.append(node_id)
-        transaction.on_commit(lambda node_id=node_id: tasks.node_teardown_task.delay(node_id))
+        enqueue_node_teardown(node_id=node_id)
 
 
 def resume_polls(report: Report) -> None:
     """Re-queue the poll of an asynchronous launch whose poll chain was lost (e.g. a worker restart)."""
-    from apps.fleet import tasks
-
     stale_before = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
     rows = Node.objects.filter(launcher=Launcher.SKYPILOT, status__in=[S.PROVISIONING, S.LOADING]).values_list(
         "pk", "launcher_state", "endpoint_url")
@@ -156,7 +149,7 @@ def resume_polls(report: Report) -> None:
             continue
         if float(state.get("poll_at") or 0) < stale_before:
             report.resumed_polls.append(node_id)
-            transaction.on_commit(lambda node_id=node_id: tasks.node_launch_poll_task.delay(node_id))
+            enqueue_node_poll(node_id=node_id)
 
 
 def _template(model: Model) -> Node | None:
@@ -183,14 +176,8 @@ def ensure_replicas(report: Report) -> None:
             continue
         template = _template(model)
         try:
-            nodes = node_request_launch(
-                model=model, count=missing, actor="reconciler",
-                launcher=template.launcher if template else "",
-                cloud=template.cloud if template else "", region=template.region if template else "",
-                accelerator=template.accelerator if template else "",
-                use_spot=template.use_spot if template else True,
-                launch_profile=template.launch_profile if template else None,
-            )
+            nodes = node_request_launch(model=model, placement=Placement.of(template) if template else None,
+                                        count=missing, actor="reconciler")
         except Exception as exc:  # one model's problem must not stop the others
             report.errors.append(f"{model.name}: could not launch replacements: {exc}")
             continue

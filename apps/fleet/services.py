@@ -1,9 +1,9 @@
-"""Node writes. Every status change goes through node_transition(), which enforces the state
-machine with a conditional UPDATE (so two workers cannot both move a node) and logs it."""
+"""Node writes: creating, launching, relaunching, draining, terminating and registering nodes.
+Every status change goes through apps.fleet.transitions.node_transition (the state machine);
+queued work goes through apps.fleet.enqueue."""
 
 from __future__ import annotations
 
-import logging
 from datetime import datetime
 
 from django.conf import settings
@@ -12,39 +12,18 @@ from django.db import transaction
 from django.utils import timezone
 
 from apps.catalog.models import Model
-from apps.core import invalidation
 from apps.core.secrets import digest as token_digest
-from apps.core.secrets import new_token, split_prefix
-from apps.fleet.models import LIVE_STATUSES, TRANSITIONS, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+from apps.core.secrets import split_prefix
+from apps.fleet.enqueue import enqueue_health_check, enqueue_node_launch, enqueue_node_teardown
+from apps.fleet.keys import REGISTRATION_TOKEN_PREFIX
+from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+from apps.fleet.placement import Placement
 
-log = logging.getLogger(__name__)
-
-REGISTRATION_TOKEN_PREFIX = "clr_"  # noqa: S105 - a public prefix, not a secret
-
-
-def registration_token_issue() -> tuple[str, str]:
-    """(raw token for the node, digest we keep)."""
-    raw, _visible, token_hash = new_token(REGISTRATION_TOKEN_PREFIX)
-    return raw, token_hash
-
-
-class IllegalTransition(Exception):  # noqa: N818 - reads as the event it reports
-    def __init__(self, node: Node, current: str, to: str) -> None:
-        super().__init__(f"{node}: cannot go from {current} to {to}")
-        self.node, self.current, self.to = node, current, to
-
-
-# Phase timestamps set the first time a node reaches a status.
-_PHASE_FIELDS = {
-    NodeStatus.LOADING: ("provisioned_at",),
-    NodeStatus.READY: ("provisioned_at", "weights_loaded_at", "ready_at"),
-    NodeStatus.TERMINATED: ("terminated_at",),
-}
-
-
-def node_event(*, node: Node, message: str, kind: str = NodeEvent.Kind.INFO, actor: str = "system") -> NodeEvent:
-    return NodeEvent.objects.create(node=node, kind=kind, message=message, actor=actor,
-                                    from_status=node.status, to_status=node.status)
+# The state machine's writes live in apps.fleet.transitions. IllegalTransition and node_transition
+# stay importable from here for the callers outside the fleet that use them beside node_create
+# (the add_node command, test fixtures, bench).
+from apps.fleet.transitions import IllegalTransition as IllegalTransition
+from apps.fleet.transitions import node_event, node_transition
 
 
 def node_create(
@@ -55,16 +34,18 @@ def node_create(
     region: str = "",
     accelerator: str = "",
     use_spot: bool = True,
+    launch_profile: LaunchProfile | None = None,
     hourly_cost: object = None,
     endpoint_url: str = "",
     actor: str = "system",
 ) -> Node:
+    """One node row, pending, nothing queued (node_request_launch launches; add_node registers)."""
     launcher = launcher or settings.FLEET_DEFAULT_LAUNCHER
     if launcher not in Launcher.values:
         raise ValidationError({"launcher": f"Unknown launcher {launcher!r}."})
     node = Node(
-        model=model, launcher=launcher, cloud=cloud, region=region,
-        accelerator=accelerator or model.accelerator, use_spot=use_spot, endpoint_url=endpoint_url,
+        model=model, launcher=launcher, cloud=cloud, region=region, accelerator=accelerator or model.accelerator,
+        use_spot=use_spot, launch_profile=launch_profile, endpoint_url=endpoint_url,
     )
     if hourly_cost is not None:
         node.hourly_cost = hourly_cost
@@ -78,44 +59,6 @@ def node_create(
     return node
 
 
-def node_transition(
-    *,
-    node: Node,
-    to: str,
-    reason: str = "",
-    actor: str = "system",
-    expected_from: str | None = None,
-    **fields: object,
-) -> Node:
-    """Move ``node`` to ``to`` or raise IllegalTransition. ``fields`` are saved with it."""
-    current = expected_from or node.status
-    if to not in TRANSITIONS.get(current, frozenset()):
-        raise IllegalTransition(node, current, to)
-    now = timezone.now()
-    updates: dict[str, object] = {
-        "status": to, "status_reason": reason, "updated_at": now, "status_changed_at": now, **fields,
-    }
-    for phase in _PHASE_FIELDS.get(to, ()):
-        if getattr(node, phase) is None and phase not in updates:  # a node-reported time wins
-            updates[phase] = now
-    with transaction.atomic():
-        moved = Node.objects.filter(pk=node.pk, status=current).update(**updates)
-        if moved != 1:
-            node.refresh_from_db(fields=["status"])
-            raise IllegalTransition(node, node.status, to)
-        NodeEvent.objects.create(node=node, kind=NodeEvent.Kind.TRANSITION, from_status=current,
-                                 to_status=to, message=reason, actor=actor)
-        invalidation.bump(invalidation.ROUTING)
-    for field, value in updates.items():
-        setattr(node, field, value)
-    log.info("node %s: %s -> %s %s", node, current, to, reason)
-    return node
-
-
-def node_fail(*, node: Node, reason: str, actor: str = "system") -> Node:
-    return node_transition(node=node, to=NodeStatus.FAILED, reason=reason, actor=actor)
-
-
 def node_drain(*, node: Node, actor: str = "system", reason: str = "drain requested") -> Node:
     """Stop routing new requests to the node; the fleet's reconciler finishes the teardown."""
     return node_transition(node=node, to=NodeStatus.DRAINING, reason=reason, actor=actor)
@@ -126,41 +69,30 @@ def node_terminate(*, node: Node, actor: str = "system", reason: str = "terminat
     if node.status == NodeStatus.PENDING:
         return node_transition(node=node, to=NodeStatus.TERMINATED, reason=reason, actor=actor)
     node = node_transition(node=node, to=NodeStatus.TERMINATING, reason=reason, actor=actor)
-    _enqueue("node_teardown_task", node.pk)
+    enqueue_node_teardown(node_id=node.pk)
     return node
 
 
 # --- Launching, registration, relaunch --------------------------------------------------------
 
 
-def _enqueue(task_name: str, node_id: int, countdown: float = 0) -> None:
-    from apps.fleet import tasks
-
-    task = getattr(tasks, task_name)
-    transaction.on_commit(lambda: task.apply_async(args=[node_id], countdown=countdown))
-
-
 def node_request_launch(
     *,
     model: Model,
-    launcher: str = "",
-    cloud: str = "",
-    region: str = "",
-    accelerator: str = "",
-    use_spot: bool = True,
-    launch_profile: LaunchProfile | None = None,
-    endpoint_url: str = "",
+    placement: Placement | None = None,
     count: int = 1,
     actor: str = "system",
     respect_max_replicas: bool = True,
 ) -> list[Node]:
-    """Create ``count`` pending nodes and queue their launch (after the transaction commits)."""
+    """Create ``count`` pending nodes and queue their launch (after the transaction commits).
+    No ``placement``: the default launcher, anywhere, spot, on the model's accelerator."""
+    placement = placement or Placement()
     if count < 1 or count > 100:
         raise ValidationError({"count": "Launch between 1 and 100 nodes at a time."})
     if not model.is_active:
         raise ValidationError({"model": f"Model {model.name} is not active."})
-    launcher = launcher or settings.FLEET_DEFAULT_LAUNCHER
-    if launcher == Launcher.STATIC and not endpoint_url:
+    launcher = placement.launcher or settings.FLEET_DEFAULT_LAUNCHER
+    if launcher == Launcher.STATIC and not placement.endpoint_url:
         raise ValidationError({"endpoint_url": "A static node needs the URL of its running vLLM server."})
     if launcher == Launcher.STATIC and count != 1:
         raise ValidationError({"count": "A static endpoint is one node."})
@@ -175,12 +107,8 @@ def node_request_launch(
                     "raise max replicas on the model first.")})
         nodes = []
         for _ in range(count):
-            node = node_create(model=model, launcher=launcher, cloud=cloud, region=region,
-                               accelerator=accelerator, use_spot=use_spot, endpoint_url=endpoint_url, actor=actor)
-            if launch_profile is not None:
-                node.launch_profile = launch_profile
-                node.save(update_fields=["launch_profile"])
-            _enqueue("node_launch_task", node.pk)
+            node = node_create(model=model, actor=actor, **placement.as_kwargs())
+            enqueue_node_launch(node_id=node.pk)
             nodes.append(node)
     return nodes
 
@@ -190,11 +118,7 @@ def node_relaunch(*, node: Node, actor: str = "system", reason: str = "relaunch 
     with transaction.atomic():
         if node.status in LIVE_STATUSES:
             node_terminate(node=node, actor=actor, reason=reason)
-        (new,) = node_request_launch(
-            model=node.model, launcher=node.launcher, cloud=node.cloud, region=node.region,
-            accelerator=node.accelerator, use_spot=node.use_spot, launch_profile=node.launch_profile,
-            endpoint_url=node.endpoint_url if node.launcher == Launcher.STATIC else "", actor=actor,
-        )
+        (new,) = node_request_launch(model=node.model, placement=Placement.of(node), actor=actor)
         node_event(node=node, message=f"replaced by {new}: {reason}", kind=NodeEvent.Kind.ACTION, actor=actor)
         node_event(node=new, message=f"replaces {node}: {reason}", kind=NodeEvent.Kind.ACTION, actor=actor)
     return new
@@ -254,11 +178,5 @@ def node_register(
                 setattr(node, key, value)
             node_event(node=node, message="registered", actor="node")
         if health_ok and node.endpoint_url:
-            transaction.on_commit(lambda: _check_now(node.pk))
+            enqueue_health_check(node_ids=[node.pk])
     return node
-
-
-def _check_now(node_id: int) -> None:
-    from apps.fleet import tasks
-
-    tasks.node_check_health_task.delay([node_id])

@@ -1,7 +1,7 @@
 """The launcher interface: one per backend (skypilot, local, static), chosen by Node.launcher.
 
 A launcher only talks to its backend and keeps its bookkeeping in ``node.launcher_state``; status
-changes stay in apps.fleet.services / apps.fleet.lifecycle, so every backend walks the same
+changes stay in apps.fleet.lifecycle / apps.fleet.transitions, so every backend walks the same
 state machine: pending → provisioning → (registration) loading → (health check) ready.
 """
 

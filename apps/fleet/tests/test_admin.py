@@ -6,8 +6,10 @@ import pytest
 from django.test import Client
 from django.urls import reverse
 
+from apps.fleet.keys import registration_token_issue
 from apps.fleet.models import Node, NodeEvent, NodeStatus
-from apps.fleet.services import node_create, node_transition, registration_token_issue
+from apps.fleet.services import node_create
+from apps.fleet.transitions import node_transition
 
 pytestmark = pytest.mark.django_db
 

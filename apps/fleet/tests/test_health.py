@@ -10,7 +10,8 @@ import pytest
 from apps.core import invalidation
 from apps.fleet.health import run_health_checks
 from apps.fleet.models import Node, NodeStatus
-from apps.fleet.services import node_create, node_transition
+from apps.fleet.services import node_create
+from apps.fleet.transitions import node_transition
 from vllm_sim import run_simulator_process
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]

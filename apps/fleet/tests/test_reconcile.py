@@ -11,7 +11,8 @@ from django.utils import timezone
 from apps.fleet import lifecycle
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.fleet.reconcile import reconcile
-from apps.fleet.services import node_create, node_fail, node_transition
+from apps.fleet.services import node_create
+from apps.fleet.transitions import node_fail, node_transition
 
 pytestmark = pytest.mark.django_db
 

@@ -10,8 +10,10 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from apps.fleet import lifecycle
+from apps.fleet.keys import registration_token_issue
 from apps.fleet.models import Node, NodeEvent, NodeStatus
-from apps.fleet.services import node_create, node_transition, registration_token_issue
+from apps.fleet.services import node_create
+from apps.fleet.transitions import node_transition
 
 pytestmark = pytest.mark.django_db
 REGISTER = "/api/v1/nodes/register"

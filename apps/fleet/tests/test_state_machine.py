@@ -5,7 +5,7 @@ import itertools
 import pytest
 
 from apps.fleet.models import TRANSITIONS, NodeEvent, NodeStatus
-from apps.fleet.services import IllegalTransition, node_transition
+from apps.fleet.transitions import IllegalTransition, node_transition
 
 pytestmark = pytest.mark.django_db
 

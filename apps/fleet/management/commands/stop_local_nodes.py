@@ -13,7 +13,8 @@ from django.core.management.base import BaseCommand
 
 from apps.fleet.lifecycle import teardown_node
 from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeStatus
-from apps.fleet.services import IllegalTransition, node_terminate
+from apps.fleet.services import node_terminate
+from apps.fleet.transitions import IllegalTransition
 
 
 class Command(BaseCommand):

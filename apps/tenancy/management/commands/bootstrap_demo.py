@@ -97,6 +97,7 @@ class Command(BaseCommand):
         Celery worker has started it; the reconciler keeps it there (min_replicas=1)."""
         from apps.catalog.models import Model
         from apps.fleet.models import LIVE_STATUSES, Launcher, Node
+        from apps.fleet.placement import Placement
         from apps.fleet.services import node_request_launch
 
         if not settings.DEBUG or settings.FLEET_DEFAULT_LAUNCHER != Launcher.LOCAL:
@@ -110,7 +111,8 @@ class Command(BaseCommand):
                 Model.objects.filter(pk=model.pk).update(min_replicas=1, max_replicas=max(1, model.max_replicas))
                 model.refresh_from_db()
             try:
-                [node] = node_request_launch(model=model, launcher=Launcher.LOCAL, actor="bootstrap_demo")
+                [node] = node_request_launch(model=model, placement=Placement(launcher=Launcher.LOCAL),
+                                             actor="bootstrap_demo")
             except ValidationError as exc:
                 raise CommandError(f"could not launch the demo node: {'; '.join(exc.messages)}") from None
         self.stdout.write(self.style.SUCCESS(
