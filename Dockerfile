@@ -40,6 +40,6 @@ EXPOSE 8000
 HEALTHCHECK --interval=15s --timeout=5s --start-period=30s --retries=3 \
     CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8000/health', timeout=4)"]
 
-CMD ["gunicorn", "crosslogic.asgi:application", "--worker-class", "uvicorn_worker.UvicornWorker", \
+CMD ["gunicorn", "crosslogic.asgi:application", "--worker-class", "crosslogic.server.UvicornWorker", \
      "--bind", "0.0.0.0:8000", "--graceful-timeout", "60", "--keep-alive", "75", \
      "--worker-tmp-dir", "/dev/shm", "--access-logfile", "-"]

@@ -135,13 +135,12 @@ def seed(env: dict, sim_url: str, *, model: str, node_key: str) -> str:
 
 def start_gateway(env: dict, workers: int, procs: object, *, profile_to: Path | None = None
                   ) -> tuple[subprocess.Popen, str]:
-    """uvicorn as in production (uvloop, httptools, no access log); workers 0 = one process without
-    a supervising master (what --profile-only needs)."""
+    """The server as in production (uvloop, the guarded httptools protocol, no access log); workers 0
+    = one process without a supervising master (what --profile-only needs)."""
     port = _free_port()
     head = [sys.executable, "-m", "cProfile", "-o", str(profile_to)] if profile_to else [sys.executable]
-    cmd = [*head, "-m", "uvicorn", "crosslogic.asgi:application", "--host", "127.0.0.1", "--port", str(port),
-           "--loop", "uvloop", "--http", "httptools", "--no-access-log", "--lifespan", "on",
-           "--log-level", "warning", "--backlog", "4096"]
+    cmd = [*head, "-m", "crosslogic.serve", "--host", "127.0.0.1", "--port", str(port),
+           "--no-access-log", "--log-level", "warning", "--backlog", "4096"]
     if workers:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL)

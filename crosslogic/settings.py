@@ -372,6 +372,17 @@ ROUTING_REFRESH_S: float = _env_or_fail("ROUTING_REFRESH_S", float, 1.0)
 # Redis connections per gateway worker (limiter, budgets, load board). redis-py's asyncio pool
 # refuses beyond its size (default 100), which under load turned into fail-open admissions.
 GATEWAY_REDIS_MAX_CONNECTIONS: int = _env_or_fail("GATEWAY_REDIS_MAX_CONNECTIONS", int, 2048)
+# The HTTP edge (crosslogic/server.py): what a client may send before the application sees a
+# request. A reverse proxy in front (docker-compose's nginx) applies its own, similar limits.
+HTTP_MAX_HEADER_BYTES: int = _env_or_fail("HTTP_MAX_HEADER_BYTES", int, 64 * 1024)
+HTTP_MAX_HEADERS: int = _env_or_fail("HTTP_MAX_HEADERS", int, 100)
+HTTP_HEADER_TIMEOUT_S: float = _env_or_fail("HTTP_HEADER_TIMEOUT_S", float, 10.0)
+# Idle keep-alive between requests; above a load balancer's idle timeout (AWS ALB: 60 s).
+HTTP_KEEPALIVE_S: int = _env_or_fail("HTTP_KEEPALIVE_S", int, 75)
+if HTTP_MAX_HEADER_BYTES < 4096 or HTTP_MAX_HEADERS < 16:
+    raise ImproperlyConfigured("HTTP_MAX_HEADER_BYTES must be >= 4096 and HTTP_MAX_HEADERS >= 16.")
+if HTTP_HEADER_TIMEOUT_S <= 0 or HTTP_KEEPALIVE_S < 1:
+    raise ImproperlyConfigured("HTTP_HEADER_TIMEOUT_S must be positive and HTTP_KEEPALIVE_S at least 1.")
 if min(GATEWAY_CONNECT_TIMEOUT_S, GATEWAY_READ_IDLE_TIMEOUT_S, ROUTING_REFRESH_S) <= 0 or GATEWAY_MAX_RETRIES < 0:
     raise ImproperlyConfigured("GATEWAY_* timeouts and ROUTING_REFRESH_S must be positive, retries >= 0.")
 if GATEWAY_MAX_BODY_BYTES < 1024 or GATEWAY_DEFAULT_MAX_TOKENS < 1:

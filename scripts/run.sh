@@ -109,8 +109,7 @@ trap 'cleanup 130' INT
 trap 'cleanup 143' TERM
 trap 'cleanup $?' EXIT
 
-start "$BIN/uvicorn" crosslogic.asgi:application --host "$HOST" --port "$PORT" \
-  --workers "${WEB_CONCURRENCY:-1}" --no-server-header
+start "$BIN/python" -m crosslogic.serve --host "$HOST" --port "$PORT" --workers "${WEB_CONCURRENCY:-1}"
 start "$BIN/celery" -A crosslogic worker --loglevel INFO --concurrency "${CELERY_CONCURRENCY:-2}" \
   --hostname "crosslogic-dev@%h"
 start "$BIN/celery" -A crosslogic beat --loglevel INFO --scheduler django_celery_beat.schedulers:DatabaseScheduler

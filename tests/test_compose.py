@@ -60,7 +60,7 @@ def _settings_read_from_environment() -> set[str]:
 
 
 def test_the_production_topology_is_complete():
-    assert set(SERVICES) == {"postgres", "redis", "migrate", "web", "worker", "beat", "skypilot"}
+    assert set(SERVICES) == {"postgres", "redis", "migrate", "web", "proxy", "worker", "beat", "skypilot"}
     for name, service in SERVICES.items():
         assert "image" in service or "build" in service, name
 
@@ -77,7 +77,7 @@ def test_application_services_share_one_image_built_here_and_read_env_file():
 @pytest.mark.parametrize(
     ("service", "probe"),
     [("postgres", "pg_isready"), ("redis", "redis-cli"), ("web", "/health"), ("worker", "inspect ping"),
-     ("skypilot", "/api/health")],
+     ("skypilot", "/api/health"), ("proxy", "/health")],
 )
 def test_long_running_services_have_health_checks(service, probe):
     healthcheck = SERVICES[service]["healthcheck"]
@@ -120,10 +120,33 @@ def test_web_runs_the_asgi_application_under_gunicorn_with_uvicorn_workers():
     assert "crosslogic.asgi:application" in command
     worker_class = command[command.index("--worker-class") + 1]
     module, _, cls = worker_class.rpartition(".")
-    assert cls == "UvicornWorker"
-    assert getattr(importlib.import_module(module), cls)  # the pinned package provides it
+    worker = getattr(importlib.import_module(module), cls)
+    import uvicorn_worker
+
+    from crosslogic.server import GuardedHttpToolsProtocol
+
+    # gunicorn's --limit-request-* never reach uvicorn's parser: the worker must bring the edge limits.
+    assert issubclass(worker, uvicorn_worker.UvicornWorker)
+    assert worker.CONFIG_KWARGS["http"] is GuardedHttpToolsProtocol
     assert "0.0.0.0:8000" in command
-    assert any(port.endswith(":8000") for port in SERVICES["web"]["ports"])
+    assert "ports" not in SERVICES["web"]  # reachable only through the proxy
+    assert SERVICES["web"]["expose"] == ["8000"]
+
+
+def test_the_proxy_terminates_tls_in_front_of_web_with_the_repository_config():
+    proxy = SERVICES["proxy"]
+    assert re.fullmatch(r"\$\{NGINX_IMAGE:-nginx:1\.\d+(-alpine)?\}", proxy["image"])
+    mounts = dict(_volume(volume)[::-1] for volume in proxy["volumes"])
+    assert mounts["/etc/nginx/nginx.conf"] == "./deploy/nginx.conf"
+    assert (ROOT / "deploy" / "nginx.conf").is_file()
+    assert "/etc/nginx/tls" in mounts
+    assert any(port.endswith(":443") for port in proxy["ports"])
+    assert proxy["depends_on"] == {"web": {"condition": "service_healthy"}}
+    conf = (ROOT / "deploy" / "nginx.conf").read_text()
+    assert "server web:8000;" in conf and "/etc/nginx/tls/fullchain.pem" in conf
+    # Django trusts exactly one proxy's X-Forwarded-For, and nginx overwrites (not appends) it.
+    assert SERVICES["web"]["environment"]["TRUSTED_PROXY_COUNT"] == "${TRUSTED_PROXY_COUNT:-1}"
+    assert "proxy_set_header X-Forwarded-For $remote_addr;" in conf
 
 
 def test_worker_and_beat_run_the_project_celery_app_with_the_database_scheduler():
@@ -215,7 +238,7 @@ def test_dockerfile_builds_a_non_root_python_311_image_from_the_pinned_requireme
     assert last_user > last_run  # nothing runs as root after the switch
     assert "collectstatic --noinput" in DOCKERFILE
     assert "HEALTHCHECK" in DOCKERFILE and "/health" in DOCKERFILE
-    assert "crosslogic.asgi:application" in DOCKERFILE and "uvicorn_worker.UvicornWorker" in DOCKERFILE
+    assert "crosslogic.asgi:application" in DOCKERFILE and "crosslogic.server.UvicornWorker" in DOCKERFILE
 
 
 def test_dockerignore_keeps_local_state_and_secrets_out_of_the_image():
