@@ -21,6 +21,7 @@ from django.views.decorators.http import require_POST
 
 from apps.catalog import storage, uploads
 from apps.catalog.display import human_bytes
+from apps.catalog.enqueue import upload_enqueue
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.selectors import models_with_counts, storage_browser
 from apps.catalog.services import model_update
@@ -220,6 +221,7 @@ class ModelAdmin(admin.ModelAdmin):
             except uploads.UploadError as exc:
                 self.message_user(request, f"{model.name}: {exc}", messages.ERROR)
             else:
+                upload_enqueue(model_id=model.pk)
                 self.message_user(request, f"{model.name}: upload queued.", messages.SUCCESS)
         return None
 
@@ -294,6 +296,7 @@ class ModelAdmin(admin.ModelAdmin):
             except uploads.UploadError as exc:
                 form.add_error(_field_for(str(exc)), str(exc))
             else:
+                upload_enqueue(model_id=model.pk)
                 self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:catalog_model_change", args=[model.pk]))
         context = {

@@ -18,6 +18,7 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.catalog import services, storage, uploads
+from apps.catalog.enqueue import upload_enqueue
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.verify import verify_model
 from apps.core.permissions import IsStaff
@@ -147,6 +148,7 @@ class ModelViewSet(viewsets.ModelViewSet):
             model = uploads.upload_request(model=self.get_object(), **data.validated_data)
         except uploads.UploadError as exc:
             raise _upload_error_to_api(exc) from exc
+        upload_enqueue(model_id=model.pk)
         return Response(ModelSerializer(model).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses=ModelSerializer)

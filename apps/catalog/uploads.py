@@ -38,7 +38,10 @@ from apps.core import invalidation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UploadCancelled", "UploadError", "UploadRefusedError", "upload_cancel", "upload_request", "upload_run"]
+__all__ = [
+    "UploadCancelled", "UploadError", "UploadRefusedError", "upload_cancel", "upload_execute", "upload_request",
+    "upload_run",
+]
 
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=@+-]*(/[A-Za-z0-9._=@+-]+)*$")
@@ -80,12 +83,13 @@ def upload_request(
     local_dir: str = "",
     prefix: str = "",
     keep_downloads: bool = False,
-    enqueue: bool = True,
 ) -> Model:
-    """Queue an upload of ``model``'s weights from a hub repo or a server-side folder.
+    """Mark an upload of ``model``'s weights as queued of ``model``'s weights from a hub repo or a server-side folder.
 
     Raises UploadError (with a message naming the bad input) and changes nothing on bad input or
     when an upload is already running (a dead one, silent for UPLOAD_STALE_AFTER_S, may be replaced).
+    Nothing runs it until someone does: ``apps.catalog.enqueue.upload_enqueue`` hands it to a
+    worker after commit; ``upload_execute`` runs it in this process.
     """
     hf_repo, revision, local_dir, prefix = hf_repo.strip(), revision.strip(), local_dir.strip(), prefix.strip()
     if bool(hf_repo) == bool(local_dir):
@@ -128,11 +132,6 @@ def upload_request(
                 f"An upload is already {model.get_upload_status_display().lower()} for {model.name}: "
                 "wait for it, or cancel it first."
             )
-        if enqueue:
-            from apps.catalog.tasks import upload_model_task
-
-            model_id = model.pk
-            transaction.on_commit(lambda: upload_model_task.delay(model_id))
     model.refresh_from_db()
     return model
 
@@ -297,3 +296,29 @@ def upload_run(
     if downloaded is not None and not source.get("keep"):
         shutil.rmtree(downloaded.parent, ignore_errors=True)
     return Model.objects.get(pk=model_id)
+
+
+def upload_execute(
+    *,
+    model_id: int,
+    on_progress: Callable[[dict], None] | None = None,
+    on_file_done: Callable[[str], None] | None = None,
+) -> str:
+    """Claim a queued upload and run it here; record the outcome on the row and return it
+    (``uploaded``, ``failed``, ``cancelled``, or ``skipped`` when it was not ours to claim)."""
+    if not upload_claim(model_id=model_id):
+        return "skipped"  # another worker has it, or it was cancelled before it started
+    try:
+        upload_run(model_id=model_id, on_progress=on_progress, on_file_done=on_file_done)
+    except UploadCancelled:
+        upload_record_cancelled(model_id=model_id)
+        return "cancelled"
+    except (UploadError, storage.StorageError, hf.HubError) as exc:
+        upload_record_failure(model_id=model_id, reason=str(exc))
+        return "failed"
+    except BaseException as exc:
+        # Unexpected (a bug, a kill signal turned exception): say so on the row, then let it surface.
+        log.exception("upload of model %s crashed", model_id)
+        upload_record_failure(model_id=model_id, reason=f"Unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    return "uploaded"

@@ -12,8 +12,7 @@ from django.utils import timezone
 from apps.catalog import storage
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.services import model_create
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -117,7 +116,7 @@ def test_the_upload_form_enqueues_and_the_worker_uploads(admin_client, r2, catal
         })
 
     assert response.status_code == 302
-    assert any("upload_request" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
+    assert any("upload_enqueue" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
     catalog_model.refresh_from_db()
     assert catalog_model.upload_status == UploadStatus.UPLOADED
     assert storage.head(r2, "models/from-admin/model-00001-of-00002.safetensors") is not None
@@ -142,8 +141,8 @@ def test_the_upload_form_shows_errors_on_the_field(admin_client, catalog_model):
 def test_several_failed_uploads_are_retried_from_their_last_source(admin_client, r2, catalog_model, model_folder,
                                                                     eager_celery, django_capture_on_commit_callbacks):
     (model_folder / "bad.pt").write_bytes(b"pickle")
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry", enqueue=False)
-    assert run_upload(catalog_model.pk) == "failed"
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry")
+    assert upload_execute(model_id=catalog_model.pk) == "failed"
     (model_folder / "bad.pt").unlink()
     other = model_create(name="other-model")
 
@@ -184,8 +183,8 @@ def test_upload_status_json_is_for_staff_only(client, catalog_model):
 
 
 def test_storage_browser_lists_bucket_prefixes_with_state_and_model(admin_client, r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed")
+    upload_execute(model_id=catalog_model.pk)
     storage.put_bytes(r2, "models/hand-made/config.json", b"{}")
     storage.put_bytes(r2, "models/hand-made/model.safetensors", b"0" * 10)
 
@@ -205,8 +204,8 @@ def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
 
 def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(admin_client, r2, catalog_model,
                                                                                model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper")
+    upload_execute(model_id=catalog_model.pk)
     storage.put_bytes(r2, "models/tamper/model-00002-of-00002.safetensors", b"not the weights")
 
     response = admin_client.post(reverse("admin:catalog_model_storage_verify"), {"model_id": catalog_model.pk},

@@ -8,8 +8,7 @@ from rest_framework.test import APIClient
 from apps.catalog import storage
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.services import model_create
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -130,14 +129,14 @@ def test_bad_upload_input_is_a_400_naming_the_field(staff_api, catalog_model, bo
 
 
 def test_a_second_upload_while_one_is_queued_is_a_409(staff_api, catalog_model):
-    upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    upload_request(model=catalog_model, hf_repo="acme/tiny")
     response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "acme/tiny"}, format="json")
     assert response.status_code == 409
 
 
 def test_cancel_upload_action(staff_api, catalog_model):
     assert staff_api.post(f"/api/v1/models/{catalog_model.pk}/cancel-upload/").status_code == 409
-    upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    upload_request(model=catalog_model, hf_repo="acme/tiny")
 
     response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/cancel-upload/")
 
@@ -145,8 +144,8 @@ def test_cancel_upload_action(staff_api, catalog_model):
 
 
 def test_verify_action_reports_ok_then_the_mismatch(staff_api, r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/api", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/api")
+    upload_execute(model_id=catalog_model.pk)
     url = f"/api/v1/models/{catalog_model.pk}/verify/"
 
     assert staff_api.post(url, {}, format="json").json()["ok"] is True

@@ -10,10 +10,9 @@ import pytest
 
 from apps.catalog import storage
 from apps.catalog.models import Model, UploadStatus
-from apps.catalog.tasks import run_upload
 from apps.catalog.tests.conftest import make_model_folder
 from apps.catalog.transfer import MANIFEST_NAME
-from apps.catalog.uploads import UploadError, upload_cancel, upload_request
+from apps.catalog.uploads import UploadError, upload_cancel, upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -27,8 +26,8 @@ def _sha(path) -> str:
 
 
 def _upload_from_dir(model: Model, folder, **hooks) -> str:
-    upload_request(model=model, local_dir=str(folder), prefix="models/test-model", enqueue=False)
-    return run_upload(model.pk, **hooks)
+    upload_request(model=model, local_dir=str(folder), prefix="models/test-model")
+    return upload_execute(model_id=model.pk, **hooks)
 
 
 def test_folder_upload_puts_every_needed_file_at_the_prefix_root_with_its_sha256(r2, catalog_model, model_folder):
@@ -208,11 +207,11 @@ def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_mod
     settings.UPLOAD_PROGRESS_INTERVAL_S = 0.5
     settings.R2_MAX_CONCURRENCY = 1  # slow enough to span several intervals
     folder = make_model_folder(tmp_path / "slow-model", big=30 * 1024 * 1024)
-    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/throttle", enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/throttle")
 
     started = time.monotonic()
     with CaptureQueriesContext(connection) as queries:
-        assert run_upload(catalog_model.pk) == "uploaded"
+        assert upload_execute(model_id=catalog_model.pk) == "uploaded"
     elapsed = time.monotonic() - started
 
     progress_writes = [q for q in queries.captured_queries
@@ -224,7 +223,7 @@ def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_mod
 def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tmp_path):
     settings.R2_MAX_CONCURRENCY = 1  # one part at a time, so there is time to cancel mid-file
     folder = make_model_folder(tmp_path / "big-model", big=40 * 1024 * 1024)
-    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/cancel-me", enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/cancel-me")
     outcome: dict[str, str] = {}
 
     def cancel_once_bytes_flow(snapshot: dict) -> None:
@@ -233,7 +232,7 @@ def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tm
             upload_cancel(model=Model.objects.get(pk=catalog_model.pk))  # staff press "Cancel upload"
 
     started = time.monotonic()
-    outcome["status"] = run_upload(catalog_model.pk, on_progress=cancel_once_bytes_flow)
+    outcome["status"] = upload_execute(model_id=catalog_model.pk, on_progress=cancel_once_bytes_flow)
 
     assert outcome["status"] == "cancelled"
     catalog_model.refresh_from_db()
@@ -246,18 +245,18 @@ def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tm
 
 
 def test_cancelling_a_queued_upload_means_the_worker_never_starts_it(r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(model_folder))
     upload_cancel(model=catalog_model)
 
-    assert run_upload(catalog_model.pk) == "skipped"
+    assert upload_execute(model_id=catalog_model.pk) == "skipped"
     assert catalog_model.upload_status == UploadStatus.CANCELLED
     assert storage.request_log.keys_written() == set()
 
 
 def test_a_second_request_while_one_runs_is_refused(r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(model_folder))
     with pytest.raises(UploadError, match="already queued"):
-        upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+        upload_request(model=catalog_model, local_dir=str(model_folder))
 
 
 def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model):
@@ -268,7 +267,7 @@ def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model
     silent_since = timezone.now() - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S + 5)
     Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING, updated_at=silent_since)
 
-    model = upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    model = upload_request(model=catalog_model, hf_repo="acme/tiny")
 
     assert model.upload_status == UploadStatus.QUEUED
 
@@ -282,6 +281,30 @@ def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model
 ])
 def test_bad_upload_requests_are_refused_and_change_nothing(catalog_model, kwargs, message):
     with pytest.raises(UploadError, match=message):
-        upload_request(model=catalog_model, enqueue=False, **kwargs)
+        upload_request(model=catalog_model, **kwargs)
     catalog_model.refresh_from_db()
     assert catalog_model.upload_status == UploadStatus.NONE
+
+
+def test_the_catalog_imports_run_one_way():
+    """tasks -> uploads, never back: the upload service must not import the task module, and the
+    module that enqueues imports the task function itself (a renamed task fails at import)."""
+    import ast
+    from pathlib import Path
+
+    import apps.catalog
+
+    root = Path(apps.catalog.__file__).parent
+    imported: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imported[path.stem] = names
+    assert "apps.catalog.tasks" not in imported["uploads"] | imported["services"] | imported["verify"]
+    assert "apps.catalog.uploads" in imported["tasks"]
+    users_of_tasks = {module for module, names in imported.items() if "apps.catalog.tasks" in names}
+    assert users_of_tasks == {"enqueue"}

@@ -8,9 +8,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.catalog.display import human_bytes
+from apps.catalog.enqueue import upload_enqueue
 from apps.catalog.management.commands._common import get_model
 from apps.catalog.models import UploadStatus
-from apps.catalog.uploads import UploadError, parse_hf_spec, upload_request
+from apps.catalog.uploads import UploadError, parse_hf_spec, upload_execute, upload_request
 
 
 class Command(BaseCommand):
@@ -42,12 +43,12 @@ class Command(BaseCommand):
             local_dir = str(Path(local_dir).resolve())
         try:
             model = upload_request(model=model, hf_repo=hf_repo, revision=revision, local_dir=local_dir,
-                                   prefix=opts["prefix"], keep_downloads=opts["keep_downloads"],
-                                   enqueue=not opts["sync"])
+                                   prefix=opts["prefix"], keep_downloads=opts["keep_downloads"])
         except UploadError as exc:
             raise CommandError(str(exc)) from exc
         source = f"{hf_repo}@{revision}" if hf_repo else local_dir
         if not opts["sync"]:
+            upload_enqueue(model_id=model.pk)
             self.stdout.write(f"Queued upload of {model.name} from {source} to {model.upload_source['prefix']}; "
                               "follow it in the admin.")
             return
@@ -55,7 +56,6 @@ class Command(BaseCommand):
 
     def _run_here(self, model_id: int, source: str) -> None:
         from apps.catalog.models import Model
-        from apps.catalog.tasks import run_upload
 
         tty = sys.stdout.isatty()
 
@@ -68,7 +68,7 @@ class Command(BaseCommand):
             self.stdout.flush()
 
         self.stdout.write(f"Uploading from {source} …")
-        status = run_upload(model_id, on_progress=show)
+        status = upload_execute(model_id=model_id, on_progress=show)
         if tty:
             self.stdout.write("")
         model = Model.objects.get(pk=model_id)
