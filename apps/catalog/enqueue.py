@@ -5,10 +5,12 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from apps.catalog.tasks import upload_model_task
+from apps.catalog.models import WeightUpload
+from apps.catalog.tasks import upload_weights_task
 
 
-def upload_enqueue(*, model_id: int) -> None:
-    """Run the queued upload of ``model_id`` in a worker once the current transaction commits
-    (a worker must never look for a row the request has not committed yet)."""
-    transaction.on_commit(lambda: upload_model_task.delay(model_id))
+def upload_enqueue(*, upload: WeightUpload) -> None:
+    """Run the queued attempt in a worker once the current transaction commits (a worker must
+    never look for a row the request has not committed yet)."""
+    upload_id = upload.pk
+    transaction.on_commit(lambda: upload_weights_task.delay(upload_id))

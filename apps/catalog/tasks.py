@@ -8,7 +8,9 @@ from apps.catalog.uploads import upload_execute
 
 
 @shared_task(acks_late=False)
-def upload_model_task(model_id: int) -> str:
-    # acks_late off: a redelivered upload would find the row 'uploading' and skip anyway; a
-    # killed upload is retried from the admin (its row goes stale) and resumes where it stopped.
-    return upload_execute(model_id=model_id)
+def upload_weights_task(upload_id: int) -> str:
+    # acks_late off: a redelivered upload would find its attempt 'uploading' and skip anyway; a
+    # killed upload is retried from the admin (its attempt goes stale) and resumes where it stopped.
+    # (Named apart from the old upload_model_task(model_id): a message queued before the upgrade
+    # carries a model id, and must not be read as an attempt id.)
+    return upload_execute(upload_id=upload_id)
