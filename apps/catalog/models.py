@@ -110,6 +110,10 @@ class Model(models.Model):
         if errors:
             raise ValidationError(errors)
 
+    # Set by selectors.with_latest_jobs (a Prefetch to_attr); absent on a plain instance.
+    latest_uploads: list[WeightUpload]
+    latest_verifications: list[WeightVerification]
+
     @property
     def latest_upload(self) -> WeightUpload | None:
         """The last upload attempt (prefetched by selectors.with_latest_jobs on lists)."""

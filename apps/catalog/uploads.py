@@ -161,7 +161,7 @@ def upload_cancel(*, model: Model) -> WeightUpload:
         latest = attempts.order_by("-id").first()
         label = latest.get_status_display() if latest else UploadStatus.NONE.label
         raise UploadError(f"No upload is running for {model.name} (status: {label}).")
-    return attempts.order_by("-id").first()  # type: ignore[return-value]  # one was just updated
+    return attempts.order_by("-id")[0]  # the one just cancelled (or asked to stop) is the latest
 
 
 def upload_record_failure(*, upload_id: int, reason: str) -> None:

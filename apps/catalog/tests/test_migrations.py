@@ -33,23 +33,23 @@ def _apps_at(executor: MigrationExecutor, targets: list[tuple[str, str]]):
 
 def test_the_job_columns_become_rows_then_disappear(executor):
     old = _apps_at(executor, BEFORE)
-    OldModel = old.get_model("catalog", "Model")
+    old_model = old.get_model("catalog", "Model")
     started = timezone.now() - timedelta(hours=2)
     finished = started + timedelta(minutes=7)
     verified = finished + timedelta(minutes=1)
     source = {"kind": "hf", "repo": "acme/tiny", "revision": "v1", "prefix": "models/acme--tiny/v1", "keep": False}
-    done = OldModel.objects.create(
+    done = old_model.objects.create(
         name="done", storage_uri="s3://weights/models/acme--tiny/v1", upload_status="uploaded", upload_source=source,
         upload_bytes_done=4096, upload_bytes_total=4096, upload_started_at=started, upload_finished_at=finished,
         verify_status="mismatch", verified_at=verified, verify_report=["config.json: missing"],
     )
-    running = OldModel.objects.create(
+    running = old_model.objects.create(
         name="running", upload_status="uploading", upload_source={"kind": "dir", "path": "/w", "prefix": "m/r"},
         upload_bytes_done=10, upload_bytes_total=100, upload_rate_bps=5, upload_current_file="a.safetensors",
         upload_cancel_requested=True, upload_started_at=started,
     )
-    failed = OldModel.objects.create(name="failed", upload_status="failed", upload_error="SlowDown")
-    never = OldModel.objects.create(name="never")
+    failed = old_model.objects.create(name="failed", upload_status="failed", upload_error="SlowDown")
+    never = old_model.objects.create(name="never")
 
     executor.loader.build_graph()
     executor.migrate(AFTER)
