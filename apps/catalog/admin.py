@@ -21,30 +21,33 @@ from django.views.decorators.http import require_POST
 
 from apps.catalog import storage, uploads
 from apps.catalog.display import human_bytes
-from apps.catalog.models import Model, UploadStatus
-from apps.catalog.selectors import models_with_counts, storage_browser
+from apps.catalog.enqueue import upload_enqueue
+from apps.catalog.models import JobOrigin, Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.selectors import models_with_counts, storage_browser, with_latest_jobs
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
 
 
 def upload_payload(model: Model) -> dict[str, Any]:
-    """What the progress bar shows; also the JSON the bar polls."""
+    """What the progress bar shows for the model's latest upload attempt; also the JSON the bar polls."""
+    upload = model.latest_upload or WeightUpload(model=model, status=UploadStatus.NONE)
     eta = None
-    if model.upload_status == UploadStatus.UPLOADING and model.upload_rate_bps:
-        eta = int(max(0, model.upload_bytes_total - model.upload_bytes_done) / model.upload_rate_bps)
+    if upload.status == UploadStatus.UPLOADING and upload.rate_bps:
+        eta = int(max(0, upload.bytes_total - upload.bytes_done) / upload.rate_bps)
     return {
         "id": model.pk,
-        "status": model.upload_status,
-        "status_label": model.get_upload_status_display(),
-        "percent": round(100 * model.upload_progress, 1),
-        "done": human_bytes(model.upload_bytes_done),
-        "total": human_bytes(model.upload_bytes_total),
-        "rate": human_bytes(model.upload_rate_bps) + "/s" if model.upload_rate_bps else "",
+        "upload_id": upload.pk,
+        "status": upload.status,
+        "status_label": upload.get_status_display(),
+        "percent": round(100 * upload.progress, 1),
+        "done": human_bytes(upload.bytes_done),
+        "total": human_bytes(upload.bytes_total),
+        "rate": human_bytes(upload.rate_bps) + "/s" if upload.rate_bps else "",
         "eta_seconds": eta,
-        "file": model.upload_current_file,
-        "error": model.upload_error if model.upload_status == UploadStatus.FAILED else "",
-        "cancel_requested": model.upload_cancel_requested,
-        "active": model.upload_status in uploads.BUSY_STATUSES,
+        "file": upload.current_file,
+        "error": upload.error if upload.status == UploadStatus.FAILED else "",
+        "cancel_requested": upload.cancel_requested,
+        "active": upload.status in uploads.BUSY_STATUSES,
     }
 
 
@@ -103,12 +106,68 @@ def _field_for(message: str) -> str | None:
     return None
 
 
+class LatestUploadFilter(admin.SimpleListFilter):
+    title = "weights (latest upload)"
+    parameter_name = "upload_status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return list(UploadStatus.choices)
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+        # upload_status is annotated by selectors.with_latest_jobs (the changelist's queryset)
+        return queryset.filter(upload_status=self.value()) if self.value() else queryset
+
+
+class LatestVerificationFilter(admin.SimpleListFilter):
+    title = "last verify"
+    parameter_name = "verify_status"
+
+    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
+        return [("never" if value == "" else value, label) for value, label in VerifyStatus.choices]
+
+    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+        if self.value() is None:
+            return queryset
+        return queryset.filter(verify_status="" if self.value() == "never" else self.value())
+
+
+HISTORY_ROWS = 20
+
+
+def _who(origin: str, user: Any) -> str:
+    return f"{origin} ({user.get_username()})" if user is not None else origin
+
+
+def _change_url(obj: WeightUpload | WeightVerification) -> str:
+    return reverse(f"admin:catalog_{obj._meta.model_name}_change", args=[obj.pk])
+
+
+def _changelist_url(job_model: type, model: Model) -> str:
+    return reverse(f"admin:catalog_{job_model._meta.model_name}_changelist") + f"?model__id__exact={model.pk}"
+
+
+def _history_table(headers: tuple[str, ...], rows: str, *, more: bool, url: str) -> str:
+    if not rows:
+        return "None yet."
+    head = format_html_join("", "<th>{}</th>", ((h,) for h in headers))
+    link = format_html('<p><a href="{}">All of them</a></p>', url) if more else ""
+    return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>{}", head, rows, link)
+
+
+def _source_text(source: dict) -> str:
+    if source.get("kind") == "hf":
+        return f"{source.get('repo')}@{source.get('revision')} -> {source.get('prefix')}"
+    if source.get("kind") == "dir":
+        return f"{source.get('path')} -> {source.get('prefix')}"
+    return "-"
+
+
 @admin.register(Model)
 class ModelAdmin(admin.ModelAdmin):
     form = ModelAdminForm
     list_display = ("name", "is_active", "upload_column", "replicas", "prices", "nodes_column", "accelerator")
     list_display_links = ("name",)
-    list_filter = ("is_active", "upload_status", "verify_status", "accelerator")
+    list_filter = ("is_active", LatestUploadFilter, LatestVerificationFilter, "accelerator")
     search_fields = ("name", "hf_repo", "storage_uri")
     ordering = ("name",)
     list_per_page = 100
@@ -116,7 +175,7 @@ class ModelAdmin(admin.ModelAdmin):
     change_list_template = "admin/catalog/model/change_list.html"
     change_form_template = "admin/catalog/model/change_form.html"
     readonly_fields = ("upload_panel", "manifest_pretty", "total_bytes", "verify_panel", "cold_start",
-                       "created_at", "updated_at")
+                       "upload_history", "verification_history", "created_at", "updated_at")
     fieldsets = (
         ("Identity", {"fields": ("name", "is_active", "hf_repo", "hf_revision")}),
         ("Storage", {"fields": ("storage_uri", "total_bytes", "upload_panel", "verify_panel", "manifest_pretty")}),
@@ -125,6 +184,7 @@ class ModelAdmin(admin.ModelAdmin):
                                        "cold_start")}),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
         ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
+        ("Weights history", {"classes": ("collapse",), "fields": ("upload_history", "verification_history")}),
         ("History", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
     )
 
@@ -162,10 +222,38 @@ class ModelAdmin(admin.ModelAdmin):
 
     @admin.display(description="last verify")
     def verify_panel(self, obj: Model) -> str:
-        if not obj.verified_at:
+        check = obj.latest_verification if obj.pk is not None else None
+        if check is None:
             return "Never verified."
-        problems = format_html_join("", "<li>{}</li>", ((p,) for p in obj.verify_report[:20]))
-        return format_html("{} at {}<ul>{}</ul>", obj.get_verify_status_display(), obj.verified_at, problems)
+        problems = format_html_join("", "<li>{}</li>", ((p,) for p in [*check.problems[:20], check.error] if p))
+        return format_html("{} at {}<ul>{}</ul>", check.get_status_display(), check.finished_at or check.started_at,
+                           problems)
+
+    @admin.display(description="uploads")
+    def upload_history(self, obj: Model) -> str:
+        if obj.pk is None:
+            return "-"
+        attempts = list(obj.uploads.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
+        rows = format_html_join("", "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                                    "<td>{}</td><td>{}</td></tr>", (
+            (_change_url(u), u.pk, u.get_status_display(), _source_text(u.source), human_bytes(u.bytes_total),
+             _who(u.get_origin_display(), u.requested_by), u.requested_at, u.error[:200])
+            for u in attempts[:HISTORY_ROWS]))
+        return _history_table(("attempt", "status", "source", "size", "started by", "requested", "error"), rows,
+                              more=len(attempts) > HISTORY_ROWS, url=_changelist_url(WeightUpload, obj))
+
+    @admin.display(description="verifications")
+    def verification_history(self, obj: Model) -> str:
+        if obj.pk is None:
+            return "-"
+        checks = list(obj.verifications.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
+        rows = format_html_join("", "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
+                                    "<td>{}</td></tr>", (
+            (_change_url(c), c.pk, c.get_status_display(), "full" if c.full else "quick",
+             f"{len(c.problems)} of {c.checked}", _who(c.get_origin_display(), c.requested_by), c.started_at)
+            for c in checks[:HISTORY_ROWS]))
+        return _history_table(("check", "status", "depth", "problems", "started by", "at"), rows,
+                              more=len(checks) > HISTORY_ROWS, url=_changelist_url(WeightVerification, obj))
 
     @admin.display(description="manifest")
     def manifest_pretty(self, obj: Model) -> str:
@@ -210,16 +298,18 @@ class ModelAdmin(admin.ModelAdmin):
         if len(models) == 1:
             return HttpResponseRedirect(reverse("admin:catalog_model_upload", args=[models[0].pk]))
         for model in models:
-            source = model.upload_source or {}
+            source = model.latest_upload.source if model.latest_upload else {}
             try:
-                uploads.upload_request(
+                upload = uploads.upload_request(
                     model=model, hf_repo=str(source.get("repo") or ("" if source else model.hf_repo)),
                     revision=str(source.get("revision") or model.hf_revision), local_dir=str(source.get("path", "")),
                     prefix=str(source.get("prefix", "")), keep_downloads=bool(source.get("keep")),
+                    origin=JobOrigin.ADMIN, requested_by=request.user,
                 )
             except uploads.UploadError as exc:
                 self.message_user(request, f"{model.name}: {exc}", messages.ERROR)
             else:
+                upload_enqueue(upload=upload)
                 self.message_user(request, f"{model.name}: upload queued.", messages.SUCCESS)
         return None
 
@@ -240,7 +330,7 @@ class ModelAdmin(admin.ModelAdmin):
 
     def _verify_one(self, request: HttpRequest, model: Model) -> None:
         try:
-            report = verify_model(model=model)
+            report = verify_model(model=model, origin=JobOrigin.ADMIN, requested_by=request.user)
         except storage.StorageError as exc:
             self.message_user(request, f"{model.name}: cannot verify: {exc}", messages.ERROR)
             return
@@ -262,10 +352,7 @@ class ModelAdmin(admin.ModelAdmin):
         ids = [int(i) for i in request.GET.getlist("id") if i.isdigit()][:200]
         if not self.has_view_permission(request):
             return JsonResponse({"error": "forbidden"}, status=403)
-        models = Model.objects.filter(pk__in=ids).only(
-            "id", "upload_status", "upload_bytes_done", "upload_bytes_total", "upload_rate_bps",
-            "upload_current_file", "upload_error", "upload_cancel_requested",
-        )
+        models = with_latest_jobs(Model.objects.filter(pk__in=ids).only("id"))
         return JsonResponse({"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))}
                                         for m in models]})
 
@@ -273,7 +360,8 @@ class ModelAdmin(admin.ModelAdmin):
         model = get_object_or_404(Model, pk=model_id)
         if not self.has_change_permission(request, model):
             return HttpResponse(status=403)
-        source = model.upload_source or {}
+        latest = model.latest_upload
+        source = latest.source if latest else {}
         initial = {
             "source": source.get("kind", "hf" if model.hf_repo or not source else "dir"),
             "hf_repo": f"{source.get('repo') or model.hf_repo}@{source.get('revision') or model.hf_revision}"
@@ -285,21 +373,24 @@ class ModelAdmin(admin.ModelAdmin):
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             try:
-                uploads.upload_request(
+                upload = uploads.upload_request(
                     model=model,
                     hf_repo=data["hf_repo"] if data["source"] == "hf" else "",
                     local_dir=data["local_dir"] if data["source"] == "dir" else "",
                     prefix=data["prefix"], keep_downloads=data["keep_downloads"],
+                    origin=JobOrigin.ADMIN, requested_by=request.user,
                 )
             except uploads.UploadError as exc:
                 form.add_error(_field_for(str(exc)), str(exc))
             else:
+                upload_enqueue(upload=upload)
                 self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:catalog_model_change", args=[model.pk]))
         context = {
             **self.admin_site.each_context(request), "opts": self.opts, "original": model, "form": form,
             "title": f"Upload weights for {model.name}",
-            "busy": model.upload_status in uploads.BUSY_STATUSES and not uploads.is_stale(model),
+            "latest_upload": latest,
+            "busy": latest is not None and latest.status in uploads.BUSY_STATUSES and not uploads.is_stale(latest),
             "bucket": storage.default_bucket() if _configured() else "",
         }
         return TemplateResponse(request, "admin/catalog/model/upload_form.html", context)
@@ -323,6 +414,43 @@ class ModelAdmin(admin.ModelAdmin):
             return HttpResponse(status=403)
         self._verify_one(request, model)
         return HttpResponseRedirect(reverse("admin:catalog_model_storage"))
+
+
+class _JobAdmin(admin.ModelAdmin):
+    """Every attempt across the catalog, for "what failed today"; written by the services only."""
+
+    list_select_related = ("model", "requested_by")
+    list_per_page = 100
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(WeightUpload)
+class WeightUploadAdmin(_JobAdmin):
+    list_display = ("id", "model", "status", "source_text", "bytes_total", "origin", "requested_by", "requested_at",
+                    "finished_at")
+    list_filter = ("status", "origin", "model")
+    search_fields = ("model__name", "error")
+    date_hierarchy = "requested_at"
+
+    @admin.display(description="source")
+    def source_text(self, obj: WeightUpload) -> str:
+        return _source_text(obj.source)
+
+
+@admin.register(WeightVerification)
+class WeightVerificationAdmin(_JobAdmin):
+    list_display = ("id", "model", "status", "full", "checked", "origin", "requested_by", "started_at", "finished_at")
+    list_filter = ("status", "full", "origin", "model")
+    search_fields = ("model__name", "uri")
+    date_hierarchy = "started_at"
 
 
 def _configured() -> bool:

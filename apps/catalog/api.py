@@ -10,6 +10,7 @@ from typing import Any
 
 import django_filters
 from django.core.exceptions import ValidationError
+from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status, viewsets
 from rest_framework.decorators import action
@@ -18,7 +19,9 @@ from rest_framework.request import Request
 from rest_framework.response import Response
 
 from apps.catalog import services, storage, uploads
-from apps.catalog.models import Model, UploadStatus
+from apps.catalog.enqueue import upload_enqueue
+from apps.catalog.models import JobOrigin, Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.selectors import with_latest_jobs
 from apps.catalog.verify import verify_model
 from apps.core.api import Conflict
 from apps.tenancy.permissions import IsStaff
@@ -30,8 +33,35 @@ class StorageUnavailable(APIException):
     default_code = "storage_error"
 
 
+class WeightUploadSerializer(serializers.ModelSerializer):
+    progress = serializers.FloatField(read_only=True)
+    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = WeightUpload
+        fields = ["id", "status", "source", "error", "progress", "bytes_done", "bytes_total", "rate_bps",
+                  "current_file", "cancel_requested", "origin", "requested_by", "requested_at", "started_at",
+                  "finished_at", "updated_at"]
+        read_only_fields = fields
+
+
+class WeightVerificationSerializer(serializers.ModelSerializer):
+    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+
+    class Meta:
+        model = WeightVerification
+        fields = ["id", "status", "full", "uri", "checked", "problems", "error", "origin", "requested_by",
+                  "started_at", "finished_at"]
+        read_only_fields = fields
+
+
 class ModelSerializer(serializers.ModelSerializer):
-    upload_progress = serializers.FloatField(read_only=True)
+    upload_status = serializers.SerializerMethodField(help_text="The latest upload's status, or none.")
+    verify_status = serializers.SerializerMethodField(help_text="The latest verification's status, or ''.")
+    latest_upload = WeightUploadSerializer(read_only=True, allow_null=True,
+                                           help_text="The latest upload attempt (history: GET …/uploads/).")
+    latest_verification = WeightVerificationSerializer(
+        read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/).")
 
     class Meta:
         model = Model
@@ -39,18 +69,16 @@ class ModelSerializer(serializers.ModelSerializer):
             "id", "name", "is_active", "hf_repo", "hf_revision", "storage_uri",
             "accelerator", "dtype", "max_model_len", "context_length", "tensor_parallel_size",
             "gpu_memory_utilization", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
-            "min_replicas", "max_replicas",
-            "total_bytes", "manifest", "upload_status", "upload_error", "upload_progress", "upload_bytes_done",
-            "upload_bytes_total", "upload_rate_bps", "upload_current_file", "upload_started_at",
-            "upload_finished_at", "upload_cancel_requested", "upload_source", "verify_status", "verified_at",
-            "verify_report", "created_at", "updated_at",
+            "min_replicas", "max_replicas", "total_bytes", "manifest", "upload_status", "verify_status",
+            "latest_upload", "latest_verification", "created_at", "updated_at",
         ]
-        read_only_fields = [
-            "total_bytes", "manifest", "upload_status", "upload_error", "upload_bytes_done", "upload_bytes_total",
-            "upload_rate_bps", "upload_current_file", "upload_started_at", "upload_finished_at",
-            "upload_cancel_requested", "upload_source", "verify_status", "verified_at", "verify_report",
-            "created_at", "updated_at",
-        ]
+        read_only_fields = ["total_bytes", "manifest", "created_at", "updated_at"]
+
+    def get_upload_status(self, obj: Model) -> str:
+        return obj.latest_upload.status if obj.latest_upload else UploadStatus.NONE.value
+
+    def get_verify_status(self, obj: Model) -> str:
+        return obj.latest_verification.status if obj.latest_verification else VerifyStatus.NEVER.value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
         lo = attrs.get("min_replicas", getattr(self.instance, "min_replicas", 0))
@@ -94,11 +122,12 @@ class ModelFilterSet(django_filters.FilterSet):
     name = django_filters.CharFilter(lookup_expr="icontains")
     is_active = django_filters.BooleanFilter()
     active = django_filters.BooleanFilter(field_name="is_active")
-    upload_status = django_filters.ChoiceFilter(choices=UploadStatus.choices)
+    # upload_status is the latest attempt's, annotated by selectors.with_latest_jobs
+    upload_status = django_filters.ChoiceFilter(choices=UploadStatus.choices, field_name="upload_status")
 
     class Meta:
         model = Model
-        fields = ["name", "is_active", "upload_status"]
+        fields = ["name", "is_active"]
 
 
 def _upload_error_to_api(exc: uploads.UploadError) -> APIException:
@@ -112,7 +141,7 @@ def _upload_error_to_api(exc: uploads.UploadError) -> APIException:
 
 
 class ModelViewSet(viewsets.ModelViewSet):
-    queryset = Model.objects.all()
+    queryset = with_latest_jobs(Model.objects.all())
     serializer_class = ModelSerializer
     permission_classes = [IsStaff]
     filterset_class = ModelFilterSet
@@ -138,21 +167,49 @@ class ModelViewSet(viewsets.ModelViewSet):
         """Queue an upload of the weights to R2 from a Hugging Face repo or a folder on the worker."""
         data = UploadInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        model = self.get_object()
         try:
-            model = uploads.upload_request(model=self.get_object(), **data.validated_data)
+            upload = uploads.upload_request(model=model, origin=JobOrigin.API, requested_by=request.user,
+                                            **data.validated_data)
         except uploads.UploadError as exc:
             raise _upload_error_to_api(exc) from exc
-        return Response(ModelSerializer(model).data, status=status.HTTP_202_ACCEPTED)
+        upload_enqueue(upload=upload)
+        return Response(ModelSerializer(self._fresh(model)).data, status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses=ModelSerializer)
     @action(detail=True, methods=["post"], url_path="cancel-upload")
     def cancel_upload(self, request: Request, pk: str | None = None) -> Response:
         """Cancel a queued upload, or ask a running one to stop (it stops between parts)."""
+        model = self.get_object()
         try:
-            model = uploads.upload_cancel(model=self.get_object())
+            uploads.upload_cancel(model=model)
         except uploads.UploadError as exc:
             raise Conflict(str(exc)) from exc
-        return Response(ModelSerializer(model).data)
+        return Response(ModelSerializer(self._fresh(model)).data)
+
+    @extend_schema(request=None, responses=WeightUploadSerializer(many=True), filters=False)
+    @action(detail=True, methods=["get"], filter_backends=[])
+    def uploads(self, request: Request, pk: str | None = None) -> Response:
+        """Every upload attempt of this model, newest first (paginated like the lists)."""
+        attempts = self.get_object().uploads.select_related("requested_by").order_by("-id")
+        return self._page(attempts, WeightUploadSerializer)
+
+    @extend_schema(request=None, responses=WeightVerificationSerializer(many=True), filters=False)
+    @action(detail=True, methods=["get"], filter_backends=[])
+    def verifications(self, request: Request, pk: str | None = None) -> Response:
+        """Every verification of this model, newest first (paginated like the lists)."""
+        checks = self.get_object().verifications.select_related("requested_by").order_by("-id")
+        return self._page(checks, WeightVerificationSerializer)
+
+    def _page(self, queryset: QuerySet, serializer_class: type[serializers.ModelSerializer]) -> Response:
+        page = self.paginate_queryset(queryset)
+        if page is None:
+            return Response(serializer_class(queryset, many=True).data)
+        return self.get_paginated_response(serializer_class(page, many=True).data)
+
+    def _fresh(self, model: Model) -> Model:
+        """The model re-read with its latest jobs, after an action changed them."""
+        return with_latest_jobs(Model.objects.filter(pk=model.pk)).get()
 
     @extend_schema(request=VerifyInputSerializer, responses=VerifyReportSerializer)
     @action(detail=True, methods=["post"])
@@ -164,7 +221,8 @@ class ModelViewSet(viewsets.ModelViewSet):
         if not model.storage_uri:
             raise Conflict(f"{model.name} has no storage URI: upload its weights first.")
         try:
-            report = verify_model(model=model, full=data.validated_data["full"])
+            report = verify_model(model=model, full=data.validated_data["full"], origin=JobOrigin.API,
+                                  requested_by=request.user)
         except storage.StorageError as exc:
             raise StorageUnavailable(str(exc)) from exc
         body = {"uri": report.uri, "ok": report.ok, "checked": report.checked, "full": report.full,

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
+from django.conf import settings
 from django.core.validators import MaxValueValidator, MinValueValidator, RegexValidator
 from django.db import models
 from django.utils import timezone
@@ -33,9 +34,19 @@ class UploadStatus(models.TextChoices):
 
 class VerifyStatus(models.TextChoices):
     NEVER = "", "Not verified"
+    RUNNING = "running", "Verifying"
     OK = "ok", "Verified"
     MISMATCH = "mismatch", "Mismatch"
     ERROR = "error", "Could not verify"
+
+
+class JobOrigin(models.TextChoices):
+    """What started an upload or a verification (``requested_by`` says who, when it was a person)."""
+
+    ADMIN = "admin", "Admin"
+    API = "api", "Management API"
+    COMMAND = "command", "Management command"
+    MIGRATION = "migration", "Carried over from the catalog row"
 
 
 class Model(models.Model):
@@ -53,24 +64,6 @@ class Model(models.Model):
     )
     total_bytes = models.PositiveBigIntegerField(default=0)
     manifest = models.JSONField(default=list, blank=True, help_text="[{path, size, sha256}]")
-
-    upload_status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.NONE)
-    upload_error = models.TextField(blank=True)
-    upload_bytes_done = models.PositiveBigIntegerField(default=0)
-    upload_bytes_total = models.PositiveBigIntegerField(default=0)
-    upload_rate_bps = models.PositiveBigIntegerField(default=0)
-    upload_current_file = models.CharField(max_length=500, blank=True)
-    upload_started_at = models.DateTimeField(null=True, blank=True)
-    upload_finished_at = models.DateTimeField(null=True, blank=True)
-    upload_cancel_requested = models.BooleanField(default=False)
-    upload_source = models.JSONField(
-        default=dict, blank=True, editable=False,
-        help_text="What the last upload was asked to do: {kind: hf|dir, repo, revision, path, prefix, keep}.",
-    )
-    verify_status = models.CharField(max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.NEVER,
-                                     blank=True)
-    verified_at = models.DateTimeField(null=True, blank=True)
-    verify_report = models.JSONField(default=list, blank=True, help_text="Problems found by the last verify.")
 
     dtype = models.CharField(max_length=16, default="auto")
     max_model_len = models.PositiveIntegerField(null=True, blank=True)
@@ -117,8 +110,93 @@ class Model(models.Model):
         if errors:
             raise ValidationError(errors)
 
+    # Set by selectors.with_latest_jobs (a Prefetch to_attr); absent on a plain instance.
+    latest_uploads: list[WeightUpload]
+    latest_verifications: list[WeightVerification]
+
     @property
-    def upload_progress(self) -> float:
-        if not self.upload_bytes_total:
+    def latest_upload(self) -> WeightUpload | None:
+        """The last upload attempt (prefetched by selectors.with_latest_jobs on lists)."""
+        if hasattr(self, "latest_uploads"):
+            return self.latest_uploads[0] if self.latest_uploads else None
+        return self.uploads.order_by("-id").first()
+
+    @property
+    def latest_verification(self) -> WeightVerification | None:
+        """The last verification (prefetched by selectors.with_latest_jobs on lists)."""
+        if hasattr(self, "latest_verifications"):
+            return self.latest_verifications[0] if self.latest_verifications else None
+        return self.verifications.order_by("-id").first()
+
+
+BUSY_UPLOAD_STATUSES = (UploadStatus.QUEUED, UploadStatus.UPLOADING, UploadStatus.VERIFYING)
+
+
+class WeightUpload(models.Model):
+    """One attempt to put a model's weights in the bucket; a worker claims it (queued -> uploading)
+    with a conditional UPDATE and reports progress on it. At most one attempt per model is busy."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="uploads")
+    status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.QUEUED)
+    source = models.JSONField(
+        default=dict, blank=True,
+        help_text="What this upload was asked to do: {kind: hf|dir, repo, revision, path, prefix, keep}.",
+    )
+    error = models.TextField(blank=True)
+    bytes_done = models.PositiveBigIntegerField(default=0)
+    bytes_total = models.PositiveBigIntegerField(default=0)
+    rate_bps = models.PositiveBigIntegerField(default=0)
+    current_file = models.CharField(max_length=500, blank=True)
+    cancel_requested = models.BooleanField(default=False)
+    origin = models.CharField(max_length=16, choices=JobOrigin.choices, default=JobOrigin.ADMIN)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    requested_at = models.DateTimeField(default=timezone.now)
+    started_at = models.DateTimeField(null=True, blank=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
+    # The worker's heartbeat: written with every progress update; a busy attempt silent for
+    # UPLOAD_STALE_AFTER_S is taken as dead and may be replaced.
+    updated_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-id"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["model"], condition=models.Q(status__in=BUSY_UPLOAD_STATUSES), name="catalog_one_busy_upload",
+                violation_error_message="An upload is already running for this model.",
+            ),
+        ]
+        indexes = [models.Index(fields=["model", "-id"], name="catalog_upload_latest")]
+
+    def __str__(self) -> str:
+        return f"upload #{self.pk} of {self.model_id}: {self.status}"
+
+    @property
+    def progress(self) -> float:
+        if not self.bytes_total:
             return 0.0
-        return min(1.0, self.upload_bytes_done / self.upload_bytes_total)
+        return min(1.0, self.bytes_done / self.bytes_total)
+
+
+class WeightVerification(models.Model):
+    """One check of a model's objects in the bucket against its manifest."""
+
+    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="verifications")
+    status = models.CharField(max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.RUNNING)
+    full = models.BooleanField(default=False, help_text="Re-hashed every object's bytes (not only size + checksum).")
+    uri = models.CharField(max_length=500, blank=True)
+    checked = models.PositiveIntegerField(default=0)
+    problems = models.JSONField(default=list, blank=True, help_text="Problems found (at most 200).")
+    error = models.TextField(blank=True)
+    origin = models.CharField(max_length=16, choices=JobOrigin.choices, default=JobOrigin.ADMIN)
+    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
+                                     related_name="+")
+    started_at = models.DateTimeField(default=timezone.now)
+    finished_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-id"]
+        indexes = [models.Index(fields=["model", "-id"], name="catalog_verify_latest")]
+
+    def __str__(self) -> str:
+        return f"verification #{self.pk} of {self.model_id}: {self.status or 'never'}"

@@ -1,14 +1,16 @@
-"""Non-trivial reads for the catalog: the storage browser (what model folders the bucket holds)."""
+"""Non-trivial reads for the catalog: models with their latest upload and verification, and the
+storage browser (what model folders the bucket holds)."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from posixpath import dirname
 
-from django.db.models import Count, Q, QuerySet
+from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery, Value
+from django.db.models.functions import Coalesce
 
 from apps.catalog import storage
-from apps.catalog.models import Model
+from apps.catalog.models import Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
 from apps.catalog.transfer import MANIFEST_NAME
 from apps.catalog.verify import load_manifest
 
@@ -27,11 +29,28 @@ class StoredModel:
     models: list[Model] = field(default_factory=list)
 
 
+def with_latest_jobs(queryset: QuerySet[Model]) -> QuerySet[Model]:
+    """``queryset`` annotated with ``upload_status`` and ``verify_status`` (of the latest attempt:
+    "none" / "" when there is none; filterable and sortable) and with the latest attempt rows
+    prefetched for ``Model.latest_upload`` / ``latest_verification``: two extra queries for a list."""
+    latest_upload = WeightUpload.objects.filter(model=OuterRef("pk")).order_by("-id")
+    latest_check = WeightVerification.objects.filter(model=OuterRef("pk")).order_by("-id")
+    return queryset.annotate(
+        upload_status=Coalesce(Subquery(latest_upload.values("status")[:1]), Value(UploadStatus.NONE.value)),
+        verify_status=Coalesce(Subquery(latest_check.values("status")[:1]), Value(VerifyStatus.NEVER.value)),
+    ).prefetch_related(
+        Prefetch("uploads", to_attr="latest_uploads", queryset=WeightUpload.objects.filter(
+            id=Subquery(WeightUpload.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1]))),
+        Prefetch("verifications", to_attr="latest_verifications", queryset=WeightVerification.objects.filter(
+            id=Subquery(WeightVerification.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1]))),
+    )
+
+
 def models_with_counts() -> QuerySet[Model]:
-    """Models annotated with node counts (live and total), one query for the changelist."""
+    """Models with node counts (ready, live, all) and their latest jobs: a few queries for the changelist."""
     from apps.fleet.models import LIVE_STATUSES, NodeStatus
 
-    return Model.objects.annotate(
+    return with_latest_jobs(Model.objects.all()).annotate(
         live_nodes=Count("nodes", filter=Q(nodes__status__in=list(LIVE_STATUSES)), distinct=True),
         ready_nodes=Count("nodes", filter=Q(nodes__status=NodeStatus.READY), distinct=True),
         total_nodes=Count("nodes", distinct=True),
@@ -82,7 +101,7 @@ def storage_browser(*, bucket: str | None = None) -> list[StoredModel]:
         listed = per_root[root]
         row.total_bytes, row.file_count = sum(listed.values()), len(listed)
         row.manifest_state, row.manifest_problems = _manifest_state(listed, load_manifest(bucket, root))
-    for model in Model.objects.exclude(storage_uri="").order_by("name"):
+    for model in with_latest_jobs(Model.objects.exclude(storage_uri="")).order_by("name"):
         try:
             model_bucket, prefix = storage.parse_uri(model.storage_uri)
         except ValueError:

@@ -32,18 +32,17 @@ def model_create(
 
 
 def model_update(*, model: Model, **fields: object) -> Model:
-    """Change ``fields`` (all of the row when none are named, e.g. for a new instance).
+    """Change the named ``fields`` of a saved model (a new instance is saved whole).
 
-    Only the named columns are written: the upload worker updates progress and status on the
-    same row concurrently, and a whole-row save from a stale copy would undo its writes.
+    Upload progress and status live on WeightUpload rows, so edits and uploads no longer write the
+    same row every second; the named columns are still the only ones written because a finishing
+    upload publishes ``storage_uri``, ``manifest`` and ``total_bytes`` here, and a save from a copy
+    read before that would undo it.
     """
     for field, value in fields.items():
         setattr(model, field, value)
     model.full_clean()
-    if fields and model.pk is not None:
-        model.save(update_fields=[*fields, "updated_at"])
-    else:
-        model.save()
+    model.save(update_fields=[*fields, "updated_at"] if model.pk is not None else None)
     invalidation.bump(invalidation.ROUTING)
     return model
 

@@ -1,9 +1,11 @@
 """The weights pipeline to R2, as services: request, run (in the worker), cancel, record the outcome.
 
-The row is the source of truth: ``upload_status`` moves none/failed/cancelled/uploaded -> queued
-(upload_request) -> uploading (the task claims it) -> uploaded | failed | cancelled. Progress is
-written at most every UPLOAD_PROGRESS_INTERVAL_S with one conditional UPDATE that also notices a
-cancel request. The transfer itself (hashing, resumable multipart upload, manifest) is in transfer.py.
+Each attempt is a WeightUpload row, the source of truth for it: queued (upload_request) ->
+uploading (upload_claim, a conditional UPDATE only one worker wins) -> uploaded | failed |
+cancelled. At most one attempt per model is busy (a partial unique index says so). Progress is
+written on the attempt at most every UPLOAD_PROGRESS_INTERVAL_S with one conditional UPDATE that
+also notices a cancel request; the catalog row (Model) is written only to point it at the new
+weights. The transfer itself (hashing, resumable multipart upload, manifest) is in transfer.py.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import Q
+from django.contrib.auth.base_user import AbstractBaseUser
+from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.catalog import hf, storage
-from apps.catalog.models import Model, UploadStatus
+from apps.catalog.models import BUSY_UPLOAD_STATUSES, JobOrigin, Model, UploadStatus, WeightUpload
 from apps.catalog.transfer import (
     ALLOW_PATTERNS,
     UploadCancelled,
@@ -38,12 +40,14 @@ from apps.core import invalidation
 
 log = logging.getLogger(__name__)
 
-__all__ = ["UploadCancelled", "UploadError", "UploadRefusedError", "upload_cancel", "upload_request", "upload_run"]
+__all__ = [
+    "UploadCancelled", "UploadError", "UploadRefusedError", "upload_cancel", "upload_execute", "upload_request",
+    "upload_run",
+]
 
 HF_REPO_RE = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 PREFIX_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._=@+-]*(/[A-Za-z0-9._=@+-]+)*$")
-IDLE_STATUSES = (UploadStatus.NONE, UploadStatus.FAILED, UploadStatus.CANCELLED, UploadStatus.UPLOADED)
-BUSY_STATUSES = (UploadStatus.QUEUED, UploadStatus.UPLOADING, UploadStatus.VERIFYING)
+BUSY_STATUSES = BUSY_UPLOAD_STATUSES
 
 
 def _slug(value: str) -> str:
@@ -67,9 +71,10 @@ def parse_hf_spec(spec: str) -> tuple[str, str]:
     return repo, revision or "main"
 
 
-def is_stale(model: Model) -> bool:
+def is_stale(upload: WeightUpload | None) -> bool:
+    """A busy attempt whose worker has been silent for UPLOAD_STALE_AFTER_S (taken as dead)."""
     cutoff = timezone.now() - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S)
-    return model.upload_status in BUSY_STATUSES and model.updated_at < cutoff
+    return upload is not None and upload.status in BUSY_STATUSES and upload.updated_at < cutoff
 
 
 def upload_request(
@@ -80,12 +85,15 @@ def upload_request(
     local_dir: str = "",
     prefix: str = "",
     keep_downloads: bool = False,
-    enqueue: bool = True,
-) -> Model:
-    """Queue an upload of ``model``'s weights from a hub repo or a server-side folder.
+    origin: str = JobOrigin.ADMIN,
+    requested_by: AbstractBaseUser | None = None,
+) -> WeightUpload:
+    """Create a queued upload attempt of ``model``'s weights from a hub repo or a server-side folder.
 
     Raises UploadError (with a message naming the bad input) and changes nothing on bad input or
-    when an upload is already running (a dead one, silent for UPLOAD_STALE_AFTER_S, may be replaced).
+    when an upload is already running (a dead one, silent for UPLOAD_STALE_AFTER_S, is closed as
+    failed and replaced). Nothing runs it until someone does: ``apps.catalog.enqueue.upload_enqueue``
+    hands it to a worker after commit; ``upload_execute`` runs it in this process.
     """
     hf_repo, revision, local_dir, prefix = hf_repo.strip(), revision.strip(), local_dir.strip(), prefix.strip()
     if bool(hf_repo) == bool(local_dir):
@@ -110,83 +118,77 @@ def upload_request(
 
     now = timezone.now()
     stale_cutoff = now - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S)
-    fields: dict[str, object] = {
-        "upload_status": UploadStatus.QUEUED, "upload_source": source, "upload_error": "",
-        "upload_cancel_requested": False, "upload_bytes_done": 0, "upload_bytes_total": 0, "upload_rate_bps": 0,
-        "upload_current_file": "", "upload_started_at": None, "upload_finished_at": None, "updated_at": now,
-    }
-    if hf_repo:
-        fields.update(hf_repo=hf_repo, hf_revision=revision)
     with transaction.atomic():
-        claimed = Model.objects.filter(
-            Q(upload_status__in=IDLE_STATUSES) | Q(upload_status__in=BUSY_STATUSES, updated_at__lt=stale_cutoff),
-            pk=model.pk,
-        ).update(**fields)
-        if claimed != 1:
-            model.refresh_from_db()
+        WeightUpload.objects.filter(model=model, status__in=BUSY_STATUSES, updated_at__lt=stale_cutoff).update(
+            status=UploadStatus.FAILED, finished_at=now, updated_at=now, rate_bps=0,
+            error=f"The worker went silent for over {settings.UPLOAD_STALE_AFTER_S} s; replaced by a new upload.",
+        )
+        try:
+            with transaction.atomic():  # a savepoint: the unique index refuses a second busy attempt
+                upload = WeightUpload.objects.create(
+                    model=model, status=UploadStatus.QUEUED, source=source, origin=origin, requested_by=requested_by,
+                    requested_at=now, updated_at=now,
+                )
+        except IntegrityError:
+            busy = WeightUpload.objects.filter(model=model, status__in=BUSY_STATUSES).first()
+            if busy is None:
+                raise
             raise UploadError(
-                f"An upload is already {model.get_upload_status_display().lower()} for {model.name}: "
+                f"An upload is already {busy.get_status_display().lower()} for {model.name}: "
                 "wait for it, or cancel it first."
-            )
-        if enqueue:
-            from apps.catalog.tasks import upload_model_task
-
-            model_id = model.pk
-            transaction.on_commit(lambda: upload_model_task.delay(model_id))
+            ) from None
+        if hf_repo:
+            Model.objects.filter(pk=model.pk).update(hf_repo=hf_repo, hf_revision=revision, updated_at=now)
     model.refresh_from_db()
-    return model
+    return upload
 
 
-def upload_claim(*, model_id: int) -> bool:
+def upload_claim(*, upload_id: int) -> bool:
     """queued -> uploading, once: a second worker (or a cancelled request) gets False."""
     now = timezone.now()
-    return Model.objects.filter(pk=model_id, upload_status=UploadStatus.QUEUED).update(
-        upload_status=UploadStatus.UPLOADING, upload_started_at=now, updated_at=now, upload_cancel_requested=False,
+    return WeightUpload.objects.filter(pk=upload_id, status=UploadStatus.QUEUED).update(
+        status=UploadStatus.UPLOADING, started_at=now, updated_at=now, cancel_requested=False,
     ) == 1
 
 
-def upload_cancel(*, model: Model) -> Model:
-    """Cancel a queued upload at once; ask a running one to stop (it checks between parts)."""
+def upload_cancel(*, model: Model) -> WeightUpload:
+    """Cancel ``model``'s queued upload at once; ask a running one to stop (it checks between parts)."""
     now = timezone.now()
-    if Model.objects.filter(pk=model.pk, upload_status=UploadStatus.QUEUED).update(
-        upload_status=UploadStatus.CANCELLED, upload_finished_at=now, updated_at=now, upload_error="Cancelled.",
-    ):
-        model.refresh_from_db()
-        return model
-    if not Model.objects.filter(pk=model.pk, upload_status=UploadStatus.UPLOADING).update(
-        upload_cancel_requested=True
-    ):
-        model.refresh_from_db()
-        raise UploadError(f"No upload is running for {model.name} (status: {model.get_upload_status_display()}).")
-    model.refresh_from_db()
-    return model
+    attempts = WeightUpload.objects.filter(model=model)
+    if not attempts.filter(status=UploadStatus.QUEUED).update(
+        status=UploadStatus.CANCELLED, finished_at=now, updated_at=now, error="Cancelled.",
+    ) and not attempts.filter(status=UploadStatus.UPLOADING).update(cancel_requested=True):
+        latest = attempts.order_by("-id").first()
+        label = latest.get_status_display() if latest else UploadStatus.NONE.label
+        raise UploadError(f"No upload is running for {model.name} (status: {label}).")
+    return attempts.order_by("-id")[0]  # the one just cancelled (or asked to stop) is the latest
 
 
-def upload_record_failure(*, model_id: int, reason: str) -> None:
+def upload_record_failure(*, upload_id: int, reason: str) -> None:
     now = timezone.now()
-    Model.objects.filter(pk=model_id, upload_status__in=BUSY_STATUSES).update(
-        upload_status=UploadStatus.FAILED, upload_error=reason[:4000], upload_finished_at=now, updated_at=now,
-        upload_rate_bps=0,
+    WeightUpload.objects.filter(pk=upload_id, status__in=BUSY_STATUSES).update(
+        status=UploadStatus.FAILED, error=reason[:4000], finished_at=now, updated_at=now, rate_bps=0,
     )
 
 
-def upload_record_cancelled(*, model_id: int) -> None:
+def upload_record_cancelled(*, upload_id: int) -> None:
     now = timezone.now()
-    Model.objects.filter(pk=model_id, upload_status__in=BUSY_STATUSES).update(
-        upload_status=UploadStatus.CANCELLED, upload_error="Cancelled by staff.", upload_finished_at=now,
-        updated_at=now, upload_rate_bps=0, upload_cancel_requested=False,
+    WeightUpload.objects.filter(pk=upload_id, status__in=BUSY_STATUSES).update(
+        status=UploadStatus.CANCELLED, error="Cancelled by staff.", finished_at=now, updated_at=now, rate_bps=0,
+        cancel_requested=False,
     )
 
 
 class RowProgress:
-    """Progress on the Model row: bytes are counted in memory, the row written every interval.
+    """Progress on the WeightUpload row: bytes are counted in memory, the row written every interval.
 
-    The write is ``UPDATE … WHERE upload_cancel_requested = false``: zero rows means staff asked
-    to cancel, so one query per interval both reports progress and checks for cancellation.
+    The write is ``UPDATE … WHERE status = uploading AND cancel_requested = false``: zero rows means
+    staff asked to cancel (or the attempt was closed as dead and replaced), so one query per
+    interval both reports progress and checks for cancellation.
     """
 
-    def __init__(self, model_id: int, on_progress: Callable[[dict], None] | None = None) -> None:
-        self.model_id = model_id
+    def __init__(self, upload_id: int, on_progress: Callable[[dict], None] | None = None) -> None:
+        self.upload_id = upload_id
         self.on_progress = on_progress
         self.total = self.done = 0
         self.current = ""
@@ -225,9 +227,11 @@ class RowProgress:
             self._last_done, self._last_at = done, now
         self.rate = instant if self.rate == 0 else 0.7 * self.rate + 0.3 * instant  # smoothed for a steady ETA
         self._last_write = now
-        written = Model.objects.filter(pk=self.model_id, upload_cancel_requested=False).update(
-            upload_bytes_done=max(0, min(done, self.total)), upload_bytes_total=self.total,
-            upload_rate_bps=int(self.rate), upload_current_file=self.current[:500], updated_at=timezone.now(),
+        written = WeightUpload.objects.filter(
+            pk=self.upload_id, status=UploadStatus.UPLOADING, cancel_requested=False,
+        ).update(
+            bytes_done=max(0, min(done, self.total)), bytes_total=self.total, rate_bps=int(self.rate),
+            current_file=self.current[:500], updated_at=timezone.now(),
         )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
@@ -235,11 +239,11 @@ class RowProgress:
             raise UploadCancelled()
 
 
-def _download(model: Model, source: dict, progress: RowProgress) -> Path:
+def _download(model_id: int, source: dict, progress: RowProgress) -> Path:
     """Fetch the hub files into the work dir in a thread, reporting its size as progress."""
     repo, revision = str(source["repo"]), str(source["revision"])
     check_repo_listing(hf.repo_files(repo=repo, revision=revision))
-    dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model.pk}" / _slug(f"{repo.replace('/', '--')}@{revision}")
+    dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model_id}" / _slug(f"{repo.replace('/', '--')}@{revision}")
     outcome: dict[str, object] = {}
 
     def run() -> None:
@@ -248,7 +252,7 @@ def _download(model: Model, source: dict, progress: RowProgress) -> Path:
         except Exception as exc:
             outcome["error"] = exc
 
-    worker = threading.Thread(target=run, name=f"hf-download-{model.pk}", daemon=True)
+    worker = threading.Thread(target=run, name=f"hf-download-{model_id}", daemon=True)
     worker.start()
     while worker.is_alive():
         worker.join(timeout=0.25)
@@ -263,24 +267,26 @@ def _download(model: Model, source: dict, progress: RowProgress) -> Path:
 
 def upload_run(
     *,
-    model_id: int,
+    upload_id: int,
     on_progress: Callable[[dict], None] | None = None,
     on_file_done: Callable[[str], None] | None = None,
-) -> Model:
+) -> WeightUpload:
     """Do a claimed upload: download if from the hub, refuse pickles, transfer, record the manifest.
 
     Raises UploadError/UploadRefusedError/UploadCancelled, storage.StorageError or hf.HubError; the
-    caller records them on the row.
+    caller records them on the attempt.
     """
-    model = Model.objects.get(pk=model_id)
-    source = dict(model.upload_source)
+    upload = WeightUpload.objects.get(pk=upload_id)
+    model_id = upload.model_id
+    source = dict(upload.source)
     bucket = storage.default_bucket()
     prefix = str(source["prefix"])
-    Model.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix), upload_current_file="preparing")
-    progress = RowProgress(model_id, on_progress)
+    Model.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix))
+    WeightUpload.objects.filter(pk=upload_id).update(current_file="preparing")
+    progress = RowProgress(upload_id, on_progress)
     downloaded: Path | None = None
     if source.get("kind") == "hf":
-        downloaded = root = _download(model, source, progress)
+        downloaded = root = _download(model_id, source, progress)
     else:
         root = Path(str(source["path"]))
     files = select_files(scan_folder(root))
@@ -288,12 +294,41 @@ def upload_run(
                               source={k: v for k, v in source.items() if k != "keep"}, on_file_done=on_file_done)
     total = sum(e["size"] for e in entries)
     now = timezone.now()
-    Model.objects.filter(pk=model_id).update(
-        upload_status=UploadStatus.UPLOADED, manifest=entries, total_bytes=total, upload_bytes_done=total,
-        upload_bytes_total=total, upload_current_file="", upload_error="", upload_finished_at=now, updated_at=now,
-        upload_rate_bps=0,
-    )
+    with transaction.atomic():
+        finished = WeightUpload.objects.filter(pk=upload_id, status=UploadStatus.UPLOADING).update(
+            status=UploadStatus.UPLOADED, bytes_done=total, bytes_total=total, current_file="", error="",
+            finished_at=now, updated_at=now, rate_bps=0,
+        )
+        if finished != 1:
+            raise UploadCancelled()  # closed meanwhile (cancelled, or replaced as dead): not ours to publish
+        Model.objects.filter(pk=model_id).update(manifest=entries, total_bytes=total, updated_at=now)
     invalidation.bump(invalidation.ROUTING)  # nodes launched from now on use the new storage URI
     if downloaded is not None and not source.get("keep"):
         shutil.rmtree(downloaded.parent, ignore_errors=True)
-    return Model.objects.get(pk=model_id)
+    return WeightUpload.objects.get(pk=upload_id)
+
+
+def upload_execute(
+    *,
+    upload_id: int,
+    on_progress: Callable[[dict], None] | None = None,
+    on_file_done: Callable[[str], None] | None = None,
+) -> str:
+    """Claim a queued upload attempt and run it here; record the outcome on it and return it
+    (``uploaded``, ``failed``, ``cancelled``, or ``skipped`` when it was not ours to claim)."""
+    if not upload_claim(upload_id=upload_id):
+        return "skipped"  # another worker has it, or it was cancelled before it started
+    try:
+        upload_run(upload_id=upload_id, on_progress=on_progress, on_file_done=on_file_done)
+    except UploadCancelled:
+        upload_record_cancelled(upload_id=upload_id)
+        return "cancelled"
+    except (UploadError, storage.StorageError, hf.HubError) as exc:
+        upload_record_failure(upload_id=upload_id, reason=str(exc))
+        return "failed"
+    except BaseException as exc:
+        # Unexpected (a bug, a kill signal turned exception): say so on the row, then let it surface.
+        log.exception("upload %s crashed", upload_id)
+        upload_record_failure(upload_id=upload_id, reason=f"Unexpected error: {type(exc).__name__}: {exc}")
+        raise
+    return "uploaded"

@@ -15,10 +15,11 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
+from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils import timezone
 
 from apps.catalog import storage
-from apps.catalog.models import Model, VerifyStatus
+from apps.catalog.models import JobOrigin, Model, VerifyStatus, WeightVerification
 from apps.catalog.transfer import MANIFEST_NAME
 
 
@@ -82,16 +83,27 @@ def verify_prefix(*, bucket: str, prefix: str, manifest: list[dict], full: bool 
     return report
 
 
-def verify_model(*, model: Model, full: bool = False) -> VerifyReport:
-    """Verify ``model``'s objects against its manifest (the row's, else the bucket's) and record the result."""
+def verify_model(
+    *, model: Model, full: bool = False, origin: str = JobOrigin.ADMIN, requested_by: AbstractBaseUser | None = None,
+) -> VerifyReport:
+    """Verify ``model``'s objects against its manifest (the row's, else the bucket's); the check is
+    a WeightVerification row, running until it is finished here (ok, mismatch, or error on a
+    storage failure, which is raised again)."""
     if not model.storage_uri:
         raise storage.StorageError(f"{model.name} has no storage URI: upload its weights first.")
     bucket, prefix = storage.parse_uri(model.storage_uri)
-    manifest = model.manifest or load_manifest(bucket, prefix) or []
-    report = verify_prefix(bucket=bucket, prefix=prefix, manifest=manifest, full=full)
-    Model.objects.filter(pk=model.pk).update(
-        verify_status=VerifyStatus.OK if report.ok else VerifyStatus.MISMATCH,
-        verified_at=timezone.now(), verify_report=report.problems[:200],
+    check = WeightVerification.objects.create(model=model, full=full, uri=model.storage_uri, origin=origin,
+                                              requested_by=requested_by)
+    running = WeightVerification.objects.filter(pk=check.pk, status=VerifyStatus.RUNNING)
+    try:
+        manifest = model.manifest or load_manifest(bucket, prefix) or []
+        report = verify_prefix(bucket=bucket, prefix=prefix, manifest=manifest, full=full)
+    except BaseException as exc:
+        reason = str(exc) if isinstance(exc, storage.StorageError) else f"Unexpected error: {type(exc).__name__}: {exc}"
+        running.update(status=VerifyStatus.ERROR, error=reason[:4000], finished_at=timezone.now())
+        raise
+    running.update(
+        status=VerifyStatus.OK if report.ok else VerifyStatus.MISMATCH, checked=report.checked,
+        problems=report.problems[:200], finished_at=timezone.now(),
     )
-    model.refresh_from_db()
     return report

@@ -10,10 +10,9 @@ from django.urls import reverse
 from django.utils import timezone
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus
+from apps.catalog.models import Model, UploadStatus, WeightUpload
 from apps.catalog.services import model_create
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -44,8 +43,11 @@ def test_changelist_shows_counts_and_progress_without_a_query_per_row(admin_clie
     for i in range(15):
         model = model_create(name=f"model-{i}")
         node_create(model=model, launcher="static", endpoint_url=f"http://127.0.0.1:{9000 + i}")
-    Model.objects.filter(name="model-3").update(upload_status=UploadStatus.UPLOADING, upload_bytes_done=50,
-                                                upload_bytes_total=100, upload_rate_bps=10)
+    WeightUpload.objects.create(model=Model.objects.get(name="model-3"), status=UploadStatus.UPLOADING,
+                                bytes_done=50, bytes_total=100, rate_bps=10)
+    for model in Model.objects.exclude(name="model-3")[:5]:  # history: older attempts must not cost a query each
+        WeightUpload.objects.create(model=model, status=UploadStatus.FAILED, error="old")
+        WeightUpload.objects.create(model=model, status=UploadStatus.UPLOADED)
 
     with django_assert_max_num_queries(12):
         response = admin_client.get(reverse("admin:catalog_model_changelist"))
@@ -117,9 +119,9 @@ def test_the_upload_form_enqueues_and_the_worker_uploads(admin_client, r2, catal
         })
 
     assert response.status_code == 302
-    assert any("upload_request" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
+    assert any("upload_enqueue" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
     assert storage.head(r2, "models/from-admin/model-00001-of-00002.safetensors") is not None
     page = admin_client.get(reverse("admin:catalog_model_change", args=[catalog_model.pk])).content.decode()
     assert "model-00001-of-00002.safetensors" in page and "Uploaded" in page
@@ -136,14 +138,14 @@ def test_the_upload_form_shows_errors_on_the_field(admin_client, catalog_model):
     assert "absolute path" in " ".join(relative.context["form"].errors["local_dir"])
     assert "prefix" in " ".join(bad_prefix.context["form"].errors["prefix"])
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.NONE
+    assert catalog_model.latest_upload is None
 
 
 def test_several_failed_uploads_are_retried_from_their_last_source(admin_client, r2, catalog_model, model_folder,
                                                                     eager_celery, django_capture_on_commit_callbacks):
     (model_folder / "bad.pt").write_bytes(b"pickle")
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry", enqueue=False)
-    assert run_upload(catalog_model.pk) == "failed"
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry")
+    assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "failed"
     (model_folder / "bad.pt").unlink()
     other = model_create(name="other-model")
 
@@ -152,24 +154,25 @@ def test_several_failed_uploads_are_retried_from_their_last_source(admin_client,
                           {"action": "upload_weights", "_selected_action": [catalog_model.pk, other.pk]})
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
     assert catalog_model.storage_uri == f"s3://{r2}/models/retry"
 
 
 def test_cancel_action_requests_a_stop(admin_client, catalog_model):
-    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING)
+    WeightUpload.objects.create(model=catalog_model, status=UploadStatus.UPLOADING)
 
     admin_client.post(reverse("admin:catalog_model_changelist"),
                       {"action": "cancel_upload", "_selected_action": [catalog_model.pk]})
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_cancel_requested is True
+    assert catalog_model.latest_upload.cancel_requested is True
 
 
 def test_upload_status_json_feeds_the_progress_bar(admin_client, catalog_model):
-    Model.objects.filter(pk=catalog_model.pk).update(
-        upload_status=UploadStatus.UPLOADING, upload_bytes_done=2_000_000_000, upload_bytes_total=4_000_000_000,
-        upload_rate_bps=100_000_000, upload_current_file="model-00002.safetensors")
+    WeightUpload.objects.create(model=catalog_model, status=UploadStatus.FAILED, error="an older attempt")
+    WeightUpload.objects.create(
+        model=catalog_model, status=UploadStatus.UPLOADING, bytes_done=2_000_000_000, bytes_total=4_000_000_000,
+        rate_bps=100_000_000, current_file="model-00002.safetensors")
 
     data = admin_client.get(reverse("admin:catalog_model_upload_status"), {"id": [catalog_model.pk]}).json()
 
@@ -184,8 +187,8 @@ def test_upload_status_json_is_for_staff_only(client, catalog_model):
 
 
 def test_storage_browser_lists_bucket_prefixes_with_state_and_model(admin_client, r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed")
+    upload_execute(upload_id=catalog_model.latest_upload.pk)
     storage.put_bytes(r2, "models/hand-made/config.json", b"{}")
     storage.put_bytes(r2, "models/hand-made/model.safetensors", b"0" * 10)
 
@@ -205,8 +208,8 @@ def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
 
 def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(admin_client, r2, catalog_model,
                                                                                model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper")
+    upload_execute(upload_id=catalog_model.latest_upload.pk)
     storage.put_bytes(r2, "models/tamper/model-00002-of-00002.safetensors", b"not the weights")
 
     response = admin_client.post(reverse("admin:catalog_model_storage_verify"), {"model_id": catalog_model.pk},
@@ -215,7 +218,7 @@ def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(a
     body = response.content.decode()
     assert "model-00002-of-00002.safetensors: size 15 != manifest 1048576" in body
     catalog_model.refresh_from_db()
-    assert catalog_model.verify_status == "mismatch"
+    assert catalog_model.latest_verification.status == "mismatch"
     browser = admin_client.get(reverse("admin:catalog_model_storage")).content.decode()
     assert "sb-mismatch" in browser  # the listing's sizes no longer match the manifest either
 
@@ -224,12 +227,13 @@ def test_saving_the_change_form_keeps_an_upload_that_finished_meanwhile(admin_cl
     from apps.catalog.admin import ModelAdminForm
 
     url = reverse("admin:catalog_model_change", args=[catalog_model.pk])
-    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING)
+    upload = WeightUpload.objects.create(model=catalog_model, status=UploadStatus.UPLOADING)
     original_clean = ModelAdminForm.clean
 
     def worker_finishes_while_the_form_is_validated(form):
-        # The admin has loaded the row ("uploading"); the worker now records the finished upload.
-        Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADED, total_bytes=123)
+        # The admin has loaded the row; the worker now publishes the finished upload on it.
+        WeightUpload.objects.filter(pk=upload.pk).update(status=UploadStatus.UPLOADED)
+        Model.objects.filter(pk=catalog_model.pk).update(total_bytes=123, manifest=[{"path": "a", "size": 123}])
         return original_clean(form)
 
     monkeypatch.setattr(ModelAdminForm, "clean", worker_finishes_while_the_form_is_validated)
@@ -240,4 +244,5 @@ def test_saving_the_change_form_keeps_an_upload_that_finished_meanwhile(admin_cl
     assert response.status_code == 302
     catalog_model.refresh_from_db()
     assert catalog_model.max_replicas == 3
-    assert (catalog_model.upload_status, catalog_model.total_bytes) == (UploadStatus.UPLOADED, 123)
+    assert (catalog_model.latest_upload.status, catalog_model.total_bytes) == (UploadStatus.UPLOADED, 123)
+    assert catalog_model.manifest == [{"path": "a", "size": 123}]

@@ -6,10 +6,9 @@ import pytest
 from rest_framework.test import APIClient
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus
+from apps.catalog.models import Model, UploadStatus, WeightUpload
 from apps.catalog.services import model_create
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -61,7 +60,8 @@ def test_filters_by_name_active_and_upload_status(staff_api):
     model_create(name="alpha-model")
     model_create(name="beta-model", is_active=False)
     uploaded = model_create(name="gamma-model")
-    Model.objects.filter(pk=uploaded.pk).update(upload_status=UploadStatus.UPLOADED)
+    WeightUpload.objects.create(model=uploaded, status=UploadStatus.FAILED)
+    WeightUpload.objects.create(model=uploaded, status=UploadStatus.UPLOADED)  # the latest attempt counts
 
     def names(query: str) -> list[str]:
         return [m["name"] for m in staff_api.get(f"/api/v1/models/?{query}").json()["results"]]
@@ -101,7 +101,7 @@ def test_customer_keys_are_refused_everywhere(customer_api, catalog_model):
     assert customer_api.post(f"/api/v1/models/{catalog_model.pk}/verify/").status_code == 403
     assert not Model.objects.filter(name="sneaky").exists()
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.NONE
+    assert catalog_model.latest_upload is None
 
 
 def test_upload_action_queues_and_reports_202(staff_api, catalog_model, django_capture_on_commit_callbacks):
@@ -112,7 +112,9 @@ def test_upload_action_queues_and_reports_202(staff_api, catalog_model, django_c
     assert response.status_code == 202, response.json()
     body = response.json()
     assert body["upload_status"] == "queued"
-    assert body["upload_source"] == {"kind": "hf", "repo": "acme/tiny", "revision": "v2", "keep": False,
+    assert body["latest_upload"]["status"] == "queued"
+    assert body["latest_upload"]["origin"] == "api" and body["latest_upload"]["requested_by"] == "catalog-operator"
+    assert body["latest_upload"]["source"] == {"kind": "hf", "repo": "acme/tiny", "revision": "v2", "keep": False,
                                      "prefix": "models/acme--tiny/v2"}
     assert len(callbacks) == 1
 
@@ -130,14 +132,14 @@ def test_bad_upload_input_is_a_400_naming_the_field(staff_api, catalog_model, bo
 
 
 def test_a_second_upload_while_one_is_queued_is_a_409(staff_api, catalog_model):
-    upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    upload_request(model=catalog_model, hf_repo="acme/tiny")
     response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "acme/tiny"}, format="json")
     assert response.status_code == 409
 
 
 def test_cancel_upload_action(staff_api, catalog_model):
     assert staff_api.post(f"/api/v1/models/{catalog_model.pk}/cancel-upload/").status_code == 409
-    upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    upload_request(model=catalog_model, hf_repo="acme/tiny")
 
     response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/cancel-upload/")
 
@@ -145,8 +147,8 @@ def test_cancel_upload_action(staff_api, catalog_model):
 
 
 def test_verify_action_reports_ok_then_the_mismatch(staff_api, r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/api", enqueue=False)
-    run_upload(catalog_model.pk)
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/api")
+    upload_execute(upload_id=catalog_model.latest_upload.pk)
     url = f"/api/v1/models/{catalog_model.pk}/verify/"
 
     assert staff_api.post(url, {}, format="json").json()["ok"] is True

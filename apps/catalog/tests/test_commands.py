@@ -94,7 +94,7 @@ def test_upload_model_sync_from_a_folder_prints_progress_and_the_result(r2, cata
     assert "%" in out and "model-00001-of-00002.safetensors" in out
     assert "Uploaded 7 file(s)" in out and f"s3://{r2}/m/x" in out
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
 
 
 def test_upload_model_from_the_hub_fetches_only_what_vllm_needs(r2, catalog_model, model_folder, fake_hub):
@@ -151,7 +151,7 @@ def test_upload_model_without_sync_only_queues(r2, catalog_model, model_folder, 
     assert "Queued upload" in out
     assert len(callbacks) == 1  # the Celery enqueue, after commit
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.QUEUED
+    assert catalog_model.latest_upload.status == UploadStatus.QUEUED
 
 
 def test_upload_model_bad_input_exits_non_zero_with_a_reason(r2, catalog_model):
@@ -183,7 +183,7 @@ def test_verify_model_passes_then_reports_an_object_replaced_behind_its_back(r2,
     assert "MISMATCH config.json" in out
     assert "1 problem(s)" in error
     catalog_model.refresh_from_db()
-    assert catalog_model.verify_status == "mismatch"
+    assert catalog_model.latest_verification.status == "mismatch"
 
 
 def test_full_verify_catches_bytes_changed_with_size_and_metadata_preserved(r2, catalog_model, model_folder):

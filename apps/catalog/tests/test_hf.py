@@ -162,7 +162,7 @@ def test_upload_model_from_the_local_hub_end_to_end(r2, local_hub, hub_repo, cat
     call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
     keys = {o.key for o in storage.list_objects(r2, "models/acme--tiny-llama/main/")}
     assert "models/acme--tiny-llama/main/tokenizer.model" in keys
     assert not any(k.endswith((".bin", ".pth", "README.md")) or "/.cache/" in k for k in keys)

@@ -12,8 +12,7 @@ from botocore.exceptions import ClientError
 
 from apps.catalog import storage
 from apps.catalog.models import UploadStatus
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
              b"<Message>Please reduce your request rate.</Message></Error>")
@@ -91,24 +90,26 @@ def test_transient_errors_are_retried_per_request_and_per_file(flaky, settings, 
     # R2_MAX_ATTEMPTS=2: botocore gives up after two 503s; the file-level retry then gets it through.
     flaky.key_suffix, flaky.failures = "/tokenizer.json", 3
 
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/flaky", enqueue=False)
-    assert run_upload(catalog_model.pk) == "uploaded"
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/flaky")
+    assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "uploaded"
 
     assert flaky.writes_seen == 4  # 2 + 2 attempts: the first file attempt failed, the retry went through
     assert storage.get_bytes(r2, "models/flaky/tokenizer.json") == (model_folder / "tokenizer.json").read_bytes()
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_bytes_done == catalog_model.total_bytes  # the rewound bytes were not double-counted
+    upload = catalog_model.latest_upload
+    assert upload.bytes_done == catalog_model.total_bytes  # the rewound bytes were not double-counted
 
 
 def test_a_store_that_keeps_failing_ends_in_failed_with_the_reason(flaky, settings, catalog_model, model_folder):
     flaky.key_suffix, flaky.failures = "/config.json", 100
 
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/down", enqueue=False)
-    assert run_upload(catalog_model.pk) == "failed"
+    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/down")
+    assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "failed"
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.FAILED
-    assert "temporarily failing" in catalog_model.upload_error and "SlowDown" in catalog_model.upload_error
+    upload = catalog_model.latest_upload
+    assert upload.status == UploadStatus.FAILED
+    assert "temporarily failing" in upload.error and "SlowDown" in upload.error
     assert flaky.writes_seen == settings.R2_MAX_ATTEMPTS * (settings.UPLOAD_FILE_RETRIES + 1)
 
 

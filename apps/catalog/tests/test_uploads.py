@@ -9,11 +9,10 @@ import time
 import pytest
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus
-from apps.catalog.tasks import run_upload
+from apps.catalog.models import Model, UploadStatus, WeightUpload
 from apps.catalog.tests.conftest import make_model_folder
 from apps.catalog.transfer import MANIFEST_NAME
-from apps.catalog.uploads import UploadError, upload_cancel, upload_request
+from apps.catalog.uploads import UploadError, upload_cancel, upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -27,15 +26,15 @@ def _sha(path) -> str:
 
 
 def _upload_from_dir(model: Model, folder, **hooks) -> str:
-    upload_request(model=model, local_dir=str(folder), prefix="models/test-model", enqueue=False)
-    return run_upload(model.pk, **hooks)
+    upload_request(model=model, local_dir=str(folder), prefix="models/test-model")
+    return upload_execute(upload_id=model.latest_upload.pk, **hooks)
 
 
 def test_folder_upload_puts_every_needed_file_at_the_prefix_root_with_its_sha256(r2, catalog_model, model_folder):
     assert _upload_from_dir(catalog_model, model_folder) == "uploaded"
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
     assert catalog_model.storage_uri == f"s3://{r2}/models/test-model"
     listed = {o.key: o.size for o in storage.list_objects(r2, "models/test-model/")}
     assert sorted(listed) == sorted([f"models/test-model/{name}" for name in WEIGHTS]
@@ -70,7 +69,7 @@ def test_a_rerun_sends_no_object_bytes(r2, catalog_model, model_folder):
     assert storage.request_log.keys_written() == set()
     assert storage.request_log.operations["HeadObject"] >= len(WEIGHTS)
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
 
 
 def test_an_upload_killed_after_the_first_file_resumes_from_the_second(r2, settings, catalog_model, model_folder):
@@ -82,7 +81,7 @@ def test_an_upload_killed_after_the_first_file_resumes_from_the_second(r2, setti
     with pytest.raises(KeyboardInterrupt):
         _upload_from_dir(catalog_model, model_folder, on_file_done=die_after_first)
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.FAILED
+    assert catalog_model.latest_upload.status == UploadStatus.FAILED
     first = f"models/test-model/{WEIGHTS[0]}"
     assert storage.request_log.keys_written() == {first}
     storage.request_log.reset()
@@ -130,8 +129,8 @@ def test_pickle_weights_are_refused_before_anything_is_uploaded(r2, catalog_mode
     assert _upload_from_dir(catalog_model, model_folder) == "failed"
 
     catalog_model.refresh_from_db()
-    assert bad_name in catalog_model.upload_error
-    assert "safetensors" in catalog_model.upload_error and "execute code" in catalog_model.upload_error
+    assert bad_name in catalog_model.latest_upload.error
+    assert "safetensors" in catalog_model.latest_upload.error and "execute code" in catalog_model.latest_upload.error
     assert list(storage.list_objects(r2)) == []
     assert storage.request_log.keys_written() == set()
 
@@ -143,13 +142,13 @@ def test_a_folder_without_safetensors_is_refused(r2, catalog_model, tmp_path):
 
     assert _upload_from_dir(catalog_model, folder) == "failed"
     catalog_model.refresh_from_db()
-    assert "no *.safetensors" in catalog_model.upload_error
+    assert "no *.safetensors" in catalog_model.latest_upload.error
 
 
 def test_a_missing_folder_fails_with_its_path(r2, catalog_model, tmp_path):
     assert _upload_from_dir(catalog_model, tmp_path / "nowhere") == "failed"
     catalog_model.refresh_from_db()
-    assert str(tmp_path / "nowhere") in catalog_model.upload_error
+    assert str(tmp_path / "nowhere") in catalog_model.latest_upload.error
 
 
 def test_bad_credentials_fail_with_a_clear_reason(r2, moto_endpoint, catalog_model, model_folder):
@@ -161,9 +160,9 @@ def test_bad_credentials_fail_with_a_clear_reason(r2, moto_endpoint, catalog_mod
     finally:
         set_moto_auth(moto_endpoint, enforce=False)
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.FAILED
-    assert "rejected the credentials" in catalog_model.upload_error
-    assert "R2_ACCESS_KEY_ID" in catalog_model.upload_error
+    assert catalog_model.latest_upload.status == UploadStatus.FAILED
+    assert "rejected the credentials" in catalog_model.latest_upload.error
+    assert "R2_ACCESS_KEY_ID" in catalog_model.latest_upload.error
 
 
 def test_an_unreachable_endpoint_fails_with_a_clear_reason(r2, settings, catalog_model, model_folder):
@@ -173,8 +172,8 @@ def test_an_unreachable_endpoint_fails_with_a_clear_reason(r2, settings, catalog
 
     assert _upload_from_dir(catalog_model, model_folder) == "failed"
     catalog_model.refresh_from_db()
-    assert "Cannot reach the storage endpoint" in catalog_model.upload_error
-    assert settings.R2_ENDPOINT_URL in catalog_model.upload_error
+    assert "Cannot reach the storage endpoint" in catalog_model.latest_upload.error
+    assert settings.R2_ENDPOINT_URL in catalog_model.latest_upload.error
 
 
 def test_a_missing_bucket_fails_with_a_clear_reason(r2, settings, catalog_model, model_folder):
@@ -182,23 +181,24 @@ def test_a_missing_bucket_fails_with_a_clear_reason(r2, settings, catalog_model,
 
     assert _upload_from_dir(catalog_model, model_folder) == "failed"
     catalog_model.refresh_from_db()
-    assert "Bucket 'no-such-bucket-here' does not exist" in catalog_model.upload_error
-    assert "r2_check --create-bucket" in catalog_model.upload_error
+    assert "Bucket 'no-such-bucket-here' does not exist" in catalog_model.latest_upload.error
+    assert "r2_check --create-bucket" in catalog_model.latest_upload.error
 
 
 def test_progress_advances_on_the_row_while_uploading(r2, catalog_model, model_folder):
     seen: list[int] = []
 
     def watch(snapshot: dict) -> None:
-        seen.append(Model.objects.values_list("upload_bytes_done", flat=True).get(pk=catalog_model.pk))
+        seen.append(WeightUpload.objects.values_list("bytes_done", flat=True).get(model=catalog_model))
 
     _upload_from_dir(catalog_model, model_folder, on_progress=watch)
 
     assert len(seen) >= 2
     assert seen == sorted(seen)  # never goes backwards
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_bytes_done == catalog_model.upload_bytes_total == catalog_model.total_bytes > 0
-    assert catalog_model.upload_finished_at is not None
+    upload = catalog_model.latest_upload
+    assert upload.bytes_done == upload.bytes_total == catalog_model.total_bytes > 0
+    assert upload.finished_at is not None
 
 
 def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_model, tmp_path):
@@ -208,15 +208,15 @@ def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_mod
     settings.UPLOAD_PROGRESS_INTERVAL_S = 0.5
     settings.R2_MAX_CONCURRENCY = 1  # slow enough to span several intervals
     folder = make_model_folder(tmp_path / "slow-model", big=30 * 1024 * 1024)
-    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/throttle", enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/throttle")
 
     started = time.monotonic()
     with CaptureQueriesContext(connection) as queries:
-        assert run_upload(catalog_model.pk) == "uploaded"
+        assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "uploaded"
     elapsed = time.monotonic() - started
 
     progress_writes = [q for q in queries.captured_queries
-                       if q["sql"].startswith('UPDATE "catalog_model"') and "upload_rate_bps" in q["sql"]]
+                       if q["sql"].startswith('UPDATE "catalog_weightupload"') and '"rate_bps"' in q["sql"]]
     # One forced write at the start, one per interval at most, and the final "uploaded" write.
     assert 2 <= len(progress_writes) <= elapsed / 0.5 + 3
 
@@ -224,7 +224,7 @@ def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_mod
 def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tmp_path):
     settings.R2_MAX_CONCURRENCY = 1  # one part at a time, so there is time to cancel mid-file
     folder = make_model_folder(tmp_path / "big-model", big=40 * 1024 * 1024)
-    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/cancel-me", enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(folder), prefix="models/cancel-me")
     outcome: dict[str, str] = {}
 
     def cancel_once_bytes_flow(snapshot: dict) -> None:
@@ -233,11 +233,11 @@ def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tm
             upload_cancel(model=Model.objects.get(pk=catalog_model.pk))  # staff press "Cancel upload"
 
     started = time.monotonic()
-    outcome["status"] = run_upload(catalog_model.pk, on_progress=cancel_once_bytes_flow)
+    outcome["status"] = upload_execute(upload_id=catalog_model.latest_upload.pk, on_progress=cancel_once_bytes_flow)
 
     assert outcome["status"] == "cancelled"
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.CANCELLED
+    assert catalog_model.latest_upload.status == UploadStatus.CANCELLED
     big = "models/cancel-me/model-00001-of-00002.safetensors"
     assert storage.request_log.keys[("UploadPart", big)] < 8  # 40 MB = 8 parts; it stopped before the end
     assert storage.head(r2, big) is None
@@ -246,18 +246,18 @@ def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tm
 
 
 def test_cancelling_a_queued_upload_means_the_worker_never_starts_it(r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(model_folder))
     upload_cancel(model=catalog_model)
 
-    assert run_upload(catalog_model.pk) == "skipped"
-    assert catalog_model.upload_status == UploadStatus.CANCELLED
+    assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "skipped"
+    assert catalog_model.latest_upload.status == UploadStatus.CANCELLED
     assert storage.request_log.keys_written() == set()
 
 
 def test_a_second_request_while_one_runs_is_refused(r2, catalog_model, model_folder):
-    upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+    upload_request(model=catalog_model, local_dir=str(model_folder))
     with pytest.raises(UploadError, match="already queued"):
-        upload_request(model=catalog_model, local_dir=str(model_folder), enqueue=False)
+        upload_request(model=catalog_model, local_dir=str(model_folder))
 
 
 def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model):
@@ -266,11 +266,13 @@ def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model
     from django.utils import timezone
 
     silent_since = timezone.now() - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S + 5)
-    Model.objects.filter(pk=catalog_model.pk).update(upload_status=UploadStatus.UPLOADING, updated_at=silent_since)
+    dead = WeightUpload.objects.create(model=catalog_model, status=UploadStatus.UPLOADING, updated_at=silent_since)
 
-    model = upload_request(model=catalog_model, hf_repo="acme/tiny", enqueue=False)
+    upload = upload_request(model=catalog_model, hf_repo="acme/tiny")
 
-    assert model.upload_status == UploadStatus.QUEUED
+    assert upload.status == UploadStatus.QUEUED and catalog_model.latest_upload == upload
+    dead.refresh_from_db()
+    assert dead.status == UploadStatus.FAILED and "went silent" in dead.error
 
 
 @pytest.mark.parametrize(("kwargs", "message"), [
@@ -282,6 +284,30 @@ def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model
 ])
 def test_bad_upload_requests_are_refused_and_change_nothing(catalog_model, kwargs, message):
     with pytest.raises(UploadError, match=message):
-        upload_request(model=catalog_model, enqueue=False, **kwargs)
+        upload_request(model=catalog_model, **kwargs)
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.NONE
+    assert catalog_model.latest_upload is None
+
+
+def test_the_catalog_imports_run_one_way():
+    """tasks -> uploads, never back: the upload service must not import the task module, and the
+    module that enqueues imports the task function itself (a renamed task fails at import)."""
+    import ast
+    from pathlib import Path
+
+    import apps.catalog
+
+    root = Path(apps.catalog.__file__).parent
+    imported: dict[str, set[str]] = {}
+    for path in root.glob("*.py"):
+        names = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names.add(node.module)
+            elif isinstance(node, ast.Import):
+                names.update(alias.name for alias in node.names)
+        imported[path.stem] = names
+    assert "apps.catalog.tasks" not in imported["uploads"] | imported["services"] | imported["verify"]
+    assert "apps.catalog.uploads" in imported["tasks"]
+    users_of_tasks = {module for module, names in imported.items() if "apps.catalog.tasks" in names}
+    assert users_of_tasks == {"enqueue"}

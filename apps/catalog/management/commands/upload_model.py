@@ -8,9 +8,10 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.catalog.display import human_bytes
+from apps.catalog.enqueue import upload_enqueue
 from apps.catalog.management.commands._common import get_model
-from apps.catalog.models import UploadStatus
-from apps.catalog.uploads import UploadError, parse_hf_spec, upload_request
+from apps.catalog.models import JobOrigin, UploadStatus, WeightUpload
+from apps.catalog.uploads import UploadError, parse_hf_spec, upload_execute, upload_request
 
 
 class Command(BaseCommand):
@@ -41,22 +42,20 @@ class Command(BaseCommand):
 
             local_dir = str(Path(local_dir).resolve())
         try:
-            model = upload_request(model=model, hf_repo=hf_repo, revision=revision, local_dir=local_dir,
-                                   prefix=opts["prefix"], keep_downloads=opts["keep_downloads"],
-                                   enqueue=not opts["sync"])
+            upload = upload_request(model=model, hf_repo=hf_repo, revision=revision, local_dir=local_dir,
+                                    prefix=opts["prefix"], keep_downloads=opts["keep_downloads"],
+                                    origin=JobOrigin.COMMAND)
         except UploadError as exc:
             raise CommandError(str(exc)) from exc
         source = f"{hf_repo}@{revision}" if hf_repo else local_dir
         if not opts["sync"]:
-            self.stdout.write(f"Queued upload of {model.name} from {source} to {model.upload_source['prefix']}; "
-                              "follow it in the admin.")
+            upload_enqueue(upload=upload)
+            self.stdout.write(f"Queued upload #{upload.pk} of {model.name} from {source} to "
+                              f"{upload.source['prefix']}; follow it in the admin.")
             return
-        self._run_here(model.pk, source)
+        self._run_here(upload.pk, source)
 
-    def _run_here(self, model_id: int, source: str) -> None:
-        from apps.catalog.models import Model
-        from apps.catalog.tasks import run_upload
-
+    def _run_here(self, upload_id: int, source: str) -> None:
         tty = sys.stdout.isatty()
 
         def show(p: dict) -> None:
@@ -68,12 +67,13 @@ class Command(BaseCommand):
             self.stdout.flush()
 
         self.stdout.write(f"Uploading from {source} …")
-        status = run_upload(model_id, on_progress=show)
+        status = upload_execute(upload_id=upload_id, on_progress=show)
         if tty:
             self.stdout.write("")
-        model = Model.objects.get(pk=model_id)
-        if model.upload_status != UploadStatus.UPLOADED:
-            raise CommandError(f"Upload {status}: {model.upload_error or model.get_upload_status_display()}")
+        upload = WeightUpload.objects.select_related("model").get(pk=upload_id)
+        model = upload.model
+        if upload.status != UploadStatus.UPLOADED:
+            raise CommandError(f"Upload {status}: {upload.error or upload.get_status_display()}")
         self.stdout.write(self.style.SUCCESS(
             f"Uploaded {len(model.manifest)} file(s), {human_bytes(model.total_bytes)} to {model.storage_uri}"
         ))

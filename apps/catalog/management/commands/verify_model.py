@@ -7,6 +7,7 @@ from typing import Any
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from apps.catalog.management.commands._common import get_model
+from apps.catalog.models import JobOrigin
 from apps.catalog.storage import StorageError
 from apps.catalog.verify import verify_model
 
@@ -22,7 +23,7 @@ class Command(BaseCommand):
     def handle(self, *args: Any, **opts: Any) -> None:
         model = get_model(opts["name"])
         try:
-            report = verify_model(model=model, full=opts["full"])
+            report = verify_model(model=model, full=opts["full"], origin=JobOrigin.COMMAND)
         except StorageError as exc:
             raise CommandError(str(exc)) from exc
         for problem in report.problems:
