@@ -5,7 +5,7 @@ from __future__ import annotations
 from django.core.cache import cache
 from django.db.models import Count, Q
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet.models import NodeStatus
 from apps.fleet.selectors import fleet_summary
 from apps.metering.selectors import usage_last_24h
@@ -15,7 +15,7 @@ from apps.tenancy.models import Tenant, TenantStatus
 def admin_summary() -> dict[str, object]:
     """A handful of aggregate queries; each uses an index or a small table."""
     nodes = fleet_summary()
-    models = Model.objects.aggregate(total=Count("id"), active=Count("id", filter=Q(is_active=True)))
+    models = ServedModel.objects.aggregate(total=Count("id"), active=Count("id", filter=Q(is_active=True)))
     tenants = Tenant.objects.aggregate(
         active=Count("id", filter=Q(status=TenantStatus.ACTIVE)),
         suspended=Count("id", filter=Q(status=TenantStatus.SUSPENDED)),

@@ -24,7 +24,7 @@ from django.db import transaction
 from django.db.models import Q
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet import sky
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
@@ -159,7 +159,7 @@ def resume_polls(report: Report) -> None:
             transaction.on_commit(lambda node_id=node_id: tasks.node_launch_poll_task.delay(node_id))
 
 
-def _template(model: Model) -> Node | None:
+def _template(model: ServedModel) -> Node | None:
     """The most recent node of the model, whose placement a replacement copies."""
     return Node.objects.filter(model=model).exclude(launcher=Launcher.STATIC).order_by("-id").first()
 
@@ -171,7 +171,7 @@ def ensure_replicas(report: Report) -> None:
         live[model_id] += 1
         usable[model_id] += status in USABLE
     recent = timezone.now() - timedelta(seconds=FAILURE_WINDOW_S)
-    for model in Model.objects.filter(is_active=True, min_replicas__gt=0):
+    for model in ServedModel.objects.filter(is_active=True, min_replicas__gt=0):
         missing = min(model.min_replicas - usable[model.pk], model.max_replicas - live[model.pk])
         if missing <= 0:
             continue

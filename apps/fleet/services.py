@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.core import invalidation
 from apps.core.secrets import digest as token_digest
 from apps.core.secrets import new_token, split_prefix
@@ -49,7 +49,7 @@ def node_event(*, node: Node, message: str, kind: str = NodeEvent.Kind.INFO, act
 
 def node_create(
     *,
-    model: Model,
+    model: ServedModel,
     launcher: str = "",
     cloud: str = "",
     region: str = "",
@@ -142,7 +142,7 @@ def _enqueue(task_name: str, node_id: int, countdown: float = 0) -> None:
 
 def node_request_launch(
     *,
-    model: Model,
+    model: ServedModel,
     launcher: str = "",
     cloud: str = "",
     region: str = "",
@@ -166,7 +166,7 @@ def node_request_launch(
         raise ValidationError({"count": "A static endpoint is one node."})
     with transaction.atomic():
         # Lock the model row so two concurrent launches cannot both pass the replica check.
-        Model.objects.select_for_update().filter(pk=model.pk).first()
+        ServedModel.objects.select_for_update().filter(pk=model.pk).first()
         if respect_max_replicas:
             live = Node.objects.filter(model=model, status__in=LIVE_STATUSES).count()
             if live + count > model.max_replicas:

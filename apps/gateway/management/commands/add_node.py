@@ -13,7 +13,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.core.validators import URLValidator
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import IllegalTransition, node_create, node_transition
@@ -84,8 +84,8 @@ class Command(BaseCommand):
         if timeout_s <= 0:
             raise CommandError("--timeout must be positive.")
         try:
-            model = Model.objects.get(name=opts["model"])
-        except Model.DoesNotExist:
+            model = ServedModel.objects.get(name=opts["model"])
+        except ServedModel.DoesNotExist:
             raise CommandError(f"Unknown model {opts['model']!r}: add it to the catalog first.") from None
         api_key = opts["api_key"] or None
         try:
