@@ -105,7 +105,7 @@ def prepare_database(url: str, env: dict, redis_url: str) -> None:
 SEED = """
 import django, json, sys
 django.setup()
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.catalog.services import model_create
 from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
@@ -115,7 +115,7 @@ from apps.tenancy.services import api_key_issue, tenant_create
 model_name, sim_url, node_key = sys.argv[1:4]
 big = dict(requests_per_minute=100_000_000, tokens_per_minute=2_000_000_000, max_concurrent_requests=100_000)
 tenant = Tenant.objects.filter(slug="bench").first() or tenant_create(slug="bench", **big)
-model = Model.objects.filter(name=model_name).first() or model_create(name=model_name)
+model = ServedModel.objects.filter(name=model_name).first() or model_create(name=model_name)
 for old in Node.objects.filter(model=model, status=NodeStatus.READY):
     node_transition(node=old, to=NodeStatus.FAILED, reason="previous bench simulator")
 node = node_create(model=model, launcher="static", endpoint_url=sim_url)

@@ -94,7 +94,7 @@ def bench(nodes: int, ports: int, delay_ms: float, sample: int, concurrency: int
     from django.conf import settings
     from django.db import transaction
 
-    from apps.catalog.models import Model
+    from apps.catalog.models import ServedModel
     from apps.fleet import health
     from apps.fleet.models import Node, NodeStatus
 
@@ -104,7 +104,7 @@ def bench(nodes: int, ports: int, delay_ms: float, sample: int, concurrency: int
         bound = [int(p) for p in server.stdout.readline().split()]
         settings.FLEET_HEALTH_CONCURRENCY = concurrency
         with transaction.atomic():
-            model = Model.objects.create(name=f"bench-health-{os.getpid()}", max_replicas=nodes)
+            model = ServedModel.objects.create(name=f"bench-health-{os.getpid()}", max_replicas=nodes)
             rows = [Node(model=model, launcher="static", status=NodeStatus.READY,
                          endpoint_url=f"http://127.0.0.1:{bound[i % len(bound)]}/n/{i}") for i in range(nodes)]
             Node.objects.bulk_create(rows, batch_size=1000)

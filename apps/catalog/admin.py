@@ -22,13 +22,13 @@ from django.views.decorators.http import require_POST
 from apps.catalog import storage, uploads
 from apps.catalog.display import human_bytes
 from apps.catalog.enqueue import upload_enqueue
-from apps.catalog.models import JobOrigin, Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
 from apps.catalog.selectors import models_with_counts, storage_browser, with_latest_jobs
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
 
 
-def upload_payload(model: Model) -> dict[str, Any]:
+def upload_payload(model: ServedModel) -> dict[str, Any]:
     """What the progress bar shows for the model's latest upload attempt; also the JSON the bar polls."""
     upload = model.latest_upload or WeightUpload(model=model, status=UploadStatus.NONE)
     eta = None
@@ -51,7 +51,7 @@ def upload_payload(model: Model) -> dict[str, Any]:
     }
 
 
-def _progress_html(model: Model) -> str:
+def _progress_html(model: ServedModel) -> str:
     data = upload_payload(model)
     return format_html(
         '<div class="cl-upload" data-model-id="{}" data-status="{}" data-active="{}">'
@@ -73,7 +73,7 @@ def _progress_text(data: dict[str, Any]) -> str:
 
 class ModelAdminForm(forms.ModelForm):
     class Meta:
-        model = Model
+        model = ServedModel
         fields = ("name", "is_active", "hf_repo", "hf_revision", "storage_uri", "accelerator", "dtype", "max_model_len",
                   "context_length", "tensor_parallel_size", "gpu_memory_utilization", "extra_vllm_args",
                   "price_input_per_mtok", "price_output_per_mtok", "min_replicas", "max_replicas")
@@ -113,7 +113,7 @@ class LatestUploadFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         return list(UploadStatus.choices)
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
         # upload_status is annotated by selectors.with_latest_jobs (the changelist's queryset)
         return queryset.filter(upload_status=self.value()) if self.value() else queryset
 
@@ -125,7 +125,7 @@ class LatestVerificationFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         return [("never" if value == "" else value, label) for value, label in VerifyStatus.choices]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[Model]) -> QuerySet[Model]:
+    def queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
         if self.value() is None:
             return queryset
         return queryset.filter(verify_status="" if self.value() == "never" else self.value())
@@ -142,7 +142,7 @@ def _change_url(obj: WeightUpload | WeightVerification) -> str:
     return reverse(f"admin:catalog_{obj._meta.model_name}_change", args=[obj.pk])
 
 
-def _changelist_url(job_model: type, model: Model) -> str:
+def _changelist_url(job_model: type, model: ServedModel) -> str:
     return reverse(f"admin:catalog_{job_model._meta.model_name}_changelist") + f"?model__id__exact={model.pk}"
 
 
@@ -162,7 +162,7 @@ def _source_text(source: dict) -> str:
     return "-"
 
 
-@admin.register(Model)
+@admin.register(ServedModel)
 class ModelAdmin(admin.ModelAdmin):
     form = ModelAdminForm
     list_display = ("name", "is_active", "upload_column", "replicas", "prices", "nodes_column", "accelerator")
@@ -172,8 +172,8 @@ class ModelAdmin(admin.ModelAdmin):
     ordering = ("name",)
     list_per_page = 100
     actions = ("upload_weights", "cancel_upload", "verify_weights")
-    change_list_template = "admin/catalog/model/change_list.html"
-    change_form_template = "admin/catalog/model/change_form.html"
+    change_list_template = "admin/catalog/servedmodel/change_list.html"
+    change_form_template = "admin/catalog/servedmodel/change_form.html"
     readonly_fields = ("upload_panel", "manifest_pretty", "total_bytes", "verify_panel", "cold_start",
                        "upload_history", "verification_history", "created_at", "updated_at")
     fieldsets = (
@@ -189,23 +189,23 @@ class ModelAdmin(admin.ModelAdmin):
     )
 
     # --- changelist ------------------------------------------------------------------------------
-    def get_queryset(self, request: HttpRequest) -> QuerySet[Model]:
+    def get_queryset(self, request: HttpRequest) -> QuerySet[ServedModel]:
         return models_with_counts()
 
     @admin.display(description="weights", ordering="upload_status")
-    def upload_column(self, obj: Model) -> str:
+    def upload_column(self, obj: ServedModel) -> str:
         return _progress_html(obj)
 
     @admin.display(description="replicas")
-    def replicas(self, obj: Model) -> str:
+    def replicas(self, obj: ServedModel) -> str:
         return f"{obj.min_replicas}–{obj.max_replicas}"
 
     @admin.display(description="$ / 1M in · out", ordering="price_input_per_mtok")
-    def prices(self, obj: Model) -> str:
+    def prices(self, obj: ServedModel) -> str:
         return f"{obj.price_input_per_mtok.normalize():f} · {obj.price_output_per_mtok.normalize():f}"
 
     @admin.display(description="nodes ready / live / all", ordering="live_nodes")
-    def nodes_column(self, obj: Model) -> str:
+    def nodes_column(self, obj: ServedModel) -> str:
         counts = f"{obj.ready_nodes} / {obj.live_nodes} / {obj.total_nodes}"
         try:
             url = reverse("admin:fleet_node_changelist") + f"?model__id__exact={obj.pk}"
@@ -215,13 +215,13 @@ class ModelAdmin(admin.ModelAdmin):
 
     # --- change page -----------------------------------------------------------------------------
     @admin.display(description="upload")
-    def upload_panel(self, obj: Model) -> str:
+    def upload_panel(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "Save the model first, then upload its weights."
         return _progress_html(obj)
 
     @admin.display(description="last verify")
-    def verify_panel(self, obj: Model) -> str:
+    def verify_panel(self, obj: ServedModel) -> str:
         check = obj.latest_verification if obj.pk is not None else None
         if check is None:
             return "Never verified."
@@ -230,7 +230,7 @@ class ModelAdmin(admin.ModelAdmin):
                            problems)
 
     @admin.display(description="uploads")
-    def upload_history(self, obj: Model) -> str:
+    def upload_history(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "-"
         attempts = list(obj.uploads.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
@@ -243,7 +243,7 @@ class ModelAdmin(admin.ModelAdmin):
                               more=len(attempts) > HISTORY_ROWS, url=_changelist_url(WeightUpload, obj))
 
     @admin.display(description="verifications")
-    def verification_history(self, obj: Model) -> str:
+    def verification_history(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "-"
         checks = list(obj.verifications.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
@@ -256,7 +256,7 @@ class ModelAdmin(admin.ModelAdmin):
                               more=len(checks) > HISTORY_ROWS, url=_changelist_url(WeightVerification, obj))
 
     @admin.display(description="manifest")
-    def manifest_pretty(self, obj: Model) -> str:
+    def manifest_pretty(self, obj: ServedModel) -> str:
         if not obj.manifest:
             return "No manifest yet (upload the weights)."
         rows = format_html_join(
@@ -271,7 +271,7 @@ class ModelAdmin(admin.ModelAdmin):
         )
 
     @admin.display(description="cold start (median)")
-    def cold_start(self, obj: Model) -> str:
+    def cold_start(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "-"
         from apps.fleet.selectors import model_cold_start_medians
@@ -284,7 +284,7 @@ class ModelAdmin(admin.ModelAdmin):
             ((r["accelerator"], r["median_seconds"], r["samples"]) for r in rows),
         )
 
-    def save_model(self, request: HttpRequest, obj: Model, form: forms.ModelForm, change: bool) -> None:
+    def save_model(self, request: HttpRequest, obj: ServedModel, form: forms.ModelForm, change: bool) -> None:
         # Only the edited columns: an upload running meanwhile keeps its progress and status.
         changed = {name: getattr(obj, name) for name in form.changed_data} if change else {}
         if change and not changed:
@@ -293,10 +293,10 @@ class ModelAdmin(admin.ModelAdmin):
 
     # --- actions ---------------------------------------------------------------------------------
     @admin.action(description="Upload weights to R2 (one: choose the source; several: same source again)")
-    def upload_weights(self, request: HttpRequest, queryset: QuerySet[Model]) -> HttpResponse | None:
+    def upload_weights(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> HttpResponse | None:
         models = list(queryset)
         if len(models) == 1:
-            return HttpResponseRedirect(reverse("admin:catalog_model_upload", args=[models[0].pk]))
+            return HttpResponseRedirect(reverse("admin:catalog_servedmodel_upload", args=[models[0].pk]))
         for model in models:
             source = model.latest_upload.source if model.latest_upload else {}
             try:
@@ -314,7 +314,7 @@ class ModelAdmin(admin.ModelAdmin):
         return None
 
     @admin.action(description="Cancel upload")
-    def cancel_upload(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+    def cancel_upload(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
         for model in queryset:
             try:
                 uploads.upload_cancel(model=model)
@@ -324,11 +324,11 @@ class ModelAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{model.name}: cancel requested.", messages.SUCCESS)
 
     @admin.action(description="Verify weights in R2 (size + stored checksum)")
-    def verify_weights(self, request: HttpRequest, queryset: QuerySet[Model]) -> None:
+    def verify_weights(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> None:
         for model in queryset:
             self._verify_one(request, model)
 
-    def _verify_one(self, request: HttpRequest, model: Model) -> None:
+    def _verify_one(self, request: HttpRequest, model: ServedModel) -> None:
         try:
             report = verify_model(model=model, origin=JobOrigin.ADMIN, requested_by=request.user)
         except storage.StorageError as exc:
@@ -341,10 +341,11 @@ class ModelAdmin(admin.ModelAdmin):
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
         return [
-            path("storage/", view(self.storage_view), name="catalog_model_storage"),
-            path("storage/verify/", view(require_POST(self.storage_verify_view)), name="catalog_model_storage_verify"),
-            path("upload-status/", view(self.upload_status_view), name="catalog_model_upload_status"),
-            path("<int:model_id>/upload/", view(self.upload_view), name="catalog_model_upload"),
+            path("storage/", view(self.storage_view), name="catalog_servedmodel_storage"),
+            path("storage/verify/", view(require_POST(self.storage_verify_view)),
+                 name="catalog_servedmodel_storage_verify"),
+            path("upload-status/", view(self.upload_status_view), name="catalog_servedmodel_upload_status"),
+            path("<int:model_id>/upload/", view(self.upload_view), name="catalog_servedmodel_upload"),
             *super().get_urls(),
         ]
 
@@ -352,12 +353,12 @@ class ModelAdmin(admin.ModelAdmin):
         ids = [int(i) for i in request.GET.getlist("id") if i.isdigit()][:200]
         if not self.has_view_permission(request):
             return JsonResponse({"error": "forbidden"}, status=403)
-        models = with_latest_jobs(Model.objects.filter(pk__in=ids).only("id"))
+        models = with_latest_jobs(ServedModel.objects.filter(pk__in=ids).only("id"))
         return JsonResponse({"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))}
                                         for m in models]})
 
     def upload_view(self, request: HttpRequest, model_id: int) -> HttpResponse:
-        model = get_object_or_404(Model, pk=model_id)
+        model = get_object_or_404(ServedModel, pk=model_id)
         if not self.has_change_permission(request, model):
             return HttpResponse(status=403)
         latest = model.latest_upload
@@ -385,7 +386,7 @@ class ModelAdmin(admin.ModelAdmin):
             else:
                 upload_enqueue(upload=upload)
                 self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
-                return HttpResponseRedirect(reverse("admin:catalog_model_change", args=[model.pk]))
+                return HttpResponseRedirect(reverse("admin:catalog_servedmodel_change", args=[model.pk]))
         context = {
             **self.admin_site.each_context(request), "opts": self.opts, "original": model, "form": form,
             "title": f"Upload weights for {model.name}",
@@ -393,7 +394,7 @@ class ModelAdmin(admin.ModelAdmin):
             "busy": latest is not None and latest.status in uploads.BUSY_STATUSES and not uploads.is_stale(latest),
             "bucket": storage.default_bucket() if _configured() else "",
         }
-        return TemplateResponse(request, "admin/catalog/model/upload_form.html", context)
+        return TemplateResponse(request, "admin/catalog/servedmodel/upload_form.html", context)
 
     def storage_view(self, request: HttpRequest) -> HttpResponse:
         rows, error = [], ""
@@ -406,14 +407,14 @@ class ModelAdmin(admin.ModelAdmin):
             "rows": [{"row": r, "size": human_bytes(r.total_bytes)} for r in rows], "error": error,
             "bucket": storage.default_bucket() if _configured() else "",
         }
-        return TemplateResponse(request, "admin/catalog/model/storage_browser.html", context)
+        return TemplateResponse(request, "admin/catalog/servedmodel/storage_browser.html", context)
 
     def storage_verify_view(self, request: HttpRequest) -> HttpResponse:
-        model = get_object_or_404(Model, pk=request.POST.get("model_id", "0"))
+        model = get_object_or_404(ServedModel, pk=request.POST.get("model_id", "0"))
         if not self.has_change_permission(request, model):
             return HttpResponse(status=403)
         self._verify_one(request, model)
-        return HttpResponseRedirect(reverse("admin:catalog_model_storage"))
+        return HttpResponseRedirect(reverse("admin:catalog_servedmodel_storage"))
 
 
 class _JobAdmin(admin.ModelAdmin):

@@ -20,7 +20,7 @@ from rest_framework.response import Response
 
 from apps.catalog import services, storage, uploads
 from apps.catalog.enqueue import upload_enqueue
-from apps.catalog.models import JobOrigin, Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
 from apps.catalog.selectors import with_latest_jobs
 from apps.catalog.verify import verify_model
 from apps.core.api import Conflict
@@ -64,7 +64,7 @@ class ModelSerializer(serializers.ModelSerializer):
         read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/).")
 
     class Meta:
-        model = Model
+        model = ServedModel
         fields = [
             "id", "name", "is_active", "hf_repo", "hf_revision", "storage_uri",
             "accelerator", "dtype", "max_model_len", "context_length", "tensor_parallel_size",
@@ -74,10 +74,10 @@ class ModelSerializer(serializers.ModelSerializer):
         ]
         read_only_fields = ["total_bytes", "manifest", "created_at", "updated_at"]
 
-    def get_upload_status(self, obj: Model) -> str:
+    def get_upload_status(self, obj: ServedModel) -> str:
         return obj.latest_upload.status if obj.latest_upload else UploadStatus.NONE.value
 
-    def get_verify_status(self, obj: Model) -> str:
+    def get_verify_status(self, obj: ServedModel) -> str:
         return obj.latest_verification.status if obj.latest_verification else VerifyStatus.NEVER.value
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -126,7 +126,7 @@ class ModelFilterSet(django_filters.FilterSet):
     upload_status = django_filters.ChoiceFilter(choices=UploadStatus.choices, field_name="upload_status")
 
     class Meta:
-        model = Model
+        model = ServedModel
         fields = ["name", "is_active"]
 
 
@@ -141,7 +141,7 @@ def _upload_error_to_api(exc: uploads.UploadError) -> APIException:
 
 
 class ModelViewSet(viewsets.ModelViewSet):
-    queryset = with_latest_jobs(Model.objects.all())
+    queryset = with_latest_jobs(ServedModel.objects.all())
     serializer_class = ModelSerializer
     permission_classes = [IsStaff]
     filterset_class = ModelFilterSet
@@ -155,7 +155,7 @@ class ModelViewSet(viewsets.ModelViewSet):
     def perform_update(self, serializer: ModelSerializer) -> None:
         serializer.instance = services.model_update(model=serializer.instance, **serializer.validated_data)
 
-    def perform_destroy(self, instance: Model) -> None:
+    def perform_destroy(self, instance: ServedModel) -> None:
         try:
             services.model_delete(model=instance)
         except ValidationError as exc:
@@ -207,9 +207,9 @@ class ModelViewSet(viewsets.ModelViewSet):
             return Response(serializer_class(queryset, many=True).data)
         return self.get_paginated_response(serializer_class(page, many=True).data)
 
-    def _fresh(self, model: Model) -> Model:
+    def _fresh(self, model: ServedModel) -> ServedModel:
         """The model re-read with its latest jobs, after an action changed them."""
-        return with_latest_jobs(Model.objects.filter(pk=model.pk)).get()
+        return with_latest_jobs(ServedModel.objects.filter(pk=model.pk)).get()
 
     @extend_schema(request=VerifyInputSerializer, responses=VerifyReportSerializer)
     @action(detail=True, methods=["post"])

@@ -49,7 +49,7 @@ class JobOrigin(models.TextChoices):
     MIGRATION = "migration", "Carried over from the catalog row"
 
 
-class Model(models.Model):
+class ServedModel(models.Model):
     """A catalog entry: what customers call (``name``) and how a node serves it."""
 
     name = models.CharField(
@@ -94,6 +94,7 @@ class Model(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
+        db_table = "catalog_model"  # the table kept its name when the class was renamed from ServedModel
         ordering = ["name"]
 
     def __str__(self) -> str:
@@ -136,7 +137,7 @@ class WeightUpload(models.Model):
     """One attempt to put a model's weights in the bucket; a worker claims it (queued -> uploading)
     with a conditional UPDATE and reports progress on it. At most one attempt per model is busy."""
 
-    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="uploads")
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="uploads")
     status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.QUEUED)
     source = models.JSONField(
         default=dict, blank=True,
@@ -181,7 +182,7 @@ class WeightUpload(models.Model):
 class WeightVerification(models.Model):
     """One check of a model's objects in the bucket against its manifest."""
 
-    model = models.ForeignKey(Model, on_delete=models.CASCADE, related_name="verifications")
+    model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="verifications")
     status = models.CharField(max_length=16, choices=VerifyStatus.choices, default=VerifyStatus.RUNNING)
     full = models.BooleanField(default=False, help_text="Re-hashed every object's bytes (not only size + checksum).")
     uri = models.CharField(max_length=500, blank=True)

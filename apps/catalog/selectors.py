@@ -10,7 +10,7 @@ from django.db.models import Count, OuterRef, Prefetch, Q, QuerySet, Subquery, V
 from django.db.models.functions import Coalesce
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
 from apps.catalog.transfer import MANIFEST_NAME
 from apps.catalog.verify import load_manifest
 
@@ -26,13 +26,13 @@ class StoredModel:
     file_count: int = 0
     manifest_state: str = "missing"  # present | missing | mismatch | absent (catalog points to nothing)
     manifest_problems: list[str] = field(default_factory=list)
-    models: list[Model] = field(default_factory=list)
+    models: list[ServedModel] = field(default_factory=list)
 
 
-def with_latest_jobs(queryset: QuerySet[Model]) -> QuerySet[Model]:
+def with_latest_jobs(queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
     """``queryset`` annotated with ``upload_status`` and ``verify_status`` (of the latest attempt:
     "none" / "" when there is none; filterable and sortable) and with the latest attempt rows
-    prefetched for ``Model.latest_upload`` / ``latest_verification``: two extra queries for a list."""
+    prefetched for ``ServedModel.latest_upload`` / ``latest_verification``: two extra queries for a list."""
     latest_upload = WeightUpload.objects.filter(model=OuterRef("pk")).order_by("-id")
     latest_check = WeightVerification.objects.filter(model=OuterRef("pk")).order_by("-id")
     return queryset.annotate(
@@ -46,11 +46,11 @@ def with_latest_jobs(queryset: QuerySet[Model]) -> QuerySet[Model]:
     )
 
 
-def models_with_counts() -> QuerySet[Model]:
+def models_with_counts() -> QuerySet[ServedModel]:
     """Models with node counts (ready, live, all) and their latest jobs: a few queries for the changelist."""
     from apps.fleet.models import LIVE_STATUSES, NodeStatus
 
-    return with_latest_jobs(Model.objects.all()).annotate(
+    return with_latest_jobs(ServedModel.objects.all()).annotate(
         live_nodes=Count("nodes", filter=Q(nodes__status__in=list(LIVE_STATUSES)), distinct=True),
         ready_nodes=Count("nodes", filter=Q(nodes__status=NodeStatus.READY), distinct=True),
         total_nodes=Count("nodes", distinct=True),
@@ -101,7 +101,7 @@ def storage_browser(*, bucket: str | None = None) -> list[StoredModel]:
         listed = per_root[root]
         row.total_bytes, row.file_count = sum(listed.values()), len(listed)
         row.manifest_state, row.manifest_problems = _manifest_state(listed, load_manifest(bucket, root))
-    for model in with_latest_jobs(Model.objects.exclude(storage_uri="")).order_by("name"):
+    for model in with_latest_jobs(ServedModel.objects.exclude(storage_uri="")).order_by("name"):
         try:
             model_bucket, prefix = storage.parse_uri(model.storage_uri)
         except ValueError:

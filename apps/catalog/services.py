@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from decimal import Decimal
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.core import invalidation
 
 
@@ -17,8 +17,8 @@ def model_create(
     price_input_per_mtok: Decimal | None = None,
     price_output_per_mtok: Decimal | None = None,
     **fields: object,
-) -> Model:
-    model = Model(name=name, hf_repo=hf_repo, hf_revision=hf_revision or "main", storage_uri=storage_uri)
+) -> ServedModel:
+    model = ServedModel(name=name, hf_repo=hf_repo, hf_revision=hf_revision or "main", storage_uri=storage_uri)
     if price_input_per_mtok is not None:
         model.price_input_per_mtok = price_input_per_mtok
     if price_output_per_mtok is not None:
@@ -31,7 +31,7 @@ def model_create(
     return model
 
 
-def model_update(*, model: Model, **fields: object) -> Model:
+def model_update(*, model: ServedModel, **fields: object) -> ServedModel:
     """Change the named ``fields`` of a saved model (a new instance is saved whole).
 
     Upload progress and status live on WeightUpload rows, so edits and uploads no longer write the
@@ -47,7 +47,7 @@ def model_update(*, model: Model, **fields: object) -> Model:
     return model
 
 
-def model_delete(*, model: Model) -> None:
+def model_delete(*, model: ServedModel) -> None:
     """Delete a catalog entry that no node ever served (usage and nodes keep their history)."""
     from django.core.exceptions import ValidationError
 

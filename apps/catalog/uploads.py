@@ -4,7 +4,7 @@ Each attempt is a WeightUpload row, the source of truth for it: queued (upload_r
 uploading (upload_claim, a conditional UPDATE only one worker wins) -> uploaded | failed |
 cancelled. At most one attempt per model is busy (a partial unique index says so). Progress is
 written on the attempt at most every UPLOAD_PROGRESS_INTERVAL_S with one conditional UPDATE that
-also notices a cancel request; the catalog row (Model) is written only to point it at the new
+also notices a cancel request; the catalog row (ServedModel) is written only to point it at the new
 weights. The transfer itself (hashing, resumable multipart upload, manifest) is in transfer.py.
 """
 
@@ -25,7 +25,7 @@ from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from apps.catalog import hf, storage
-from apps.catalog.models import BUSY_UPLOAD_STATUSES, JobOrigin, Model, UploadStatus, WeightUpload
+from apps.catalog.models import BUSY_UPLOAD_STATUSES, JobOrigin, ServedModel, UploadStatus, WeightUpload
 from apps.catalog.transfer import (
     ALLOW_PATTERNS,
     UploadCancelled,
@@ -54,7 +54,7 @@ def _slug(value: str) -> str:
     return re.sub(r"[^A-Za-z0-9._=-]+", "-", value).strip("-") or "x"
 
 
-def default_prefix(*, model: Model, hf_repo: str = "", revision: str = "") -> str:
+def default_prefix(*, model: ServedModel, hf_repo: str = "", revision: str = "") -> str:
     """``models/<org>--<name>/<revision>`` for a hub repo; otherwise the model's own folder."""
     if hf_repo:
         return f"models/{_slug(hf_repo.replace('/', '--'))}/{_slug(revision or 'main')}"
@@ -79,7 +79,7 @@ def is_stale(upload: WeightUpload | None) -> bool:
 
 def upload_request(
     *,
-    model: Model,
+    model: ServedModel,
     hf_repo: str = "",
     revision: str = "",
     local_dir: str = "",
@@ -138,7 +138,7 @@ def upload_request(
                 "wait for it, or cancel it first."
             ) from None
         if hf_repo:
-            Model.objects.filter(pk=model.pk).update(hf_repo=hf_repo, hf_revision=revision, updated_at=now)
+            ServedModel.objects.filter(pk=model.pk).update(hf_repo=hf_repo, hf_revision=revision, updated_at=now)
     model.refresh_from_db()
     return upload
 
@@ -151,7 +151,7 @@ def upload_claim(*, upload_id: int) -> bool:
     ) == 1
 
 
-def upload_cancel(*, model: Model) -> WeightUpload:
+def upload_cancel(*, model: ServedModel) -> WeightUpload:
     """Cancel ``model``'s queued upload at once; ask a running one to stop (it checks between parts)."""
     now = timezone.now()
     attempts = WeightUpload.objects.filter(model=model)
@@ -281,7 +281,7 @@ def upload_run(
     source = dict(upload.source)
     bucket = storage.default_bucket()
     prefix = str(source["prefix"])
-    Model.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix))
+    ServedModel.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix))
     WeightUpload.objects.filter(pk=upload_id).update(current_file="preparing")
     progress = RowProgress(upload_id, on_progress)
     downloaded: Path | None = None
@@ -301,7 +301,7 @@ def upload_run(
         )
         if finished != 1:
             raise UploadCancelled()  # closed meanwhile (cancelled, or replaced as dead): not ours to publish
-        Model.objects.filter(pk=model_id).update(manifest=entries, total_bytes=total, updated_at=now)
+        ServedModel.objects.filter(pk=model_id).update(manifest=entries, total_bytes=total, updated_at=now)
     invalidation.bump(invalidation.ROUTING)  # nodes launched from now on use the new storage URI
     if downloaded is not None and not source.get("keep"):
         shutil.rmtree(downloaded.parent, ignore_errors=True)

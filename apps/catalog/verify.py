@@ -19,7 +19,7 @@ from django.contrib.auth.base_user import AbstractBaseUser
 from django.utils import timezone
 
 from apps.catalog import storage
-from apps.catalog.models import JobOrigin, Model, VerifyStatus, WeightVerification
+from apps.catalog.models import JobOrigin, ServedModel, VerifyStatus, WeightVerification
 from apps.catalog.transfer import MANIFEST_NAME
 
 
@@ -84,7 +84,11 @@ def verify_prefix(*, bucket: str, prefix: str, manifest: list[dict], full: bool 
 
 
 def verify_model(
-    *, model: Model, full: bool = False, origin: str = JobOrigin.ADMIN, requested_by: AbstractBaseUser | None = None,
+    *,
+    model: ServedModel,
+    full: bool = False,
+    origin: str = JobOrigin.ADMIN,
+    requested_by: AbstractBaseUser | None = None,
 ) -> VerifyReport:
     """Verify ``model``'s objects against its manifest (the row's, else the bucket's); the check is
     a WeightVerification row, running until it is finished here (ok, mismatch, or error on a

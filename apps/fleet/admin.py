@@ -19,7 +19,7 @@ from django.template.response import TemplateResponse
 from django.urls import path, reverse
 from django.utils.html import format_html
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.core.paginator import EstimatedCountPaginator
 from apps.fleet import services
 from apps.fleet.health import run_health_checks
@@ -103,7 +103,7 @@ class LiveFilter(admin.SimpleListFilter):
 
 
 class LaunchForm(forms.Form):
-    model = forms.ModelChoiceField(queryset=Model.objects.filter(is_active=True))
+    model = forms.ModelChoiceField(queryset=ServedModel.objects.filter(is_active=True))
     launcher = forms.ChoiceField(choices=Launcher.choices)
     launch_profile = forms.ModelChoiceField(
         queryset=LaunchProfile.objects.filter(is_active=True), required=False,

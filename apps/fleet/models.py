@@ -78,7 +78,7 @@ class LaunchProfile(models.Model):
 
 
 class Node(models.Model):
-    model = models.ForeignKey("catalog.Model", on_delete=models.PROTECT, related_name="nodes")
+    model = models.ForeignKey("catalog.ServedModel", on_delete=models.PROTECT, related_name="nodes")
     launch_profile = models.ForeignKey(
         LaunchProfile, on_delete=models.SET_NULL, null=True, blank=True, related_name="nodes",
         help_text="Ordered cloud/region failover list (SkyPilot only); overrides cloud/region.",

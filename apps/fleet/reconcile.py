@@ -23,7 +23,7 @@ from django.conf import settings
 from django.db.models import Q
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet import sky
 from apps.fleet.enqueue import enqueue_node_poll, enqueue_node_teardown
 from apps.fleet.launchers import get_launcher
@@ -152,7 +152,7 @@ def resume_polls(report: Report) -> None:
             enqueue_node_poll(node_id=node_id)
 
 
-def _template(model: Model) -> Node | None:
+def _template(model: ServedModel) -> Node | None:
     """The most recent node of the model, whose placement a replacement copies."""
     return Node.objects.filter(model=model).exclude(launcher=Launcher.STATIC).order_by("-id").first()
 
@@ -164,7 +164,7 @@ def ensure_replicas(report: Report) -> None:
         live[model_id] += 1
         usable[model_id] += status in USABLE
     recent = timezone.now() - timedelta(seconds=FAILURE_WINDOW_S)
-    for model in Model.objects.filter(is_active=True, min_replicas__gt=0):
+    for model in ServedModel.objects.filter(is_active=True, min_replicas__gt=0):
         missing = min(model.min_replicas - usable[model.pk], model.max_replicas - live[model.pk])
         if missing <= 0:
             continue

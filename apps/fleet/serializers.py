@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent
 
 
@@ -29,7 +29,7 @@ class NodeSerializer(serializers.ModelSerializer):
 
 
 class NodeLaunchSerializer(serializers.Serializer):
-    model = serializers.SlugRelatedField(slug_field="name", queryset=Model.objects.all())
+    model = serializers.SlugRelatedField(slug_field="name", queryset=ServedModel.objects.all())
     launcher = serializers.ChoiceField(choices=Launcher.choices, required=False, allow_blank=True, default="")
     cloud = serializers.CharField(max_length=32, required=False, allow_blank=True, default="")
     region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")

@@ -11,7 +11,7 @@ from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.core.secrets import digest as token_digest
 from apps.core.secrets import split_prefix
 from apps.fleet.enqueue import enqueue_health_check, enqueue_node_launch, enqueue_node_teardown
@@ -28,7 +28,7 @@ from apps.fleet.transitions import node_event, node_transition
 
 def node_create(
     *,
-    model: Model,
+    model: ServedModel,
     launcher: str = "",
     cloud: str = "",
     region: str = "",
@@ -78,7 +78,7 @@ def node_terminate(*, node: Node, actor: str = "system", reason: str = "terminat
 
 def node_request_launch(
     *,
-    model: Model,
+    model: ServedModel,
     placement: Placement | None = None,
     count: int = 1,
     actor: str = "system",
@@ -98,7 +98,7 @@ def node_request_launch(
         raise ValidationError({"count": "A static endpoint is one node."})
     with transaction.atomic():
         # Lock the model row so two concurrent launches cannot both pass the replica check.
-        Model.objects.select_for_update().filter(pk=model.pk).first()
+        ServedModel.objects.select_for_update().filter(pk=model.pk).first()
         if respect_max_replicas:
             live = Node.objects.filter(model=model, status__in=LIVE_STATUSES).count()
             if live + count > model.max_replicas:

@@ -16,7 +16,7 @@ from django.core.exceptions import ValidationError
 from django.core.validators import URLValidator
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet import health
 from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
@@ -74,7 +74,7 @@ async def _probe(node_id: int, endpoint: str, *, served_name: str, api_key: str 
     return health.Result(node_id, not problem, result.latency_ms, result.load, error=problem)
 
 
-def static_node_add(*, model: Model, endpoint_url: str, api_key: str | None = None, timeout_s: float = 5.0,
+def static_node_add(*, model: ServedModel, endpoint_url: str, api_key: str | None = None, timeout_s: float = 5.0,
                     actor: str = ACTOR) -> Node:
     """Register the server at ``endpoint_url`` as a static node for ``model``, probe it once, and
     leave it ``ready`` (its key kept sealed for the gateway) or ``failed`` with the reason.

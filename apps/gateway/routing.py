@@ -52,13 +52,13 @@ class RoutingTable:
 
 
 def load_table() -> RoutingTable:
-    from apps.catalog.models import Model
+    from apps.catalog.models import ServedModel
     from apps.fleet.keys import presented_key
     from apps.fleet.models import Node, NodeStatus
 
     close_old_connections()
     try:
-        models = list(Model.objects.filter(is_active=True).values(
+        models = list(ServedModel.objects.filter(is_active=True).values(
             "id", "name", "created_at", "price_input_per_mtok", "price_output_per_mtok"))
         nodes = list(Node.objects.filter(status=NodeStatus.READY, model__is_active=True).exclude(endpoint_url="")
                      .values("id", "model_id", "endpoint_url", "launcher", "launcher_state", "requests_waiting"))

@@ -13,7 +13,7 @@ class UsageRecord(models.Model):
         "tenancy.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records"
     )
     model = models.ForeignKey(
-        "catalog.Model", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records"
+        "catalog.ServedModel", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_records"
     )
     model_name = models.CharField(max_length=128, help_text="As requested, kept if the model is deleted.")
     node = models.ForeignKey(

@@ -9,7 +9,7 @@ from django.db.models import Count, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet.models import NodeStatus
 from apps.fleet.selectors import fleet_summary
 from apps.metering.models import UsageRecord
@@ -40,7 +40,7 @@ def usage_last_24h() -> dict[str, int]:
 def admin_summary() -> dict[str, object]:
     """A handful of aggregate queries; each uses an index or a small table."""
     nodes = fleet_summary()
-    models = Model.objects.aggregate(total=Count("id"), active=Count("id", filter=Q(is_active=True)))
+    models = ServedModel.objects.aggregate(total=Count("id"), active=Count("id", filter=Q(is_active=True)))
     tenants = Tenant.objects.aggregate(
         active=Count("id", filter=Q(status=TenantStatus.ACTIVE)),
         suspended=Count("id", filter=Q(status=TenantStatus.SUSPENDED)),

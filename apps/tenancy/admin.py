@@ -162,9 +162,9 @@ class TenantAdmin(admin.ModelAdmin):
 
 
 def _model_choices() -> list[tuple[str, str]]:
-    from apps.catalog.models import Model
+    from apps.catalog.models import ServedModel
 
-    return [(name, name) for name in Model.objects.order_by("name").values_list("name", flat=True)]
+    return [(name, name) for name in ServedModel.objects.order_by("name").values_list("name", flat=True)]
 
 
 class ApiKeyForm(forms.ModelForm):

@@ -98,10 +98,10 @@ def validate_scopes(scopes: list[str]) -> list[str]:
 
 def validate_models(names: list[str]) -> list[str]:
     """Sorted unique served names that exist in the catalog, or ValidationError naming ``allowed_models``."""
-    from apps.catalog.models import Model
+    from apps.catalog.models import ServedModel
 
     names = sorted(set(names))
-    known = set(Model.objects.filter(name__in=names).values_list("name", flat=True))
+    known = set(ServedModel.objects.filter(name__in=names).values_list("name", flat=True))
     missing = [n for n in names if n not in known]
     if missing:
         raise ValidationError({"allowed_models": f"Unknown model(s): {', '.join(missing)}."})

@@ -6,7 +6,7 @@ import pytest
 from rest_framework.test import APIClient
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus, WeightUpload
+from apps.catalog.models import ServedModel, UploadStatus, WeightUpload
 from apps.catalog.services import model_create
 from apps.catalog.uploads import upload_execute, upload_request
 
@@ -47,7 +47,7 @@ def test_staff_crud_on_models(staff_api):
     assert staff_api.get(f"/api/v1/models/{model_id}/").json()["name"] == "mistral-7b"
 
     assert staff_api.delete(f"/api/v1/models/{model_id}/").status_code == 204
-    assert not Model.objects.filter(pk=model_id).exists()
+    assert not ServedModel.objects.filter(pk=model_id).exists()
 
 
 def test_a_model_with_nodes_cannot_be_deleted(staff_api, node):
@@ -84,7 +84,7 @@ def test_bad_input_is_a_400_naming_the_field(staff_api, body, field):
     assert response.status_code == 400
     error = response.json()["error"]
     assert field in error["fields"] and error["message"].startswith(f"{field}:")
-    assert not Model.objects.filter(name="ok-name").exists()
+    assert not ServedModel.objects.filter(name="ok-name").exists()
 
 
 def test_duplicate_name_is_a_400_naming_the_field(staff_api, catalog_model):
@@ -99,7 +99,7 @@ def test_customer_keys_are_refused_everywhere(customer_api, catalog_model):
     assert customer_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "a/b"},
                              format="json").status_code == 403
     assert customer_api.post(f"/api/v1/models/{catalog_model.pk}/verify/").status_code == 403
-    assert not Model.objects.filter(name="sneaky").exists()
+    assert not ServedModel.objects.filter(name="sneaky").exists()
     catalog_model.refresh_from_db()
     assert catalog_model.latest_upload is None
 

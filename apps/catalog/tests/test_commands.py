@@ -9,7 +9,7 @@ import pytest
 from django.core.management import CommandError, call_command
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus
+from apps.catalog.models import ServedModel, UploadStatus
 from apps.catalog.tests.conftest import _free_port, set_moto_auth
 
 pytestmark = pytest.mark.django_db
@@ -157,7 +157,7 @@ def test_upload_model_without_sync_only_queues(r2, catalog_model, model_folder, 
 def test_upload_model_bad_input_exits_non_zero_with_a_reason(r2, catalog_model):
     _, error = _call_failing("upload_model", "no-such-model", "--from-dir", "/tmp")
     assert "No model named 'no-such-model'" in error
-    Model.objects.filter(pk=catalog_model.pk).update(hf_repo="")
+    ServedModel.objects.filter(pk=catalog_model.pk).update(hf_repo="")
     _, error = _call_failing("upload_model", catalog_model.name)
     assert "--from-hf" in error
 
@@ -204,7 +204,7 @@ def test_create_model_with_every_option(db):
                 "--storage-uri", "s3://weights/models/qwen", "--price-in", "0.2", "--price-out", "0.6",
                 "--accelerator", "A100-80GB:2")
 
-    model = Model.objects.get(name="qwen-7b")
+    model = ServedModel.objects.get(name="qwen-7b")
     assert "Created model qwen-7b" in out
     assert (model.hf_repo, model.hf_revision, model.storage_uri) == (
         "Qwen/Qwen2.5-7B-Instruct", "v2", "s3://weights/models/qwen")
@@ -223,7 +223,7 @@ def test_create_model_with_every_option(db):
 def test_create_model_refuses_bad_input_and_creates_nothing(db, args, message):
     _, error = _call_failing("create_model", *args)
     assert message in error
-    assert not Model.objects.exists()
+    assert not ServedModel.objects.exists()
 
 
 def test_create_model_refuses_a_duplicate_name(catalog_model):

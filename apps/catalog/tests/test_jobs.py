@@ -98,7 +98,7 @@ def test_the_admin_change_page_and_the_api_show_the_history(admin_client, admin_
     WeightVerification.objects.create(model=catalog_model, status=VerifyStatus.MISMATCH, checked=3,
                                       problems=["a: missing"])
 
-    page = admin_client.get(reverse("admin:catalog_model_change", args=[catalog_model.pk])).content.decode()
+    page = admin_client.get(reverse("admin:catalog_servedmodel_change", args=[catalog_model.pk])).content.decode()
     assert "disk full on the worker" in page and "acme/tiny@v3" in page and f"Admin ({admin_user.username})" in page
     assert "1 of 3" in page  # the verification's problems
     listing = admin_client.get(reverse("admin:catalog_weightupload_changelist"),

@@ -90,3 +90,26 @@ def test_backwards_puts_the_latest_attempt_back_in_the_columns(executor):
     old = _apps_at(executor, BEFORE).get_model("catalog", "Model").objects.get(pk=model.pk)
     assert (old.upload_status, old.upload_source, old.upload_bytes_total, old.verify_status) == (
         "uploaded", {"prefix": "b"}, 9, "")
+
+
+def test_the_rename_to_served_model_keeps_the_table_and_the_permissions_staff_hold(executor):
+    from django.contrib.auth.models import Group, Permission
+    from django.contrib.contenttypes.models import ContentType
+
+    executor.loader.build_graph()
+    executor.migrate(AFTER)  # before 0007: the class was Model, its permissions change_model, …
+    ContentType.objects.clear_cache()
+    operators = Group.objects.create(name="operators")
+    operators.permissions.add(Permission.objects.get(content_type__app_label="catalog", codename="change_model"))
+
+    executor.loader.build_graph()
+    executor.migrate([("catalog", "0007_rename_model_servedmodel")])
+    ContentType.objects.clear_cache()
+
+    from apps.catalog.models import ServedModel
+
+    assert ServedModel._meta.db_table == "catalog_model"
+    assert "catalog_model" in connection.introspection.table_names()
+    assert "catalog_servedmodel" not in connection.introspection.table_names()
+    assert list(operators.permissions.values_list("codename", flat=True)) == ["change_servedmodel"]
+    assert ContentType.objects.get_for_model(ServedModel).model == "servedmodel"

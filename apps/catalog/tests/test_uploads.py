@@ -9,7 +9,7 @@ import time
 import pytest
 
 from apps.catalog import storage
-from apps.catalog.models import Model, UploadStatus, WeightUpload
+from apps.catalog.models import ServedModel, UploadStatus, WeightUpload
 from apps.catalog.tests.conftest import make_model_folder
 from apps.catalog.transfer import MANIFEST_NAME
 from apps.catalog.uploads import UploadError, upload_cancel, upload_execute, upload_request
@@ -25,7 +25,7 @@ def _sha(path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _upload_from_dir(model: Model, folder, **hooks) -> str:
+def _upload_from_dir(model: ServedModel, folder, **hooks) -> str:
     upload_request(model=model, local_dir=str(folder), prefix="models/test-model")
     return upload_execute(upload_id=model.latest_upload.pk, **hooks)
 
@@ -230,7 +230,7 @@ def test_cancel_stops_the_transfer_between_parts(r2, settings, catalog_model, tm
     def cancel_once_bytes_flow(snapshot: dict) -> None:
         if snapshot["done"] > 0 and "sent" not in outcome:
             outcome["sent"] = "yes"
-            upload_cancel(model=Model.objects.get(pk=catalog_model.pk))  # staff press "Cancel upload"
+            upload_cancel(model=ServedModel.objects.get(pk=catalog_model.pk))  # staff press "Cancel upload"
 
     started = time.monotonic()
     outcome["status"] = upload_execute(upload_id=catalog_model.latest_upload.pk, on_progress=cancel_once_bytes_flow)

@@ -9,7 +9,7 @@ from django.contrib.auth.models import User
 from django.core.management import call_command
 from django.core.management.base import CommandError
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.tenancy.models import ApiKey, Tenant
 from apps.tenancy.services import api_key_verify, staff_token_verify
 
@@ -123,13 +123,14 @@ def test_bootstrap_demo_creates_everything_then_is_idempotent(superuser_env) -> 
     out, _ = run("bootstrap_demo")
     user = User.objects.get(username="root")
     assert user.is_superuser and user.check_password("s3cret-Passw0rd")
-    assert Tenant.objects.filter(slug="demo").exists() and Model.objects.filter(name="demo-llama").exists()
+    assert Tenant.objects.filter(slug="demo").exists() and ServedModel.objects.filter(name="demo-llama").exists()
     key = api_key_verify(raw=last_line(out))
     assert key is not None and key.tenant.slug == "demo" and "s3cret" not in out
 
     out2, _ = run("bootstrap_demo")
     assert f"{key.prefix}… exists" in out2 and "--new-key" in out2
-    assert (User.objects.count(), Tenant.objects.count(), Model.objects.count(), ApiKey.objects.count()) == (1, 1, 1, 1)
+    counts = (User.objects.count(), Tenant.objects.count(), ServedModel.objects.count(), ApiKey.objects.count())
+    assert counts == (1, 1, 1, 1)
     assert api_key_verify(raw=last_line(out2)) is None  # no key printed again
 
 

@@ -8,7 +8,7 @@ from argparse import ArgumentParser
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
 
-from apps.catalog.models import Model
+from apps.catalog.models import ServedModel
 from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import IllegalTransition
 from apps.fleet.static_nodes import static_node_add
@@ -27,8 +27,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: object, **opts: object) -> None:
         try:
-            model = Model.objects.get(name=opts["model"])
-        except Model.DoesNotExist:
+            model = ServedModel.objects.get(name=opts["model"])
+        except ServedModel.DoesNotExist:
             raise CommandError(f"Unknown model {opts['model']!r}: add it to the catalog first.") from None
         try:
             node = static_node_add(model=model, endpoint_url=str(opts["endpoint"]), api_key=opts["api_key"] or None,

@@ -79,10 +79,10 @@ class Command(BaseCommand):
         return tenant
 
     def _model(self) -> None:
-        from apps.catalog.models import Model
+        from apps.catalog.models import ServedModel
         from apps.catalog.services import model_create
 
-        if Model.objects.filter(name=DEMO_MODEL).exists():
+        if ServedModel.objects.filter(name=DEMO_MODEL).exists():
             self.stdout.write(f"model: {DEMO_MODEL} exists")
             return
         try:
@@ -95,20 +95,20 @@ class Command(BaseCommand):
         """In development, serve the demo model at once from a local simulator node, so the first
         /v1 request works without a GPU. The node registers with CONTROL_PLANE_URL once the
         Celery worker has started it; the reconciler keeps it there (min_replicas=1)."""
-        from apps.catalog.models import Model
+        from apps.catalog.models import ServedModel
         from apps.fleet.models import LIVE_STATUSES, Launcher, Node
         from apps.fleet.placement import Placement
         from apps.fleet.services import node_request_launch
 
         if not settings.DEBUG or settings.FLEET_DEFAULT_LAUNCHER != Launcher.LOCAL:
             return
-        model = Model.objects.get(name=DEMO_MODEL)
+        model = ServedModel.objects.get(name=DEMO_MODEL)
         if Node.objects.filter(model=model, status__in=LIVE_STATUSES).exists():
             self.stdout.write(f"demo node: {DEMO_MODEL} already has a live node")
             return
         with transaction.atomic():
             if model.min_replicas < 1:
-                Model.objects.filter(pk=model.pk).update(min_replicas=1, max_replicas=max(1, model.max_replicas))
+                ServedModel.objects.filter(pk=model.pk).update(min_replicas=1, max_replicas=max(1, model.max_replicas))
                 model.refresh_from_db()
             try:
                 [node] = node_request_launch(model=model, placement=Placement(launcher=Launcher.LOCAL),
