@@ -7,9 +7,12 @@ commits; every gateway worker compares versions and reloads what changed. Topics
 
 from __future__ import annotations
 
+import functools
 import logging
 
+from django.conf import settings
 from django.db import transaction
+from redis.connection import parse_url
 
 from apps.core import redis as redis_lib
 
@@ -17,7 +20,18 @@ log = logging.getLogger(__name__)
 
 KEYS = "keys"
 ROUTING = "routing"
-CHANNEL = "crosslogic:invalidate"
+
+
+@functools.cache
+def _channel_for(url: str) -> str:
+    db = parse_url(url).get("db", 0) if url else 0
+    return f"crosslogic:invalidate:{db}"
+
+
+def channel() -> str:
+    """Pub/sub channels are server-wide, not per Redis db: two deployments (or two test runs)
+    sharing a server on different dbs must not clear each other's caches."""
+    return _channel_for(settings.REDIS_URL)
 
 
 def version_key(topic: str) -> str:
@@ -30,7 +44,7 @@ def _bump_now(topic: str) -> None:
         return
     try:
         client.incr(version_key(topic))
-        client.publish(CHANNEL, topic)
+        client.publish(channel(), topic)
     except Exception:
         log.warning("could not publish %s invalidation; gateways fall back to their TTL", topic)
 

@@ -157,7 +157,7 @@ class Gateway:
             client = redis_lib.async_client(socket_timeout=None)
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(invalidation.CHANNEL)
+                await pubsub.subscribe(invalidation.channel())
                 # Anything may have changed while we were not listening.
                 self.keys.ttl = settings.GATEWAY_KEY_CACHE_TTL_S
                 self.keys.clear()
