@@ -135,7 +135,7 @@ class NodeAdmin(admin.ModelAdmin):
     list_per_page = 100
     ordering = ["-id"]
     inlines = [NodeEventInline]
-    actions = ["terminate_nodes", "drain_nodes", "relaunch_nodes", "check_health_now"]
+    actions = ["terminate_nodes", "drain_nodes", "relaunch_nodes", "check_health_now", "force_terminated"]
     change_list_template = "admin/fleet/node/change_list.html"
     change_form_template = "admin/fleet/node/change_form.html"
     fieldsets = [
@@ -197,6 +197,10 @@ class NodeAdmin(admin.ModelAdmin):
     @admin.action(description="Terminate selected nodes now")
     def terminate_nodes(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
         self._each(request, queryset, services.node_terminate, "Terminating")
+
+    @admin.action(description="Force stuck nodes to terminated (teardown keeps retrying)")
+    def force_terminated(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
+        self._each(request, queryset, services.node_force_terminated, "Forced to terminated:")
 
     @admin.action(description="Drain selected nodes (finish in-flight requests, then terminate)")
     def drain_nodes(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:

@@ -9,6 +9,7 @@ import logging
 from typing import Any
 
 import django_filters
+from django.core.exceptions import ValidationError
 from django.db import transaction
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, permissions, status, viewsets
@@ -81,6 +82,8 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
                 result = fn(node=node, actor=_actor(request), **kwargs)
         except IllegalTransition as exc:
             raise Conflict(f"{exc}.") from exc
+        except ValidationError as exc:
+            raise Conflict(" ".join(exc.messages)) from exc
         return Response(NodeSerializer(result).data)
 
     @extend_schema(request=None, responses=NodeSerializer)
@@ -88,6 +91,13 @@ class NodeViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.Creat
     def terminate(self, request: Request, pk: str | None = None) -> Response:
         """Tear the node down now (in-flight requests are cut; use drain to let them finish)."""
         return self._act(request, services.node_terminate)
+
+    @extend_schema(request=None, responses=NodeSerializer)
+    @action(detail=True, methods=["post"], url_path="force-terminated")
+    def force_terminated(self, request: Request, pk: str | None = None) -> Response:
+        """A node stuck in terminating (or failed): mark it terminated now; its teardown keeps
+        being retried until the launcher confirms the machine is gone."""
+        return self._act(request, services.node_force_terminated)
 
     @extend_schema(request=None, responses=NodeSerializer)
     @action(detail=True, methods=["post"])

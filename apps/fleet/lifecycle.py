@@ -158,7 +158,10 @@ def _again_unless_late(node: Node) -> Step:
 def teardown_node(node_id: int) -> Step:
     """terminating → (launcher teardown) → terminated. Failed nodes are cleaned up in place."""
     node = Node.objects.get(pk=node_id)
-    if node.status not in {NodeStatus.TERMINATING, NodeStatus.FAILED} or node.launcher_state.get("torn_down"):
+    forced = node.status == NodeStatus.TERMINATED and node.launcher_state.get("teardown_pending")
+    if (node.status not in {NodeStatus.TERMINATING, NodeStatus.FAILED} and not forced) or node.launcher_state.get(
+        "torn_down"
+    ):
         return Step()
     launcher = get_launcher(node.launcher)
     _save_state(node, teardown_at=time.time())  # the reconciler does not queue a second chain meanwhile
@@ -178,8 +181,10 @@ def teardown_node(node_id: int) -> Step:
     _save_state(node)  # terminate() may have recorded a teardown request id
     if not done:
         return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="teardown")
-    _save_state(node, torn_down=True)
-    if node.status == NodeStatus.TERMINATING:
+    _save_state(node, torn_down=True, teardown_pending=False)
+    if forced:
+        node_event(node=node, message="machine torn down after the node was forced to terminated")
+    elif node.status == NodeStatus.TERMINATING:
         with contextlib.suppress(IllegalTransition):
             node_transition(node=node, to=NodeStatus.TERMINATED, expected_from=NodeStatus.TERMINATING,
                             reason=node.status_reason or "torn down")

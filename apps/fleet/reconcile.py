@@ -125,10 +125,14 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
 
 
 def queue_teardowns(report: Report) -> None:
-    # (``contains`` rather than a key lookup: a missing key must count as "not torn down".)
-    pending = Node.objects.filter(
-        Q(status__in=[S.TERMINATING, S.FAILED]) & ~Q(launcher_state__contains={"torn_down": True})
-    ).values_list("pk", "launcher_state")
+    # Nodes tearing down, failed ones, and terminated ones whose teardown staff forced. "Not torn
+    # down" is "not in the torn-down set" (a missing key must count as not torn down; a negated key
+    # lookup is NULL for it), which also runs on SQLite, where JSON ``contains`` does not exist.
+    candidates = Node.objects.filter(
+        Q(status__in=[S.TERMINATING, S.FAILED]) | Q(status=S.TERMINATED, launcher_state__teardown_pending=True)
+    )
+    torn_down = candidates.filter(launcher_state__torn_down=True).values("pk")
+    pending = candidates.exclude(pk__in=torn_down).values_list("pk", "launcher_state")
     busy_until = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
     for node_id, state in pending:
         if float(state.get("teardown_at") or 0) > busy_until:

@@ -73,6 +73,32 @@ def node_terminate(*, node: Node, actor: str = "system", reason: str = "terminat
     return node
 
 
+def node_force_terminated(*, node: Node, actor: str = "system", reason: str = "forced to terminated by staff") -> Node:
+    """For a node stuck in terminating (or failed with its machine maybe still up): mark it
+    terminated now, so it leaves every count and list of live nodes, and keep retrying the
+    teardown in the background (the reconciler re-queues it) until the launcher confirms it."""
+    if node.status not in {NodeStatus.TERMINATING, NodeStatus.FAILED}:
+        raise ValidationError(
+            f"Only a node stuck in terminating or failed can be forced to terminated; this one is {node.status}: "
+            "terminate or drain it first."
+        )
+    needs_teardown = not node.launcher_state.get("torn_down")
+    if needs_teardown:
+        # teardown_at 0: whatever chain was following it is presumed dead, so the next one starts now.
+        state = {**node.launcher_state, "teardown_pending": True, "teardown_at": 0}
+        Node.objects.filter(pk=node.pk).update(launcher_state=state)
+        node.launcher_state = state
+    node = node_transition(
+        node=node,
+        to=NodeStatus.TERMINATED,
+        reason=f"{reason} (teardown retried until confirmed)" if needs_teardown else reason,
+        actor=actor,
+    )
+    if needs_teardown:
+        enqueue_node_teardown(node_id=node.pk)
+    return node
+
+
 # --- Launching, registration, relaunch --------------------------------------------------------
 
 

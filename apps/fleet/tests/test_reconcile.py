@@ -195,3 +195,44 @@ def test_a_lost_launch_poll_is_resumed(served_model, fake_sky) -> None:
     state = Node.objects.get(pk=node.pk).launcher_state
     Node.objects.filter(pk=node.pk).update(launcher_state={**state, "poll_at": 0})
     assert reconcile().resumed_polls == [node.pk]
+
+
+def test_a_node_stuck_terminating_can_be_forced_to_terminated_and_its_teardown_is_retried(
+    served_model, fake_sky, real_sky
+) -> None:
+    from apps.fleet.services import node_force_terminated
+
+    node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready", "terminating")
+    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.UP,
+                                            "launched_at": 1.0}
+    state = Node.objects.get(pk=node.pk).launcher_state
+    # A teardown chain that claims to be running (and never finishes): the reconciler leaves it alone.
+    Node.objects.filter(pk=node.pk).update(launcher_state={**state, "teardown_at": time.time() + 3600})
+    assert node.pk not in reconcile().teardowns
+
+    node = node_force_terminated(node=Node.objects.get(pk=node.pk), actor="staff:ops")
+    assert node.status == NodeStatus.TERMINATED
+    assert "teardown retried" in node.status_reason
+    assert node.pk in reconcile().teardowns  # a forced node's teardown is queued until confirmed
+
+    assert lifecycle.teardown_node(node.pk).then == "teardown"  # sky.down submitted
+    assert ("down", node.cluster_name) in fake_sky.calls
+    for request in fake_sky.requests.values():  # the API server finishes the down request
+        request["status"] = "SUCCEEDED"
+    fake_sky.clusters.pop(node.cluster_name)
+    assert lifecycle.teardown_node(node.pk).then == ""  # done: nothing follows
+    node.refresh_from_db()
+    assert node.status == NodeStatus.TERMINATED and node.launcher_state["torn_down"] is True
+    assert node.pk not in reconcile().teardowns
+    assert NodeEvent.objects.filter(node=node, message__contains="forced to terminated").exists()
+
+
+def test_only_a_stuck_node_can_be_forced_to_terminated(served_model) -> None:
+    from django.core.exceptions import ValidationError
+
+    from apps.fleet.services import node_force_terminated
+
+    node = _walk(node_create(model=served_model, launcher="local"), "provisioning", "loading", "ready")
+    with pytest.raises(ValidationError, match="terminate or drain it first"):
+        node_force_terminated(node=node)
+    assert Node.objects.get(pk=node.pk).status == NodeStatus.READY
