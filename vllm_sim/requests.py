@@ -99,9 +99,19 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
+def header(request: web.Request, name: bytes) -> str | None:
+    """A request header as vLLM sees it: Starlette reads header bytes as Latin-1, so any bytes make a
+    valid string (aiohttp's decoded view keeps invalid UTF-8 as surrogates, which cannot be written
+    back out or encoded)."""
+    for key, value in request.raw_headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def request_id_for(request: web.Request, prefix: str) -> str:
     # vLLM uses the caller's X-Request-Id as the base of the response id when there is one.
-    return prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+    return prefix + (header(request, b"x-request-id") or uuid.uuid4().hex)
 
 
 # --- field checks (pydantic's and protocol.py's validators) ------------------------------------

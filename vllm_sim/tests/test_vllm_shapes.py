@@ -451,3 +451,27 @@ async def test_a_lone_surrogate_is_a_400_and_the_server_keeps_serving(path, raw)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequestError"
     assert "surrogate" in bad.json()["error"]["message"]
     assert good.status_code == 200
+
+
+async def _raw_post(port: int, head: bytes, body: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\n%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
+    await writer.drain()
+    raw = await reader.read(-1)
+    writer.close()
+    return raw
+
+
+async def test_header_bytes_that_are_not_utf8_are_read_as_latin1_not_a_500():
+    body = b'{"model":"sim-llama","prompt":"x","max_tokens":1}'
+    async with simulator_server(model=MODEL, ttft_ms=0, itl_ms=0, api_key="k") as server:
+        wrong_key = await _raw_post(server.port, b"Authorization: Bearer \xff\xfe\r\n", body)
+        odd_id = await _raw_post(server.port, b"Authorization: Bearer k\r\nX-Request-Id: a\xff\x80b\r\n", body)
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(server.url + "/sim/stats")).json()
+
+    assert wrong_key.startswith(b"HTTP/1.1 401 ")
+    assert odd_id.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(odd_id.partition(b"\r\n\r\n")[2])["id"] == "cmpl-a\xff\x80b"  # Latin-1, as Starlette reads it
+    assert stats["authorization_headers"] == ["Bearer \xff\xfe", "Bearer k"]
