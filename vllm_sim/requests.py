@@ -18,6 +18,8 @@ from vllm_sim import text as txt
 MAX_LOGPROBS = 20
 # vLLM's CompletionRequest.max_tokens default (chat has none: the rest of the context).
 COMPLETION_MAX_TOKENS_DEFAULT = 16
+# vLLM sets no upper bound on n; the simulator does, so one request cannot take it down.
+MAX_N = 128
 # n > 1 answers start this many words apart, so they differ as sampled answers do.
 CHOICE_OFFSET_STEP = 7
 
@@ -156,6 +158,8 @@ def _check_sampling(n: int, max_tokens: int | None, logprobs: int | None) -> Non
     # SamplingParams' and the engine's own checks, which vLLM answers with 400 as well.
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
+    if n > MAX_N:
+        raise bad_request(f"The simulator serves at most n = {MAX_N} choices, got {n}.")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.")
     if logprobs is not None and logprobs > MAX_LOGPROBS:
