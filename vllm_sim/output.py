@@ -36,6 +36,7 @@ ALTERNATIVE_LOGPROB_STEP = -1.5
 JSON_STRING_WORDS = 3
 JSON_TEXT_WORDS = 8
 JSON_MAX_DEPTH = 6
+JSON_MAX_ITEMS = 64
 
 _PIECE = re.compile(r"\s*[A-Za-z0-9_]+|\s*[^A-Za-z0-9_\s]|\s+$")
 
@@ -115,7 +116,9 @@ def _schema_instance(schema: object, offset: int, depth: int) -> object:
                 for i, (name, sub) in enumerate(properties.items())}
     if kind == "array":
         minimum = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 1
-        return [_schema_instance(schema.get("items"), offset + i, depth + 1) for i in range(max(minimum, 1))]
+        # A huge minItems would only be cut by max_tokens anyway: never build more than that.
+        count = min(max(minimum, 1), JSON_MAX_ITEMS)
+        return [_schema_instance(schema.get("items"), offset + i, depth + 1) for i in range(count)]
     if kind == "integer":
         low = schema.get("minimum") if isinstance(schema.get("minimum"), int) else 0
         return low + offset % 10

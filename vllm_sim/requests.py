@@ -18,6 +18,8 @@ from vllm_sim import text as txt
 MAX_LOGPROBS = 20
 # vLLM's CompletionRequest.max_tokens default (chat has none: the rest of the context).
 COMPLETION_MAX_TOKENS_DEFAULT = 16
+# vLLM sets no upper bound on n; the simulator does, so one request cannot take it down.
+MAX_N = 128
 # n > 1 answers start this many words apart, so they differ as sampled answers do.
 CHOICE_OFFSET_STEP = 7
 
@@ -99,9 +101,19 @@ async def read_json(request: web.Request) -> dict:
     return body
 
 
+def header(request: web.Request, name: bytes) -> str | None:
+    """A request header as vLLM sees it: Starlette reads header bytes as Latin-1, so any bytes make a
+    valid string (aiohttp's decoded view keeps invalid UTF-8 as surrogates, which cannot be written
+    back out or encoded)."""
+    for key, value in request.raw_headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
 def request_id_for(request: web.Request, prefix: str) -> str:
     # vLLM uses the caller's X-Request-Id as the base of the response id when there is one.
-    return prefix + (request.headers.get("X-Request-Id") or uuid.uuid4().hex)
+    return prefix + (header(request, b"x-request-id") or uuid.uuid4().hex)
 
 
 # --- field checks (pydantic's and protocol.py's validators) ------------------------------------
@@ -146,6 +158,8 @@ def _check_sampling(n: int, max_tokens: int | None, logprobs: int | None) -> Non
     # SamplingParams' and the engine's own checks, which vLLM answers with 400 as well.
     if n < 1:
         raise bad_request(f"n must be at least 1, got {n}.")
+    if n > MAX_N:
+        raise bad_request(f"The simulator serves at most n = {MAX_N} choices, got {n}.")
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.")
     if logprobs is not None and logprobs > MAX_LOGPROBS:

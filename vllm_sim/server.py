@@ -35,6 +35,7 @@ from vllm_sim.requests import (
     bad_request,
     check_model,
     error,
+    header,
     json_response,
     plan_generation,
     read_json,
@@ -117,13 +118,13 @@ class SimState:
 
     # --- checks every /v1 request goes through, in vLLM's order -------------------------
     def check_auth(self, request: web.Request) -> None:
-        header = request.headers.get("Authorization")
-        if header is None:
+        value = header(request, b"authorization")
+        if value is None:
             self.requests_without_auth += 1
         else:
-            self.auth_seen.append(header)
+            self.auth_seen.append(value)
         key = self.config.api_key
-        if key and not hmac.compare_digest((header or "").encode(), f"Bearer {key}".encode()):
+        if key and not hmac.compare_digest((value or "").encode(), f"Bearer {key}".encode()):
             raise Reject(json_response(401, txt.UNAUTHORIZED_BODY))
 
     def maybe_fail(self) -> None:

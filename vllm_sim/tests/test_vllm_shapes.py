@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import random
 import socket
 
 import httpx
@@ -174,8 +175,11 @@ async def test_n_answers_are_separate_choices_and_usage_counts_them_all():
 async def test_n_below_one_is_refused():
     async with simulator_server(model=MODEL, ttft_ms=0, itl_ms=0) as server:
         zero = await post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSG, "n": 0})
+        huge = await post(server, "/v1/chat/completions", {"model": MODEL, "messages": MSG, "n": 10**12})
 
     assert_vllm_error(zero, 400, "n must be at least 1, got 0.")
+    # vLLM sets no upper bound; the simulator does, so one request cannot take it down.
+    assert_vllm_error(huge, 400, "The simulator serves at most n = 128 choices, got 1000000000000.")
 
 
 # --- logprobs ----------------------------------------------------------------------------------
@@ -451,3 +455,60 @@ async def test_a_lone_surrogate_is_a_400_and_the_server_keeps_serving(path, raw)
     assert bad.status_code == 400 and bad.json()["error"]["type"] == "BadRequestError"
     assert "surrogate" in bad.json()["error"]["message"]
     assert good.status_code == 200
+
+
+async def _raw_post(port: int, head: bytes, body: bytes) -> bytes:
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(b"POST /v1/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                 b"Connection: close\r\n%bContent-Length: %d\r\n\r\n%b" % (head, len(body), body))
+    await writer.drain()
+    raw = await reader.read(-1)
+    writer.close()
+    return raw
+
+
+async def test_header_bytes_that_are_not_utf8_are_read_as_latin1_not_a_500():
+    body = b'{"model":"sim-llama","prompt":"x","max_tokens":1}'
+    async with simulator_server(model=MODEL, ttft_ms=0, itl_ms=0, api_key="k") as server:
+        wrong_key = await _raw_post(server.port, b"Authorization: Bearer \xff\xfe\r\n", body)
+        odd_id = await _raw_post(server.port, b"Authorization: Bearer k\r\nX-Request-Id: a\xff\x80b\r\n", body)
+        async with httpx.AsyncClient() as http:
+            stats = (await http.get(server.url + "/sim/stats")).json()
+
+    assert wrong_key.startswith(b"HTTP/1.1 401 ")
+    assert odd_id.startswith(b"HTTP/1.1 200 ")
+    assert json.loads(odd_id.partition(b"\r\n\r\n")[2])["id"] == "cmpl-a\xff\x80b"  # Latin-1, as Starlette reads it
+    assert stats["authorization_headers"] == ["Bearer \xff\xfe", "Bearer k"]
+
+
+HOSTILE = [None, True, False, 0, 1, -1, 3, 21, 10**30, 1.5, "", "x", "auto", "none", "required", [], [1], ["a"],
+           [[1, 2]], {}, {"a": 1}, {"type": "function", "function": {"name": "f"}},
+           [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+               "a": {"type": "array", "items": {"$ref": "#"}, "minItems": 10**9}}}}}],
+           {"type": "json_schema", "json_schema": {"name": "n", "schema": {"type": "integer", "minimum": "x"}}},
+           {"type": "json_schema", "json_schema": {"name": "n", "schema": {"anyOf": []}}}, {"type": "json_object"},
+           {"include_usage": "x"}, {"include_usage": True, "continuous_usage_stats": True},
+           [{"role": "user", "content": [{"type": "text", "text": "a"}, {"type": "image_url"}]}],
+           [{"role": "tool", "content": None}], [{"role": 1}], "\u0000"]
+FIELDS = ["model", "messages", "prompt", "max_tokens", "max_completion_tokens", "n", "stream", "stream_options",
+          "logprobs", "top_logprobs", "tools", "tool_choice", "response_format", "return_token_ids", "input",
+          "encoding_format"]
+
+
+async def test_hostile_bodies_get_vllms_error_shape_never_a_500():
+    rng = random.Random(7)  # the same 300 bodies every run
+    async with simulator_server(model=MODEL, ttft_ms=0, itl_ms=0, max_model_len=200, **TOOLS_ON) as server, \
+            httpx.AsyncClient(base_url=server.url, timeout=10) as http:
+        statuses = set()
+        for _ in range(300):
+            body = {"model": MODEL, "messages": MSG, "prompt": "hi", "input": "hi"}
+            for name in rng.sample(FIELDS, rng.randint(1, 5)):
+                body[name] = rng.choice(HOSTILE)
+            path = rng.choice(["/v1/chat/completions", "/v1/completions", "/v1/embeddings"])
+            response = await http.post(path, json=body)
+            statuses.add(response.status_code)
+            if response.status_code != 200:
+                error = response.json()["error"]
+                assert set(error) == {"message", "type", "param", "code"} and error["code"] == response.status_code
+
+    assert statuses <= {200, 400, 404} and {200, 400} <= statuses
