@@ -128,9 +128,10 @@ class Gateway:
             self._started = True
 
     async def shutdown(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._faulted.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.usage.flush()
         except Exception:
