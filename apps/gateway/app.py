@@ -367,7 +367,7 @@ class Gateway:
                                type="rate_limit_error", code=f"rate_limit_{admission.reason}",
                                headers={"retry-after": retry, **admission.headers})
         ex = relay.Exchange(request_id=request_id, endpoint=endpoint, stream=bool(payload.get("stream")),
-                            estimated_prompt=len(body) // 4)
+                            estimated_prompt=len(body) // 4, choices=int(payload.get("n") or 1))
         client_wants_usage = False
         if ex.stream:
             client_wants_usage = payloads.wants_usage_chunk(payload)

@@ -45,6 +45,7 @@ class Exchange:
     chunks: int = 0
     response_started: bool = False
     estimated_prompt: int = 0
+    choices: int = 1  # the request's n: a chat stream opens each choice with a role-only chunk
 
     @property
     def has_usage(self) -> bool:
@@ -55,7 +56,7 @@ class Exchange:
         if self.prompt_tokens is not None:
             return self.prompt_tokens, self.completion_tokens or 0, False
         # No usage from vLLM (disconnect, upstream death): count what was delivered.
-        content_chunks = max(0, self.chunks - 1) if self.endpoint == CHAT else self.chunks
+        content_chunks = max(0, self.chunks - self.choices) if self.endpoint == CHAT else self.chunks
         return self.estimated_prompt, content_chunks, True
 
 

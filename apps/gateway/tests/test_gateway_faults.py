@@ -86,6 +86,21 @@ def test_the_only_node_refusing_our_key_is_a_503_never_an_auth_error(gateway, ap
     assert wait_until(lambda: Node.objects.get(pk=only.pk).status == NodeStatus.UNHEALTHY)
 
 
+async def forbidden(request: web.Request, raw: bytes) -> web.StreamResponse:
+    return web.json_response({"error": "Forbidden"}, status=403)  # e.g. a proxy in front of the node
+
+
+def test_a_node_answering_403_is_treated_like_a_refused_key(gateway, api_key, catalog_model) -> None:
+    with FakeNode(forbidden) as walled, FakeNode() as good:
+        bad = ready_node(catalog_model, walled.url)
+        ready_node(catalog_model, good.url, gateway=gateway)
+        answers = [chat(gateway, api_key[1]) for _ in range(4)]
+
+    assert [r.status_code for r in answers] == [200] * 4
+    assert wait_until(lambda: Node.objects.get(pk=bad.pk).status == NodeStatus.UNHEALTHY)
+    assert "403" in Node.objects.get(pk=bad.pk).status_reason
+
+
 # --- what a node's rejection costs (issue #10, 14) ------------------------------------------------
 
 def test_a_request_the_node_rejects_is_recorded_with_zero_tokens(gateway, api_key, tenant, catalog_model) -> None:

@@ -81,3 +81,12 @@ def test_a_non_boolean_include_usage_is_a_400_naming_it() -> None:
         parse(body, CHAT)
 
     assert err.value.status == 400 and err.value.param == "stream_options.include_usage"
+
+
+@pytest.mark.parametrize(("choices", "expected"), [(1, 9), (3, 7)])
+def test_a_cut_chat_streams_estimate_leaves_out_each_choices_role_chunk(choices: int, expected: int) -> None:
+    from apps.gateway.relay import Exchange
+
+    ex = Exchange(request_id="r", endpoint=CHAT, stream=True, estimated_prompt=12, chunks=10, choices=choices)
+
+    assert ex.tokens() == (12, expected, True)
