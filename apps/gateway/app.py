@@ -244,9 +244,9 @@ class Gateway:
         except (OperationalError, InterfaceError) as exc:
             # PostgreSQL away while a key (or model list) was not cached yet: say so, OpenAI-shaped.
             log.warning("request %s: database unavailable: %s: %s", request_id, type(exc).__name__, exc)
-            err = GatewayError(503, "The service is temporarily unavailable; retry shortly.", type="server_error",
-                               code="service_unavailable", headers={"retry-after": "2"})
-            await _send_error(send, err, base_headers)
+            unavailable = GatewayError(503, "The service is temporarily unavailable; retry shortly.",
+                                       type="server_error", code="service_unavailable", headers={"retry-after": "2"})
+            await _send_error(send, unavailable, base_headers)
         except Exception:
             log.exception("request %s: unexpected error", request_id)
             await _send_error(send, GatewayError(500, "The server had an error processing your request.",
