@@ -33,7 +33,6 @@ Keys span several subjects in one script: a single Redis (or keys in one cluster
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -230,13 +229,23 @@ class Budget:
         return cls(key=f"{prefix}{tenant_id}:{month}", limit=max(0, int(limit)))
 
 
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What settle() needs of an admission (kept in memory: no serialisation per request)."""
+
+    request_id: str
+    reserve: int
+    limits: tuple[Limit, ...]
+    budget_key: str | None
+
+
 @dataclass
 class Admission:
     allowed: bool
     retry_after_s: float | None  # when refused
     reason: str | None  # "requests" | "tokens" | "concurrency" | "unavailable"
     headers: dict[str, str]  # OpenAI's x-ratelimit-*, for the most constraining subject
-    token: str  # opaque handle for settle(); "" when there is nothing to settle
+    token: Handle | None  # for settle(); None when there is nothing to settle
     settled: bool = field(default=False, compare=False)
 
 
@@ -304,12 +313,19 @@ class RateLimiter:
         # How long an admitted request may take to be settled; far longer than any generation.
         self.settle_window_ms = int(settle_window_s * 1000)
         self.open_key = f"{key_prefix}open"
+        self._key_cache: dict[str, list[str]] = {}
         self._down_until = 0.0
         self._last_warning = 0.0
         self._suppressed = 0
 
     def _keys(self, subject: str) -> list[str]:
-        return [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
+        keys = self._key_cache.get(subject)
+        if keys is None:
+            if len(self._key_cache) > 100_000:  # bounded: subjects are keys, tenants and tenant-model pairs
+                self._key_cache.clear()
+            keys = [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
+            self._key_cache[subject] = keys
+        return keys
 
     # --- Redis trouble: never raise, log rarely ----------------------------------------
     def _redis_usable(self) -> bool:
@@ -329,9 +345,9 @@ class RateLimiter:
 
     def _unavailable(self) -> Admission:
         if self.fail_open:
-            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
         return Admission(allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={},
-                         token="")
+                         token=None)
 
     async def _call(self, script: _Script, keys: list[str], args: list[object]) -> object:
         assert self.redis is not None
@@ -349,7 +365,7 @@ class RateLimiter:
                     budget: Budget | None = None) -> Admission:
         limits = [lim for lim in limits if not lim.unlimited]
         if not limits and budget is None:
-            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
         if not self._redis_usable():
             if self.redis is None:
                 self._failed(None)
@@ -376,32 +392,29 @@ class RateLimiter:
         headers = _headers(limits, values)
         if not allowed:
             return Admission(allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers,
-                             token="")
-        handle: dict[str, object] = {
-            "r": request_id, "t": reserve,
-            "s": [[lim.subject, lim.tokens_per_minute, lim.max_concurrent is not None] for lim in limits]}
-        if budget is not None:
-            handle["b"] = budget.key
-        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers,
-                         token=json.dumps(handle, separators=(",", ":")))
+                             token=None)
+        handle = Handle(request_id=request_id, reserve=reserve, limits=tuple(limits),
+                        budget_key=None if budget is None else budget.key)
+        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
 
     async def settle(self, admission: Admission, *, used_tokens: int) -> None:
         """Charge the real usage instead of the reservation and free the concurrency slot. Idempotent."""
         if admission.settled or not admission.allowed or not admission.token:
             return
         admission.settled = True
-        handle = json.loads(admission.token)
+        handle = admission.token
         keys = [self.open_key]
-        args: list[object] = [handle["r"], 0]
+        args: list[object] = [handle.request_id, 0]
         used = max(0, int(used_tokens))
-        for subject, tpm, has_conc in handle["s"]:
-            _rpm_key, tpm_key, conc_key = self._keys(subject)
+        for lim in handle.limits:
+            _rpm_key, tpm_key, conc_key = self._keys(lim.subject)
             keys += [tpm_key, conc_key]
-            charged = min(handle["t"], tpm) if tpm else 0
-            args += [_arg(tpm), used - charged if tpm else 0, 1 if has_conc else 0]
-        if "b" in handle:
-            keys.append(handle["b"])
-            args += [used - handle["t"], BUDGET_TTL_MS]
+            tpm = lim.tokens_per_minute
+            charged = min(handle.reserve, tpm) if tpm else 0
+            args += [_arg(tpm), used - charged if tpm else 0, 0 if lim.max_concurrent is None else 1]
+        if handle.budget_key is not None:
+            keys.append(handle.budget_key)
+            args += [used - handle.reserve, BUDGET_TTL_MS]
         if self.redis is None:
             return
         try:
@@ -414,11 +427,11 @@ class RateLimiter:
         """Extend a long-running request's concurrency slot by another ``concurrency_ttl_s``."""
         if admission.settled or not admission.allowed or not admission.token or self.redis is None:
             return
-        handle = json.loads(admission.token)
-        keys = [self._keys(subject)[2] for subject, _tpm, has_conc in handle["s"] if has_conc]
+        handle = admission.token
+        keys = [self._keys(lim.subject)[2] for lim in handle.limits if lim.max_concurrent is not None]
         if not keys:
             return
         try:
-            await self._call(_REFRESH_SCRIPT, keys, [handle["r"], self.concurrency_ttl_ms])
+            await self._call(_REFRESH_SCRIPT, keys, [handle.request_id, self.concurrency_ttl_ms])
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)
