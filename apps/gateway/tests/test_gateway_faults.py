@@ -248,7 +248,7 @@ def test_one_tenants_flood_leaves_room_for_another_tenant(gateway, api_key, tena
     unlimited(tenant)
     other = tenant_create(slug="other", name="Other", contact_email="o@other.test")
     _, other_key = api_key_issue(tenant=other, scopes=["inference"])
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=40, light=True,
+    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=80, light=True,
                                max_num_seqs=64) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
         gateway.app.keys.clear()
@@ -260,7 +260,7 @@ def test_one_tenants_flood_leaves_room_for_another_tenant(gateway, api_key, tena
         async def flood_then_other() -> tuple[list[httpx.Response], httpx.Response]:
             async with httpx.AsyncClient(timeout=20) as c:
                 flood = [asyncio.ensure_future(send(c, api_key[1])) for _ in range(8)]
-                await asyncio.sleep(0.3)  # the flood is in flight (each answer takes ~1 s)
+                await asyncio.sleep(0.3)  # the flood is in flight (each answer takes ~2 s)
                 theirs = await send(c, other_key)
                 return list(await asyncio.gather(*flood)), theirs
 
