@@ -387,3 +387,18 @@ if min(GATEWAY_CONNECT_TIMEOUT_S, GATEWAY_READ_IDLE_TIMEOUT_S, ROUTING_REFRESH_S
     raise ImproperlyConfigured("GATEWAY_* timeouts and ROUTING_REFRESH_S must be positive, retries >= 0.")
 if GATEWAY_MAX_BODY_BYTES < 1024 or GATEWAY_DEFAULT_MAX_TOKENS < 1:
     raise ImproperlyConfigured("GATEWAY_MAX_BODY_BYTES must be >= 1024 and GATEWAY_DEFAULT_MAX_TOKENS >= 1.")
+# Longest a client may take to send its whole request body (408 after): an unfinished body must
+# not hold a connection and a worker's memory forever.
+GATEWAY_BODY_TIMEOUT_S: float = _env_or_fail("GATEWAY_BODY_TIMEOUT_S", float, 30.0)
+# A node that answered 5xx to this many different requests that then worked on another node,
+# within the window, is cooled down; a request failing on two nodes is the request's fault.
+GATEWAY_NODE_FAILURES_TO_COOL_DOWN: int = _env_or_fail("GATEWAY_NODE_FAILURES_TO_COOL_DOWN", int, 3)
+GATEWAY_NODE_FAILURE_WINDOW_S: float = _env_or_fail("GATEWAY_NODE_FAILURE_WINDOW_S", float, 30.0)
+# Fairness: one tenant's requests in flight on one model, per ready node of it (0 = no cap), so
+# one tenant's flood leaves room for the others (vLLM batches 256 sequences per node by default).
+GATEWAY_TENANT_INFLIGHT_PER_NODE: int = _env_or_fail("GATEWAY_TENANT_INFLIGHT_PER_NODE", int, 128)
+if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
+    raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
+if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:
+    raise ImproperlyConfigured("GATEWAY_NODE_FAILURES_TO_COOL_DOWN must be >= 1, "
+                               "GATEWAY_TENANT_INFLIGHT_PER_NODE >= 0 (0: no cap).")

@@ -20,14 +20,23 @@ from typing import Any
 
 from asgiref.sync import sync_to_async
 from django.conf import settings
+from django.db import InterfaceError, OperationalError
 
 from apps.core import invalidation
 from apps.core import redis as redis_lib
 from apps.gateway import payloads, relay, upstream
 from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.errors import GatewayError, bad_request
-from apps.gateway.limits import Budget, RateLimiter
-from apps.gateway.routing import LOADBOARD_PERIOD_S, LoadBoard, RoutingTable, aload_table
+from apps.gateway.limits import Budget, Limit, RateLimiter
+from apps.gateway.routing import (
+    LOADBOARD_PERIOD_S,
+    LoadBoard,
+    ModelRoute,
+    NodeRoute,
+    RoutingTable,
+    aload_table,
+    anode_mark_unhealthy,
+)
 from apps.gateway.usage import UsageRecorder
 from apps.metering.services import cost_micros
 
@@ -89,6 +98,7 @@ class Gateway:
         self._started = False
         self._start_lock: asyncio.Lock | None = None
         self._routing_dirty: asyncio.Event | None = None
+        self._faulted: dict[int, asyncio.Task] = {}  # node id -> the task marking it unhealthy
 
     # --- lifecycle -------------------------------------------------------------------------
     async def startup(self) -> None:
@@ -119,9 +129,10 @@ class Gateway:
             self._started = True
 
     async def shutdown(self) -> None:
-        for task in self._tasks:
+        tasks = [*self._tasks, *self._faulted.values()]
+        for task in tasks:
             task.cancel()
-        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.gather(*tasks, return_exceptions=True)
         try:
             await self.usage.flush()
         except Exception:
@@ -219,6 +230,10 @@ class Gateway:
                 self._require_method(scope, "GET")
                 entry = await self.keys.authenticate(_header(scope, b"authorization"))
                 await _send_json(send, 200, self._models_body(entry), base_headers)
+            elif path.startswith("/v1/models/"):
+                self._require_method(scope, "GET")
+                entry = await self.keys.authenticate(_header(scope, b"authorization"))
+                await _send_json(send, 200, self._model_body(entry, path[len("/v1/models/"):]), base_headers)
             elif path in ROUTES:
                 self._require_method(scope, "POST")
                 await self._inference(scope, receive, send, ROUTES[path], request_id, base_headers)
@@ -227,6 +242,16 @@ class Gateway:
         except GatewayError as err:
             extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
             await _send_json(send, err.status, err.body(), base_headers + extra)
+        except (OperationalError, InterfaceError) as exc:
+            # PostgreSQL away while a key (or model list) was not cached yet: say so, OpenAI-shaped.
+            log.warning("request %s: database unavailable: %s: %s", request_id, type(exc).__name__, exc)
+            unavailable = GatewayError(503, "The service is temporarily unavailable; retry shortly.",
+                                       type="server_error", code="service_unavailable", headers={"retry-after": "2"})
+            await _send_error(send, unavailable, base_headers)
+        except Exception:
+            log.exception("request %s: unexpected error", request_id)
+            await _send_error(send, GatewayError(500, "The server had an error processing your request.",
+                                                 type="server_error", code="internal_error"), base_headers)
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -269,12 +294,33 @@ class Gateway:
         await _send_json(send, 200 if ok else 503, body, headers)
 
     def _models_body(self, entry: KeyEntry) -> bytes:
-        data = [
-            {"id": name, "object": "model", "created": route.created, "owned_by": "crosslogic",
-             "ready": bool(route.nodes)}
-            for name, route in sorted(self.table.models.items()) if entry.allows_model(name)
-        ]
+        data = [_model_object(route) for name, route in sorted(self.table.models.items()) if entry.allows_model(name)]
         return json.dumps({"object": "list", "data": data}).encode()
+
+    def _model_body(self, entry: KeyEntry, name: str) -> bytes:
+        """GET /v1/models/{id} (the SDK's models.retrieve); ids may contain slashes."""
+        route = self.table.models.get(name)
+        if route is None or not entry.allows_model(name):
+            raise GatewayError(404, f"The model '{name}' does not exist or you do not have access to it.",
+                               param="model", code="model_not_found")
+        return json.dumps(_model_object(route)).encode()
+
+    def _node_fault(self, node: NodeRoute, reason: str) -> None:
+        """Take a node that refused our node key out of rotation, once, off the request path."""
+        if node.node_id in self._faulted:
+            return
+        task = asyncio.ensure_future(self._mark_unhealthy(node.node_id, reason))
+        self._faulted[node.node_id] = task
+
+    async def _mark_unhealthy(self, node_id: int, reason: str) -> None:
+        try:
+            if await anode_mark_unhealthy(node_id=node_id, reason=reason):
+                log.error("gateway: node %s marked unhealthy: %s", node_id, reason)
+        except Exception as exc:
+            # The node stays cooled down here; the next refusal after the cooldown tries again.
+            log.warning("gateway: could not mark node %s unhealthy (%s)", node_id, exc)
+        finally:
+            self._faulted.pop(node_id, None)
 
     # --- inference -------------------------------------------------------------------------
     async def _inference(self, scope: dict, receive: Any, send: Any, endpoint: str, request_id: str,
@@ -295,7 +341,13 @@ class Gateway:
                                param="model", code="model_not_allowed")
         budget = (None if entry.monthly_token_budget is None
                   else Budget.monthly(tenant_id=entry.tenant_id, limit=entry.monthly_token_budget))
-        admission = await self.limiter.admit(limits=[entry.key_limit, entry.tenant_limit],
+        limits = [entry.key_limit, entry.tenant_limit]
+        per_node = settings.GATEWAY_TENANT_INFLIGHT_PER_NODE
+        if per_node:
+            # Fairness: one tenant's flood may not take all of a model's capacity from the others.
+            limits.append(Limit(subject=f"tenant:{entry.tenant_id}:model:{route.model_id}", requests_per_minute=None,
+                                tokens_per_minute=None, max_concurrent=per_node * max(1, len(route.nodes))))
+        admission = await self.limiter.admit(limits=limits,
                                              reserve_tokens=payloads.reserve_tokens(payload, len(body)),
                                              request_id=request_id, budget=budget)
         limit_headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
@@ -307,17 +359,21 @@ class Gateway:
             if admission.reason == "unavailable":
                 raise GatewayError(503, "Rate limiting is unavailable; retry shortly.", type="server_error",
                                    code="rate_limiter_unavailable", headers={"retry-after": retry})
+            if admission.reason == "concurrency":
+                raise GatewayError(429, "Too many requests in flight: your key's or your account's concurrency limit, "
+                                   f"or your account's share of '{name}' ({limits[-1].max_concurrent} at once), "
+                                   f"is reached; retry after {retry}s.", type="rate_limit_error",
+                                   code="rate_limit_concurrency", headers={"retry-after": retry, **admission.headers})
             raise GatewayError(429, f"Rate limit reached for {admission.reason}; retry after {retry}s.",
                                type="rate_limit_error", code=f"rate_limit_{admission.reason}",
                                headers={"retry-after": retry, **admission.headers})
         ex = relay.Exchange(request_id=request_id, endpoint=endpoint, stream=bool(payload.get("stream")),
-                            estimated_prompt=len(body) // 4)
+                            estimated_prompt=len(body) // 4, choices=int(payload.get("n") or 1))
         client_wants_usage = False
         if ex.stream:
-            options = payload.get("stream_options") or {}
-            client_wants_usage = bool(options.get("include_usage"))
+            client_wants_usage = payloads.wants_usage_chunk(payload)
             if not client_wants_usage:
-                # vLLM reports a stream's usage only when asked; we ask, and strip it on the way back.
+                # Metering needs the stream's usage: we ask vLLM for it, and strip it on the way back.
                 body = payloads.with_usage_option(body, payload)
         try:
             cut = await relay.run_until_disconnect(
@@ -338,7 +394,7 @@ class Gateway:
     async def _forward(self, *, route: Any, path: str, body: bytes, ex: relay.Exchange, send: Any,
                        client_wants_usage: bool, headers: list[tuple[bytes, bytes]]) -> None:
         node, resp = await relay.open_upstream(session=self.session, board=self.board, route=route, path=path,
-                                               body=body, ex=ex)
+                                               body=body, ex=ex, on_node_fault=self._node_fault)
         try:
             is_sse = resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
             if is_sse:
@@ -378,6 +434,19 @@ class Gateway:
         })
 
 
+def _model_object(route: ModelRoute) -> dict[str, Any]:
+    return {"id": route.name, "object": "model", "created": route.created, "owned_by": "crosslogic",
+            "max_model_len": route.max_model_len, "ready": bool(route.nodes)}
+
+
+async def _send_error(send: Any, err: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
+    extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
+    try:
+        await _send_json(send, err.status, err.body(), headers + extra)
+    except Exception:  # the response had already started: nothing more can be said on it
+        log.debug("could not send the error response", exc_info=True)
+
+
 def _ping_database() -> None:
     from django.db import connection
 
@@ -389,6 +458,16 @@ def _ping_database() -> None:
 
 
 async def _read_body(scope: dict, receive: Any) -> bytes:
+    """The whole body within GATEWAY_BODY_TIMEOUT_S (408 after, and the connection is closed)."""
+    try:
+        async with asyncio.timeout(settings.GATEWAY_BODY_TIMEOUT_S):
+            return await _receive_body(scope, receive)
+    except TimeoutError:
+        raise GatewayError(408, f"The request body did not arrive within {settings.GATEWAY_BODY_TIMEOUT_S:g}s.",
+                           code="request_timeout", headers={"connection": "close"}) from None
+
+
+async def _receive_body(scope: dict, receive: Any) -> bytes:
     limit = settings.GATEWAY_MAX_BODY_BYTES
     declared = _header(scope, b"content-length")
     if declared is not None:

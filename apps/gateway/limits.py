@@ -16,7 +16,10 @@ Algorithm (why it is exact under concurrency):
   ``settle()`` removes the entry; ``refresh()`` extends it for streams longer than the TTL.
 - The admit script first checks every dimension of every subject, and writes only when all
   pass: either everything is charged or nothing is. Redis's clock (``TIME``) is the only clock,
-  so workers with skewed clocks agree. ``settle()`` is idempotent through a per-request marker.
+  so workers with skewed clocks agree. ``settle()`` is idempotent: admit enters the request in
+  one sorted set of open requests (request_id → deadline), settle applies only if it removed the
+  entry. So Redis holds one entry per request *in flight*, not a key per request for minutes
+  after it (at 1k req/s a 15-minute marker per request was ~900k keys).
 - A monthly token budget (per tenant) rides in the same two calls: admit refuses once the
   month's counter (used + reserved) has reached the budget and otherwise adds the reservation;
   settle adds the difference to the real usage. Reserving makes it exact under concurrency too:
@@ -30,7 +33,6 @@ Keys span several subjects in one script: a single Redis (or keys in one cluster
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 import math
 import time
@@ -49,10 +51,11 @@ _NO_LIMIT = -1
 _REASONS = {1: "requests", 2: "tokens", 3: "concurrency", 4: "budget"}
 BUDGET_TTL_MS = 40 * 86_400_000  # a month's counter outlives its month, then goes
 
-# KEYS: per subject [rpm, tpm, conc], then the budget counter if there is a budget. ARGV:
-# request_id, reserve, conc_ttl_ms, then per subject [rpm_limit, tpm_limit, conc_limit]
-# (-1 = unlimited), conc_retry_ms, budget_limit (-1 = none), budget_ttl_ms. Returns {allowed,
-# reason, retry_ms, per subject: rpm_remaining, rpm_reset_ms, tpm_remaining, tpm_reset_ms}.
+# KEYS: the open-requests set, per subject [rpm, tpm, conc], then the budget counter if there is
+# a budget. ARGV: request_id, reserve, conc_ttl_ms, then per subject [rpm_limit, tpm_limit,
+# conc_limit] (-1 = unlimited), conc_retry_ms, budget_limit (-1 = none), budget_ttl_ms,
+# settle_window_ms. Returns {allowed, reason, retry_ms, per subject: rpm_remaining, rpm_reset_ms,
+# tpm_remaining, tpm_reset_ms}.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -60,7 +63,7 @@ local window = 60000
 local rid = ARGV[1]
 local reserve = tonumber(ARGV[2])
 local conc_ttl = tonumber(ARGV[3])
-local n = math.floor(#KEYS / 3)
+local n = math.floor((#KEYS - 1) / 3)
 local out = {1, 0, 0}
 local before = {0, 0, 0}  -- what the headers say if nothing is charged
 local writes = {}
@@ -79,7 +82,7 @@ for i = 0, n - 1 do
       if window > worst_retry then worst_retry = window; worst_reason = d end
       report(0, 0, 0, 0)
     else
-      local key = KEYS[i * 3 + d]
+      local key = KEYS[2 + i * 3 + d - 1]
       local cost = 1
       if d == 2 then cost = math.min(reserve, limit) end
       local interval = window / limit
@@ -100,7 +103,7 @@ for i = 0, n - 1 do
     end
   end
   if conc >= 0 then
-    local key = KEYS[i * 3 + 3]
+    local key = KEYS[2 + i * 3 + 2]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if redis.call('ZSCORE', key, rid) == false and redis.call('ZCARD', key) >= conc then
       if worst_reason == 0 then worst_reason = 3; worst_retry = tonumber(ARGV[4 + n * 3]) end
@@ -111,7 +114,7 @@ for i = 0, n - 1 do
 end
 local budget = tonumber(ARGV[5 + n * 3])
 if budget >= 0 then
-  local bkey = KEYS[n * 3 + 1]
+  local bkey = KEYS[n * 3 + 2]
   if tonumber(redis.call('GET', bkey) or '0') >= budget then
     worst_reason = 4; worst_retry = 0
   else
@@ -133,14 +136,19 @@ for _, w in ipairs(writes) do
     redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', math.ceil(w[2] - now) + 1000)
   end
 end
+local settle_window = tonumber(ARGV[7 + n * 3])
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
+redis.call('ZADD', KEYS[1], now + settle_window, rid)
+redis.call('PEXPIRE', KEYS[1], math.ceil(settle_window) + 1000)
 return out
 """
 
-# KEYS: settled marker, then per subject [tpm, conc], then the budget counter if any. ARGV:
-# request_id, marker_ttl_ms, then per subject [tpm_limit (-1 = none), token difference, has_conc
-# (0/1)], then budget difference and budget_ttl_ms. Returns 1, or 0 if already settled.
+# KEYS: the open-requests set, then per subject [tpm, conc], then the budget counter if any.
+# ARGV: request_id, unused, then per subject [tpm_limit (-1 = none), token difference, has_conc
+# (0/1)], then budget difference and budget_ttl_ms. Returns 1, or 0 if already settled (or
+# admitted so long ago that the request's entry expired).
 _SETTLE = """
-if redis.call('SET', KEYS[1], '1', 'NX', 'PX', tonumber(ARGV[2])) == false then return 0 end
+if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 local n = math.floor((#KEYS - 1) / 2)
@@ -221,13 +229,23 @@ class Budget:
         return cls(key=f"{prefix}{tenant_id}:{month}", limit=max(0, int(limit)))
 
 
+@dataclass(frozen=True, slots=True)
+class Handle:
+    """What settle() needs of an admission (kept in memory: no serialisation per request)."""
+
+    request_id: str
+    reserve: int
+    limits: tuple[Limit, ...]
+    budget_key: str | None
+
+
 @dataclass
 class Admission:
     allowed: bool
     retry_after_s: float | None  # when refused
     reason: str | None  # "requests" | "tokens" | "concurrency" | "unavailable"
     headers: dict[str, str]  # OpenAI's x-ratelimit-*, for the most constraining subject
-    token: str  # opaque handle for settle(); "" when there is nothing to settle
+    token: Handle | None  # for settle(); None when there is nothing to settle
     settled: bool = field(default=False, compare=False)
 
 
@@ -282,6 +300,7 @@ class RateLimiter:
         timeout_s: float = 0.5,
         backoff_s: float = 1.0,
         unavailable_retry_s: float = 1.0,
+        settle_window_s: float = 6 * 3600.0,
     ) -> None:
         self.redis = redis
         self.fail_open = fail_open
@@ -291,12 +310,22 @@ class RateLimiter:
         self.timeout_s = timeout_s
         self.backoff_s = backoff_s
         self.unavailable_retry_s = unavailable_retry_s
+        # How long an admitted request may take to be settled; far longer than any generation.
+        self.settle_window_ms = int(settle_window_s * 1000)
+        self.open_key = f"{key_prefix}open"
+        self._key_cache: dict[str, list[str]] = {}
         self._down_until = 0.0
         self._last_warning = 0.0
         self._suppressed = 0
 
     def _keys(self, subject: str) -> list[str]:
-        return [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
+        keys = self._key_cache.get(subject)
+        if keys is None:
+            if len(self._key_cache) > 100_000:  # bounded: subjects are keys, tenants and tenant-model pairs
+                self._key_cache.clear()
+            keys = [f"{self.prefix}rpm:{subject}", f"{self.prefix}tpm:{subject}", f"{self.prefix}conc:{subject}"]
+            self._key_cache[subject] = keys
+        return keys
 
     # --- Redis trouble: never raise, log rarely ----------------------------------------
     def _redis_usable(self) -> bool:
@@ -316,9 +345,9 @@ class RateLimiter:
 
     def _unavailable(self) -> Admission:
         if self.fail_open:
-            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
         return Admission(allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={},
-                         token="")
+                         token=None)
 
     async def _call(self, script: _Script, keys: list[str], args: list[object]) -> object:
         assert self.redis is not None
@@ -336,13 +365,13 @@ class RateLimiter:
                     budget: Budget | None = None) -> Admission:
         limits = [lim for lim in limits if not lim.unlimited]
         if not limits and budget is None:
-            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token="")
+            return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
         if not self._redis_usable():
             if self.redis is None:
                 self._failed(None)
             return self._unavailable()
         reserve = max(0, int(reserve_tokens))
-        keys: list[str] = []
+        keys: list[str] = [self.open_key]
         args: list[object] = [request_id, reserve, self.concurrency_ttl_ms]
         for lim in limits:
             keys += self._keys(lim.subject)
@@ -353,6 +382,7 @@ class RateLimiter:
             args += [budget.limit, BUDGET_TTL_MS]
         else:
             args += [_NO_LIMIT, 0]
+        args.append(self.settle_window_ms)
         try:
             result = await self._call(_ADMIT_SCRIPT, keys, args)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
@@ -362,32 +392,29 @@ class RateLimiter:
         headers = _headers(limits, values)
         if not allowed:
             return Admission(allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers,
-                             token="")
-        handle: dict[str, object] = {
-            "r": request_id, "t": reserve,
-            "s": [[lim.subject, lim.tokens_per_minute, lim.max_concurrent is not None] for lim in limits]}
-        if budget is not None:
-            handle["b"] = budget.key
-        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers,
-                         token=json.dumps(handle, separators=(",", ":")))
+                             token=None)
+        handle = Handle(request_id=request_id, reserve=reserve, limits=tuple(limits),
+                        budget_key=None if budget is None else budget.key)
+        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
 
     async def settle(self, admission: Admission, *, used_tokens: int) -> None:
         """Charge the real usage instead of the reservation and free the concurrency slot. Idempotent."""
         if admission.settled or not admission.allowed or not admission.token:
             return
         admission.settled = True
-        handle = json.loads(admission.token)
-        keys = [f"{self.prefix}settled:{handle['r']}"]
-        args: list[object] = [handle["r"], self.concurrency_ttl_ms + WINDOW_MS]
+        handle = admission.token
+        keys = [self.open_key]
+        args: list[object] = [handle.request_id, 0]
         used = max(0, int(used_tokens))
-        for subject, tpm, has_conc in handle["s"]:
-            _rpm_key, tpm_key, conc_key = self._keys(subject)
+        for lim in handle.limits:
+            _rpm_key, tpm_key, conc_key = self._keys(lim.subject)
             keys += [tpm_key, conc_key]
-            charged = min(handle["t"], tpm) if tpm else 0
-            args += [_arg(tpm), used - charged if tpm else 0, 1 if has_conc else 0]
-        if "b" in handle:
-            keys.append(handle["b"])
-            args += [used - handle["t"], BUDGET_TTL_MS]
+            tpm = lim.tokens_per_minute
+            charged = min(handle.reserve, tpm) if tpm else 0
+            args += [_arg(tpm), used - charged if tpm else 0, 0 if lim.max_concurrent is None else 1]
+        if handle.budget_key is not None:
+            keys.append(handle.budget_key)
+            args += [used - handle.reserve, BUDGET_TTL_MS]
         if self.redis is None:
             return
         try:
@@ -400,11 +427,11 @@ class RateLimiter:
         """Extend a long-running request's concurrency slot by another ``concurrency_ttl_s``."""
         if admission.settled or not admission.allowed or not admission.token or self.redis is None:
             return
-        handle = json.loads(admission.token)
-        keys = [self._keys(subject)[2] for subject, _tpm, has_conc in handle["s"] if has_conc]
+        handle = admission.token
+        keys = [self._keys(lim.subject)[2] for lim in handle.limits if lim.max_concurrent is not None]
         if not keys:
             return
         try:
-            await self._call(_REFRESH_SCRIPT, keys, [handle["r"], self.concurrency_ttl_ms])
+            await self._call(_REFRESH_SCRIPT, keys, [handle.request_id, self.concurrency_ttl_ms])
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)

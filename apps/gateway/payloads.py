@@ -21,6 +21,9 @@ def parse(body: bytes, endpoint: str) -> dict[str, Any]:
         payload = json.loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}.") from None
+    except RecursionError:
+        # json's C decoder gives up on deep nesting (~1,000 levels) with RecursionError.
+        raise bad_request("The request body is nested too deeply.") from None
     if not isinstance(payload, dict):
         raise bad_request("The request body must be a JSON object.")
     model = payload.get("model")
@@ -54,29 +57,50 @@ def parse(body: bytes, endpoint: str) -> dict[str, Any]:
     options = payload.get("stream_options")
     if options is not None and not isinstance(options, dict):
         raise bad_request("'stream_options' must be an object.", "stream_options")
+    for name in ("include_usage", "continuous_usage_stats"):
+        if options and options.get(name) is not None and not isinstance(options[name], bool):
+            raise bad_request(f"'stream_options.{name}' must be a boolean.", f"stream_options.{name}")
     return payload
 
 
 def reserve_tokens(payload: dict[str, Any], body_len: int) -> int:
-    """Tokens to reserve before the answer is known: the output cap plus ~4 bytes per prompt token."""
+    """Tokens to reserve before the answer is known: the output cap for each of the ``n`` choices
+    plus ~4 bytes per prompt token."""
     out = payload.get("max_completion_tokens") or payload.get("max_tokens")
     if out is None:
         out = 0 if "input" in payload and "messages" not in payload else settings.GATEWAY_DEFAULT_MAX_TOKENS
-    return int(out) + body_len // 4
+    return int(out) * int(payload.get("n") or 1) + body_len // 4
+
+
+def wants_usage_chunk(payload: dict[str, Any]) -> bool:
+    """OpenAI's semantics: a stream ends with a usage chunk only for ``include_usage: true``.
+
+    vLLM's own default differs (``include_usage`` is true once ``stream_options`` is present at
+    all, so ``{}`` or ``{"continuous_usage_stats": true}`` alone would bring usage); we follow
+    OpenAI, whose SDKs our customers use.
+    """
+    options = payload.get("stream_options")
+    return isinstance(options, dict) and options.get("include_usage") is True
 
 
 _USAGE_OPTION = b',"stream_options":{"include_usage":true}}'
 
 
 def with_usage_option(body: bytes, payload: dict[str, Any]) -> bytes:
-    """The body with ``stream_options.include_usage`` set, so that vLLM reports a stream's usage.
+    """The body asking vLLM for exactly one usage chunk at the end of the stream, for metering,
+    when the client did not ask for usage itself (the gateway removes that chunk again).
 
     When the client sent no ``stream_options``, the member is appended to the body's bytes:
     everything the client sent reaches the node exactly as sent, and a large prompt is not
-    serialised again on the request path. Otherwise the options are merged and the body rebuilt.
+    serialised again on the request path. Otherwise the options are rebuilt without
+    ``continuous_usage_stats`` (vLLM would put usage into every chunk, which this client did not
+    ask for: it gets no usage at all under OpenAI's semantics).
     """
     stripped = body.rstrip()
     if "stream_options" not in payload and stripped.endswith(b"}") and stripped.lstrip().startswith(b"{"):
         return stripped[:-1] + _USAGE_OPTION
-    options = payload.get("stream_options") or {}
-    return json.dumps({**payload, "stream_options": {**options, "include_usage": True}}).encode()
+    options = {k: v for k, v in (payload.get("stream_options") or {}).items() if k != "continuous_usage_stats"}
+    try:
+        return json.dumps({**payload, "stream_options": {**options, "include_usage": True}}).encode()
+    except RecursionError:
+        raise bad_request("The request body is nested too deeply.") from None

@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -44,6 +45,7 @@ class Exchange:
     chunks: int = 0
     response_started: bool = False
     estimated_prompt: int = 0
+    choices: int = 1  # the request's n: a chat stream opens each choice with a role-only chunk
 
     @property
     def has_usage(self) -> bool:
@@ -54,7 +56,7 @@ class Exchange:
         if self.prompt_tokens is not None:
             return self.prompt_tokens, self.completion_tokens or 0, False
         # No usage from vLLM (disconnect, upstream death): count what was delivered.
-        content_chunks = max(0, self.chunks - 1) if self.endpoint == CHAT else self.chunks
+        content_chunks = max(0, self.chunks - self.choices) if self.endpoint == CHAT else self.chunks
         return self.estimated_prompt, content_chunks, True
 
 
@@ -64,21 +66,36 @@ def _upstream_headers(node: NodeRoute, request_id: str) -> dict[str, str]:
             "X-Request-Id": request_id}
 
 
+NodeFault = Callable[[NodeRoute, str], None]
+
+
 async def open_upstream(
-    *, session: Any, board: LoadBoard, route: ModelRoute, path: str, body: bytes, ex: Exchange
+    *, session: Any, board: LoadBoard, route: ModelRoute, path: str, body: bytes, ex: Exchange,
+    on_node_fault: NodeFault | None = None,
 ) -> tuple[NodeRoute, upstream.ClientResponse]:
     """Connect to the least-loaded node; on a failure before the first byte, try another
     (GATEWAY_MAX_RETRIES times). The caller must release the node on the board.
 
-    A node that refused the connection, timed out or answered 5xx is cooled down
-    (GATEWAY_NODE_COOLDOWN_S). A connection that merely broke (reset, closed by the peer) says
-    little about the node: under bursts a kept-alive connection can be reset while the node is
-    fine, and cooling a model's only node down for that turned a blip into seconds of 503s. Such
-    a node is not cooled down and gets one more try, on a fresh connection, once the other
-    nodes are used up; it is cooled down if that fails too."""
+    What a failure says decides what happens to the node:
+    - refused connection or timeout: the node is down; it is cooled down (GATEWAY_NODE_COOLDOWN_S).
+    - a connection that merely broke (reset, closed by the peer) says little: under bursts a
+      kept-alive connection can be reset while the node is fine. The node gets one more try, on a
+      fresh connection, once the other nodes are used up, and is cooled down only if that fails.
+    - 401/403: the node refused *our* node key (rotated or wrong): a node fault, never the
+      customer's. The node is cooled down, ``on_node_fault`` marks it unhealthy, and the request
+      goes elsewhere; the customer never sees the node's auth error.
+    - 5xx: may be the node or the request (one poison input makes any node 500). The request is
+      tried on one other node. If that one fails too, the request is at fault: it is answered
+      with the error and nothing is cooled down, and it is not tried on further nodes. If it
+      succeeds, the first node earns a strike; GATEWAY_NODE_FAILURES_TO_COOL_DOWN strikes (each
+      from a different request that worked elsewhere) within GATEWAY_NODE_FAILURE_WINDOW_S cool it
+      down. A model's only node is never cooled down for a 5xx: that would turn one bad request
+      into 503s for everyone, and a dead engine fails its health check anyway.
+    """
     tried: set[int] = set()
     second_chances: list[NodeRoute] = []
     failovers = 0
+    failed_answer: tuple[NodeRoute, int] | None = None  # the first node that answered 5xx, and how
     last = "no ready node serves this model"
     while True:
         node = board.pick(route.nodes, tried) if failovers <= settings.GATEWAY_MAX_RETRIES else None
@@ -103,22 +120,52 @@ async def open_upstream(
                 log.warning("request %s: %s; cooling it down, failing over", ex.request_id, last)
             failovers += 1
             continue
-        if resp.status >= 500:
+        status = resp.status
+        if status in (401, 403):
             resp.close()
             board.release(node.node_id)
             board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
-            last = f"node {node.node_id} answered {resp.status}"
-            log.warning("request %s: %s; cooling it down, failing over", ex.request_id, last)
+            last = f"node {node.node_id} refused the gateway's node key (HTTP {status})"
+            log.error("request %s: %s; failing over", ex.request_id, last)
+            if on_node_fault is not None:
+                on_node_fault(node, f"the node refused the gateway's node key (HTTP {status} on {path})")
             failovers += 1
             continue
+        if status >= 500:
+            resp.close()
+            board.release(node.node_id)
+            if failed_answer is not None:
+                log.warning("request %s: node %s answered %s as node %s did: the request fails, no node is "
+                            "cooled down", ex.request_id, node.node_id, status, failed_answer[0].node_id)
+                raise _request_failed(status, nodes=2)
+            failed_answer = (node, status)
+            last = f"node {node.node_id} answered {status}"
+            log.warning("request %s: %s; trying one other node", ex.request_id, last)
+            failovers += 1
+            continue
+        if failed_answer is not None and board.strike(
+                failed_answer[0].node_id, threshold=settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
+                window_s=settings.GATEWAY_NODE_FAILURE_WINDOW_S, cooldown_s=settings.GATEWAY_NODE_COOLDOWN_S):
+            log.warning("node %s: %d requests that worked elsewhere failed on it within %gs; cooling it down",
+                        failed_answer[0].node_id, settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
+                        settings.GATEWAY_NODE_FAILURE_WINDOW_S)
         ex.node_id = node.node_id
         return node, resp
+    if failed_answer is not None:
+        # No second node to tell the request's fault from the node's: answer the error, cool nothing.
+        raise _request_failed(failed_answer[1], nodes=1)
     if not tried:
         raise GatewayError(503, f"No ready node serves '{route.name}' right now; retry shortly.",
                            type="server_error", code="no_capacity", headers={"retry-after": "5"})
     log.warning("request %s: giving up on '%s', last error: %s", ex.request_id, route.name, last)
     raise GatewayError(503, "The model's nodes are unavailable right now; retry shortly.",
                        type="server_error", code="upstream_unavailable", headers={"retry-after": "2"})
+
+
+def _request_failed(status: int, *, nodes: int) -> GatewayError:
+    where = "two model servers" if nodes > 1 else "the model server"
+    return GatewayError(status, f"The request failed on {where} (HTTP {status}); it was not retried further.",
+                        type="server_error", code="upstream_error")
 
 
 def _response_headers(resp: upstream.ClientResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -134,7 +181,10 @@ async def relay_json(*, resp: upstream.ClientResponse, send: Send, ex: Exchange,
                      headers: list[tuple[bytes, bytes]]) -> None:
     body = await resp.read()
     ex.status = resp.status
-    if resp.status == 200:
+    if 400 <= resp.status < 500:
+        # The node rejected the request (bad parameters, too long a prompt): nothing was used.
+        ex.prompt_tokens = ex.completion_tokens = 0
+    elif resp.status == 200:
         try:
             usage = json.loads(body).get("usage") or {}
             ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)

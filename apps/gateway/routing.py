@@ -13,7 +13,7 @@ import logging
 import os
 import time
 import uuid
-from collections import defaultdict
+from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from decimal import Decimal
 
@@ -43,6 +43,7 @@ class ModelRoute:
     price_in: Decimal
     price_out: Decimal
     nodes: tuple[NodeRoute, ...] = ()
+    max_model_len: int | None = None
 
 
 @dataclass
@@ -59,7 +60,8 @@ def load_table() -> RoutingTable:
     close_old_connections()
     try:
         models = list(ServedModel.objects.filter(is_active=True).values(
-            "id", "name", "created_at", "price_input_per_mtok", "price_output_per_mtok"))
+            "id", "name", "created_at", "price_input_per_mtok", "price_output_per_mtok",
+            "max_model_len", "context_length"))
         nodes = list(Node.objects.filter(status=NodeStatus.READY, model__is_active=True).exclude(endpoint_url="")
                      .values("id", "model_id", "endpoint_url", "launcher", "launcher_state", "requests_waiting"))
     finally:
@@ -77,8 +79,34 @@ def load_table() -> RoutingTable:
         table.models[m["name"]] = ModelRoute(
             model_id=m["id"], name=m["name"], created=int(m["created_at"].timestamp()),
             price_in=m["price_input_per_mtok"], price_out=m["price_output_per_mtok"],
-            nodes=tuple(by_model.get(m["id"], ())))
+            nodes=tuple(by_model.get(m["id"], ())),
+            # What vLLM serves: --max-model-len when the catalog sets it, else the model's own context.
+            max_model_len=m["max_model_len"] or m["context_length"])
     return table
+
+
+def node_mark_unhealthy(*, node_id: int, reason: str) -> bool:
+    """Take a ready node out of rotation through the fleet's state machine (which records the
+    reason and bumps the routing version). False if it was not ready (any more)."""
+    from apps.fleet.models import Node, NodeStatus
+    from apps.fleet.transitions import IllegalTransition, node_transition
+
+    close_old_connections()
+    try:
+        node = Node.objects.filter(pk=node_id, status=NodeStatus.READY).first()
+        if node is None:
+            return False
+        try:
+            node_transition(node=node, to=NodeStatus.UNHEALTHY, reason=reason, actor="gateway",
+                            expected_from=NodeStatus.READY)
+        except IllegalTransition:
+            return False  # another worker (or the health check) moved it first
+        return True
+    finally:
+        connection.close()
+
+
+anode_mark_unhealthy = sync_to_async(node_mark_unhealthy, thread_sensitive=False)
 
 
 aload_table = sync_to_async(load_table, thread_sensitive=False)
@@ -92,6 +120,7 @@ class LoadBoard:
         self.local: dict[int, int] = defaultdict(int)
         self.others: dict[int, int] = {}
         self.cooldown_until: dict[int, float] = {}
+        self._strikes: dict[int, deque[float]] = {}
         self._turn = 0  # rotates the start of the scan, so equal loads spread over the nodes
 
     def acquire(self, node_id: int) -> None:
@@ -104,6 +133,20 @@ class LoadBoard:
 
     def cool_down(self, node_id: int, seconds: float) -> None:
         self.cooldown_until[node_id] = time.monotonic() + seconds
+
+    def strike(self, node_id: int, *, threshold: int, window_s: float, cooldown_s: float) -> bool:
+        """Count a request that failed on the node but worked elsewhere; at ``threshold`` of them
+        within ``window_s`` the node is cooled down (True)."""
+        now = time.monotonic()
+        strikes = self._strikes.setdefault(node_id, deque())
+        strikes.append(now)
+        while strikes and strikes[0] <= now - window_s:
+            strikes.popleft()
+        if len(strikes) < threshold:
+            return False
+        del self._strikes[node_id]
+        self.cool_down(node_id, cooldown_s)
+        return True
 
     def pick(self, nodes: tuple[NodeRoute, ...], exclude: set[int]) -> NodeRoute | None:
         now = time.monotonic()

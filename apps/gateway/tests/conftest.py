@@ -40,11 +40,11 @@ class RunningGateway:
 
 
 @contextmanager
-def running_gateway() -> Iterator[RunningGateway]:
+def running_gateway(http: str = "h11") -> Iterator[RunningGateway]:
     """A fresh Gateway (empty caches) served by uvicorn on a free port, in a thread."""
     app = Gateway(get_asgi_application())
     config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
-                            loop="asyncio", http="h11")
+                            loop="asyncio", http=http)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="gateway-under-test")
     thread.start()

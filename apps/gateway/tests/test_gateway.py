@@ -165,6 +165,7 @@ def test_suspended_tenant_and_missing_scope_and_model_restriction(gateway, tenan
     (json.dumps({"model": "llama-3-8b", "messages": "hi"}).encode(), "messages"),
     (json.dumps({"model": "llama-3-8b", "messages": MSG, "stream": "yes"}).encode(), "stream"),
     (json.dumps({"model": "llama-3-8b", "messages": MSG, "max_tokens": -1}).encode(), "max_tokens"),
+    (b'{"model": "llama-3-8b", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # RecursionError
 ])
 def test_bad_input_is_400_naming_the_param(gateway, api_key, catalog_model, body, param) -> None:
     r = httpx.post(gateway.base_url + "/chat/completions", content=body,

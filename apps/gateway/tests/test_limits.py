@@ -144,6 +144,34 @@ async def test_settle_is_idempotent_even_from_another_worker(limiter, clients):
     assert 399 <= await remaining_tokens(limiter, limit) <= 402  # charged 600 once, not 1100 or 1600
 
 
+async def test_settled_requests_leave_no_key_behind_in_redis(limiter, redis_db):
+    limits = [Limit("key:1", 10_000, 1_000_000, 50), Limit("tenant:1", 10_000, 1_000_000, None)]
+    budget = Budget.monthly(tenant_id=1, limit=10**9)
+    per_subject = {f"{PREFIX}{kind}:{subject}".encode() for kind in ("rpm", "tpm", "conc")
+                   for subject in ("key:1", "tenant:1")}
+
+    for i in range(300):
+        admission = await limiter.admit(limits=limits, reserve_tokens=10, request_id=f"req-{i}", budget=budget)
+        await limiter.settle(admission, used_tokens=5)
+
+    # Memory follows the requests in flight, not the requests served (no marker per request).
+    assert set(redis_db.keys(PREFIX + "*")) <= per_subject | {limiter.open_key.encode()}
+    assert not redis_db.keys("*settled*")
+    assert redis_db.zcard(limiter.open_key) == 0
+
+
+async def test_a_settle_long_after_admission_still_corrects_the_reservation(clients, redis_db):
+    # Entries of requests in flight live for the settle window, far beyond the concurrency TTL.
+    limiter = RateLimiter(clients[0], concurrency_ttl_s=0.05)
+    limit = Limit("key:1", None, 1000, 1)
+    admission = await limiter.admit(limits=[limit], reserve_tokens=500, request_id="long")
+    await asyncio.sleep(0.2)  # the concurrency slot expired; the request is still open
+
+    await limiter.settle(admission, used_tokens=100)
+
+    assert 899 <= await remaining_tokens(limiter, limit) <= 910  # 400 refunded (plus the refill meanwhile)
+
+
 async def test_settle_releases_the_concurrency_slot(limiter, redis_db):
     limit = Limit("key:1", None, None, 1)
     held = await limiter.admit(limits=[limit], reserve_tokens=0, request_id="held")
