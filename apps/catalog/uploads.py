@@ -8,6 +8,7 @@ cancel request. The transfer itself (hashing, resumable multipart upload, manife
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import shutil
@@ -25,13 +26,13 @@ from django.utils import timezone
 from apps.catalog import hf, storage
 from apps.catalog.models import Model, UploadStatus
 from apps.catalog.transfer import (
-    ALLOW_PATTERNS,
     UploadCancelled,
     UploadError,
     UploadRefusedError,
     check_repo_listing,
     scan_folder,
     select_files,
+    select_paths,
     transfer_folder,
 )
 from apps.core import invalidation
@@ -51,7 +52,8 @@ def _slug(value: str) -> str:
 
 
 def default_prefix(*, model: Model, hf_repo: str = "", revision: str = "") -> str:
-    """``models/<org>--<name>/<revision>`` for a hub repo; otherwise the model's own folder."""
+    """``models/<org>--<name>/<revision>`` for a hub repo (the worker pins it to the commit sha);
+    otherwise the model's own folder."""
     if hf_repo:
         return f"models/{_slug(hf_repo.replace('/', '--'))}/{_slug(revision or 'main')}"
     if model.storage_uri:
@@ -59,6 +61,12 @@ def default_prefix(*, model: Model, hf_repo: str = "", revision: str = "") -> st
         if bucket == settings.R2_BUCKET and prefix:
             return prefix
     return f"models/{_slug(model.name.replace('/', '--'))}"
+
+
+def requested_prefix(source: dict) -> str:
+    """The prefix staff asked for in ``source`` ("" when it was derived from the pinned commit), to
+    queue the same upload again: a retry must pin the revision afresh, not reuse the old commit's prefix."""
+    return "" if source.get("prefix_auto") else str(source.get("prefix", ""))
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str]:
@@ -103,6 +111,8 @@ def upload_request(
         if not Path(local_dir).is_absolute():
             raise UploadError(f"local_dir: '{local_dir}' must be an absolute path on the worker machine.")
         source = {"kind": "dir", "path": local_dir}
+    if hf_repo and not prefix.strip("/"):
+        source["prefix_auto"] = True  # the worker replaces the revision by the commit sha it resolves
     prefix = prefix.strip("/") or default_prefix(model=model, hf_repo=hf_repo, revision=revision)
     if not PREFIX_RE.match(prefix) or ".." in prefix.split("/"):
         raise UploadError(f"prefix: '{prefix}' is not a valid object prefix (letters, digits, . _ - = @ + and /).")
@@ -236,15 +246,17 @@ class RowProgress:
 
 
 def _download(model: Model, source: dict, progress: RowProgress) -> Path:
-    """Fetch the hub files into the work dir in a thread, reporting its size as progress."""
-    repo, revision = str(source["repo"]), str(source["revision"])
-    check_repo_listing(hf.repo_files(repo=repo, revision=revision))
+    """Fetch the hub files of the pinned commit into the work dir in a thread, reporting its size as progress."""
+    repo, revision = str(source["repo"]), str(source["commit"])
+    listing = hf.repo_files(repo=repo, revision=revision)
+    check_repo_listing(listing)
+    wanted = [glob.escape(path) for path in select_paths(listing)]  # exact paths, no duplicate weights
     dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model.pk}" / _slug(f"{repo.replace('/', '--')}@{revision}")
     outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
-            hf.download(repo=repo, revision=revision, allow_patterns=ALLOW_PATTERNS, dest=dest)
+            hf.download(repo=repo, revision=revision, allow_patterns=wanted, dest=dest)
         except Exception as exc:
             outcome["error"] = exc
 
@@ -275,8 +287,15 @@ def upload_run(
     model = Model.objects.get(pk=model_id)
     source = dict(model.upload_source)
     bucket = storage.default_bucket()
+    if source.get("kind") == "hf":
+        # Pin the branch or tag to the commit it names now: the download, the manifest and (unless
+        # staff chose one) the prefix use the sha, so re-uploading after the repo changes writes a
+        # new prefix instead of overwriting the objects running nodes stream from.
+        source["commit"] = hf.resolve_revision(repo=str(source["repo"]), revision=str(source["revision"]))
+        if source.get("prefix_auto"):
+            source["prefix"] = default_prefix(model=model, hf_repo=str(source["repo"]), revision=source["commit"])
     prefix = str(source["prefix"])
-    Model.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix), upload_current_file="preparing")
+    Model.objects.filter(pk=model_id).update(upload_source=source, upload_current_file="preparing")
     progress = RowProgress(model_id, on_progress)
     downloaded: Path | None = None
     if source.get("kind") == "hf":
@@ -285,10 +304,13 @@ def upload_run(
         root = Path(str(source["path"]))
     files = select_files(scan_folder(root))
     entries = transfer_folder(files=files, bucket=bucket, prefix=prefix, progress=progress,
-                              source={k: v for k, v in source.items() if k != "keep"}, on_file_done=on_file_done)
+                              source={k: v for k, v in source.items() if k not in {"keep", "prefix_auto"}},
+                              on_file_done=on_file_done)
     total = sum(e["size"] for e in entries)
     now = timezone.now()
     Model.objects.filter(pk=model_id).update(
+        # The storage URI moves only now: nodes launched during the upload keep the complete old prefix.
+        storage_uri=storage.uri(bucket, prefix),
         upload_status=UploadStatus.UPLOADED, manifest=entries, total_bytes=total, upload_bytes_done=total,
         upload_bytes_total=total, upload_current_file="", upload_error="", upload_finished_at=now, updated_at=now,
         upload_rate_bps=0,

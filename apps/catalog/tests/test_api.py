@@ -113,7 +113,7 @@ def test_upload_action_queues_and_reports_202(staff_api, catalog_model, django_c
     body = response.json()
     assert body["upload_status"] == "queued"
     assert body["upload_source"] == {"kind": "hf", "repo": "acme/tiny", "revision": "v2", "keep": False,
-                                     "prefix": "models/acme--tiny/v2"}
+                                     "prefix": "models/acme--tiny/v2", "prefix_auto": True}
     assert len(callbacks) == 1
 
 
