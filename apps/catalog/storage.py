@@ -270,6 +270,12 @@ def translate(exc: Exception, *, bucket: str = "", key: str = "") -> StorageErro
                 f"Access denied to {where} ({code}). The API token needs Object Read & Write on bucket "
                 f"'{bucket}' (or the credentials are wrong: check R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY)."
             )
+        if code == "NotImplemented":
+            # Not transient: R2 answers 501 to checksum headers it does not implement.
+            return StorageError(
+                f"The storage does not implement what was sent for {where} ({message}). For Cloudflare R2 keep "
+                "R2_CHECKSUMS=when_required."
+            )
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return StorageTransientError(f"The storage is temporarily failing on {where}: {code} {message}.")
         return StorageError(f"Storage error on {where}: {code} {message}.")

@@ -285,3 +285,27 @@ def test_bad_upload_requests_are_refused_and_change_nothing(catalog_model, kwarg
         upload_request(model=catalog_model, enqueue=False, **kwargs)
     catalog_model.refresh_from_db()
     assert catalog_model.upload_status == UploadStatus.NONE
+
+
+def test_a_root_level_consolidated_copy_of_sharded_weights_is_left_out_and_every_sentencepiece_file_kept(
+        r2, catalog_model, model_folder):
+    # Mistral-style: the same weights once more, unsharded, beside the shards (the streamer would load both).
+    (model_folder / "consolidated.safetensors").write_bytes(b"the same weights again")
+    (model_folder / "tokenizer_v2.model").write_bytes(b"sentencepiece")
+    (model_folder / "sentencepiece.bpe.model").write_bytes(b"sentencepiece")
+
+    assert _upload_from_dir(catalog_model, model_folder) == "uploaded"
+
+    keys = {o.key.removeprefix("models/test-model/") for o in storage.list_objects(r2, "models/test-model/")}
+    assert "consolidated.safetensors" not in keys
+    assert {"tokenizer_v2.model", "sentencepiece.bpe.model", *WEIGHTS} <= keys
+
+
+def test_a_single_unsharded_weights_file_is_still_uploaded(r2, catalog_model, tmp_path):
+    folder = tmp_path / "single"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "consolidated.safetensors").write_bytes(b"weights")
+
+    assert _upload_from_dir(catalog_model, folder) == "uploaded"
+    assert storage.head(r2, "models/test-model/consolidated.safetensors") is not None
