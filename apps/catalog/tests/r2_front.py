@@ -120,7 +120,7 @@ class _TLSServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError):
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)
+            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
         finally:
             tls.close()
 
@@ -197,7 +197,7 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
 
         def _read_body(self) -> bytes:
             if self.headers.get("Transfer-Encoding", "").lower() == "chunked":
-                chunks = []
+                chunks: list[bytes] = []
                 while True:
                     size = int(self.rfile.readline().split(b";")[0].strip() or b"0", 16)
                     if size == 0:
@@ -212,7 +212,8 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
         def _upstream(self) -> http.client.HTTPConnection:
             conn = getattr(upstream_local, "conn", None)
             if conn is None:
-                conn = http.client.HTTPConnection(front.upstream.hostname, front.upstream.port, timeout=120)
+                conn = http.client.HTTPConnection(front.upstream.hostname or "127.0.0.1", front.upstream.port,
+                                                  timeout=120)
                 upstream_local.conn = conn
             return conn
 
