@@ -48,8 +48,10 @@ class Command(BaseCommand):
             raise CommandError(str(exc)) from exc
         source = f"{hf_repo}@{revision}" if hf_repo else local_dir
         if not opts["sync"]:
-            self.stdout.write(f"Queued upload of {model.name} from {source} to {model.upload_source['prefix']}; "
-                              "follow it in the admin.")
+            target = str(model.upload_source["prefix"])
+            if model.upload_source.get("prefix_auto"):  # the worker pins the revision to its commit
+                target = f"{target.rsplit('/', 1)[0]}/<commit of {revision}>"
+            self.stdout.write(f"Queued upload of {model.name} from {source} to {target}; follow it in the admin.")
             return
         self._run_here(model.pk, source)
 
