@@ -1,11 +1,14 @@
 """Upload benchmark: CrossLogic's upload service vs plain boto3 ``upload_file``, side by side, in one run.
 
-Starts moto's S3 server on a free localhost port, writes a synthetic model (configs plus
-safetensors shards totalling ``--size-mb``), then uploads it, in alternating rounds:
+Starts moto's S3 server on a free localhost port behind the R2 front (apps/catalog/tests/r2_front.py:
+https with a test CA, refusing what Cloudflare R2 refuses), writes a synthetic model (configs plus
+safetensors shards totalling ``--size-mb``), then uploads it through the front, in alternating rounds:
 
 - ``service``: apps.catalog.transfer (what the Celery task runs: sha256 per file, HEAD per
   object, parallel multipart from disk, manifest) with the project's default R2_* settings;
-- ``plain``: ``boto3.client("s3").upload_file`` per file with boto3's default TransferConfig.
+- ``plain``: ``boto3.client("s3").upload_file`` per file with boto3's default TransferConfig, and
+  ``request_checksum_calculation="when_required"`` as Cloudflare documents for boto3 >= 1.36 (with
+  botocore's default the front refuses it, as R2 does).
 
 Each upload runs in a fresh child process that reports its own peak RSS (VmHWM), so the memory
 figure is the worker's, Django and all. Prints a table and the throughput ratio
@@ -96,10 +99,13 @@ def child_service(folder: Path, bucket: str, prefix: str) -> dict:
 
 def child_plain(folder: Path, bucket: str, prefix: str) -> dict:
     import boto3
+    from botocore.config import Config
 
-    client = boto3.client("s3", endpoint_url=os.environ["R2_ENDPOINT_URL"], region_name="us-east-1",
+    config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
+    client = boto3.client("s3", endpoint_url=os.environ["R2_ENDPOINT_URL"], region_name="auto",
                           aws_access_key_id=os.environ["R2_ACCESS_KEY_ID"],
-                          aws_secret_access_key=os.environ["R2_SECRET_ACCESS_KEY"])
+                          aws_secret_access_key=os.environ["R2_SECRET_ACCESS_KEY"],
+                          verify=os.environ["R2_CA_BUNDLE"], config=config)
     files = sorted(p for p in folder.iterdir() if p.is_file())
     started, cpu = time.perf_counter(), cpu_seconds()
     for path in files:
@@ -164,11 +170,15 @@ def main() -> None:
         print(json.dumps(result))
         return
 
+    sys.path.insert(0, str(ROOT))
+    from apps.catalog.tests.r2_front import R2Front
+
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     work = Path(tempfile.mkdtemp(prefix="r2-bench-"))
     moto_log = (work / "moto.log").open("w")
     moto = subprocess.Popen([str(MOTO), "-H", "127.0.0.1", "-p", str(port)], stdout=moto_log, stderr=moto_log)
+    front: R2Front | None = None
     try:
         deadline = time.monotonic() + 30
         while True:
@@ -179,14 +189,15 @@ def main() -> None:
                 if time.monotonic() > deadline or moto.poll() is not None:
                     raise SystemExit("moto_server did not start") from None
                 time.sleep(0.2)
-        admin = s3_admin(endpoint)
+        admin = s3_admin(endpoint)  # straight to moto: setup and cleanup are not measured
         admin.create_bucket(Bucket="bench")
+        front = R2Front(upstream=endpoint, workdir=work).__enter__()
         print(f"writing a {args.size_mb} MB synthetic model ({args.shards} shards) …", flush=True)
         total = make_model(work / "model", args.size_mb, args.shards)
         os.sync()  # else the model's dirty pages are written back during the first round only
-        env = {**os.environ, "R2_ENDPOINT_URL": endpoint, "R2_ACCESS_KEY_ID": "bench",
-               "R2_SECRET_ACCESS_KEY": "bench", "R2_BUCKET": "bench", "R2_REGION": "us-east-1",
-               "DJANGO_SETTINGS_MODULE": "crosslogic.settings", "LOG_LEVEL": "WARNING"}
+        env = {**os.environ, "R2_ENDPOINT_URL": front.url, "R2_CA_BUNDLE": str(front.ca_file),
+               "R2_ACCESS_KEY_ID": "bench", "R2_SECRET_ACCESS_KEY": "bench", "R2_BUCKET": "bench",
+               "R2_REGION": "auto", "DJANGO_SETTINGS_MODULE": "crosslogic.settings", "LOG_LEVEL": "WARNING"}
         results: dict[str, list[dict]] = {"plain": [], "service": []}
         for round_no in range(args.rounds):
             # The order alternates so that neither path always runs on a warmer (or busier) machine.
@@ -202,7 +213,12 @@ def main() -> None:
                 # moto spools large objects to temporary files: flush their pages now, or the next
                 # upload pays for this one's writeback.
                 os.sync()
+        if front.refusals:
+            raise SystemExit(f"the R2 front refused requests: {dict(front.refusals)}")
+        print("R2 front: no request refused", flush=True)
     finally:
+        if front is not None:
+            front.__exit__(None, None, None)
         moto.terminate()
         moto.wait(timeout=20)
         moto_log.close()
@@ -232,7 +248,8 @@ def main() -> None:
         f"`bench/r2_upload_bench.py --size-mb {args.size_mb} --shards {args.shards} --rounds {args.rounds}` "
         f"on {platform.machine()} / Python {platform.python_version()}, {os.cpu_count()} cores, "
         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Model: {total / MIB:.0f} MiB; store: moto_server on "
-        "localhost (in-memory, CPU-bound, shares the cores with the uploader).",
+        "localhost behind the R2 front (https, R2's refusals; in-memory, CPU-bound, shares the cores with the "
+        "uploader).",
         "",
         *rows,
         "",

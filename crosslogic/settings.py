@@ -324,14 +324,20 @@ R2_MAX_ATTEMPTS: int = _env_or_fail("R2_MAX_ATTEMPTS", int, 5)
 R2_MULTIPART_THRESHOLD_MB: int = _env_or_fail("R2_MULTIPART_THRESHOLD_MB", int, 16)
 R2_MULTIPART_CHUNK_MB: int = _env_or_fail("R2_MULTIPART_CHUNK_MB", int, 8)
 R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
-# botocore's default ("when_supported") adds CRC checksums; "when_required" for older S3 clones.
-R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_supported")
+# botocore's own default ("when_supported") sends every PutObject/UploadPart body aws-chunked with a
+# CRC32 trailer over https, which R2 refuses (401 Unauthorized): keep "when_required" for R2. We send our
+# own SHA-256 where R2 checks it (ChecksumSHA256 on single PUTs). "when_supported" only for stores that take it.
+R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_required")
+# A CA bundle (PEM) to verify the endpoint's certificate with; empty = the system/certifi store (real R2).
+R2_CA_BUNDLE: str = env("R2_CA_BUNDLE", default="")
 if R2_ENDPOINT_URL and urlparse(R2_ENDPOINT_URL).scheme not in {"http", "https"}:
     raise ImproperlyConfigured("R2_ENDPOINT_URL must be an http(s):// URL: https://<account>.r2.cloudflarestorage.com")
 if R2_MULTIPART_CHUNK_MB < 5 or R2_MULTIPART_THRESHOLD_MB < 5 or not 1 <= R2_MAX_CONCURRENCY <= 64:
     raise ImproperlyConfigured("R2 multipart sizes must be >= 5 MB and R2_MAX_CONCURRENCY within 1..64.")
 if R2_CHECKSUMS not in {"when_supported", "when_required"}:
-    raise ImproperlyConfigured("R2_CHECKSUMS must be when_supported or when_required.")
+    raise ImproperlyConfigured("R2_CHECKSUMS must be when_required (R2) or when_supported.")
+if R2_CA_BUNDLE and not Path(R2_CA_BUNDLE).is_file():
+    raise ImproperlyConfigured(f"R2_CA_BUNDLE: {R2_CA_BUNDLE} is not a file (a PEM bundle of CA certificates).")
 HF_TOKEN: str = env("HF_TOKEN", default="")
 HF_ENDPOINT: str = env("HF_ENDPOINT", default="")  # a Hugging Face mirror; empty = huggingface.co
 UPLOAD_WORK_DIR: Path = Path(env("UPLOAD_WORK_DIR", default=str(VAR_DIR / "uploads")))

@@ -46,3 +46,4 @@ def test_the_upload_benchmark_runs_through_multipart():
 
     assert "throughput ratio service / plain" in out and "upload worker peak memory" in out
     assert out.count("round 1 ") == 2  # both paths uploaded
+    assert "R2 front: no request refused" in out  # through the https front that refuses what R2 refuses

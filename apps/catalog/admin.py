@@ -303,7 +303,7 @@ class ModelAdmin(admin.ModelAdmin):
                 upload = uploads.upload_request(
                     model=model, hf_repo=str(source.get("repo") or ("" if source else model.hf_repo)),
                     revision=str(source.get("revision") or model.hf_revision), local_dir=str(source.get("path", "")),
-                    prefix=str(source.get("prefix", "")), keep_downloads=bool(source.get("keep")),
+                    prefix=uploads.requested_prefix(source), keep_downloads=bool(source.get("keep")),
                     origin=JobOrigin.ADMIN, requested_by=request.user,
                 )
             except uploads.UploadError as exc:
@@ -367,7 +367,7 @@ class ModelAdmin(admin.ModelAdmin):
             "source": source.get("kind", "hf" if model.hf_repo or not source else "dir"),
             "hf_repo": f"{source.get('repo') or model.hf_repo}@{source.get('revision') or model.hf_revision}"
             if (source.get("repo") or model.hf_repo) else "",
-            "local_dir": source.get("path", ""), "prefix": source.get("prefix", ""),
+            "local_dir": source.get("path", ""), "prefix": uploads.requested_prefix(source),
             "keep_downloads": bool(source.get("keep")),
         }
         form = UploadForm(request.POST or None, initial=initial)

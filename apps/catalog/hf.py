@@ -1,7 +1,8 @@
 """The one module that talks to the Hugging Face hub (the only importer of huggingface_hub).
 
 ``HF_ENDPOINT`` (a mirror) and ``HF_TOKEN`` (gated or private repos) come from settings. Tests
-replace :func:`repo_files` and :func:`download` with a fake that serves a local folder;
+replace :func:`resolve_revision`, :func:`repo_files` and :func:`download` with a fake that serves a
+local folder, or point HF_ENDPOINT at a local hub (test_hf.py);
 :func:`filter_paths` stays real so the allow-pattern filtering is the library's own.
 """
 
@@ -49,6 +50,21 @@ def _translate(exc: Exception, repo: str, revision: str) -> HubError:
 def filter_paths(paths: Iterable[str], allow_patterns: list[str]) -> list[str]:
     """The subset of ``paths`` that ``snapshot_download(allow_patterns=...)`` would fetch."""
     return sorted(filter_repo_objects(list(paths), allow_patterns=allow_patterns))
+
+
+def resolve_revision(*, repo: str, revision: str) -> str:
+    """The commit sha that ``revision`` (a branch, tag or sha) names now.
+
+    Uploads pin it: the prefix, the manifest and the download all use the sha, so a later push to
+    the branch can never overwrite objects that running nodes stream from.
+    """
+    try:
+        sha = HfApi(endpoint=_endpoint(), token=_token()).model_info(repo, revision=revision).sha
+    except Exception as exc:
+        raise _translate(exc, repo, revision) from exc
+    if not sha:
+        raise HubError(f"The hub gave no commit for {repo}@{revision}; cannot pin the upload to it.")
+    return sha
 
 
 def repo_files(*, repo: str, revision: str) -> list[str]:

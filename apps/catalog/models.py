@@ -94,7 +94,7 @@ class ServedModel(models.Model):
     updated_at = models.DateTimeField(auto_now=True)
 
     class Meta:
-        db_table = "catalog_model"  # the table kept its name when the class was renamed from Model
+        db_table = "catalog_model"  # the table kept its name when the class was renamed from ServedModel
         ordering = ["name"]
 
     def __str__(self) -> str:

@@ -8,10 +8,12 @@ the multipart settings come from ``settings.R2_*``. Every botocore failure leave
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -27,6 +29,7 @@ from botocore.exceptions import (
     EndpointConnectionError,
     NoCredentialsError,
     ReadTimeoutError,
+    SSLError,
 )
 from django.conf import settings
 from s3transfer.exceptions import CancelledError as S3CancelledError
@@ -129,7 +132,7 @@ _clients_lock = threading.Lock()
 def _settings_key() -> tuple:
     return (settings.R2_ENDPOINT_URL, settings.R2_ACCESS_KEY_ID, settings.R2_SECRET_ACCESS_KEY, settings.R2_REGION,
             settings.R2_CONNECT_TIMEOUT_S, settings.R2_READ_TIMEOUT_S, settings.R2_MAX_ATTEMPTS,
-            settings.R2_CHECKSUMS, settings.R2_MAX_CONCURRENCY)
+            settings.R2_CHECKSUMS, settings.R2_MAX_CONCURRENCY, settings.R2_CA_BUNDLE)
 
 
 def check_configured() -> None:
@@ -157,6 +160,8 @@ def client():  # -> botocore S3 client (untyped: botocore generates it at runtim
                 read_timeout=settings.R2_READ_TIMEOUT_S,
                 # Room for every multipart worker plus a few control calls.
                 max_pool_connections=settings.R2_MAX_CONCURRENCY + 4,
+                # "when_required" (the default) for R2: botocore's "when_supported" sends bodies
+                # aws-chunked with a CRC32 trailer over https, which R2 refuses (see settings.py).
                 request_checksum_calculation=settings.R2_CHECKSUMS,
                 response_checksum_validation=settings.R2_CHECKSUMS,
             )
@@ -166,6 +171,7 @@ def client():  # -> botocore S3 client (untyped: botocore generates it at runtim
                 aws_access_key_id=settings.R2_ACCESS_KEY_ID,
                 aws_secret_access_key=settings.R2_SECRET_ACCESS_KEY,
                 config=config,
+                verify=settings.R2_CA_BUNDLE or None,  # None: botocore's default store (AWS_CA_BUNDLE, certifi)
             )
             cached.meta.events.register("before-parameter-build.s3", _record_call)
             _clients[key] = cached
@@ -173,14 +179,22 @@ def client():  # -> botocore S3 client (untyped: botocore generates it at runtim
 
 
 def transfer_config() -> TransferConfig:
-    mib = 1024 * 1024
     return TransferConfig(
-        multipart_threshold=settings.R2_MULTIPART_THRESHOLD_MB * mib,
-        multipart_chunksize=settings.R2_MULTIPART_CHUNK_MB * mib,
+        multipart_threshold=multipart_threshold(),
+        multipart_chunksize=settings.R2_MULTIPART_CHUNK_MB * 1024 * 1024,
         max_concurrency=settings.R2_MAX_CONCURRENCY,
         use_threads=True,
         preferred_transfer_client="classic",
     )
+
+
+def multipart_threshold() -> int:
+    return settings.R2_MULTIPART_THRESHOLD_MB * 1024 * 1024
+
+
+def checksum_sha256(hex_digest: str) -> str:
+    """S3's ``ChecksumSHA256`` form (base64 of the raw digest) of a hex sha256."""
+    return base64.b64encode(bytes.fromhex(hex_digest)).decode()
 
 
 def default_bucket() -> str:
@@ -208,6 +222,11 @@ def translate(exc: Exception, *, bucket: str = "", key: str = "") -> StorageErro
         return exc
     if isinstance(exc, S3CancelledError):
         return TransferCancelledError("The transfer was cancelled.")
+    if isinstance(exc, SSLError):
+        return StorageUnreachableError(
+            f"The TLS certificate of {endpoint} is not trusted: {exc}. Real R2 needs nothing here; for a "
+            "store behind a private CA set R2_CA_BUNDLE to its CA certificate (PEM)."
+        )
     if isinstance(exc, EndpointConnectionError | ConnectTimeoutError):
         return StorageUnreachableError(
             f"Cannot reach the storage endpoint {endpoint}: {exc}. Check R2_ENDPOINT_URL "
@@ -223,10 +242,21 @@ def translate(exc: Exception, *, bucket: str = "", key: str = "") -> StorageErro
         message = error.get("Message", "") or code
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
         where = f"s3://{bucket}/{key}" if key else f"bucket '{bucket}'"
+        if code == "InvalidRegionName":
+            return StorageError(
+                f"The storage refused the signing region ({message}). Set R2_REGION=auto for Cloudflare R2."
+            )
+        if code == "BadDigest":
+            return StorageError(f"The storage received other bytes than were hashed for {where} ({message}).")
         if code in _BAD_CREDENTIAL_CODES:
+            hint = ""
+            if code == "Unauthorized" and settings.R2_CHECKSUMS == "when_supported":
+                # R2 answers Unauthorized to botocore's aws-chunked bodies with a checksum trailer.
+                hint = " If the credentials are right, set R2_CHECKSUMS=when_required: R2 refuses checksum trailers."
             return StorageBadCredentialsError(
                 f"The storage rejected the credentials ({code}: {message}). Check R2_ACCESS_KEY_ID and "
                 "R2_SECRET_ACCESS_KEY: create an R2 API token with Object Read & Write in the Cloudflare dashboard."
+                + hint
             )
         if code == "NoSuchBucket" or (status == 404 and not key):
             return StorageBucketMissingError(
@@ -239,6 +269,12 @@ def translate(exc: Exception, *, bucket: str = "", key: str = "") -> StorageErro
             return StorageAccessDeniedError(
                 f"Access denied to {where} ({code}). The API token needs Object Read & Write on bucket "
                 f"'{bucket}' (or the credentials are wrong: check R2_ACCESS_KEY_ID / R2_SECRET_ACCESS_KEY)."
+            )
+        if code == "NotImplemented":
+            # Not transient: R2 answers 501 to checksum headers it does not implement.
+            return StorageError(
+                f"The storage does not implement what was sent for {where} ({message}). For Cloudflare R2 keep "
+                "R2_CHECKSUMS=when_required."
             )
         if code in _TRANSIENT_CODES or status >= 500 or status == 429:
             return StorageTransientError(f"The storage is temporarily failing on {where}: {code} {message}.")
@@ -312,9 +348,13 @@ def head(bucket: str, key: str) -> ObjectInfo | None:
 
 def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
               sha256: str | None = None) -> None:
+    """One PutObject. The store checks the body against our SHA-256 (``ChecksumSHA256``, which R2
+    verifies on single PUTs); ``sha256`` given is also kept in the object's metadata for verify."""
     metadata = {SHA256_METADATA_KEY: sha256} if sha256 else {}
+    digest = sha256 or hashlib.sha256(data).hexdigest()
     with _Translate(bucket, key):
-        client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata)
+        client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata,
+                            ChecksumSHA256=checksum_sha256(digest))
 
 
 def get_bytes(bucket: str, key: str) -> bytes:
@@ -345,14 +385,22 @@ def list_objects(bucket: str, prefix: str = "") -> Iterator[ObjectInfo]:
                 yield ObjectInfo(key=item["Key"], size=int(item["Size"]))
 
 
-def abort_incomplete_uploads(bucket: str, prefix: str) -> int:
-    """Abort multipart uploads left under ``prefix`` by a killed worker (they cost storage)."""
+def abort_incomplete_uploads(bucket: str, prefix: str, *, keys: Collection[str]) -> int:
+    """Abort the multipart uploads a killed worker left on ``keys`` (they cost storage until R2's
+    7-day lifecycle rule); return how many.
+
+    Only those exact keys: another model uploading under the same prefix keeps its uploads. Every
+    page of the listing is read (R2, like S3, returns at most 1000 uploads per page).
+    """
+    wanted = set(keys)
     aborted = 0
     with _Translate(bucket):
-        response = client().list_multipart_uploads(Bucket=bucket, Prefix=prefix)
-        for upload in response.get("Uploads", []):
-            client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
-            aborted += 1
+        paginator = client().get_paginator("list_multipart_uploads")
+        for page in paginator.paginate(Bucket=bucket, Prefix=prefix):
+            for upload in page.get("Uploads", []):
+                if upload["Key"] in wanted:
+                    client().abort_multipart_upload(Bucket=bucket, Key=upload["Key"], UploadId=upload["UploadId"])
+                    aborted += 1
     return aborted
 
 
@@ -399,9 +447,11 @@ class Uploader:
 
     def submit(self, path: Path, bucket: str, key: str, *, sha256: str, content_type: str,
                on_bytes: Callable[[int], None]) -> Transfer:
-        future = self._manager.upload(
-            str(path), bucket, key,
-            extra_args={"Metadata": {SHA256_METADATA_KEY: sha256}, "ContentType": content_type},
-            subscribers=[_Progress(on_bytes)],
-        )
+        extra_args: dict[str, object] = {"Metadata": {SHA256_METADATA_KEY: sha256}, "ContentType": content_type}
+        if path.stat().st_size < multipart_threshold():
+            # A single PUT: R2 checks the body against our SHA-256. Not on multipart uploads, where
+            # s3transfer would ask for a FULL_OBJECT SHA-256 checksum, which R2 does not implement.
+            extra_args["ChecksumSHA256"] = checksum_sha256(sha256)
+        future = self._manager.upload(str(path), bucket, key, extra_args=extra_args,
+                                      subscribers=[_Progress(on_bytes)])
         return Transfer(future, bucket, key)

@@ -13,6 +13,7 @@ import logging
 import mimetypes
 import mmap
 import os
+import re
 import threading
 import time
 from collections.abc import Callable
@@ -32,8 +33,10 @@ MANIFEST_NAME = "crosslogic-manifest.json"
 ALLOW_PATTERNS = [
     "*.safetensors",
     "*.json",
-    "tokenizer.model",
-    "spiece.model",
+    # SentencePiece tokenizers: tokenizer.model, spiece.model (T5), tokenizer_*.model,
+    # sentencepiece.bpe.model (XLM-R), spm.model; Mistral's tokenizer.model.v3 and the like.
+    "*.model",
+    "tokenizer.model.*",
     "*.tiktoken",
     "merges.txt",
     "vocab.*",
@@ -42,6 +45,7 @@ ALLOW_PATTERNS = [
 # Weights the Run:ai streamer cannot load; most are pickles, which execute code when loaded.
 FORBIDDEN_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt", ".joblib", ".h5", ".msgpack", ".gguf")
 HASH_CHUNK = 16 * 1024 * 1024
+SHARD_RE = re.compile(r"-\d+-of-\d+\.safetensors$")
 
 
 class UploadError(Exception):
@@ -123,12 +127,31 @@ def scan_folder(root: Path) -> list[SourceFile]:
     return files
 
 
+def select_paths(paths: list[str]) -> list[str]:
+    """What vLLM needs of a repo's file list: the allow patterns (huggingface_hub's own filter),
+    without root-level single-file duplicates of sharded weights.
+
+    Mistral-style repos ship ``consolidated.safetensors`` (and some ``model.safetensors``) beside the
+    ``model-0000N-of-0000M.safetensors`` shards. The Run:ai streamer loads every ``*.safetensors`` at
+    the prefix, so uploading both would make each node download the weights twice (and load them
+    twice). When root-level shards exist, other root-level ``*.safetensors`` are left out.
+    """
+    keep = hf.filter_paths(paths, ALLOW_PATTERNS)
+    root_weights = [p for p in keep if "/" not in p and p.endswith(".safetensors")]
+    if any(SHARD_RE.search(p) for p in root_weights):
+        duplicates = {p for p in root_weights if not SHARD_RE.search(p)}
+        if duplicates:
+            log.info("not uploading %s: the sharded files hold the same weights", ", ".join(sorted(duplicates)))
+        keep = [p for p in keep if p not in duplicates]
+    return keep
+
+
 def select_files(files: list[SourceFile]) -> list[SourceFile]:
-    """Refuse non-safetensors weights, then keep what vLLM needs (the hub's own allow-pattern filter)."""
+    """Refuse non-safetensors weights, then keep what vLLM needs (see :func:`select_paths`)."""
     bad = forbidden([f.rel for f in files])
     if bad:
         raise UploadRefusedError(refuse_message(bad))
-    keep = set(hf.filter_paths([f.rel for f in files], ALLOW_PATTERNS))
+    keep = set(select_paths([f.rel for f in files]))
     selected = [f for f in files if f.rel in keep]
     if not any(f.rel.endswith(".safetensors") for f in selected):
         raise UploadRefusedError("Refused: no *.safetensors weights found to upload.")
@@ -238,9 +261,11 @@ def transfer_folder(
     """
     prefix = prefix.strip("/")
     storage.check_bucket(bucket)  # one cheap request: bad credentials / missing bucket fail here, clearly
-    aborted = storage.abort_incomplete_uploads(bucket, prefix + "/")
+    # Only our own keys: another model may be uploading under the same prefix right now.
+    ours = {f"{prefix}/{f.rel}" for f in files}
+    aborted = storage.abort_incomplete_uploads(bucket, prefix + "/", keys=ours)
     if aborted:
-        log.info("aborted %d incomplete multipart upload(s) under %s", aborted, prefix)
+        log.info("aborted %d incomplete multipart upload(s) of ours under %s", aborted, prefix)
     progress.start(sum(f.size for f in files))
     done: dict[str, dict] = {}
     # Hash ahead in order (memory-mapped); send up to UPLOAD_FILES_IN_FLIGHT files at once through one

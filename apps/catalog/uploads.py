@@ -10,6 +10,7 @@ weights. The transfer itself (hashing, resumable multipart upload, manifest) is 
 
 from __future__ import annotations
 
+import glob
 import logging
 import re
 import shutil
@@ -27,13 +28,13 @@ from django.utils import timezone
 from apps.catalog import hf, storage
 from apps.catalog.models import BUSY_UPLOAD_STATUSES, JobOrigin, ServedModel, UploadStatus, WeightUpload
 from apps.catalog.transfer import (
-    ALLOW_PATTERNS,
     UploadCancelled,
     UploadError,
     UploadRefusedError,
     check_repo_listing,
     scan_folder,
     select_files,
+    select_paths,
     transfer_folder,
 )
 from apps.core import invalidation
@@ -55,7 +56,8 @@ def _slug(value: str) -> str:
 
 
 def default_prefix(*, model: ServedModel, hf_repo: str = "", revision: str = "") -> str:
-    """``models/<org>--<name>/<revision>`` for a hub repo; otherwise the model's own folder."""
+    """``models/<org>--<name>/<revision>`` for a hub repo (the worker pins it to the commit sha);
+    otherwise the model's own folder."""
     if hf_repo:
         return f"models/{_slug(hf_repo.replace('/', '--'))}/{_slug(revision or 'main')}"
     if model.storage_uri:
@@ -63,6 +65,12 @@ def default_prefix(*, model: ServedModel, hf_repo: str = "", revision: str = "")
         if bucket == settings.R2_BUCKET and prefix:
             return prefix
     return f"models/{_slug(model.name.replace('/', '--'))}"
+
+
+def requested_prefix(source: dict) -> str:
+    """The prefix staff asked for in ``source`` ("" when it was derived from the pinned commit), to
+    queue the same upload again: a retry must pin the revision afresh, not reuse the old commit's prefix."""
+    return "" if source.get("prefix_auto") else str(source.get("prefix", ""))
 
 
 def parse_hf_spec(spec: str) -> tuple[str, str]:
@@ -111,6 +119,8 @@ def upload_request(
         if not Path(local_dir).is_absolute():
             raise UploadError(f"local_dir: '{local_dir}' must be an absolute path on the worker machine.")
         source = {"kind": "dir", "path": local_dir}
+    if hf_repo and not prefix.strip("/"):
+        source["prefix_auto"] = True  # the worker replaces the revision by the commit sha it resolves
     prefix = prefix.strip("/") or default_prefix(model=model, hf_repo=hf_repo, revision=revision)
     if not PREFIX_RE.match(prefix) or ".." in prefix.split("/"):
         raise UploadError(f"prefix: '{prefix}' is not a valid object prefix (letters, digits, . _ - = @ + and /).")
@@ -240,15 +250,17 @@ class RowProgress:
 
 
 def _download(model_id: int, source: dict, progress: RowProgress) -> Path:
-    """Fetch the hub files into the work dir in a thread, reporting its size as progress."""
-    repo, revision = str(source["repo"]), str(source["revision"])
-    check_repo_listing(hf.repo_files(repo=repo, revision=revision))
+    """Fetch the hub files of the pinned commit into the work dir in a thread, reporting its size as progress."""
+    repo, revision = str(source["repo"]), str(source["commit"])
+    listing = hf.repo_files(repo=repo, revision=revision)
+    check_repo_listing(listing)
+    wanted = [glob.escape(path) for path in select_paths(listing)]  # exact paths, no duplicate weights
     dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model_id}" / _slug(f"{repo.replace('/', '--')}@{revision}")
     outcome: dict[str, object] = {}
 
     def run() -> None:
         try:
-            hf.download(repo=repo, revision=revision, allow_patterns=ALLOW_PATTERNS, dest=dest)
+            hf.download(repo=repo, revision=revision, allow_patterns=wanted, dest=dest)
         except Exception as exc:
             outcome["error"] = exc
 
@@ -280,9 +292,16 @@ def upload_run(
     model_id = upload.model_id
     source = dict(upload.source)
     bucket = storage.default_bucket()
+    if source.get("kind") == "hf":
+        # Pin the branch or tag to the commit it names now: the download, the manifest and (unless
+        # staff chose one) the prefix use the sha, so re-uploading after the repo changes writes a
+        # new prefix instead of overwriting the objects running nodes stream from.
+        source["commit"] = hf.resolve_revision(repo=str(source["repo"]), revision=str(source["revision"]))
+        if source.get("prefix_auto"):
+            model = ServedModel.objects.get(pk=model_id)
+            source["prefix"] = default_prefix(model=model, hf_repo=str(source["repo"]), revision=source["commit"])
     prefix = str(source["prefix"])
-    ServedModel.objects.filter(pk=model_id).update(storage_uri=storage.uri(bucket, prefix))
-    WeightUpload.objects.filter(pk=upload_id).update(current_file="preparing")
+    WeightUpload.objects.filter(pk=upload_id).update(source=source, current_file="preparing")
     progress = RowProgress(upload_id, on_progress)
     downloaded: Path | None = None
     if source.get("kind") == "hf":
@@ -291,7 +310,8 @@ def upload_run(
         root = Path(str(source["path"]))
     files = select_files(scan_folder(root))
     entries = transfer_folder(files=files, bucket=bucket, prefix=prefix, progress=progress,
-                              source={k: v for k, v in source.items() if k != "keep"}, on_file_done=on_file_done)
+                              source={k: v for k, v in source.items() if k not in {"keep", "prefix_auto"}},
+                              on_file_done=on_file_done)
     total = sum(e["size"] for e in entries)
     now = timezone.now()
     with transaction.atomic():
@@ -301,7 +321,10 @@ def upload_run(
         )
         if finished != 1:
             raise UploadCancelled()  # closed meanwhile (cancelled, or replaced as dead): not ours to publish
-        ServedModel.objects.filter(pk=model_id).update(manifest=entries, total_bytes=total, updated_at=now)
+        # The storage URI moves only now: nodes launched during the upload keep the complete old prefix.
+        ServedModel.objects.filter(pk=model_id).update(
+            storage_uri=storage.uri(bucket, prefix), manifest=entries, total_bytes=total, updated_at=now
+        )
     invalidation.bump(invalidation.ROUTING)  # nodes launched from now on use the new storage URI
     if downloaded is not None and not source.get("keep"):
         shutil.rmtree(downloaded.parent, ignore_errors=True)

@@ -1,7 +1,9 @@
-"""Catalog fixtures: a real S3 protocol server (moto's) on localhost, and a fake hub at hf.py's boundary."""
+"""Catalog fixtures: a real S3 protocol server (moto's) behind an https front that refuses what
+Cloudflare R2 refuses (r2_front.py), and a fake hub at hf.py's boundary."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import socket
@@ -50,6 +52,22 @@ def moto_endpoint(tmp_path_factory):
     log.close()
 
 
+@pytest.fixture(scope="session")
+def r2_front_server(moto_endpoint, tmp_path_factory):
+    """The R2-faithful https front (test CA from trustme) before moto, for the whole session."""
+    from apps.catalog.tests.r2_front import R2Front
+
+    with R2Front(upstream=moto_endpoint, workdir=tmp_path_factory.mktemp("r2-front")) as front:
+        yield front
+
+
+@pytest.fixture
+def r2_front(r2_front_server):
+    """The front with its per-test state reset: refusals counted from zero, R2's page size."""
+    r2_front_server.reset()
+    return r2_front_server
+
+
 def set_moto_auth(endpoint: str, enforce: bool) -> None:
     """Make moto check credentials (it accepts any by default): unknown keys get InvalidAccessKeyId."""
     request = urllib.request.Request(  # noqa: S310 - our own localhost server
@@ -60,12 +78,15 @@ def set_moto_auth(endpoint: str, enforce: bool) -> None:
 
 
 @pytest.fixture
-def r2(settings, moto_endpoint, tmp_path):
-    """Settings pointing at moto with a fresh bucket, small multipart sizes, fast progress; yields the bucket."""
+def r2(settings, r2_front, tmp_path):
+    """Settings pointing at the R2 front (https, region auto, the project's default checksum mode)
+    with a fresh bucket, small multipart sizes, fast progress; yields the bucket."""
     from apps.catalog import storage
 
     bucket = f"weights-{uuid.uuid4().hex[:12]}"
-    settings.R2_ENDPOINT_URL = moto_endpoint
+    settings.R2_ENDPOINT_URL = r2_front.url
+    settings.R2_CA_BUNDLE = str(r2_front.ca_file)
+    settings.R2_REGION = "auto"
     settings.R2_ACCESS_KEY_ID = "test-key-id"
     settings.R2_SECRET_ACCESS_KEY = "test-secret"
     settings.R2_BUCKET = bucket
@@ -109,8 +130,9 @@ def model_folder(tmp_path) -> Path:
 def fake_hub(monkeypatch, tmp_path):
     """Replace hf.py's two network calls with a hub that serves local folders.
 
-    ``fake_hub.repos[(repo, revision)] = folder``. Downloads go through the real
-    ``hf.filter_paths`` (huggingface_hub's allow-pattern filter), as snapshot_download would.
+    ``fake_hub.repos[(repo, revision)] = folder``; each (repo, revision) has the commit
+    ``fake_hub.commit(repo, revision)``, which the hub also accepts as the revision. Downloads go
+    through the real ``hf.filter_paths`` (huggingface_hub's allow-pattern filter), as snapshot_download would.
     """
     from apps.catalog import hf
 
@@ -119,10 +141,19 @@ def fake_hub(monkeypatch, tmp_path):
             self.repos: dict[tuple[str, str], Path] = {}
             self.downloads: list[tuple[str, str, list[str]]] = []
 
+        @staticmethod
+        def commit(repo: str, revision: str) -> str:
+            return hashlib.sha1(f"{repo}@{revision}".encode()).hexdigest()  # noqa: S324 - a fake commit id
+
         def _folder(self, repo: str, revision: str) -> Path:
-            if (repo, revision) not in self.repos:
-                raise hf.HubError(f"Repository {repo}@{revision} not found (or private: set HF_TOKEN).")
-            return self.repos[(repo, revision)]
+            for (known_repo, known_revision), folder in self.repos.items():
+                if known_repo == repo and revision in (known_revision, self.commit(repo, known_revision)):
+                    return folder
+            raise hf.HubError(f"Repository {repo}@{revision} not found (or private: set HF_TOKEN).")
+
+        def resolve_revision(self, *, repo: str, revision: str) -> str:
+            self._folder(repo, revision)
+            return revision if len(revision) == 40 else self.commit(repo, revision)
 
         def repo_files(self, *, repo: str, revision: str) -> list[str]:
             folder = self._folder(repo, revision)
@@ -138,6 +169,7 @@ def fake_hub(monkeypatch, tmp_path):
             return dest
 
     hub = FakeHub()
+    monkeypatch.setattr(hf, "resolve_revision", hub.resolve_revision)
     monkeypatch.setattr(hf, "repo_files", hub.repo_files)
     monkeypatch.setattr(hf, "download", hub.download)
     return hub

@@ -115,7 +115,7 @@ def test_upload_action_queues_and_reports_202(staff_api, catalog_model, django_c
     assert body["latest_upload"]["status"] == "queued"
     assert body["latest_upload"]["origin"] == "api" and body["latest_upload"]["requested_by"] == "catalog-operator"
     assert body["latest_upload"]["source"] == {"kind": "hf", "repo": "acme/tiny", "revision": "v2", "keep": False,
-                                     "prefix": "models/acme--tiny/v2"}
+                                     "prefix": "models/acme--tiny/v2", "prefix_auto": True}
     assert len(callbacks) == 1
 
 

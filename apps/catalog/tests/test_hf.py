@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -20,19 +21,33 @@ from django.core.management import call_command
 from apps.catalog import hf, storage
 from apps.catalog.models import UploadStatus
 from apps.catalog.tests.conftest import make_model_folder
-from apps.catalog.transfer import ALLOW_PATTERNS
+from apps.catalog.transfer import ALLOW_PATTERNS, MANIFEST_NAME
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 class LocalHub:
+    """Repos at commits: ``repos[repo]`` is the folder at COMMIT; ``snapshots[(repo, sha)]`` other
+    commits; ``branches`` maps a branch (or tag) to the commit it names now, as the hub's refs do."""
+
     def __init__(self) -> None:
         self.repos: dict[str, Path] = {}
+        self.snapshots: dict[tuple[str, str], Path] = {}
+        self.branches: dict[str, str] = {"main": COMMIT}
         self.required_token = ""
         self.requests: list[tuple[str, str, str]] = []  # (method, path, authorization)
 
-    def files(self, repo: str) -> list[str]:
-        root = self.repos[repo]
+    def commit(self, repo: str, revision: str) -> str | None:
+        sha = self.branches.get(revision, revision)
+        if (repo, sha) in self.snapshots or (repo in self.repos and sha == COMMIT):
+            return sha
+        return None
+
+    def folder(self, repo: str, sha: str) -> Path:
+        return self.snapshots.get((repo, sha)) or self.repos[repo]
+
+    def files(self, repo: str, sha: str = COMMIT) -> list[str]:
+        root = self.folder(repo, sha)
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file())
 
 
@@ -65,23 +80,28 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 if repo not in hub.repos:
                     self._send(404, b'{"error": "Repository not found"}', {"X-Error-Code": "RepoNotFound"})
                     return
+                sha = hub.commit(repo, rest[1]) if len(rest) > 1 else None
+                if rest[:1] in (["revision"], ["tree"]) and sha is None:
+                    self._send(404, b'{"error": "Invalid rev id"}', {"X-Error-Code": "RevisionNotFound"})
+                    return
                 if rest[:1] == ["revision"]:
-                    siblings = [{"rfilename": f} for f in hub.files(repo)]
-                    self._json({"id": repo, "modelId": repo, "sha": COMMIT, "siblings": siblings, "private": False})
+                    siblings = [{"rfilename": f} for f in hub.files(repo, sha)]
+                    self._json({"id": repo, "modelId": repo, "sha": sha, "siblings": siblings, "private": False})
                     return
                 if rest[:1] == ["tree"]:
-                    root = hub.repos[repo]
+                    root = hub.folder(repo, sha)
                     self._json([{"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": "0" * 40}
-                                for f in hub.files(repo)])
+                                for f in hub.files(repo, sha)])
                     return
             if len(parts) >= 5 and parts[2] == "resolve":
                 repo, rel = "/".join(parts[:2]), "/".join(parts[4:])
-                file = hub.repos.get(repo, Path("/nonexistent")) / rel
+                sha = hub.commit(repo, parts[3])
+                file = hub.folder(repo, sha) / rel if sha else Path("/nonexistent")
                 if not file.is_file():
                     self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
                     return
                 body = file.read_bytes()
-                self._send(200, body, {"X-Repo-Commit": COMMIT, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+                self._send(200, body, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
                                        "Content-Type": "application/octet-stream"})
                 return
             self._send(404, b"no such route")
@@ -163,7 +183,66 @@ def test_upload_model_from_the_local_hub_end_to_end(r2, local_hub, hub_repo, cat
 
     catalog_model.refresh_from_db()
     assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
-    keys = {o.key for o in storage.list_objects(r2, "models/acme--tiny-llama/main/")}
-    assert "models/acme--tiny-llama/main/tokenizer.model" in keys
+    prefix = f"models/acme--tiny-llama/{COMMIT}"
+    keys = {o.key for o in storage.list_objects(r2, f"{prefix}/")}
+    assert f"{prefix}/tokenizer.model" in keys
     assert not any(k.endswith((".bin", ".pth", "README.md")) or "/.cache/" in k for k in keys)
     assert len(catalog_model.manifest) == 8
+
+
+# --- revisions are pinned to commits (issue #10, defect 10) -------------------------------------
+def test_resolve_revision_names_the_commit_a_branch_points_at(local_hub, hub_repo):
+    assert hf.resolve_revision(repo="acme/tiny-llama", revision="main") == COMMIT
+    assert hf.resolve_revision(repo="acme/tiny-llama", revision=COMMIT) == COMMIT
+    with pytest.raises(hf.HubError, match=r"Revision 'no-such-branch' not found in acme/tiny-llama"):
+        hf.resolve_revision(repo="acme/tiny-llama", revision="no-such-branch")
+
+
+@pytest.mark.django_db
+def test_an_upload_is_pinned_to_the_commit_and_a_later_push_never_overwrites_it(r2, local_hub, hub_repo,
+                                                                                catalog_model, tmp_path):
+    call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
+
+    first = f"models/acme--tiny-llama/{COMMIT}"
+    catalog_model.refresh_from_db()
+    assert catalog_model.storage_uri == f"s3://{r2}/{first}"
+    manifest = json.loads(storage.get_bytes(r2, f"{first}/{MANIFEST_NAME}"))
+    assert (manifest["source"]["revision"], manifest["source"]["commit"]) == ("main", COMMIT)
+    downloads = [path for method, path, _ in local_hub.requests if method == "GET" and "/resolve/" in path]
+    assert downloads and all(f"/resolve/{COMMIT}/" in path for path in downloads)  # never by branch name
+    served = storage.get_bytes(r2, f"{first}/config.json")
+
+    # Someone pushes to main: new weights and config under a new commit.
+    pushed = shutil.copytree(hub_repo, tmp_path / "pushed")
+    (pushed / "config.json").write_text('{"architectures": ["LlamaForCausalLM"], "hidden_size": 128}')
+    second_commit = "fedcba9876543210fedcba9876543210fedcba98"
+    local_hub.snapshots[("acme/tiny-llama", second_commit)] = pushed
+    local_hub.branches["main"] = second_commit
+
+    call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
+
+    second = f"models/acme--tiny-llama/{second_commit}"
+    catalog_model.refresh_from_db()
+    assert catalog_model.storage_uri == f"s3://{r2}/{second}"
+    assert storage.get_bytes(r2, f"{second}/config.json") == (pushed / "config.json").read_bytes()
+    assert storage.get_bytes(r2, f"{first}/config.json") == served  # what running nodes stream is untouched
+
+
+# --- file selection (issue #10, defect 11) --------------------------------------------------------
+@pytest.mark.django_db
+def test_duplicate_consolidated_weights_are_not_downloaded_and_every_sentencepiece_file_is(
+        r2, local_hub, hub_repo, catalog_model):
+    (hub_repo / "consolidated.safetensors").write_bytes(b"the same weights again, unsharded")
+    (hub_repo / "tokenizer_v2.model").write_bytes(b"sentencepiece v2")
+    (hub_repo / "sentencepiece.bpe.model").write_bytes(b"sentencepiece bpe")
+
+    call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
+
+    fetched = {path.rsplit("/", 1)[-1] for method, path, _ in local_hub.requests
+               if method == "GET" and "/resolve/" in path}
+    assert "consolidated.safetensors" not in fetched
+    prefix = f"models/acme--tiny-llama/{COMMIT}"
+    keys = {o.key.removeprefix(f"{prefix}/") for o in storage.list_objects(r2, f"{prefix}/")}
+    assert {"tokenizer.model", "tokenizer_v2.model", "sentencepiece.bpe.model"} <= keys
+    assert "consolidated.safetensors" not in keys
+    assert {"model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"} <= keys

@@ -100,9 +100,9 @@ def test_a_killed_parallel_upload_resends_only_what_had_not_landed(r2, catalog_m
     with pytest.raises(KeyboardInterrupt):
         _upload_from_dir(catalog_model, model_folder, on_file_done=die_after_first)
     landed = {o.key for o in storage.list_objects(r2, "models/test-model/")}
-    assert f"models/test-model/{WEIGHTS[0]}" in landed
-    assert "models/test-model/model-00001-of-00002.safetensors" not in landed  # cancelled mid-multipart
-    assert storage.abort_incomplete_uploads(r2, "models/test-model/") == 0  # and its parts were aborted
+    big = "models/test-model/model-00001-of-00002.safetensors"
+    assert landed and big not in landed  # the small files in flight landed; the big one was cancelled mid-multipart
+    assert storage.abort_incomplete_uploads(r2, "models/test-model/", keys={big}) == 0  # and its parts were aborted
     storage.request_log.reset()
 
     assert _upload_from_dir(catalog_model, model_folder) == "uploaded"
@@ -311,3 +311,27 @@ def test_the_catalog_imports_run_one_way():
     assert "apps.catalog.uploads" in imported["tasks"]
     users_of_tasks = {module for module, names in imported.items() if "apps.catalog.tasks" in names}
     assert users_of_tasks == {"enqueue"}
+
+
+def test_a_root_level_consolidated_copy_of_sharded_weights_is_left_out_and_every_sentencepiece_file_kept(
+        r2, catalog_model, model_folder):
+    # Mistral-style: the same weights once more, unsharded, beside the shards (the streamer would load both).
+    (model_folder / "consolidated.safetensors").write_bytes(b"the same weights again")
+    (model_folder / "tokenizer_v2.model").write_bytes(b"sentencepiece")
+    (model_folder / "sentencepiece.bpe.model").write_bytes(b"sentencepiece")
+
+    assert _upload_from_dir(catalog_model, model_folder) == "uploaded"
+
+    keys = {o.key.removeprefix("models/test-model/") for o in storage.list_objects(r2, "models/test-model/")}
+    assert "consolidated.safetensors" not in keys
+    assert {"tokenizer_v2.model", "sentencepiece.bpe.model", *WEIGHTS} <= keys
+
+
+def test_a_single_unsharded_weights_file_is_still_uploaded(r2, catalog_model, tmp_path):
+    folder = tmp_path / "single"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    (folder / "consolidated.safetensors").write_bytes(b"weights")
+
+    assert _upload_from_dir(catalog_model, folder) == "uploaded"
+    assert storage.head(r2, "models/test-model/consolidated.safetensors") is not None

@@ -50,8 +50,11 @@ class Command(BaseCommand):
         source = f"{hf_repo}@{revision}" if hf_repo else local_dir
         if not opts["sync"]:
             upload_enqueue(upload=upload)
-            self.stdout.write(f"Queued upload #{upload.pk} of {model.name} from {source} to "
-                              f"{upload.source['prefix']}; follow it in the admin.")
+            target = str(upload.source["prefix"])
+            if upload.source.get("prefix_auto"):  # the worker pins the revision to its commit
+                target = f"{target.rsplit('/', 1)[0]}/<commit of {revision}>"
+            self.stdout.write(f"Queued upload #{upload.pk} of {model.name} from {source} to {target}; "
+                              "follow it in the admin.")
             return
         self._run_here(upload.pk, source)
 
