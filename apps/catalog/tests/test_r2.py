@@ -15,8 +15,7 @@ from django.core.management import CommandError, call_command
 
 from apps.catalog import storage
 from apps.catalog.models import UploadStatus
-from apps.catalog.tasks import run_upload
-from apps.catalog.uploads import upload_request
+from apps.catalog.uploads import upload_execute, upload_request
 
 pytestmark = pytest.mark.django_db
 
@@ -41,12 +40,12 @@ def test_upload_model_over_https_with_botocores_default_checksums_is_refused_as_
     out = _upload_model_sync(catalog_model, model_folder)
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.FAILED
+    assert catalog_model.latest_upload.status == UploadStatus.FAILED
     # Before issue #10 the first PUT went aws-chunked with a CRC32 trailer (401 Unauthorized); single
     # PUTs now carry our own SHA-256, but the shard's CreateMultipartUpload still asks for CRC32 (501).
     refused = {reason.split(" ", 3)[1] for reason in r2_front.refusals}
     assert refused and refused <= {"Unauthorized", "NotImplemented"}, r2_front.refusals
-    assert "R2_CHECKSUMS=when_required" in catalog_model.upload_error  # the error says what to change
+    assert "R2_CHECKSUMS=when_required" in catalog_model.latest_upload.error  # the error says what to change
     assert "failed" in out.lower()
 
 
@@ -67,7 +66,7 @@ def test_upload_model_over_https_passes_with_the_default_settings_and_r2_checks_
     out = _upload_model_sync(catalog_model, model_folder)
 
     catalog_model.refresh_from_db()
-    assert catalog_model.upload_status == UploadStatus.UPLOADED, catalog_model.upload_error
+    assert catalog_model.latest_upload.status == UploadStatus.UPLOADED, catalog_model.latest_upload.error
     assert "Uploaded 7 file(s)" in out
     assert r2_front.refusals == {}
     # Every single PUT carried our SHA-256 and the store checked it against the body; the 12 MiB shard
@@ -171,8 +170,8 @@ def test_an_upload_aborts_all_its_own_leftovers_across_pages_and_none_of_a_neigh
     neighbour = "models/shared/a-neighbour-00001-of-00001.safetensors"
     theirs = client.create_multipart_upload(Bucket=r2, Key=neighbour)["UploadId"]
 
-    upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/shared", enqueue=False)
-    assert run_upload(catalog_model.pk) == "uploaded"
+    upload = upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/shared")
+    assert upload_execute(upload_id=upload.pk) == "uploaded"
 
     assert _open_uploads(r2) == {(neighbour, theirs)}
     assert storage.request_log.operations["AbortMultipartUpload"] == 5
