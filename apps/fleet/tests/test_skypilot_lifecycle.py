@@ -172,6 +172,8 @@ def test_fleet_check_reports_the_server_and_its_clouds(fake_sky, settings) -> No
 
     from django.core.management import CommandError, call_command
 
+    settings.CONTROL_PLANE_URL = "https://cp.crosslogic.example"
+    settings.SKYPILOT_API_SERVER_ENDPOINT = "https://skypilot.test"
     fake_sky.enabled = ["AWS", "GCP"]  # served by sky.client.sdk.enabled_clouds, as in 0.14.1
     out = StringIO()
     call_command("fleet_check", stdout=out, stderr=StringIO())
@@ -274,3 +276,43 @@ def test_a_cluster_not_up_while_watching_is_not_a_failure(sky_node, fake_sky, re
     fake_sky.job_status = not_up
     assert lifecycle.poll_launch(node.pk).then == "poll"
     assert _reload(node).status == NodeStatus.PROVISIONING
+
+
+@pytest.mark.parametrize(("control_plane", "endpoint", "flagged"), [
+    ("http://127.0.0.1:8000", "https://skypilot.internal", "loopback address"),
+    ("http://localhost:8000", "https://skypilot.internal", "loopback address"),
+    ("http://[::1]:8000", "https://skypilot.internal", "loopback address"),
+    ("https://cp.crosslogic.example", "http://skypilot.internal:46580", "plain http to another host"),
+    ("https://cp.crosslogic.example", "http://10.0.0.5:46580", "plain http to another host"),
+])
+def test_fleet_check_flags_settings_that_break_or_leak_on_a_real_launch(control_plane, endpoint, flagged,
+                                                                        fake_sky, settings) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.CONTROL_PLANE_URL, settings.SKYPILOT_API_SERVER_ENDPOINT = control_plane, endpoint
+    with pytest.raises(CommandError, match=flagged):
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
+
+
+def test_fleet_check_passes_https_endpoints_and_a_loopback_api_server(fake_sky, settings) -> None:
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    settings.CONTROL_PLANE_URL = "https://cp.crosslogic.example"
+    for endpoint in ("https://skypilot.internal", "http://127.0.0.1:46580"):  # loopback http stays on the host
+        settings.SKYPILOT_API_SERVER_ENDPOINT = endpoint
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
+
+
+def test_fleet_check_flags_missing_read_only_node_credentials(fake_sky, settings) -> None:
+    from io import StringIO
+
+    from django.core.management import CommandError, call_command
+
+    settings.CONTROL_PLANE_URL = "https://cp.crosslogic.example"
+    settings.R2_NODE_ACCESS_KEY_ID = ""
+    with pytest.raises(CommandError, match="read-only"):
+        call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
