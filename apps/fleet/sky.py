@@ -66,7 +66,13 @@ def _sdk() -> Any:
         else:
             os.environ.pop(name, None)
     import sky
+    from sky.server import common as server_common
 
+    # The SDK caches the endpoint for the process; a value read before ours was set (or before the
+    # setting changed) would send every request elsewhere.
+    if server_common.get_server_url() != settings.SKYPILOT_API_SERVER_ENDPOINT.rstrip("/"):
+        server_common.get_server_url.cache_clear()
+        server_common.is_api_server_local.cache_clear()
     return sky
 
 

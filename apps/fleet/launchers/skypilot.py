@@ -196,18 +196,17 @@ class SkyPilotLauncher(Launcher):
                 raise LaunchError(f"launch failed: the cluster does not exist ({exc})") from exc
             placement = sky.launched_placement(result)
             state["job_id"] = sky.launched_job_id(result)
-        url = node.endpoint_url
+        url, message = node.endpoint_url, ""
         if not url:
             try:
                 url = sky.endpoint(node.cluster_name, VLLM_PORT)
             except sky.ClusterMissing:
                 return PollResult(Progress.GONE, message="cluster vanished right after launch")
-            except ValueError as exc:  # not exposed yet: the health check needs it later
-                return PollResult(Progress.LAUNCHED, message=f"endpoint not known yet: {exc}", state=state,
-                                  placement=placement)
+            except ValueError as exc:  # not exposed yet (or, for 0.14.1, a cluster not found): see the job
+                message = f"endpoint not known yet: {exc}"
         job_id = state.get("job_id", node.launcher_state.get("job_id"))
         self._check_job(node, job_id if isinstance(job_id, int) else None)
-        return PollResult(Progress.LAUNCHED, endpoint_url=url, placement=placement, state=state)
+        return PollResult(Progress.LAUNCHED, endpoint_url=url, placement=placement, state=state, message=message)
 
     def _check_job(self, node: Node, job_id: int | None) -> None:
         """LaunchError, with the job's last log lines, once the setup/vLLM job is no longer running."""

@@ -205,8 +205,8 @@ class FakeSky:
         cluster = args[0] if args else kwargs["cluster"]
         port = args[1] if len(args) > 1 else kwargs.get("port")
         rid = self._new("endpoints", cluster)
-        if cluster not in self.clusters:
-            self.finish(rid, error=self.real.exceptions.ClusterDoesNotExist(f"{cluster} does not exist"))
+        if cluster not in self.clusters:  # what 0.14.1 answers for a cluster that does not exist
+            self.finish(rid, error=self.real.exceptions.ClusterNotUpError(f"Cluster {cluster!r} not found."))
         else:
             self.finish(rid, result={port: self.endpoints_by_cluster.get(cluster, "203.0.113.7:8000")})
         return rid
@@ -242,10 +242,11 @@ class FakeSky:
         self._check("down", *args, **kwargs)
         cluster_name = args[0] if args else kwargs["cluster_name"]
         self.calls[-1] = ("down", cluster_name)
-        self._gone(health_checked=True)
-        if cluster_name not in self.clusters:
-            raise self.real.exceptions.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
-        return self._new("down", cluster_name)
+        rid = self._new("down", cluster_name)
+        if cluster_name not in self.clusters:  # the server's answer, raised by sky.get
+            self.finish(rid, error=self.real.exceptions.ClusterDoesNotExist(
+                f"Cluster {cluster_name!r} does not exist."))
+        return rid
 
     def _enabled_clouds(self, *args: Any, **kwargs: Any) -> str:
         self._check("client.sdk.enabled_clouds", *args, **kwargs)

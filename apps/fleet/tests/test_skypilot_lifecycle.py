@@ -139,9 +139,11 @@ def test_teardown_calls_down_and_waits_for_it(sky_node, fake_sky) -> None:
     assert lifecycle.teardown_node(sky_node.pk).again_in is None  # idempotent
 
 
-def test_teardown_of_a_cluster_that_is_already_gone_completes(sky_node, fake_sky) -> None:
+def test_teardown_of_a_cluster_that_is_already_gone_completes(sky_node, fake_sky, real_sky) -> None:
     lifecycle.launch_node(sky_node.pk)
     node_terminate(node=_reload(sky_node))
+    assert lifecycle.teardown_node(sky_node.pk).then == "teardown"  # the server takes the down request and fails it
+    assert isinstance(fake_sky.requests[fake_sky.last("down")]["error"], real_sky.exceptions.ClusterDoesNotExist)
     lifecycle.teardown_node(sky_node.pk)
     assert _reload(sky_node).status == NodeStatus.TERMINATED
 
