@@ -80,6 +80,10 @@ def vllm_command(node: Node) -> str:
     ]
     if model.max_model_len:
         args += ["--max-model-len", str(model.max_model_len)]
+    if model.tool_call_parser:  # without it vLLM answers 400 to every request with `tools`
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser]
+    if model.reasoning_parser:
+        args += ["--reasoning-parser", model.reasoning_parser]
     args += [str(a) for a in model.extra_vllm_args]
     # No --api-key: vLLM reads VLLM_API_KEY (a SkyPilot secret) from its environment itself, while
     # a flag would land in `ps` and in the job log (vLLM logs its non-default arguments at start).

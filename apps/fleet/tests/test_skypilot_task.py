@@ -126,6 +126,20 @@ def test_a_launch_without_node_credentials_fails_the_node_with_the_reason(r2, se
     assert not [c for c in fake_sky.calls if c[0] == "launch"]
 
 
+def test_the_models_tool_and_reasoning_parsers_reach_vllm_serve(r2, served_model) -> None:
+    node = node_create(model=served_model, launcher="skypilot")
+    assert "--enable-auto-tool-choice" not in _vllm_args(fleet_sky.build_task(task_config(node), {}))
+
+    served_model.tool_call_parser, served_model.reasoning_parser = "llama3_json", "deepseek_r1"
+    served_model.save()
+    node.refresh_from_db()
+    args = _vllm_args(fleet_sky.build_task(task_config(node), task_secrets(SECRETS)))
+
+    assert "--enable-auto-tool-choice" in args
+    assert args[args.index("--tool-call-parser") + 1] == "llama3_json"
+    assert args[args.index("--reasoning-parser") + 1] == "deepseek_r1"
+
+
 def test_a_launch_profile_becomes_an_ordered_failover_list(r2, served_model) -> None:
     profile = LaunchProfile.objects.create(name="l4-anywhere", accelerator="L4:1", use_spot=True, placements=[
         {"cloud": "aws", "region": "us-east-1"}, {"cloud": "gcp", "region": "us-central1"}, {"cloud": "azure"}])
