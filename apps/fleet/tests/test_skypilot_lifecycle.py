@@ -307,6 +307,10 @@ def test_fleet_check_passes_https_endpoints_and_a_loopback_api_server(fake_sky, 
     for endpoint in ("https://skypilot.internal", "http://127.0.0.1:46580"):  # loopback http stays on the host
         settings.SKYPILOT_API_SERVER_ENDPOINT = endpoint
         call_command("fleet_check", stdout=StringIO(), stderr=StringIO())
+    # docker-compose's API server: a bare service name on the containers' private network is a warning.
+    settings.SKYPILOT_API_SERVER_ENDPOINT, err = "http://skypilot:46580", StringIO()
+    call_command("fleet_check", stdout=StringIO(), stderr=err)
+    assert "warning: SKYPILOT_API_SERVER_ENDPOINT is http://skypilot:46580: plain http" in err.getvalue()
 
 
 def test_fleet_check_flags_missing_read_only_node_credentials(fake_sky, settings) -> None:

@@ -25,21 +25,26 @@ def is_loopback(url: str) -> bool:
     return address.is_loopback or address.is_unspecified
 
 
-def setting_problems() -> list[str]:
-    """What would break or leak on a real launch, found from the settings alone."""
-    problems = []
+def setting_problems() -> tuple[list[str], list[str]]:
+    """(problems, warnings): what would break or leak on a real launch, from the settings alone."""
+    problems, warnings = [], []
     if is_loopback(settings.CONTROL_PLANE_URL):
         problems.append(f"CONTROL_PLANE_URL is {settings.CONTROL_PLANE_URL}, a loopback address: each GPU node "
                         "would call itself to register. Set the control plane's public URL.")
     endpoint = settings.SKYPILOT_API_SERVER_ENDPOINT
     if endpoint and urlparse(endpoint).scheme == "http" and not is_loopback(endpoint):
-        problems.append(f"SKYPILOT_API_SERVER_ENDPOINT is {endpoint}: plain http to another host, and every launch "
-                        "request carries the node's secrets (R2 token, vLLM key). Put the API server behind https.")
+        host = urlparse(endpoint).hostname or ""
+        message = (f"SKYPILOT_API_SERVER_ENDPOINT is {endpoint}: plain http to another host, and every launch "
+                   "request carries the node's secrets (R2 token, vLLM key). Put the API server behind https.")
+        if "." in host or ":" in host:
+            problems.append(message)
+        else:  # a bare service name (docker-compose's "skypilot"): a private network on this host
+            warnings.append(message + " (Fine only on a private container network on this host.)")
     try:
         node_r2_credentials()
     except LaunchError as exc:
         problems.append(exc.reason)
-    return problems
+    return problems, warnings
 
 
 class Command(BaseCommand):
@@ -52,7 +57,9 @@ class Command(BaseCommand):
         if not (settings.SKYPILOT_SERVICE_ACCOUNT_TOKEN or settings.SKYPILOT_USER_ID):
             self.stderr.write("warning: neither SKYPILOT_SERVICE_ACCOUNT_TOKEN nor SKYPILOT_USER_ID is set: each "
                               "worker host acts as its own SkyPilot user (docs/fleet.md, 'SkyPilot identity')")
-        problems = setting_problems()
+        problems, warnings = setting_problems()
+        for warning in warnings:
+            self.stderr.write(f"warning: {warning}")
         try:
             version, clouds = sky.server_report()
         except LaunchError as exc:
