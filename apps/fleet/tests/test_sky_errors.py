@@ -51,13 +51,14 @@ def test_clusters_of_other_teams_on_a_shared_api_server_are_never_ours(served_mo
     up = real_sky.ClusterStatus.UP
     fake_sky.clusters.update({
         "research-42": {"name": "research-42", "status": up, "launched_at": 1, "user_hash": "alice"},
+        "worker-a-scratch": {"name": "worker-a-scratch", "status": up, "launched_at": 1, "user_hash": "worker-a"},
         "crosslogic-777": {"name": "crosslogic-777", "status": up, "launched_at": 1, "user_hash": "worker-a"},
     })
     from apps.fleet import sky
 
     assert [c.name for c in sky.clusters()] == ["crosslogic-777"]
     assert reconcile().orphans == ["crosslogic-777"]
-    assert ("down", "research-42") not in fake_sky.calls
+    assert ("down", "research-42") not in fake_sky.calls and ("down", "worker-a-scratch") not in fake_sky.calls
 
 
 def test_the_pinned_skypilot_identity_is_what_the_sdk_sends(monkeypatch, settings) -> None:
