@@ -55,9 +55,9 @@ def sky_server(tmp_path_factory) -> Iterator[str]:
     shutil.copytree(CATALOG / "v8", home / ".sky" / "catalogs" / constants.CATALOG_SCHEMA_VERSION)
     port = _free_port()
     env = _server_env(home, port)
-    started = subprocess.run([str(SKY_CLI), "api", "start", "--host", "127.0.0.1", "--port", str(port)],
-                             env=env, capture_output=True, text=True, timeout=120)
-    try:
+    try:  # stopped in `finally` even when the start times out half-way
+        started = subprocess.run([str(SKY_CLI), "api", "start", "--host", "127.0.0.1", "--port", str(port)],
+                                 env=env, capture_output=True, text=True, timeout=180)
         assert started.returncode == 0, started.stdout + started.stderr
         url = f"http://127.0.0.1:{port}"
         _warm_up(url, env)
