@@ -246,11 +246,14 @@ def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[C
     """Our clusters (named ``FLEET_CLUSTER_PREFIX-…``), whichever SkyPilot user launched them.
 
     ``all_users=True``: without it the server lists only the caller's user hash, and a worker with
-    another identity would see every live cluster as vanished."""
+    another identity would see every live cluster as vanished. ``_summary_response=True``: the full
+    answer carries each cluster's resource handle, and decoding it on this side reads the cloud's
+    catalog (downloaded from GitHub when missing or older than a few hours); the summary carries
+    the name, status and launch time we read, and decodes offline."""
     sdk = _sdk()
     mode = sdk.StatusRefreshMode.FORCE if refresh else sdk.StatusRefreshMode.NONE
     with _mapped(sdk):
-        request_id = sdk.status(cluster_names=names, refresh=mode, all_users=True)
+        request_id = sdk.status(cluster_names=names, refresh=mode, all_users=True, _summary_response=True)
     records = _result_within(sdk, str(request_id), what="a cluster status request",
                              timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S)
     prefix = f"{settings.FLEET_CLUSTER_PREFIX}-"

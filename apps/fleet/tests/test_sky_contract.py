@@ -61,9 +61,34 @@ def sky_server(tmp_path_factory) -> Iterator[str]:
         assert started.returncode == 0, started.stdout + started.stderr
         url = f"http://127.0.0.1:{port}"
         _warm_up(url, env)
+        _SERVER_ENV[url] = env
         yield url
     finally:
         subprocess.run([str(SKY_CLI), "api", "stop"], env=env, capture_output=True, timeout=120)
+
+
+_SERVER_ENV: dict[str, dict[str, str]] = {}
+
+
+def _seed_cluster(server_url: str, name: str, *, owner: str) -> None:
+    """Record an UP cluster launched by SkyPilot user ``owner`` in the server's own state database,
+    the way a finished launch does (global_user_state.add_or_update_cluster): the server has no
+    cloud to launch one for real."""
+    code = (
+        "import sky; from sky import global_user_state as g;"
+        "from sky.backends.cloud_vm_ray_backend import CloudVmRayResourceHandle as H;"
+        "r = sky.Resources(infra='aws/us-east-1', instance_type='g6.xlarge');"
+        f"h = H(cluster_name={name!r}, cluster_name_on_cloud={name + '-2ea4'!r}, cluster_yaml=None, "
+        "launched_nodes=1, launched_resources=r);"
+        f"g.add_or_update_cluster({name!r}, h, {{r}}, ready=True);"
+        # The owner talks to the server, as the launch did: the server then knows the user.
+        "sky.get(sky.status())"
+    )
+    env = {**_SERVER_ENV[server_url], "SKYPILOT_USER_ID": owner, "SKYPILOT_API_SERVER_ENDPOINT": server_url,
+           "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
+    env.pop("SKYPILOT_API_SERVER_LOCAL_PORT")
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
 
 
 def _warm_up(url: str, env: dict[str, str]) -> None:
@@ -119,6 +144,20 @@ def test_status_over_all_users_is_accepted_and_returns_the_real_types(real_serve
     # The call we make, as the server answers it: StatusResponse objects (not dicts).
     records = real_sky.get(real_sky.status(cluster_names=None, all_users=True))
     assert isinstance(records, list)
+
+
+def test_clusters_launched_by_another_identity_are_seen_and_other_names_ignored(real_server) -> None:
+    import sky as real_sky
+
+    _seed_cluster(real_server, "crosslogic-9001", owner="old-deploy-7f3a")  # the previous deployment's worker
+    _seed_cluster(real_server, "research-notebook", owner="alice")  # another team on the same server
+
+    mine_only = real_sky.get(real_sky.status(cluster_names=None))  # what the first version asked for
+    ours = sky.clusters()
+
+    assert [c.name for c in mine_only] == []  # user-scoped: the live cluster looked vanished
+    assert [(c.name, c.status) for c in ours] == [("crosslogic-9001", "UP")]
+    assert sky.clusters(names=["crosslogic-9001"])[0].launched_at  # what launcher.exists() relies on
 
 
 def test_enabled_clouds_and_fleet_check_against_a_server_without_clouds(real_server) -> None:
