@@ -268,6 +268,11 @@ API_KEY_PREFIX = "clk_"
 # A key's last_used_at is written at most this often, so the hot path does not write per call.
 API_KEY_LAST_USED_RESOLUTION_S: int = _env_or_fail("API_KEY_LAST_USED_RESOLUTION_S", int, 60)
 FLEET_CLUSTER_PREFIX: str = env("FLEET_CLUSTER_PREFIX", default="crosslogic")
+# Cluster names are "<prefix>-<node id>" and must pass SkyPilot's rule
+# (sky.skylet.constants.CLUSTER_NAME_VALID_REGEX: a letter, then letters, digits, - _ .).
+if not re.fullmatch(r"[a-zA-Z][-_.a-zA-Z0-9]{0,39}", FLEET_CLUSTER_PREFIX):
+    raise ImproperlyConfigured("FLEET_CLUSTER_PREFIX is invalid: SkyPilot cluster names start with a letter and "
+                               "hold only letters, digits, '-', '_' and '.' (at most 40 characters here).")
 FLEET_DEFAULT_LAUNCHER: str = env("FLEET_DEFAULT_LAUNCHER", default="local" if DEBUG else "skypilot")
 if FLEET_DEFAULT_LAUNCHER not in {"skypilot", "local", "static"}:
     raise ImproperlyConfigured("FLEET_DEFAULT_LAUNCHER must be one of skypilot, local, static.")
@@ -289,6 +294,21 @@ LOGGING = {
 CONTROL_PLANE_URL: str = env("CONTROL_PLANE_URL", default="http://127.0.0.1:8000")
 # The SkyPilot API server the SDK talks to; empty = refuse SkyPilot launches (never auto-start one).
 SKYPILOT_API_SERVER_ENDPOINT: str = env("SKYPILOT_API_SERVER_ENDPOINT", default="")
+# One SkyPilot identity for every worker (docs/fleet.md): clusters belong to the user that launched
+# them. A service-account token (API server with auth) or at least a fixed user id; without either,
+# each host gets its own hash and a redeployed worker could not operate the clusters it inherits.
+SKYPILOT_SERVICE_ACCOUNT_TOKEN: str = env("SKYPILOT_SERVICE_ACCOUNT_TOKEN", default="")
+SKYPILOT_USER_ID: str = env("SKYPILOT_USER_ID", default="")
+if SKYPILOT_SERVICE_ACCOUNT_TOKEN and not SKYPILOT_SERVICE_ACCOUNT_TOKEN.startswith("sky_"):
+    raise ImproperlyConfigured("SKYPILOT_SERVICE_ACCOUNT_TOKEN is invalid: SkyPilot tokens start with sky_.")
+if SKYPILOT_USER_ID and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9-]*", SKYPILOT_USER_ID):
+    raise ImproperlyConfigured("SKYPILOT_USER_ID is invalid: letters, digits and '-', starting with a letter or digit.")
+if SKYPILOT_API_SERVER_ENDPOINT and not DEBUG and not (SKYPILOT_SERVICE_ACCOUNT_TOKEN or SKYPILOT_USER_ID):
+    raise ImproperlyConfigured("SKYPILOT_SERVICE_ACCOUNT_TOKEN (or SKYPILOT_USER_ID) must be set when "
+                               "SKYPILOT_API_SERVER_ENDPOINT is set and DEBUG is off: every worker must act "
+                               "as the same SkyPilot user.")
+if SKYPILOT_API_SERVER_ENDPOINT and urlparse(SKYPILOT_API_SERVER_ENDPOINT).scheme not in {"http", "https"}:
+    raise ImproperlyConfigured("SKYPILOT_API_SERVER_ENDPOINT must be an http(s):// URL.")
 VLLM_VERSION: str = env("VLLM_VERSION", default="0.11.0")
 FLEET_HEALTH_INTERVAL_S: int = _env_or_fail("FLEET_HEALTH_INTERVAL_S", int, 15)
 FLEET_HEALTH_TIMEOUT_S: float = _env_or_fail("FLEET_HEALTH_TIMEOUT_S", float, 2.0)
@@ -303,6 +323,14 @@ FLEET_LAUNCH_POLL_S: int = _env_or_fail("FLEET_LAUNCH_POLL_S", int, 15)
 FLEET_SKY_STATUS_TIMEOUT_S: float = _env_or_fail("FLEET_SKY_STATUS_TIMEOUT_S", float, 120.0)
 # A launch that has not registered after this long is failed (and replaced by the reconciler).
 FLEET_LAUNCH_TIMEOUT_S: int = _env_or_fail("FLEET_LAUNCH_TIMEOUT_S", int, 3600)
+# Relaunch brake (reconciler): after a model's n-th failed node within the window, wait
+# FLEET_RELAUNCH_BACKOFF_S * 2^(n-1) before replacing it; at FLEET_RELAUNCH_MAX_FAILURES stop until staff act.
+FLEET_RELAUNCH_MAX_FAILURES: int = _env_or_fail("FLEET_RELAUNCH_MAX_FAILURES", int, 3)
+FLEET_RELAUNCH_FAILURE_WINDOW_S: int = _env_or_fail("FLEET_RELAUNCH_FAILURE_WINDOW_S", int, 6 * 3600)
+FLEET_RELAUNCH_BACKOFF_S: int = _env_or_fail("FLEET_RELAUNCH_BACKOFF_S", int, 120)
+if min(FLEET_RELAUNCH_MAX_FAILURES, FLEET_RELAUNCH_FAILURE_WINDOW_S) < 1 or FLEET_RELAUNCH_BACKOFF_S < 0:
+    raise ImproperlyConfigured("FLEET_RELAUNCH_MAX_FAILURES and FLEET_RELAUNCH_FAILURE_WINDOW_S must be positive, "
+                               "FLEET_RELAUNCH_BACKOFF_S 0 or more.")
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
 if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
@@ -316,6 +344,9 @@ if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 
 R2_ENDPOINT_URL: str = env("R2_ENDPOINT_URL", default="")
 R2_ACCESS_KEY_ID: str = env("R2_ACCESS_KEY_ID", default="")
 R2_SECRET_ACCESS_KEY: str = env("R2_SECRET_ACCESS_KEY", default="")
+# GPU nodes read weights with their own read-only token (docs/r2.md); never the uploader's.
+R2_NODE_ACCESS_KEY_ID: str = env("R2_NODE_ACCESS_KEY_ID", default="")
+R2_NODE_SECRET_ACCESS_KEY: str = env("R2_NODE_SECRET_ACCESS_KEY", default="")
 R2_BUCKET: str = env("R2_BUCKET", default="")
 R2_REGION: str = env("R2_REGION", default="auto")
 R2_CONNECT_TIMEOUT_S: float = _env_or_fail("R2_CONNECT_TIMEOUT_S", float, 10.0)

@@ -136,10 +136,23 @@ def test_missing_allowed_hosts_with_debug_off_fails_naming_it():
         ("NODE_REGISTRATION_RATE", "30 per minute"),
         ("TRUSTED_PROXY_COUNT", "-1"),
         ("FLEET_SKY_STATUS_TIMEOUT_S", "0"),
+        ("FLEET_CLUSTER_PREFIX", "9lives"),  # SkyPilot cluster names start with a letter
+        ("FLEET_CLUSTER_PREFIX", "cross logic"),
+        ("FLEET_CLUSTER_PREFIX", "crosslogic/prod"),
+        ("SKYPILOT_USER_ID", "-fleet"),
+        ("SKYPILOT_SERVICE_ACCOUNT_TOKEN", "not-a-sky-token"),
+        ("SKYPILOT_API_SERVER_ENDPOINT", "skypilot.internal:46580"),
+        ("FLEET_RELAUNCH_MAX_FAILURES", "0"),
     ],
 )
 def test_invalid_value_fails_at_start_naming_the_setting(name, value):
     _fails_naming(_python(SETUP, **{name: value}), name)
+
+
+def test_a_skypilot_endpoint_in_production_needs_a_pinned_identity():
+    env = {**PRODUCTION, "SKYPILOT_API_SERVER_ENDPOINT": "https://skypilot.internal"}
+    _fails_naming(_python(SETUP, **env), "SKYPILOT_SERVICE_ACCOUNT_TOKEN")
+    assert _python(SETUP, **env, SKYPILOT_SERVICE_ACCOUNT_TOKEN="sky_abc").returncode == 0
 
 
 def test_env_file_supplies_values_the_environment_does_not(tmp_path):

@@ -75,8 +75,9 @@ class ModelAdminForm(forms.ModelForm):
     class Meta:
         model = ServedModel
         fields = ("name", "is_active", "hf_repo", "hf_revision", "storage_uri", "accelerator", "dtype", "max_model_len",
-                  "context_length", "tensor_parallel_size", "gpu_memory_utilization", "extra_vllm_args",
-                  "price_input_per_mtok", "price_output_per_mtok", "min_replicas", "max_replicas")
+                  "context_length", "tensor_parallel_size", "gpu_memory_utilization", "tool_call_parser",
+                  "reasoning_parser", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
+                  "min_replicas", "max_replicas")
         widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
 
 
@@ -180,8 +181,8 @@ class ModelAdmin(admin.ModelAdmin):
         ("Identity", {"fields": ("name", "is_active", "hf_repo", "hf_revision")}),
         ("Storage", {"fields": ("storage_uri", "total_bytes", "upload_panel", "verify_panel", "manifest_pretty")}),
         ("Serving config", {"fields": ("accelerator", "dtype", "max_model_len", "context_length",
-                                       "tensor_parallel_size", "gpu_memory_utilization", "extra_vllm_args",
-                                       "cold_start")}),
+                                       "tensor_parallel_size", "gpu_memory_utilization", "tool_call_parser",
+                                       "reasoning_parser", "extra_vllm_args", "cold_start")}),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
         ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
         ("Weights history", {"classes": ("collapse",), "fields": ("upload_history", "verification_history")}),

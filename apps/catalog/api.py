@@ -68,7 +68,7 @@ class ModelSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "is_active", "hf_repo", "hf_revision", "storage_uri",
             "accelerator", "dtype", "max_model_len", "context_length", "tensor_parallel_size",
-            "gpu_memory_utilization", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
+            "gpu_memory_utilization", "tool_call_parser", "reasoning_parser", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
             "min_replicas", "max_replicas", "total_bytes", "manifest", "upload_status", "verify_status",
             "latest_upload", "latest_verification", "created_at", "updated_at",
         ]

@@ -20,6 +20,12 @@ accelerator_validator = RegexValidator(
     r"^[A-Za-z0-9][A-Za-z0-9_-]*(:[1-9][0-9]?)?$",
     "Use SkyPilot syntax: an accelerator name with an optional count, e.g. L4:1 or A100-80GB:2.",
 )
+# A vLLM parser name as `vllm serve` takes it (hermes, llama3_json, granite-20b-fc, deepseek_r1, …).
+vllm_parser_validator = RegexValidator(
+    r"^[a-z0-9][a-z0-9_-]*$", "A vLLM parser name: lower-case letters, digits, '_' and '-', e.g. hermes.",
+)
+# Flags that belong to tool_call_parser / reasoning_parser, never to extra_vllm_args.
+PARSER_FLAGS = frozenset({"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"})
 
 
 class UploadStatus(models.TextChoices):
@@ -78,6 +84,17 @@ class ServedModel(models.Model):
     extra_vllm_args = models.JSONField(
         default=list, blank=True, help_text='Extra `vllm serve` args, e.g. ["--enable-prefix-caching"].'
     )
+    # vLLM answers 400 to any request with `tools` unless it runs with --enable-auto-tool-choice
+    # --tool-call-parser <parser>; reasoning models need --reasoning-parser to split their thinking.
+    tool_call_parser = models.CharField(
+        "tool-call parser", max_length=32, blank=True, validators=[vllm_parser_validator],
+        help_text="vLLM --tool-call-parser for this model (e.g. hermes, llama3_json, mistral, pythonic); "
+                  "empty: requests with tools are refused.",
+    )
+    reasoning_parser = models.CharField(
+        "reasoning parser", max_length=32, blank=True, validators=[vllm_parser_validator],
+        help_text="vLLM --reasoning-parser (e.g. deepseek_r1, qwen3); empty for models that do not reason.",
+    )
     context_length = models.PositiveIntegerField(null=True, blank=True)
     price_input_per_mtok = models.DecimalField(
         "price per 1M input tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0"),
@@ -108,6 +125,8 @@ class ServedModel(models.Model):
             errors["max_replicas"] = "Must be at least min replicas."
         if not isinstance(self.extra_vllm_args, list) or not all(isinstance(a, str) for a in self.extra_vllm_args):
             errors["extra_vllm_args"] = "Must be a list of strings."
+        elif set(self.extra_vllm_args) & PARSER_FLAGS:
+            errors["extra_vllm_args"] = "Set the tool-call and reasoning parsers in their own fields, not here."
         if errors:
             raise ValidationError(errors)
 

@@ -86,6 +86,10 @@ def _start(node: Node, launcher, raw_token: str) -> Step:
     except LaunchError as exc:
         _fail_quietly(node, exc.reason)
         return Step()
+    except Exception as exc:  # never leave a node provisioning because of an unexpected error
+        log.exception("launch of node %s failed", node)
+        _fail_quietly(node, f"unexpected error while launching: {type(exc).__name__}: {exc}")
+        return Step()
     _save_state(node, **state, poll_at=time.time())
     if launcher.asynchronous:
         return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
@@ -103,12 +107,13 @@ def _fail_quietly(node: Node, reason: str) -> None:
 
 
 def poll_launch(node_id: int) -> Step:
-    """Follow an asynchronous launch until the machine runs our job (or it fails)."""
+    """Follow an asynchronous launch until the machine runs our job, then watch that job until the
+    node is ready: a job that dies (setup or vLLM failing) fails the node with its log and tears
+    the machine down at once, instead of leaving a GPU up until the launch timeout."""
     node = Node.objects.select_related("model").get(pk=node_id)
-    # The node may register (→ loading) before we saw its launch finish; keep going until we also
-    # know its endpoint, which a SkyPilot node does not report itself.
-    if node.status not in {NodeStatus.PROVISIONING, NodeStatus.LOADING} or (
-            node.launcher_state.get("launched") and node.endpoint_url):
+    # The node may register (→ loading) before we saw its launch finish; keep going until it is
+    # ready (the health check's job from then on).
+    if node.status not in {NodeStatus.PROVISIONING, NodeStatus.LOADING}:
         return Step()
     launcher = get_launcher(node.launcher)
     _save_state(node, poll_at=time.time())  # see reconcile.resume_polls
@@ -118,40 +123,49 @@ def poll_launch(node_id: int) -> Step:
         try:
             return Step(again_in=_api_retry(node, exc, what="poll").again_in, then="poll")
         except LaunchError as final:
-            _fail_quietly(node, final.reason)
-            return Step()
+            return _failed(node, final.reason)
     except LaunchError as exc:
-        _fail_quietly(node, exc.reason)
-        return Step()
+        return _failed(node, exc.reason)
+    except Exception as exc:  # a bug or an SDK surprise must not leave the node polling until the timeout
+        log.exception("poll of node %s failed", node)
+        return _failed(node, f"unexpected error while following the launch: {type(exc).__name__}: {exc}")
+    if node.launcher_state.get("poll_api_retries"):
+        _save_state(node, poll_api_retries=0)  # the server answered again: the next outage starts afresh
     if result.progress is Progress.WAITING:
         if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
-            _fail_quietly(node, f"launch did not finish within {settings.FLEET_LAUNCH_TIMEOUT_S}s")
-            return Step()
+            return _failed(node, f"launch did not finish within {settings.FLEET_LAUNCH_TIMEOUT_S}s")
         return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
     if result.progress is Progress.GONE:
-        _fail_quietly(node, result.message or "the machine vanished during launch")
-        return Step()
-    if node.launcher_state.get("launched") and not result.endpoint_url:
-        return _again_unless_late(node)
-    with transaction.atomic():
-        _save_state(node, launched=True, **result.state)
-        fields: dict[str, object] = {"provisioned_at": node.provisioned_at or timezone.now(), **result.placement}
-        if result.endpoint_url and not node.endpoint_url:
-            fields["endpoint_url"] = result.endpoint_url
-        Node.objects.filter(pk=node.pk).update(**fields)
-        where = "/".join(str(result.placement[k]) for k in ("cloud", "region", "accelerator") if k in result.placement)
-        endpoint = fields.get("endpoint_url", node.endpoint_url) or "?"
-        node_event(node=node, message=f"machine up{' on ' + where if where else ''}; endpoint {endpoint}; "
-                                      "waiting for vLLM to register")
-    if not fields.get("endpoint_url", node.endpoint_url):
-        return _again_unless_late(node)
-    return Step()
+        return _failed(node, result.message or "the machine vanished during launch")
+    first_seen = not node.launcher_state.get("launched")
+    new_endpoint = result.endpoint_url and not node.endpoint_url
+    if first_seen or new_endpoint or result.state:
+        with transaction.atomic():
+            _save_state(node, launched=True, **result.state)
+            fields: dict[str, object] = {"provisioned_at": node.provisioned_at or timezone.now(), **result.placement}
+            if new_endpoint:
+                fields["endpoint_url"] = result.endpoint_url
+            Node.objects.filter(pk=node.pk).update(**fields)
+            if first_seen or new_endpoint:
+                where = "/".join(str(result.placement[k]) for k in ("cloud", "region", "accelerator")
+                                 if k in result.placement)
+                endpoint = fields.get("endpoint_url", node.endpoint_url) or "?"
+                node_event(node=node, message=f"machine up{' on ' + where if where else ''}; endpoint {endpoint}; "
+                                              "waiting for vLLM to register")
+            node.endpoint_url = str(fields.get("endpoint_url", node.endpoint_url))
+    return _again_unless_late(node)
+
+
+def _failed(node: Node, reason: str) -> Step:
+    """Fail the node and tear its machine down now (the reconciler would, a minute later)."""
+    _fail_quietly(node, reason)
+    return Step(again_in=1, then="teardown")
 
 
 def _again_unless_late(node: Node) -> Step:
     if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
-        _fail_quietly(node, "the node's endpoint never became known")
-        return Step()
+        why = "not ready" if node.endpoint_url else "the node's endpoint never became known"
+        return _failed(node, f"{why} within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch")
     return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
 
 

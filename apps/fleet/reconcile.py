@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Q
+from django.db.models import Max, Q
 from django.utils import timezone
 
 from apps.catalog.models import ServedModel
@@ -39,8 +39,6 @@ S = NodeStatus
 USABLE = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
 # Past provisioning the machine must exist; a provisioning node counts once its launch finished.
 MACHINE_EXPECTED = frozenset({S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING})
-MAX_RECENT_FAILURES = 3
-FAILURE_WINDOW_S = 15 * 60
 
 
 @dataclass
@@ -146,10 +144,10 @@ def resume_polls(report: Report) -> None:
     """Re-queue the poll of an asynchronous launch whose poll chain was lost (e.g. a worker restart)."""
     stale_before = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
     rows = Node.objects.filter(launcher=Launcher.SKYPILOT, status__in=[S.PROVISIONING, S.LOADING]).values_list(
-        "pk", "launcher_state", "endpoint_url")
-    for node_id, state, endpoint_url in rows:
-        following = state.get("launch_request_id") or state.get("adopted_existing_cluster")
-        if not following or (state.get("launched") and endpoint_url):
+        "pk", "launcher_state")
+    for node_id, state in rows:
+        # The poll chain follows the launch, then the node's job until it is ready.
+        if not (state.get("launch_request_id") or state.get("adopted_existing_cluster")):
             continue
         if float(state.get("poll_at") or 0) < stale_before:
             report.resumed_polls.append(node_id)
@@ -161,22 +159,46 @@ def _template(model: ServedModel) -> Node | None:
     return Node.objects.filter(model=model).exclude(launcher=Launcher.STATIC).order_by("-id").first()
 
 
+def _relaunch_brake(model: ServedModel, now) -> str | None:
+    """Why not to replace the model's nodes right now, or None. Failed launches are counted per
+    model over FLEET_RELAUNCH_FAILURE_WINDOW_S (hours: a failure shows only when its job dies,
+    which can be an hour after the launch), since the model last had a ready node; each one
+    doubles the wait before the next attempt, and FLEET_RELAUNCH_MAX_FAILURES stop it."""
+    since = now - timedelta(seconds=settings.FLEET_RELAUNCH_FAILURE_WINDOW_S)
+    last_ready = Node.objects.filter(model=model, ready_at__isnull=False).aggregate(t=Max("ready_at"))["t"]
+    if last_ready is not None and last_ready > since:
+        since = last_ready  # it worked since: older failures say nothing about the next launch
+    failed_at = list(Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since)
+                     .order_by("-status_changed_at").values_list("status_changed_at", flat=True))
+    if not failed_at:
+        return None
+    window_h = settings.FLEET_RELAUNCH_FAILURE_WINDOW_S / 3600
+    if len(failed_at) >= settings.FLEET_RELAUNCH_MAX_FAILURES:
+        # Relaunching into the same error (no credentials, no capacity, a model that cannot load)
+        # helps nobody and costs GPU hours.
+        return (f"{len(failed_at)} launches failed in the last {window_h:g} h; not replacing until a node of it "
+                "is ready again (launch one by hand once the cause is fixed)")
+    wait = settings.FLEET_RELAUNCH_BACKOFF_S * 2 ** (len(failed_at) - 1)
+    waited = (now - failed_at[0]).total_seconds()
+    if waited < wait:
+        return f"{len(failed_at)} launch(es) failed in the last {window_h:g} h; next attempt in {wait - waited:.0f} s"
+    return None
+
+
 def ensure_replicas(report: Report) -> None:
     live = defaultdict(int)
     usable = defaultdict(int)
     for model_id, status in Node.objects.filter(status__in=LIVE_STATUSES).values_list("model_id", "status"):
         live[model_id] += 1
         usable[model_id] += status in USABLE
-    recent = timezone.now() - timedelta(seconds=FAILURE_WINDOW_S)
+    now = timezone.now()
     for model in ServedModel.objects.filter(is_active=True, min_replicas__gt=0):
         missing = min(model.min_replicas - usable[model.pk], model.max_replicas - live[model.pk])
         if missing <= 0:
             continue
-        failures = Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=recent).count()
-        if failures >= MAX_RECENT_FAILURES:
-            # Relaunching into the same error (no credentials, no capacity) every minute helps nobody.
-            report.errors.append(f"{model.name}: {failures} launches failed in the last "
-                                 f"{FAILURE_WINDOW_S // 60} min; not replacing until staff relaunch")
+        brake = _relaunch_brake(model, now)
+        if brake is not None:
+            report.errors.append(f"{model.name}: {brake}")
             continue
         template = _template(model)
         try:

@@ -18,7 +18,7 @@ import yaml
 from django.conf import settings
 
 from apps.fleet import sky
-from apps.fleet.launchers.base import Launcher, LaunchError, PollResult, Progress, Secrets
+from apps.fleet.launchers.base import Launcher, LaunchError, PollResult, Progress, RetryableLaunchError, Secrets
 from apps.fleet.models import Node
 
 VLLM_PORT = 8000
@@ -80,9 +80,14 @@ def vllm_command(node: Node) -> str:
     ]
     if model.max_model_len:
         args += ["--max-model-len", str(model.max_model_len)]
+    if model.tool_call_parser:  # without it vLLM answers 400 to every request with `tools`
+        args += ["--enable-auto-tool-choice", "--tool-call-parser", model.tool_call_parser]
+    if model.reasoning_parser:
+        args += ["--reasoning-parser", model.reasoning_parser]
     args += [str(a) for a in model.extra_vllm_args]
-    # $VLLM_API_KEY is expanded by the node's shell from a SkyPilot secret, never written here.
-    return shlex.join(args) + ' --api-key "$VLLM_API_KEY"'
+    # No --api-key: vLLM reads VLLM_API_KEY (a SkyPilot secret) from its environment itself, while
+    # a flag would land in `ps` and in the job log (vLLM logs its non-default arguments at start).
+    return shlex.join(args)
 
 
 # After vLLM answers /health, the node reports to the control plane (in the background, retrying;
@@ -131,10 +136,27 @@ def task_config(node: Node) -> dict[str, Any]:
     }
 
 
+def node_r2_credentials() -> tuple[str, str]:
+    """The read-only R2 token GPU nodes stream weights with (R2_NODE_*). In development (DEBUG on)
+    the uploader's read-write token stands in; in production launching without a read-only one
+    is refused: any GPU machine could otherwise overwrite or delete the weights."""
+    key_id, secret = settings.R2_NODE_ACCESS_KEY_ID, settings.R2_NODE_SECRET_ACCESS_KEY
+    if key_id and secret:
+        if not settings.DEBUG and key_id == settings.R2_ACCESS_KEY_ID:
+            raise LaunchError("R2_NODE_ACCESS_KEY_ID is the uploader's read-write key: give nodes a read-only "
+                              "R2 token (docs/r2.md, 'A read-only token for GPU nodes').")
+        return key_id, secret
+    if settings.DEBUG:
+        return settings.R2_ACCESS_KEY_ID, settings.R2_SECRET_ACCESS_KEY
+    raise LaunchError("R2_NODE_ACCESS_KEY_ID and R2_NODE_SECRET_ACCESS_KEY are not set: nodes need a read-only "
+                      "R2 token to stream weights (docs/r2.md, 'A read-only token for GPU nodes').")
+
+
 def task_secrets(secrets: Secrets) -> dict[str, str]:
+    key_id, secret = node_r2_credentials()
     return {
-        "AWS_ACCESS_KEY_ID": getattr(settings, "R2_ACCESS_KEY_ID", ""),
-        "AWS_SECRET_ACCESS_KEY": getattr(settings, "R2_SECRET_ACCESS_KEY", ""),
+        "AWS_ACCESS_KEY_ID": key_id,
+        "AWS_SECRET_ACCESS_KEY": secret,
         "VLLM_API_KEY": secrets.vllm_api_key,
         "CROSSLOGIC_REGISTRATION_TOKEN": secrets.registration_token,
     }
@@ -159,23 +181,51 @@ class SkyPilotLauncher(Launcher):
         return {"launch_request_id": request_id}
 
     def poll(self, node: Node) -> PollResult:
+        """Follow the launch request, then the job: SkyPilot runs ``setup`` and ``run`` as the
+        cluster's first job, so a launch succeeds once that job is queued; `pip install vllm`
+        failing or vLLM crashing (bad weights, R2 auth, OOM) shows only in the job's status."""
+        state: dict[str, object] = {}
+        placement: dict[str, str] = {}
         request_id = str(node.launcher_state.get("launch_request_id") or "")
         if request_id and not node.launcher_state.get("launched"):
             status = sky.request_status(request_id)
             if status is None:
-                raise LaunchError(f"SkyPilot API server does not know launch request {request_id}")
+                raise RetryableLaunchError(f"SkyPilot API server does not know launch request {request_id} "
+                                           "(restarted without its request database?)")
             if status in {"PENDING", "WAITING", "RUNNING"}:
                 return PollResult(Progress.WAITING, message=status.lower())
-            placement = sky.launched_placement(sky.request_result(request_id))  # raises its error, mapped
-        else:
-            placement = {}
+            try:
+                result = sky.request_result(request_id)  # raises the launch's error, mapped
+            except sky.ClusterMissing as exc:
+                raise LaunchError(f"launch failed: the cluster does not exist ({exc})") from exc
+            placement = sky.launched_placement(result)
+            state["job_id"] = sky.launched_job_id(result)
+        url, message = node.endpoint_url, ""
+        if not url:
+            try:
+                url = sky.endpoint(node.cluster_name, VLLM_PORT)
+            except sky.ClusterMissing:
+                return PollResult(Progress.GONE, message="cluster vanished right after launch")
+            except ValueError as exc:  # not exposed yet (or, for 0.14.1, a cluster not found): see the job
+                message = f"endpoint not known yet: {exc}"
+        job_id = state.get("job_id", node.launcher_state.get("job_id"))
+        self._check_job(node, job_id if isinstance(job_id, int) else None)
+        return PollResult(Progress.LAUNCHED, endpoint_url=url, placement=placement, state=state, message=message)
+
+    def _check_job(self, node: Node, job_id: int | None) -> None:
+        """LaunchError, with the job's last log lines, once the setup/vLLM job is no longer running."""
         try:
-            url = sky.endpoint(node.cluster_name, VLLM_PORT)
-        except sky.ClusterMissing:
-            return PollResult(Progress.GONE, message="cluster vanished right after launch")
-        except (ValueError, RuntimeError) as exc:  # not exposed yet: the health check needs it later
-            return PollResult(Progress.LAUNCHED, message=f"endpoint not known yet: {exc}", placement=placement)
-        return PollResult(Progress.LAUNCHED, endpoint_url=url, placement=placement)
+            status = sky.job_status(node.cluster_name, job_id)
+        except sky.ClusterNotUp:
+            return  # INIT while SkyPilot repairs it, or stopped: the reconciler judges the cluster
+        except sky.ClusterMissing as exc:
+            raise LaunchError(f"the cluster vanished: {exc}") from exc
+        if status in sky.JOB_RUNNING:
+            return
+        what = f"job {job_id}" if job_id is not None else "the cluster's job"
+        verdict = "is not on the cluster" if status is None else status.lower().replace("_", " ")
+        log = sky.job_log_tail(node.cluster_name, job_id)
+        raise LaunchError(f"vLLM is not running: {what} {verdict}. Last lines of its log:\n{log}")
 
     def terminate(self, node: Node) -> bool:
         request_id = str(node.launcher_state.get("down_request_id") or "")

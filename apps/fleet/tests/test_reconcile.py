@@ -28,7 +28,8 @@ def _keep(model, n: int, maximum: int = 3) -> None:
     model.save()
 
 
-def test_a_failed_node_is_replaced_with_the_same_placement_and_a_reason(served_model) -> None:
+def test_a_failed_node_is_replaced_with_the_same_placement_and_a_reason(served_model, settings) -> None:
+    settings.FLEET_RELAUNCH_BACKOFF_S = 0  # the back-off has its own tests below
     _keep(served_model, 1)
     node = node_create(model=served_model, launcher="local", accelerator="L4:1", use_spot=True)
     node = _walk(node, "provisioning")
@@ -106,7 +107,7 @@ def test_orphan_clusters_are_torn_down_after_the_grace_period(served_model, fake
 
     report = reconcile()
 
-    assert report.orphans == ["crosslogic-99999"]
+    assert report.orphans == ["crosslogic-99999"], report.errors
     assert [c for c in fake_sky.calls if c[0] == "down"] == [("down", "crosslogic-99999")]
 
 
@@ -236,3 +237,56 @@ def test_only_a_stuck_node_can_be_forced_to_terminated(served_model) -> None:
     with pytest.raises(ValidationError, match="terminate or drain it first"):
         node_force_terminated(node=node)
     assert Node.objects.get(pk=node.pk).status == NodeStatus.READY
+
+
+# --- issue #10 item 3: the relaunch brake counts failures over hours, with back-off -------------
+
+def _failed_at(model, minutes_ago: float) -> Node:
+    node = _walk(node_create(model=model, launcher="local"), "provisioning")
+    node_fail(node=node, reason="vLLM is not running: job 1 failed setup")
+    Node.objects.filter(pk=node.pk).update(status_changed_at=timezone.now() - timedelta(minutes=minutes_ago))
+    return node
+
+
+def test_failures_an_hour_apart_still_stop_the_relaunches(served_model, settings) -> None:
+    # A failing job shows up about an hour after each launch: a 15-minute window never saw 3.
+    settings.FLEET_RELAUNCH_MAX_FAILURES, settings.FLEET_RELAUNCH_FAILURE_WINDOW_S = 3, 6 * 3600
+    _keep(served_model, 1)
+    for minutes_ago in (125, 65, 5):
+        _failed_at(served_model, minutes_ago)
+
+    report = reconcile()
+
+    assert report.launched == []
+    assert "3 launches failed in the last 6 h" in report.errors[0]
+
+
+def test_each_failure_doubles_the_wait_before_the_next_launch(served_model, settings) -> None:
+    settings.FLEET_RELAUNCH_BACKOFF_S = 120
+    _keep(served_model, 1)
+    first = _failed_at(served_model, 1)  # 1 failure: wait 2 min
+    report = reconcile()
+    assert report.launched == [] and "next attempt in" in report.errors[0]
+    Node.objects.filter(pk=first.pk).update(status_changed_at=timezone.now() - timedelta(minutes=3))
+    assert len(reconcile().launched) == 1
+
+    Node.objects.filter(model=served_model, status=NodeStatus.PENDING).delete()
+    _failed_at(served_model, 3)  # 2 failures, the last 3 min ago: wait 4 min
+    assert reconcile().launched == []
+    Node.objects.filter(model=served_model).update(status_changed_at=timezone.now() - timedelta(minutes=5))
+    assert len(reconcile().launched) == 1
+
+
+def test_a_ready_node_clears_the_brake(served_model, settings) -> None:
+    settings.FLEET_RELAUNCH_BACKOFF_S = 0
+    _keep(served_model, 1)
+    for minutes_ago in (50, 40, 30):
+        _failed_at(served_model, minutes_ago)
+    assert reconcile().launched == []
+
+    ok = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+               "loading", "ready")  # staff fixed the cause and launched one by hand
+    Node.objects.filter(pk=ok.pk).update(ready_at=timezone.now() - timedelta(minutes=20))
+    _walk(Node.objects.get(pk=ok.pk), "draining", "terminating", "terminated")
+
+    assert len(reconcile().launched) == 1

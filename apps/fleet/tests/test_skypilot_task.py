@@ -24,6 +24,8 @@ def r2(settings):
     settings.R2_ENDPOINT_URL = "https://acct123.r2.cloudflarestorage.com"
     settings.R2_ACCESS_KEY_ID = "r2-access-key-id-XYZ"
     settings.R2_SECRET_ACCESS_KEY = "r2-secret-access-key-very-secret"
+    settings.R2_NODE_ACCESS_KEY_ID = "r2-node-read-only-id"
+    settings.R2_NODE_SECRET_ACCESS_KEY = "r2-node-read-only-secret"
     settings.SKYPILOT_API_SERVER_ENDPOINT = "http://skypilot.test:46580"
     return settings
 
@@ -48,9 +50,8 @@ def test_task_passes_skypilot_validation_with_the_vllm_command(r2, served_model)
     assert opts["--max-model-len"] == "8192" and opts["--gpu-memory-utilization"] == "0.92"
     assert opts["--tensor-parallel-size"] == "1"
     # Extra args survive the shell intact, even with quotes, braces and a dollar sign.
-    tail = ["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME", "--api-key", "$VLLM_API_KEY"]
-    assert args[-5:] == tail
-    assert task.run.rstrip().endswith('--api-key "$VLLM_API_KEY"')
+    tail = ["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME"]
+    assert args[-3:] == tail
     assert "vllm[runai]==" in task.setup
     (resources,) = list(task.resources)
     assert str(resources.cloud).lower() == "aws" and resources.region == "us-east-1"
@@ -77,6 +78,66 @@ def test_no_secret_appears_in_the_tasks_yaml_but_all_travel_as_secrets(r2, serve
         for secret in secret_values:
             assert secret not in text
     assert "<redacted>" in preview and "VLLM_API_KEY" in preview
+
+
+def test_the_vllm_key_travels_only_in_the_environment_never_on_the_command_line(r2, served_model) -> None:
+    # vLLM 0.11 logs its non-default CLI arguments into the job log, and `ps` shows them; it reads
+    # VLLM_API_KEY from its environment by itself.
+    node = node_create(model=served_model, launcher="skypilot")
+
+    task = fleet_sky.build_task(task_config(node), task_secrets(SECRETS))
+
+    assert "--api-key" not in _vllm_args(task) and "VLLM_API_KEY" not in task.run
+    assert task.secrets["VLLM_API_KEY"].get_secret_value() == SECRETS.vllm_api_key
+
+
+def test_nodes_stream_weights_with_the_read_only_token_not_the_uploaders(r2, served_model) -> None:
+    secrets = task_secrets(SECRETS)
+    assert (secrets["AWS_ACCESS_KEY_ID"], secrets["AWS_SECRET_ACCESS_KEY"]) == (
+        "r2-node-read-only-id", "r2-node-read-only-secret")
+    assert "r2-secret-access-key-very-secret" not in secrets.values()
+
+
+def test_production_refuses_to_launch_without_a_read_only_node_token(r2, served_model, settings) -> None:
+    settings.DEBUG = False
+    settings.R2_NODE_ACCESS_KEY_ID = settings.R2_NODE_SECRET_ACCESS_KEY = ""
+    with pytest.raises(LaunchError, match="R2_NODE_ACCESS_KEY_ID and R2_NODE_SECRET_ACCESS_KEY are not set"):
+        task_secrets(SECRETS)
+    settings.R2_NODE_ACCESS_KEY_ID, settings.R2_NODE_SECRET_ACCESS_KEY = settings.R2_ACCESS_KEY_ID, "x"
+    with pytest.raises(LaunchError, match="uploader's read-write key"):
+        task_secrets(SECRETS)
+
+    settings.DEBUG = True  # development: the uploader's token stands in
+    settings.R2_NODE_ACCESS_KEY_ID = settings.R2_NODE_SECRET_ACCESS_KEY = ""
+    assert task_secrets(SECRETS)["AWS_ACCESS_KEY_ID"] == "r2-access-key-id-XYZ"
+
+
+def test_a_launch_without_node_credentials_fails_the_node_with_the_reason(r2, served_model, fake_sky,
+                                                                          settings) -> None:
+    from apps.fleet import lifecycle
+    from apps.fleet.models import Node, NodeStatus
+
+    settings.DEBUG = False
+    settings.R2_NODE_ACCESS_KEY_ID = settings.R2_NODE_SECRET_ACCESS_KEY = ""
+    node = node_create(model=served_model, launcher="skypilot")
+    lifecycle.launch_node(node.pk)
+    node = Node.objects.get(pk=node.pk)
+    assert node.status == NodeStatus.FAILED and "read-only" in node.status_reason
+    assert not [c for c in fake_sky.calls if c[0] == "launch"]
+
+
+def test_the_models_tool_and_reasoning_parsers_reach_vllm_serve(r2, served_model) -> None:
+    node = node_create(model=served_model, launcher="skypilot")
+    assert "--enable-auto-tool-choice" not in _vllm_args(fleet_sky.build_task(task_config(node), {}))
+
+    served_model.tool_call_parser, served_model.reasoning_parser = "llama3_json", "deepseek_r1"
+    served_model.save()
+    node.refresh_from_db()
+    args = _vllm_args(fleet_sky.build_task(task_config(node), task_secrets(SECRETS)))
+
+    assert "--enable-auto-tool-choice" in args
+    assert args[args.index("--tool-call-parser") + 1] == "llama3_json"
+    assert args[args.index("--reasoning-parser") + 1] == "deepseek_r1"
 
 
 def test_a_launch_profile_becomes_an_ordered_failover_list(r2, served_model) -> None:

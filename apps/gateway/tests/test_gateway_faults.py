@@ -16,11 +16,11 @@ from django.db import connections
 
 from apps.catalog.services import model_update
 from apps.fleet.models import Node, NodeEvent, NodeStatus
-from vllm_sim import run_simulator_process
 from apps.gateway.tests.conftest import NODE_KEY, ready_node, running_gateway, wait_until
 from apps.gateway.tests.fake_node import FakeNode, answer_like_vllm, vllm_error
 from apps.metering.models import UsageRecord
 from apps.tenancy.services import api_key_issue, tenant_create, tenant_update
+from vllm_sim import run_simulator_process
 
 MSG = [{"role": "user", "content": "Say something short"}]
 POISON = [{"role": "user", "content": "\ud800"}]  # a lone surrogate: crashed a node once
