@@ -14,7 +14,7 @@ from apps.fleet.keys import static_key
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.gateway.simulator import run_simulator_process
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts simulator processes
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from apps.gateway.tests.conftest import NODE_KEY, ready_node, wait_until
 from apps.metering.models import UsageRecord
 from apps.tenancy.services import api_key_issue, api_key_revoke, tenant_suspend
 
+pytestmark = pytest.mark.slow  # starts a uvicorn gateway and simulator processes
+
 MSG = [{"role": "user", "content": "Say something short"}]
 
 

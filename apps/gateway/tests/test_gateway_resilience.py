@@ -22,6 +22,8 @@ from apps.gateway.tests.conftest import NODE_KEY, ready_node, running_gateway, w
 from apps.metering.models import UsageRecord
 from apps.tenancy.services import tenant_update
 
+pytestmark = pytest.mark.slow  # starts a uvicorn gateway, simulators and redis-server processes
+
 MSG = [{"role": "user", "content": "Tell me a long story"}]
 
 
