@@ -22,6 +22,12 @@ def pytest_configure(config: pytest.Config) -> None:
         )
 
 
+def pytest_report_header(config: pytest.Config) -> str:
+    """Which test database and Redis database this run uses (crosslogic/settings_test.py picks them)."""
+    redis_where = settings.REDIS_URL.rsplit("@", 1)[-1] or "none (REDIS_URL is unset)"
+    return f"test database: {settings.DATABASES['default']['TEST']['NAME']}; Redis: {redis_where}"
+
+
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption("--allow-sqlite", action="store_true", help="Run against SQLite (not for CI).")
 
