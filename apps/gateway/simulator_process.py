@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -23,7 +23,7 @@ MANAGE_PY = Path(__file__).resolve().parents[2] / "manage.py"
 LISTENING = re.compile(r"^simulate_vllm listening on (http://\S+?):(\d+)\s*$")
 
 
-def command_line(*, model: str, port: int = 0, light: bool = False, **options: object) -> list[str]:
+def command_line(*, model: str, port: int = 0, light: bool = False, **options: Any) -> list[str]:
     """``manage.py simulate_vllm`` arguments: ``ttft_ms=5`` → ``--ttft-ms 5``; True → a bare flag.
 
     ``light=True`` runs ``python -m apps.gateway.simulator_cli`` instead: same flags and output,
@@ -125,7 +125,7 @@ def _wait_listening(proc: subprocess.Popen, lines: queue.Queue, keep: deque[str]
 
 @contextmanager
 def run_simulator_process(
-    *, model: str = "sim-model", timeout_s: float = 30.0, **options: object
+    *, model: str = "sim-model", timeout_s: float = 30.0, **options: Any
 ) -> Iterator[SimHandle]:
     """Start ``manage.py simulate_vllm --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
 
@@ -134,7 +134,7 @@ def run_simulator_process(
     ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ... and ``light=True``
     to skip Django's start-up (see command_line()).
     """
-    port = int(options.pop("port", 0))  # type: ignore[arg-type]
+    port = int(options.pop("port", 0))
     api_key = options.pop("api_key", None)
     args = command_line(model=model, port=port, **options)
     # The key goes by environment, as to vLLM: never on a command line, never inherited by accident.

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+from datetime import datetime
+
 from django.core.validators import MinValueValidator
 from django.db import models
 from django.utils import timezone
@@ -45,10 +47,10 @@ class Scope(models.TextChoices):
 class _Revocable:
     """Shared by secrets that can expire or be revoked (API keys, staff tokens)."""
 
-    revoked_at: timezone.datetime | None
-    expires_at: timezone.datetime | None
+    revoked_at: datetime | None
+    expires_at: datetime | None
 
-    def is_usable(self, now: timezone.datetime | None = None) -> bool:
+    def is_usable(self, now: datetime | None = None) -> bool:
         now = now or timezone.now()
         if self.revoked_at is not None:
             return False

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import datetime, timedelta
+from typing import Any
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -218,12 +219,12 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
     return key
 
 
-def api_key_update(*, key: ApiKey, **fields: object) -> ApiKey:
+def api_key_update(*, key: ApiKey, **fields: Any) -> ApiKey:
     _refuse_fields(fields, allowed=_KEY_EDITABLE)
     if "scopes" in fields:
-        fields["scopes"] = validate_scopes(list(fields["scopes"]))  # type: ignore[arg-type]
+        fields["scopes"] = validate_scopes(list(fields["scopes"]))
     if "allowed_models" in fields:
-        fields["allowed_models"] = validate_models(list(fields["allowed_models"] or []))  # type: ignore[arg-type]
+        fields["allowed_models"] = validate_models(list(fields["allowed_models"] or []))
     for field, value in fields.items():
         setattr(key, field, value)
     key.full_clean(exclude=["tenant"])
