@@ -7,6 +7,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator
+from types import FrameType
 
 import pytest
 from django.conf import settings
@@ -56,7 +57,7 @@ _guard = _SpawnGuard()
 def _called_from_ctypes_util() -> bool:
     """ctypes.util.find_library runs `ldconfig -p` when a library looks up a shared object (the
     schema view does, through an import): a detail of the import, not a process the test starts."""
-    frame = sys._getframe(2)
+    frame: FrameType | None = sys._getframe(2)
     while frame is not None:
         if frame.f_code.co_filename.endswith(("ctypes/util.py", "ctypes\\util.py")):
             return True

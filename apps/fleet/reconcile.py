@@ -18,6 +18,7 @@ import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from datetime import timedelta
+from functools import partial
 
 from django.conf import settings
 from django.db import transaction
@@ -107,7 +108,7 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
             _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
             continue
         if node.launcher == Launcher.SKYPILOT and clusters and node.status in MACHINE_EXPECTED \
-                and getattr(clusters.get(node.cluster_name), "status", "") == "STOPPED":
+                and getattr(clusters.get(node.cluster_name or ""), "status", "") == "STOPPED":
             # A stopped spot instance (preempted with stop semantics) serves nothing but still bills disk.
             if _move(node, S.TERMINATING, "preempted: cluster stopped", report):
                 report.preempted.append(str(node))
@@ -140,7 +141,7 @@ def queue_teardowns(report: Report) -> None:
             continue  # a teardown chain is following this node right now
 
         report.teardowns.append(node_id)
-        transaction.on_commit(lambda node_id=node_id: tasks.node_teardown_task.delay(node_id))
+        transaction.on_commit(partial(tasks.node_teardown_task.delay, node_id))
 
 
 def resume_polls(report: Report) -> None:
@@ -156,7 +157,7 @@ def resume_polls(report: Report) -> None:
             continue
         if float(state.get("poll_at") or 0) < stale_before:
             report.resumed_polls.append(node_id)
-            transaction.on_commit(lambda node_id=node_id: tasks.node_launch_poll_task.delay(node_id))
+            transaction.on_commit(partial(tasks.node_launch_poll_task.delay, node_id))
 
 
 def _template(model: Model) -> Node | None:
@@ -165,8 +166,8 @@ def _template(model: Model) -> Node | None:
 
 
 def ensure_replicas(report: Report) -> None:
-    live = defaultdict(int)
-    usable = defaultdict(int)
+    live: defaultdict[int, int] = defaultdict(int)
+    usable: defaultdict[int, int] = defaultdict(int)
     for model_id, status in Node.objects.filter(status__in=LIVE_STATUSES).values_list("model_id", "status"):
         live[model_id] += 1
         usable[model_id] += status in USABLE

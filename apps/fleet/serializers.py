@@ -65,6 +65,8 @@ class FlexibleTimestamp(serializers.Field):
                 return datetime.fromtimestamp(float(data), UTC)
             except (OverflowError, OSError, ValueError):
                 self.fail("invalid")
+        if not isinstance(data, str | datetime):
+            self.fail("invalid")
         return serializers.DateTimeField().to_internal_value(data)
 
     def to_representation(self, value: datetime) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -35,7 +36,7 @@ class IllegalTransition(Exception):  # noqa: N818 - reads as the event it report
 
 
 # Phase timestamps set the first time a node reaches a status.
-_PHASE_FIELDS = {
+_PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     NodeStatus.LOADING: ("provisioned_at",),
     NodeStatus.READY: ("provisioned_at", "weights_loaded_at", "ready_at"),
     NodeStatus.TERMINATED: ("terminated_at",),
@@ -55,7 +56,7 @@ def node_create(
     region: str = "",
     accelerator: str = "",
     use_spot: bool = True,
-    hourly_cost: object = None,
+    hourly_cost: Any = None,
     endpoint_url: str = "",
     actor: str = "system",
 ) -> Node:
@@ -85,7 +86,7 @@ def node_transition(
     reason: str = "",
     actor: str = "system",
     expected_from: str | None = None,
-    **fields: object,
+    **fields: Any,
 ) -> Node:
     """Move ``node`` to ``to`` or raise IllegalTransition. ``fields`` are saved with it."""
     current = expected_from or node.status
@@ -239,7 +240,7 @@ def node_register(
         now = timezone.now()
         provisioned_at = _clamp(provisioned_at, node.requested_at, now)
         weights_loaded_at = _clamp(weights_loaded_at, provisioned_at or node.requested_at, now)
-        fields: dict[str, object] = {"registered_at": now}
+        fields: dict[str, Any] = {"registered_at": now}
         if endpoint_url:
             fields["endpoint_url"] = endpoint_url
         if provisioned_at and node.provisioned_at is None:

@@ -150,7 +150,7 @@ def run_simulator_process(
     try:
         host_url, bound = _wait_listening(proc, lines, keep, timeout_s)
         handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model,
-                           api_key=api_key, output=keep)  # type: ignore[arg-type]
+                           api_key=api_key, output=keep)
         deadline = time.monotonic() + timeout_s
         while httpx.get(handle.url + "/health", timeout=2).status_code != 200:
             if time.monotonic() > deadline:

@@ -150,7 +150,7 @@ class StreamEncoder:
         return self.head + text + tail.encode()
 
     def usage_chunk(self, prompt_tokens: int, completion_tokens: int) -> bytes:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
+        body: dict[str, object] = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
                 "created": self.created, "model": self.model, "choices": [],
                 "usage": usage(prompt_tokens, completion_tokens, details=False)}
         return b"data: " + dumps_bytes(body) + b"\n\n"
@@ -158,8 +158,9 @@ class StreamEncoder:
 
 def chat_response(*, request_id: str, created: int, model: str, text: str, finish_reason: str,
                   prompt_tokens: int, completion_tokens: int) -> bytes:
-    message = {"role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
-               "function_call": None, "tool_calls": [], "reasoning_content": None}
+    message: dict[str, object] = {
+        "role": "assistant", "content": text, "refusal": None, "annotations": None, "audio": None,
+        "function_call": None, "tool_calls": [], "reasoning_content": None}
     return dumps_bytes({
         "id": request_id, "object": "chat.completion", "created": created, "model": model,
         "choices": [{"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason,

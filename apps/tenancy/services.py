@@ -158,7 +158,7 @@ def api_key_issue_delegated(
     if not issuer.has_scope(Scope.KEYS_MANAGE):
         raise PermissionDenied("This key lacks the keys:manage scope.")
     errors: dict[str, str] = {}
-    wanted_scopes = scopes if scopes is not None else [Scope.INFERENCE]
+    wanted_scopes: list[str] = scopes if scopes is not None else [Scope.INFERENCE]
     beyond = sorted(set(wanted_scopes) - set(issuer.scopes))
     if beyond:
         errors["scopes"] = f"A key can only grant scopes it holds itself; not held: {', '.join(beyond)}."

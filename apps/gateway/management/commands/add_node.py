@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import time
 from argparse import ArgumentParser
+from typing import Any
 
 import httpx
 from django.core.exceptions import ValidationError
@@ -78,9 +79,9 @@ class Command(BaseCommand):
                             help="The key the server was started with (vllm --api-key); kept for the gateway.")
         parser.add_argument("--timeout", type=float, default=5.0, help="Health probe timeout in seconds.")
 
-    def handle(self, *args: object, **opts: object) -> None:
+    def handle(self, *args: Any, **opts: Any) -> None:
         endpoint = _endpoint(str(opts["endpoint"]))
-        timeout_s = float(opts["timeout"])  # type: ignore[arg-type]
+        timeout_s = float(opts["timeout"])
         if timeout_s <= 0:
             raise CommandError("--timeout must be positive.")
         try:
