@@ -240,7 +240,7 @@ def _download(model: Model, source: dict, progress: RowProgress) -> Path:
     repo, revision = str(source["repo"]), str(source["revision"])
     check_repo_listing(hf.repo_files(repo=repo, revision=revision))
     dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model.pk}" / _slug(f"{repo.replace('/', '--')}@{revision}")
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Exception] = {}
 
     def run() -> None:
         try:
@@ -257,7 +257,7 @@ def _download(model: Model, source: dict, progress: RowProgress) -> Path:
             progress.file(f"downloading from Hugging Face: {got / 1e6:.0f} MB")
         progress.tick()  # heartbeat and cancel check; a cancelled download finishes in the background
     if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
+        raise outcome["error"]
     return dest
 
 

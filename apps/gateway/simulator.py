@@ -222,6 +222,7 @@ async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, e
         return enc.final_token_chunk(token, finish) if i == last else enc.token_chunk(token)
 
     tail = (enc.usage_chunk(plan.prompt_tokens, plan.n_tokens) if plan.include_usage else b"") + txt.DONE
+    # aiohttp types request.transport Optional; a request being handled has one.
     stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=render,  # type: ignore[arg-type]
                          n_tokens=plan.n_tokens, first_at=first_at, itl=sim.itl,
                          head=enc.role_chunk() if enc.chat else b"", tail=tail,
@@ -419,7 +420,7 @@ class SimServer:
 @asynccontextmanager
 async def simulator_server(**options: object) -> AsyncIterator[SimServer]:
     """The simulator on the current event loop, for in-process tests: ``async with simulator_server(...)``."""
-    config = SimConfig(**options)  # type: ignore[arg-type]
+    config = SimConfig(**options)  # type: ignore[arg-type]  # SimConfig's fields; a wrong one is a TypeError
     runner, port = await start_simulator(config)
     try:
         yield SimServer(url=url_for(config.host, port), port=port, state=runner.app[SIM_KEY])

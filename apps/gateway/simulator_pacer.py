@@ -28,7 +28,7 @@ class Pacer:
         bucket = self.slots.get(key)
         if bucket is None:
             self.slots[key] = [stream]
-            self.loop.call_at(key / 1000, self._fire, key)  # type: ignore[union-attr]
+            self.loop.call_at(key / 1000, self._fire, key)  # type: ignore[union-attr]  # set by start(), first
         else:
             bucket.append(stream)
 
@@ -75,7 +75,7 @@ class PacedStream:
                 self.done.set_exception(ConnectionResetError("the client went away"))
                 return
             if transport.get_write_buffer_size() > MAX_BUFFERED:
-                self.pacer.schedule(self, self.pacer.loop.time() + max(self.itl, 0.001))  # type: ignore[union-attr]
+                self.pacer.schedule(self, self.pacer.loop.time() + max(self.itl, 0.001))  # type: ignore[union-attr]  # see __init__
                 return
             i = self.i
             if self.die_after is not None and i >= self.die_after:

@@ -238,4 +238,5 @@ def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_mode
     assert wait_until(lambda: int(redis_db.get(month.key) or 0) == 60)
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
-    assert exc.value.body["code"] == "insufficient_quota"
+    body = exc.value.body  # typed object by the SDK; the gateway sends a JSON object
+    assert isinstance(body, dict) and body["code"] == "insufficient_quota"
