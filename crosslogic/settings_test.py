@@ -46,19 +46,26 @@ def claim_redis_db(url: str) -> tuple[str, int]:
         raise ImproperlyConfigured(f"TEST_REDIS_DB=auto needs a redis:// or rediss:// REDIS_URL, not {parts.scheme}://")
     lock_client = redis.Redis.from_url(parts._replace(path="/0").geturl(), socket_connect_timeout=5)
     token = f"{os.getpid()}-{secrets.token_hex(8)}"
+    index = claim_index(lock_client, lambda i: redis.Redis.from_url(parts._replace(path=f"/{i}").geturl()), token)
+    _hold(lock_client, _LOCK_KEY.format(index=index), token)
+    return parts._replace(path=f"/{index}").geturl(), index
+
+
+def claim_index(lock_client, database, token: str) -> int:
+    """Lock (in lock_client's database) the first free Redis database and return its index;
+    ``database(i)`` is a client of database i."""
     count = _database_count(lock_client)
     for only_empty in (True, False):
         for index in range(1, count):
             key = _LOCK_KEY.format(index=index)
             if not lock_client.set(key, token, nx=True, ex=_LOCK_TTL_S):
                 continue
-            claimed = redis.Redis.from_url(parts._replace(path=f"/{index}").geturl(), socket_connect_timeout=5)
+            claimed = database(index)
             if only_empty and claimed.dbsize():
                 lock_client.delete(key)
                 continue
             claimed.flushdb()  # leftovers of a killed run
-            _hold(lock_client, key, token)
-            return parts._replace(path=f"/{index}").geturl(), index
+            return index
     raise ImproperlyConfigured(f"TEST_REDIS_DB=auto: all {count - 1} Redis databases are held by other test runs")
 
 
