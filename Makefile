@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint ci bench clean
+.PHONY: run test test-fast lint typecheck ci bench clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -26,8 +26,16 @@ run: $(STAMP)
 test: $(STAMP)
 	@bash scripts/test.sh $(ARGS)
 
+# Everything but the tests marked slow (those that start processes or servers): under 90 s.
+test-fast: $(STAMP)
+	@bash scripts/test.sh -m "not slow" $(ARGS)
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
+
+# mypy with django-stubs; what it checks is in pyproject.toml ([tool.mypy]).
+typecheck: $(STAMP)
+	$(BIN)/mypy
 
 ci:
 	@bash .ci/run

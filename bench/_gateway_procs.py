@@ -133,7 +133,7 @@ def seed(env: dict, sim_url: str, *, model: str, node_key: str) -> str:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_gateway(env: dict, workers: int, procs: object, *, profile_to: Path | None = None
+def start_gateway(env: dict, workers: int, procs: Procs, *, profile_to: Path | None = None
                   ) -> tuple[subprocess.Popen, str]:
     """The server as in production (uvloop, the guarded httptools protocol, no access log); workers 0
     = one process without a supervising master (what --profile-only needs)."""
@@ -144,7 +144,7 @@ def start_gateway(env: dict, workers: int, procs: object, *, profile_to: Path | 
     if workers:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
-    procs.items.append(proc)  # type: ignore[attr-defined]
+    procs.items.append(proc)
     url = f"http://127.0.0.1:{port}"
     import httpx
 

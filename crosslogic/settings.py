@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import environ
@@ -242,7 +243,7 @@ if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)",
     raise ImproperlyConfigured("NODE_REGISTRATION_RATE must look like 30/min (per s, min, hour or day).")
 if REST_FRAMEWORK["NUM_PROXIES"] < 0:
     raise ImproperlyConfigured("TRUSTED_PROXY_COUNT must be 0 or more (the reverse proxies in front of web).")
-SPECTACULAR_SETTINGS = {
+SPECTACULAR_SETTINGS: dict[str, Any] = {
     "TITLE": "CrossLogic management API",
     "DESCRIPTION": "Tenants, API keys, the model catalog, GPU nodes and usage.",
     "VERSION": "1.0.0",

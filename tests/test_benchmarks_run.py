@@ -10,7 +10,10 @@ import sys
 from pathlib import Path
 from urllib.parse import urlparse, urlunparse
 
+import pytest
 from django.conf import settings
+
+pytestmark = pytest.mark.slow  # starts the benchmarks, as subprocesses
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -208,6 +208,7 @@ def test_no_secret_is_hard_coded_in_compose():
         assert "${POSTGRES_PASSWORD}" in url
 
 
+@pytest.mark.slow  # starts a Python subprocess
 def test_env_example_is_a_valid_production_configuration(tmp_path):
     env = {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts manage.py check, as a subprocess
+
 ROOT = Path(__file__).resolve().parent.parent
 
 PRODUCTION = {
@@ -54,7 +56,6 @@ def test_check_deploy_flags_a_production_environment_that_turns_security_off():
     assert "security.W012" in result.stderr and "security.W008" in result.stderr
 
 
-@pytest.mark.slow
 def test_collectstatic_builds_the_hashed_compressed_files_whitenoise_serves(tmp_path):
     result = _manage("collectstatic", "--noinput", STATIC_ROOT=str(tmp_path / "static"))
     assert result.returncode == 0, result.stdout + result.stderr

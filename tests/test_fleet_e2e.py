@@ -128,8 +128,10 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
         os.kill(sim_pid, signal.SIGKILL)
         for failures in (1, 2, 3):
             fleet_health_check.delay()
-            _wait(f"health failure {failures}",
-                  lambda n=failures: Node.objects.get(pk=node.pk).consecutive_failures >= n, timeout_s=20, log=worker)
+            def failed(n: int = failures) -> bool:
+                return Node.objects.get(pk=node.pk).consecutive_failures >= n
+
+            _wait(f"health failure {failures}", failed, timeout_s=20, log=worker)
         node.refresh_from_db()
         assert node.status == NodeStatus.UNHEALTHY
         gateway.wait_routed(model.name, 0, timeout_s=2)  # follows the worker's transition within ~1 s

@@ -25,6 +25,8 @@ import pytest
 from django.conf import settings
 from django.db import connection
 
+pytestmark = pytest.mark.slow  # starts scripts/test.sh and scripts/run.sh, as subprocesses
+
 ROOT = Path(__file__).resolve().parent.parent
 INNER_TEST = "tests/test_make.py::test_suite_talks_to_real_postgresql_and_redis"
 
@@ -60,7 +62,6 @@ def test_suite_talks_to_real_postgresql_and_redis():
     assert redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=2).ping() is True
 
 
-@pytest.mark.slow
 @pytest.mark.skipif(
     not (shutil.which("redis-server") and (shutil.which("initdb") or list(Path("/usr/lib/postgresql").glob("*/bin")))),
     reason="needs PostgreSQL and Redis server binaries installed",
@@ -128,7 +129,6 @@ def _get(url: str, **headers: str) -> tuple[int, bytes]:
         return response.status, response.read()
 
 
-@pytest.mark.slow
 def test_make_run_serves_admin_and_api_and_ctrl_c_stops_every_process(tmp_path):
     port = _closed_port()
     var_dir = tmp_path / "var"

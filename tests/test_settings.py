@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # starts a Python subprocess per settings case
+
 ROOT = Path(__file__).resolve().parent.parent
 
 SETUP = "import django; django.setup()"

@@ -25,7 +25,7 @@ class Pacer:
         bucket = self.slots.get(key)
         if bucket is None:
             self.slots[key] = [stream]
-            self.loop.call_at(key / 1000, self._fire, key)  # type: ignore[union-attr]
+            self.loop.call_at(key / 1000, self._fire, key)  # type: ignore[union-attr]  # set by start(), first
         else:
             bucket.append(stream)
 

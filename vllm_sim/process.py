@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO
+from typing import IO, Any
 
 import httpx
 
@@ -126,7 +126,7 @@ def _wait_listening(proc: subprocess.Popen, lines: queue.Queue, keep: deque[str]
 
 @contextmanager
 def run_simulator_process(
-    *, model: str = "sim-model", timeout_s: float = 30.0, **options: object
+    *, model: str = "sim-model", timeout_s: float = 30.0, **options: Any
 ) -> Iterator[SimHandle]:
     """Start ``python -m vllm_sim --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
 
@@ -135,7 +135,7 @@ def run_simulator_process(
     ``startup_delay_s``, ``max_num_seqs``, ``port`` (default 0: any free port) ... and ``light=False``
     to go through ``manage.py simulate_vllm`` instead (see command_line()).
     """
-    port = int(options.pop("port", 0))  # type: ignore[arg-type]
+    port = int(options.pop("port", 0))
     api_key = options.pop("api_key", None)
     args = command_line(model=model, port=port, **options)
     # The key goes by environment, as to vLLM: never on a command line, never inherited by accident.
@@ -151,7 +151,7 @@ def run_simulator_process(
     try:
         host_url, bound = _wait_listening(proc, lines, keep, timeout_s)
         handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model,
-                           api_key=api_key, output=keep)  # type: ignore[arg-type]
+                           api_key=api_key, output=keep)
         deadline = time.monotonic() + timeout_s
         while httpx.get(handle.url + "/health", timeout=2).status_code != 200:
             if time.monotonic() > deadline:

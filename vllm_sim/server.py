@@ -464,7 +464,7 @@ class SimServer:
 @asynccontextmanager
 async def simulator_server(**options: object) -> AsyncIterator[SimServer]:
     """The simulator on the current event loop, for in-process tests: ``async with simulator_server(...)``."""
-    config = SimConfig(**options)  # type: ignore[arg-type]
+    config = SimConfig(**options)  # type: ignore[arg-type]  # SimConfig's fields; a wrong one is a TypeError
     runner, port = await start_simulator(config)
     try:
         yield SimServer(url=url_for(config.host, port), port=port, state=runner.app[SIM_KEY])

@@ -88,11 +88,13 @@ class UploadForm(forms.Form):
     hf_repo = forms.CharField(label="Repo[@revision]", required=False,
                               help_text="e.g. Qwen/Qwen2.5-7B-Instruct@main. HF_ENDPOINT/HF_TOKEN apply.")
     local_dir = forms.CharField(label="Folder", required=False, help_text="An absolute path on the worker machine.")
-    prefix = forms.CharField(required=False, help_text="Leave empty for models/<org>--<name>/<revision>.")
+    # A form field, not BaseForm.prefix: the form metaclass moves declared fields into base_fields.
+    prefix = forms.CharField(  # type: ignore[assignment]
+        required=False, help_text="Leave empty for models/<org>--<name>/<revision>.")
     keep_downloads = forms.BooleanField(required=False, help_text="Keep the files downloaded from the hub.")
 
     def clean(self) -> dict[str, Any]:
-        data = super().clean()
+        data = super().clean() or {}  # BaseForm.clean returns cleaned_data; typed Optional
         if data.get("source") == "hf" and not data.get("hf_repo"):
             self.add_error("hf_repo", "Give the Hugging Face repo, e.g. org/name@main.")
         if data.get("source") == "dir" and not data.get("local_dir"):

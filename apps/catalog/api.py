@@ -17,6 +17,7 @@ from rest_framework.decorators import action
 from rest_framework.exceptions import APIException
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import BaseSerializer
 
 from apps.catalog import services, storage, uploads
 from apps.catalog.enqueue import upload_enqueue
@@ -149,10 +150,11 @@ class ModelViewSet(viewsets.ModelViewSet):
     ordering_fields = ["name", "created_at", "upload_status", "total_bytes"]
     ordering = ["name"]
 
-    def perform_create(self, serializer: ModelSerializer) -> None:
+    def perform_create(self, serializer: BaseSerializer[ServedModel]) -> None:
         serializer.instance = services.model_create(**serializer.validated_data)
 
-    def perform_update(self, serializer: ModelSerializer) -> None:
+    def perform_update(self, serializer: BaseSerializer[ServedModel]) -> None:
+        assert serializer.instance is not None  # an update has the object it updates
         serializer.instance = services.model_update(model=serializer.instance, **serializer.validated_data)
 
     def perform_destroy(self, instance: ServedModel) -> None:

@@ -16,6 +16,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 from urllib.parse import urlparse
 
 import boto3
@@ -33,6 +34,7 @@ from botocore.exceptions import (
 )
 from django.conf import settings
 from s3transfer.exceptions import CancelledError as S3CancelledError
+from s3transfer.futures import TransferFuture
 from s3transfer.subscribers import BaseSubscriber
 
 SHA256_METADATA_KEY = "sha256"  # sent as x-amz-meta-sha256
@@ -293,7 +295,7 @@ class _Translate:
     def __enter__(self) -> None:
         return None
 
-    def __exit__(self, exc_type, exc, tb) -> bool:
+    def __exit__(self, exc_type, exc, tb) -> Literal[False]:  # never swallows: mypy then sees the with-body's returns
         if exc is not None and isinstance(exc, ClientError | BotoCoreError | S3CancelledError):
             raise translate(exc, bucket=self.bucket, key=self.key) from exc
         return False
@@ -416,7 +418,7 @@ class _Progress(BaseSubscriber):
 class Transfer:
     """One file being uploaded in the background (parallel multipart above the threshold)."""
 
-    def __init__(self, future: object, bucket: str, key: str) -> None:
+    def __init__(self, future: TransferFuture, bucket: str, key: str) -> None:
         self._future, self.bucket, self.key = future, bucket, key
 
     def done(self) -> bool:

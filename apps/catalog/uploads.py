@@ -273,7 +273,7 @@ def _download(model_id: int, source: dict, progress: RowProgress) -> Path:
             progress.file(f"downloading from Hugging Face: {got / 1e6:.0f} MB")
         progress.tick()  # heartbeat and cancel check; a cancelled download finishes in the background
     if "error" in outcome:
-        raise outcome["error"]  # type: ignore[misc]
+        raise outcome["error"]
     return dest
 
 

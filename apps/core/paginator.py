@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from django.core.paginator import Paginator
-from django.db import connections
+from django.db import connections, models
 from django.db.models import QuerySet
 from django.utils.functional import cached_property
 from rest_framework.pagination import LimitOffsetPagination
@@ -13,7 +16,7 @@ from rest_framework.pagination import LimitOffsetPagination
 EXACT_COUNT_BELOW = 50_000
 
 
-def estimated_row_count(model: type, using: str = "default") -> int | None:
+def estimated_row_count(model: type[models.Model], using: str = "default") -> int | None:
     """PostgreSQL's estimate of the rows in ``model``'s table (None when unknown or not PostgreSQL)."""
     connection = connections[using]
     if connection.vendor != "postgresql":
@@ -47,5 +50,5 @@ class EstimatedCountPaginator(Paginator):
 class EstimatedCountPagination(LimitOffsetPagination):
     """limit/offset for the API; ``count`` is an estimate for a big unfiltered table."""
 
-    def get_count(self, queryset: QuerySet) -> int:
+    def get_count(self, queryset: QuerySet | Sequence[Any]) -> int:
         return fast_count(queryset) if isinstance(queryset, QuerySet) else super().get_count(queryset)

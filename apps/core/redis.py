@@ -6,6 +6,7 @@ import asyncio
 import ssl
 from collections import deque
 from functools import lru_cache
+from typing import Any
 
 import hiredis
 import redis
@@ -13,7 +14,7 @@ import redis.asyncio as aioredis
 from django.conf import settings
 from redis.connection import parse_url
 
-_TIMEOUTS = {"socket_connect_timeout": 0.5, "socket_timeout": 1.0}
+_TIMEOUTS: dict[str, Any] = {"socket_connect_timeout": 0.5, "socket_timeout": 1.0}
 
 
 @lru_cache(maxsize=1)
@@ -24,7 +25,7 @@ def client() -> redis.Redis | None:
     return redis.Redis.from_url(settings.REDIS_URL, **_TIMEOUTS)
 
 
-def async_client(**overrides: object) -> aioredis.Redis | None:
+def async_client(**overrides: Any) -> aioredis.Redis | None:
     """A new asyncio client; each event loop needs its own, so the caller keeps it.
 
     ``overrides`` adjust connection options, e.g. ``socket_timeout=None`` for a pub/sub listener
@@ -46,6 +47,7 @@ class _Protocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # asyncio passes the Transport it made for create_connection; the base signature says BaseTransport.
         self.transport = transport  # type: ignore[assignment]
 
     def data_received(self, data: bytes) -> None:
@@ -139,7 +141,8 @@ class Multiplexed:
             raise ConnectionError("Redis connection lost")
         future = asyncio.get_running_loop().create_future()
         protocol.pending.append(future)
-        protocol.transport.write(hiredis.pack_command(command))
+        # hiredis's stub types the command as a 1-tuple; pack_command takes any number of parts.
+        protocol.transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
         return future
 
     async def execute(self, *command: object, timeout_s: float) -> object:

@@ -11,6 +11,7 @@ from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.admin.utils import flatten_fieldsets
 from django.core.exceptions import ValidationError
 from django.db import transaction
 from django.db.models import QuerySet
@@ -29,7 +30,7 @@ from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, Node
 from apps.fleet.placement import Placement
 from apps.fleet.transitions import IllegalTransition
 
-STATUS_COLORS = {
+STATUS_COLORS: dict[str, str] = {
     NodeStatus.PENDING: "#6c757d", NodeStatus.PROVISIONING: "#0d6efd", NodeStatus.LOADING: "#6610f2",
     NodeStatus.READY: "#198754", NodeStatus.UNHEALTHY: "#fd7e14", NodeStatus.DRAINING: "#b58900",
     NodeStatus.TERMINATING: "#6c757d", NodeStatus.TERMINATED: "#adb5bd", NodeStatus.FAILED: "#dc3545",
@@ -63,10 +64,13 @@ class LaunchProfileAdmin(admin.ModelAdmin):
                           for p in obj.placements if isinstance(p, dict))
 
 
+_EVENT_FIELDS = ("created_at", "kind", "from_status", "to_status", "message", "actor")
+
+
 class NodeEventInline(admin.TabularInline):
     model = NodeEvent
-    fields = ["created_at", "kind", "from_status", "to_status", "message", "actor"]
-    readonly_fields = fields
+    fields = _EVENT_FIELDS
+    readonly_fields = _EVENT_FIELDS
     extra = 0
     can_delete = False
     show_change_link = False
@@ -149,7 +153,7 @@ class NodeAdmin(admin.ModelAdmin):
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Node | None = None) -> list[str]:
-        return [f for fs in self.fieldsets for f in fs[1]["fields"]]
+        return list(flatten_fieldsets(self.fieldsets))
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # nodes are launched through the "Launch nodes" form
@@ -279,7 +283,7 @@ def cold_start_phases(node: Node) -> list[dict[str, object]]:
     """requested → provisioned → weights loaded → ready, with seconds per phase."""
     marks = [("requested", node.requested_at), ("provisioned", node.provisioned_at),
              ("weights loaded", node.weights_loaded_at), ("ready", node.ready_at)]
-    phases = []
+    phases: list[dict[str, object]] = []
     for (label, at), (_, previous) in zip(marks, [(None, None), *marks[:-1]], strict=True):
         seconds = (at - previous).total_seconds() if at and previous else None
         phases.append({"label": label, "at": at, "seconds": round(seconds, 1) if seconds is not None else None})

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import aiohttp
 from django.conf import settings
@@ -120,7 +121,7 @@ def write_health(nodes: list[Node], batch: int = 1000) -> None:
             chunk = nodes[i:i + batch]
             rows = ", ".join(["(%s::bigint, %s::timestamptz, %s::integer, %s::float8, %s::integer, %s::integer, "
                               "%s::float8)"] * len(chunk))
-            params: list[object] = []
+            params: list[Any] = []
             for n in chunk:
                 params += [n.pk, n.last_health_at, n.consecutive_failures, n.health_latency_ms,
                            n.requests_running, n.requests_waiting, n.kv_cache_usage]

@@ -102,7 +102,7 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
             _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
             continue
         if node.launcher == Launcher.SKYPILOT and clusters and node.status in MACHINE_EXPECTED \
-                and getattr(clusters.get(node.cluster_name), "status", "") == "STOPPED":
+                and getattr(clusters.get(node.cluster_name or ""), "status", "") == "STOPPED":
             # A stopped spot instance (preempted with stop semantics) serves nothing but still bills disk.
             if _move(node, S.TERMINATING, "preempted: cluster stopped", report):
                 report.preempted.append(str(node))
@@ -186,8 +186,8 @@ def _relaunch_brake(model: ServedModel, now) -> str | None:
 
 
 def ensure_replicas(report: Report) -> None:
-    live = defaultdict(int)
-    usable = defaultdict(int)
+    live: defaultdict[int, int] = defaultdict(int)
+    usable: defaultdict[int, int] = defaultdict(int)
     for model_id, status in Node.objects.filter(status__in=LIVE_STATUSES).values_list("model_id", "status"):
         live[model_id] += 1
         usable[model_id] += status in USABLE

@@ -17,6 +17,7 @@ def model_cold_start_medians(*, model_id: int) -> list[dict[str, object]]:
     )
     by_accel: dict[str, list[float]] = defaultdict(list)
     for accel, requested, ready in rows:
+        assert ready is not None  # filtered on ready_at__isnull=False above
         by_accel[accel or "?"].append((ready - requested).total_seconds())
     return [
         {"accelerator": accel, "median_seconds": round(median(values), 1), "samples": len(values)}

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
+from typing import Any
 
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
@@ -12,8 +13,8 @@ from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent
 
 
 class NodeSerializer(serializers.ModelSerializer):
-    model = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    launch_profile = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    model: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
+    launch_profile: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
     cold_start_seconds = serializers.FloatField(read_only=True)
 
     class Meta:
@@ -64,6 +65,8 @@ class FlexibleTimestamp(serializers.Field):
                 return datetime.fromtimestamp(float(data), UTC)
             except (OverflowError, OSError, ValueError):
                 self.fail("invalid")
+        if not isinstance(data, str | datetime):
+            self.fail("invalid")
         return serializers.DateTimeField().to_internal_value(data)
 
     def to_representation(self, value: datetime) -> str:

@@ -5,6 +5,7 @@ queued work goes through apps.fleet.enqueue."""
 from __future__ import annotations
 
 from datetime import datetime
+from typing import Any
 
 from django.conf import settings
 from django.core.exceptions import ValidationError
@@ -189,7 +190,7 @@ def node_register(
         now = timezone.now()
         provisioned_at = _clamp(provisioned_at, node.requested_at, now)
         weights_loaded_at = _clamp(weights_loaded_at, provisioned_at or node.requested_at, now)
-        fields: dict[str, object] = {"registered_at": now}
+        fields: dict[str, Any] = {"registered_at": now}
         if endpoint_url:
             fields["endpoint_url"] = endpoint_url
         if provisioned_at and node.provisioned_at is None:

@@ -166,20 +166,21 @@ class Gateway:
             return
         while True:
             client = redis_lib.async_client(socket_timeout=None)
+            assert client is not None  # self.redis is set, so REDIS_URL is
             try:
                 pubsub = client.pubsub(ignore_subscribe_messages=True)
                 await pubsub.subscribe(invalidation.channel())
                 # Anything may have changed while we were not listening.
                 self.keys.ttl = settings.GATEWAY_KEY_CACHE_TTL_S
                 self.keys.clear()
-                self._routing_dirty.set()  # type: ignore[union-attr]
+                self._routing_dirty.set()  # type: ignore[union-attr]  # made at startup, before this task
                 async for message in pubsub.listen():
                     topic = message.get("data")
                     topic = topic.decode() if isinstance(topic, bytes) else topic
                     if topic == invalidation.KEYS:
                         self.keys.clear()
                     elif topic == invalidation.ROUTING:
-                        self._routing_dirty.set()  # type: ignore[union-attr]
+                        self._routing_dirty.set()  # type: ignore[union-attr]  # made at startup, before this task
             except asyncio.CancelledError:
                 raise
             except Exception as exc:

@@ -37,7 +37,7 @@ import logging
 import math
 import time
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 from apps.core.redis import RedisReplyError
 
@@ -388,7 +388,7 @@ class RateLimiter:
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)
             return self._unavailable()
-        allowed, reason, retry_ms, *values = (int(v) for v in result)  # type: ignore[union-attr]
+        allowed, reason, retry_ms, *values = (int(v) for v in cast("list[int]", result))  # the script returns integers
         headers = _headers(limits, values)
         if not allowed:
             return Admission(allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers,

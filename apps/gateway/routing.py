@@ -16,9 +16,13 @@ import uuid
 from collections import defaultdict, deque
 from dataclasses import dataclass, field
 from decimal import Decimal
+from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
 from django.db import close_old_connections, connection
+
+if TYPE_CHECKING:
+    import redis.asyncio as aioredis
 
 log = logging.getLogger(__name__)
 
@@ -162,12 +166,12 @@ class LoadBoard:
                 best, best_load = node, load
         return best
 
-    async def sync(self, redis: object) -> None:
+    async def sync(self, redis: aioredis.Redis) -> None:
         """Publish our counts and cooldowns; read everyone else's. Two pipelined round trips."""
         own = f"crosslogic:inflight:{self.worker_id}"
         now = time.time()
         mono = time.monotonic()
-        pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+        pipe = redis.pipeline(transaction=False)
         pipe.delete(own)
         if self.local:
             pipe.hset(own, mapping={str(k): v for k, v in self.local.items()})
@@ -194,7 +198,7 @@ class LoadBoard:
         others = [w for w in others if w != self.worker_id]
         counts: dict[int, int] = defaultdict(int)
         if others:
-            pipe = redis.pipeline(transaction=False)  # type: ignore[attr-defined]
+            pipe = redis.pipeline(transaction=False)
             for w in others:
                 pipe.hgetall(f"crosslogic:inflight:{w}")
             for mapping in await pipe.execute():

@@ -6,6 +6,8 @@ tenant's, so another tenant's record is a 404.
 
 from __future__ import annotations
 
+from typing import Any
+
 import django_filters
 from django.db.models import QuerySet
 from rest_framework import serializers, viewsets
@@ -17,7 +19,7 @@ from apps.tenancy.permissions import StaffOrCustomerScope, customer
 
 
 class UsageRecordSerializer(serializers.ModelSerializer):
-    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
     api_key_prefix = serializers.CharField(source="api_key.prefix", read_only=True, allow_null=True, default=None)
     total_tokens = serializers.IntegerField(read_only=True)
 

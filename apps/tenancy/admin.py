@@ -6,7 +6,7 @@ in the success message after they are issued; digests are never rendered anywher
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from django import forms
 from django.contrib import admin, messages
@@ -127,7 +127,7 @@ class TenantAdmin(admin.ModelAdmin):
 
     @admin.display(description="keys", ordering="_key_count")
     def key_count(self, tenant: Tenant) -> int:
-        return tenant._key_count  # type: ignore[attr-defined]
+        return tenant._key_count  # type: ignore[attr-defined]  # annotated by get_queryset
 
     def save_model(self, request: HttpRequest, obj: Tenant, form: forms.ModelForm, change: bool) -> None:
         data = {name: form.cleaned_data[name] for name in form.changed_data} if change else form.cleaned_data
@@ -183,10 +183,11 @@ class ApiKeyForm(forms.ModelForm):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         field = self.fields.get("allowed_models")
-        if field is not None and self.instance.pk:
+        if isinstance(field, forms.MultipleChoiceField) and self.instance.pk:
             # Keep names the key already holds selectable even if the model is gone from the catalog.
-            known = {value for value, _ in field.choices}
-            field.choices = list(field.choices) + [(n, n) for n in self.instance.allowed_models if n not in known]
+            choices = cast("list[tuple[str, str]]", field.choices)  # the form sets it as a list of pairs
+            known = {value for value, _ in choices}
+            field.choices = [*choices, *((n, n) for n in self.instance.allowed_models if n not in known)]
 
     def clean_scopes(self) -> list[str]:
         return services.validate_scopes(self.cleaned_data["scopes"])
@@ -296,7 +297,8 @@ class StaffTokenAdmin(admin.ModelAdmin):
     def formfield_for_foreignkey(self, db_field: Any, request: HttpRequest, **kwargs: Any) -> Any:
         if db_field.name == "user":
             users = User.objects.filter(is_staff=True, is_active=True)
-            kwargs["queryset"] = users if request.user.is_superuser else users.filter(pk=request.user.pk)
+            # Admin requests come from signed-in staff, so request.user.pk is set (hence the ignore).
+            kwargs["queryset"] = users if request.user.is_superuser else users.filter(pk=request.user.pk)  # type: ignore[misc]
         return super().formfield_for_foreignkey(db_field, request, **kwargs)
 
     def get_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
@@ -17,6 +18,7 @@ from rest_framework import mixins, serializers, status, viewsets
 from rest_framework.decorators import action
 from rest_framework.request import Request
 from rest_framework.response import Response
+from rest_framework.serializers import BaseSerializer
 
 from apps.core.api import Conflict
 from apps.tenancy import services
@@ -62,10 +64,11 @@ class TenantViewSet(viewsets.ModelViewSet):
     ordering_fields = ["slug", "name", "created_at", "status"]
     ordering = ["slug"]
 
-    def perform_create(self, serializer: TenantSerializer) -> None:
+    def perform_create(self, serializer: BaseSerializer[Tenant]) -> None:
         serializer.instance = services.tenant_create(**serializer.validated_data)
 
-    def perform_update(self, serializer: TenantSerializer) -> None:
+    def perform_update(self, serializer: BaseSerializer[Tenant]) -> None:
+        assert serializer.instance is not None  # an update has the object it updates
         serializer.instance = services.tenant_update(tenant=serializer.instance, **serializer.validated_data)
 
     def perform_destroy(self, instance: Tenant) -> None:
@@ -203,13 +206,14 @@ class StaffTokenViewSet(mixins.ListModelMixin, mixins.RetrieveModelMixin, viewse
         queryset = StaffToken.objects.select_related("user")
         if getattr(self, "swagger_fake_view", False) or self.request.user.is_superuser:
             return queryset
-        return queryset.filter(user=self.request.user)
+        return queryset.filter(user=self.request.user)  # type: ignore[misc]  # staff only: never AnonymousUser
 
     @extend_schema(request=StaffTokenCreateSerializer, responses={201: StaffTokenCreatedSerializer})
     def create(self, request: Request) -> Response:
         """Issue a token for yourself. The response holds the raw token as `key`, once."""
         data = StaffTokenCreateSerializer(data=request.data)
         data.is_valid(raise_exception=True)
+        assert isinstance(request.user, User)  # IsStaff let only a signed-in staff user through
         token, raw = services.staff_token_issue(user=request.user, **data.validated_data)
         body = StaffTokenCreatedSerializer(token).data
         body["key"] = raw

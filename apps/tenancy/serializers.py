@@ -10,7 +10,7 @@ from rest_framework import serializers
 
 from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant
 
-_LIMIT_KWARGS = {"required": False, "allow_null": True, "min_value": 1}
+_LIMIT_KWARGS: dict[str, Any] = {"required": False, "allow_null": True, "min_value": 1}
 # Computed status of keys and staff tokens (named KeyStatusEnum in the OpenAPI schema).
 KEY_STATUS_CHOICES = SecretStatus.choices
 
@@ -36,7 +36,7 @@ class TenantSuspendSerializer(serializers.Serializer):
 class ApiKeySerializer(serializers.ModelSerializer):
     """A key as anyone may see it again: the prefix identifies it; the secret is gone."""
 
-    tenant = serializers.SlugRelatedField(slug_field="slug", read_only=True)
+    tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
     status = serializers.SerializerMethodField()
 
     class Meta:
@@ -107,7 +107,7 @@ class ApiKeyUpdateSerializer(_KeyFieldsMixin):
 
 
 class StaffTokenSerializer(serializers.ModelSerializer):
-    user = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    user: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="username", read_only=True)
     status = serializers.SerializerMethodField()
 
     class Meta:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from datetime import datetime, timedelta
-from typing import TypeVar
+from typing import Any, TypeVar
 
 from django.conf import settings
 from django.contrib.auth.models import User
@@ -161,7 +161,7 @@ def api_key_issue_delegated(
     if not issuer.has_scope(Scope.KEYS_MANAGE):
         raise PermissionDenied("This key lacks the keys:manage scope.")
     errors: dict[str, str] = {}
-    wanted_scopes = scopes if scopes is not None else [Scope.INFERENCE]
+    wanted_scopes: list[str] = scopes if scopes is not None else [Scope.INFERENCE]
     beyond = sorted(set(wanted_scopes) - set(issuer.scopes))
     if beyond:
         errors["scopes"] = f"A key can only grant scopes it holds itself; not held: {', '.join(beyond)}."
@@ -246,12 +246,12 @@ def api_key_revoke(*, key: ApiKey) -> ApiKey:
     return key
 
 
-def api_key_update(*, key: ApiKey, **fields: object) -> ApiKey:
+def api_key_update(*, key: ApiKey, **fields: Any) -> ApiKey:
     _refuse_fields(fields, allowed=_KEY_EDITABLE)
     if "scopes" in fields:
-        fields["scopes"] = validate_scopes(list(fields["scopes"]))  # type: ignore[arg-type]
+        fields["scopes"] = validate_scopes(list(fields["scopes"]))
     if "allowed_models" in fields:
-        fields["allowed_models"] = validate_models(list(fields["allowed_models"] or []))  # type: ignore[arg-type]
+        fields["allowed_models"] = validate_models(list(fields["allowed_models"] or []))
     for field, value in fields.items():
         setattr(key, field, value)
     key.full_clean(exclude=["tenant"])

@@ -111,6 +111,7 @@ def test_upload_action_on_one_model_opens_the_upload_form(admin_client, catalog_
     assert "meta-llama/Meta-Llama-3-8B-Instruct@main" in form_page.content.decode()
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_the_upload_form_enqueues_and_the_worker_uploads(admin_client, r2, catalog_model, model_folder, eager_celery,
                                                           django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
@@ -141,6 +142,7 @@ def test_the_upload_form_shows_errors_on_the_field(admin_client, catalog_model):
     assert catalog_model.latest_upload is None
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_several_failed_uploads_are_retried_from_their_last_source(admin_client, r2, catalog_model, model_folder,
                                                                     eager_celery, django_capture_on_commit_callbacks):
     (model_folder / "bad.pt").write_bytes(b"pickle")
@@ -186,6 +188,7 @@ def test_upload_status_json_is_for_staff_only(client, catalog_model):
     assert response.status_code == 302  # to the admin login
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_storage_browser_lists_bucket_prefixes_with_state_and_model(admin_client, r2, catalog_model, model_folder):
     upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/browsed")
     upload_execute(upload_id=catalog_model.latest_upload.pk)
@@ -199,6 +202,7 @@ def test_storage_browser_lists_bucket_prefixes_with_state_and_model(admin_client
     assert f"Verify {catalog_model.name}" in body
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
     settings.R2_BUCKET = "not-a-bucket-here"
     response = admin_client.get(reverse("admin:catalog_servedmodel_storage"))
@@ -206,6 +210,7 @@ def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
     assert "does not exist" in response.content.decode()
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(admin_client, r2, catalog_model,
                                                                                model_folder):
     upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper")

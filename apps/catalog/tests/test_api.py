@@ -146,6 +146,7 @@ def test_cancel_upload_action(staff_api, catalog_model):
     assert response.status_code == 200 and response.json()["upload_status"] == "cancelled"
 
 
+@pytest.mark.slow  # the r2 fixture starts moto_server
 def test_verify_action_reports_ok_then_the_mismatch(staff_api, r2, catalog_model, model_folder):
     upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/api")
     upload_execute(upload_id=catalog_model.latest_upload.pk)

@@ -12,7 +12,7 @@ from apps.catalog import storage
 from apps.catalog.models import ServedModel, UploadStatus
 from apps.catalog.tests.conftest import _free_port, set_moto_auth
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts most tests upload to moto_server, a subprocess
 
 
 def _call(*args: str) -> str:

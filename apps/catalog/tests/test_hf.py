@@ -23,6 +23,8 @@ from apps.catalog.models import UploadStatus
 from apps.catalog.tests.conftest import make_model_folder
 from apps.catalog.transfer import ALLOW_PATTERNS, MANIFEST_NAME
 
+pytestmark = pytest.mark.slow  # starts a local hub server
+
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 

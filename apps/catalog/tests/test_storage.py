@@ -83,7 +83,7 @@ def flaky(r2, settings, moto_endpoint):
     server.server_close()
 
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts moto_server, a subprocess
 
 
 def test_transient_errors_are_retried_per_request_and_per_file(flaky, settings, r2, catalog_model, model_folder):

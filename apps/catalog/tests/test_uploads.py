@@ -14,7 +14,7 @@ from apps.catalog.tests.conftest import make_model_folder
 from apps.catalog.transfer import MANIFEST_NAME
 from apps.catalog.uploads import UploadError, upload_cancel, upload_execute, upload_request
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts moto_server, a subprocess
 
 WEIGHTS = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
            "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",

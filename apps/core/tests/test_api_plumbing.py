@@ -25,7 +25,9 @@ def test_django_validation_error_without_fields_is_a_non_field_400() -> None:
 
 
 def test_nested_drf_errors_still_name_the_outer_field() -> None:
-    response = exception_handler(exceptions.ValidationError({"scopes": {0: ["\"root\" is not a valid choice."]}}), {})
+    # DRF keys a list item's errors by its index (the stub allows str keys only: arg-type is off in tests).
+    errors = {"scopes": {0: ["\"root\" is not a valid choice."]}}
+    response = exception_handler(exceptions.ValidationError(errors), {})
     assert response.data["error"]["message"] == 'scopes: "root" is not a valid choice.'
 
 

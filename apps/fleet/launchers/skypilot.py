@@ -162,6 +162,12 @@ def task_secrets(secrets: Secrets) -> dict[str, str]:
     }
 
 
+def _cluster_name(node: Node) -> str:
+    if not node.cluster_name:  # node_create names every node in its transaction: a bug, not a cluster
+        raise LaunchError(f"node {node.pk} has no cluster name")
+    return node.cluster_name
+
+
 class SkyPilotLauncher(Launcher):
     name = "skypilot"
     asynchronous = True
@@ -177,7 +183,7 @@ class SkyPilotLauncher(Launcher):
         if self.exists(node):
             return {"launch_request_id": "", "adopted_existing_cluster": True}
         task = sky.build_task(task_config(node), task_secrets(secrets))
-        request_id = sky.submit_launch(task, cluster_name=node.cluster_name)
+        request_id = sky.submit_launch(task, cluster_name=_cluster_name(node))
         return {"launch_request_id": request_id}
 
     def poll(self, node: Node) -> PollResult:
@@ -231,7 +237,7 @@ class SkyPilotLauncher(Launcher):
         request_id = str(node.launcher_state.get("down_request_id") or "")
         if not request_id:
             try:
-                node.launcher_state["down_request_id"] = sky.submit_down(node.cluster_name)
+                node.launcher_state["down_request_id"] = sky.submit_down(_cluster_name(node))
             except sky.ClusterMissing:
                 return True
             return False
@@ -243,4 +249,4 @@ class SkyPilotLauncher(Launcher):
         return True
 
     def exists(self, node: Node) -> bool | None:
-        return bool(sky.clusters(names=[node.cluster_name]))
+        return bool(sky.clusters(names=[_cluster_name(node)]))

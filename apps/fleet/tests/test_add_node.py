@@ -17,7 +17,7 @@ from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.fleet.static_nodes import static_node_add
 from vllm_sim import run_simulator_process
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts simulator processes
 
 
 @pytest.fixture(scope="module")

@@ -13,6 +13,8 @@ from apps.metering.models import UsageRecord
 from apps.tenancy.services import api_key_issue, api_key_revoke, tenant_suspend
 from vllm_sim import run_simulator_process
 
+pytestmark = pytest.mark.slow  # starts a uvicorn gateway and simulator processes
+
 MSG = [{"role": "user", "content": "Say something short"}]
 
 
@@ -237,4 +239,5 @@ def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_mode
     assert wait_until(lambda: int(redis_db.get(month.key) or 0) == 60)
     with pytest.raises(openai.RateLimitError) as exc:
         client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
-    assert exc.value.body["code"] == "insufficient_quota"
+    body = exc.value.body  # typed object by the SDK; the gateway sends a JSON object
+    assert isinstance(body, dict) and body["code"] == "insufficient_quota"

@@ -22,6 +22,8 @@ from apps.metering.models import UsageRecord
 from apps.tenancy.services import tenant_update
 from vllm_sim import run_simulator_process
 
+pytestmark = pytest.mark.slow  # starts a uvicorn gateway, simulators and redis-server processes
+
 MSG = [{"role": "user", "content": "Tell me a long story"}]
 
 
@@ -279,6 +281,7 @@ def test_a_node_that_keeps_resetting_is_cooled_down_after_its_second_chance(gate
     with only_node_behind_a_dropping_front(gateway, catalog_model, api_key[1], drop=1000) as (front, only, client):
         with pytest.raises(openai.APIStatusError) as exc:
             client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
-        assert exc.value.status_code == 503 and exc.value.body["code"] == "upstream_unavailable"
+        body = exc.value.body  # typed object by the SDK; the gateway sends a JSON object
+        assert exc.value.status_code == 503 and isinstance(body, dict) and body["code"] == "upstream_unavailable"
         assert front.dropped == 2  # the first try and one fresh connection, no more
         assert only.pk in gateway.app.board.cooldown_until

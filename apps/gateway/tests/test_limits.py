@@ -344,6 +344,7 @@ async def test_without_redis_fail_open_admits_and_fail_closed_refuses_without_ra
     assert len(warnings) == 2  # one per limiter, not one per request
 
 
+@pytest.mark.slow  # listens on a socket
 async def test_a_hanging_redis_is_given_up_on_quickly(redis_db):
     # A listening socket that never answers: connect succeeds, the script call hangs.
     with socket.socket() as server:
