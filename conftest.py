@@ -45,8 +45,10 @@ class _SpawnGuard:
 
     def check(self, what: str) -> None:
         if self.test is not None:
-            message = (f"{self.test} {what} but is not marked slow: add @pytest.mark.slow (or a module "
-                       "pytestmark) so `make test-fast` stays fast")
+            message = (
+                f"{self.test} {what} but is not marked slow: add @pytest.mark.slow (or a module "
+                "pytestmark) so `make test-fast` stays fast"
+            )
             self.violations.append(message)
             raise RuntimeError(message)
 
@@ -153,8 +155,9 @@ def tenant(db):
 def catalog_model(db):
     from apps.catalog.services import model_create
 
-    return model_create(name="llama-3-8b", hf_repo="meta-llama/Meta-Llama-3-8B-Instruct",
-                        storage_uri="s3://weights/llama-3-8b")
+    return model_create(
+        name="llama-3-8b", hf_repo="meta-llama/Meta-Llama-3-8B-Instruct", storage_uri="s3://weights/llama-3-8b"
+    )
 
 
 @pytest.fixture

@@ -71,7 +71,7 @@ def cpu_seconds(pid: int) -> float:
             stat = Path(f"/proc/{p}/stat").read_text()
         except OSError:
             continue
-        fields = stat[stat.rindex(")") + 2:].split()
+        fields = stat[stat.rindex(")") + 2 :].split()
         total += int(fields[11]) + int(fields[12])  # utime, stime: fields 14 and 15 of proc(5)
     return total / CLK_TCK
 
@@ -128,19 +128,38 @@ print(json.dumps(api_key_issue(tenant=tenant, name="bench", scopes=["inference"]
 def seed(env: dict, sim_url: str, *, model: str, node_key: str) -> str:
     """Tenant with limits far above the load, the model, one static ready node at the simulator
     (earlier bench nodes failed). Returns a fresh raw key."""
-    out = subprocess.run([sys.executable, "-c", SEED, model, sim_url, node_key], cwd=ROOT, env=env, check=True,
-                         capture_output=True, text=True)
+    out = subprocess.run(
+        [sys.executable, "-c", SEED, model, sim_url, node_key],
+        cwd=ROOT,
+        env=env,
+        check=True,
+        capture_output=True,
+        text=True,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def start_gateway(env: dict, workers: int, procs: Procs, *, profile_to: Path | None = None
-                  ) -> tuple[subprocess.Popen, str]:
+def start_gateway(
+    env: dict, workers: int, procs: Procs, *, profile_to: Path | None = None
+) -> tuple[subprocess.Popen, str]:
     """The server as in production (uvloop, the guarded httptools protocol, no access log); workers 0
     = one process without a supervising master (what --profile-only needs)."""
     port = _free_port()
     head = [sys.executable, "-m", "cProfile", "-o", str(profile_to)] if profile_to else [sys.executable]
-    cmd = [*head, "-m", "crosslogic.serve", "--host", "127.0.0.1", "--port", str(port),
-           "--no-access-log", "--log-level", "warning", "--backlog", "4096"]
+    cmd = [
+        *head,
+        "-m",
+        "crosslogic.serve",
+        "--host",
+        "127.0.0.1",
+        "--port",
+        str(port),
+        "--no-access-log",
+        "--log-level",
+        "warning",
+        "--backlog",
+        "4096",
+    ]
     if workers:
         cmd += ["--workers", str(workers)]
     proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdin=subprocess.DEVNULL)

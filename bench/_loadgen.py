@@ -99,11 +99,27 @@ async def drive(spec: dict) -> dict:
     import aiohttp
 
     url = spec["base_url"] + "/v1/chat/completions"
-    body = json.dumps({"model": spec["model"], "messages": [{"role": "user", "content": "Tell me a long story."}],
-                       "max_tokens": spec["max_tokens"], "stream": spec["stream"]}).encode()
+    body = json.dumps(
+        {
+            "model": spec["model"],
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": spec["max_tokens"],
+            "stream": spec["stream"],
+        }
+    ).encode()
     headers = {"Authorization": f"Bearer {spec['api_key']}", "Content-Type": "application/json"}
-    out = {"tokens": 0, "requests": 0, "errors": 0, "bad": 0, "window_tokens": 0, "window_requests": 0,
-           "ttft_ms": [], "error_sample": "", "bad_sample": "", "expect_tokens": spec["max_tokens"]}
+    out = {
+        "tokens": 0,
+        "requests": 0,
+        "errors": 0,
+        "bad": 0,
+        "window_tokens": 0,
+        "window_requests": 0,
+        "ttft_ms": [],
+        "error_sample": "",
+        "bad_sample": "",
+        "expect_tokens": spec["max_tokens"],
+    }
     one = _stream if spec["stream"] else _json
     concurrency, ramp = spec["concurrency"], spec["ramp_s"]
     start_at = spec["start_at"]
@@ -115,6 +131,7 @@ async def drive(spec: dict) -> dict:
     connector = aiohttp.TCPConnector(limit=0, force_close=False)
     timeout = aiohttp.ClientTimeout(total=None, sock_connect=10, sock_read=30)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+
         async def slot(i: int) -> None:
             await asyncio.sleep(max(0.0, start_at + ramp * (offset + i) / total_slots - time.monotonic()))
             while time.monotonic() < window[1]:
@@ -138,6 +155,7 @@ async def drive(spec: dict) -> dict:
 def main(spec_json: str) -> None:
     try:
         import uvloop
+
         run = uvloop.run
     except ImportError:  # the gateway's requirements include it; plain asyncio still measures both paths alike
         run = asyncio.run

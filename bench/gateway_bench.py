@@ -52,8 +52,18 @@ NODE_KEY = "bench-node-key"
 LOADGEN = ROOT / "bench" / "_loadgen.py"
 
 
-def drive(*, base_url: str, key: str, concurrency: int, seconds: float, ramp_s: float, stream: bool,
-          max_tokens: int, procs: int, watch: dict[str, int]) -> dict:
+def drive(
+    *,
+    base_url: str,
+    key: str,
+    concurrency: int,
+    seconds: float,
+    ramp_s: float,
+    stream: bool,
+    max_tokens: int,
+    procs: int,
+    watch: dict[str, int],
+) -> dict:
     """One round: ``procs`` load generator processes share the slots; CPU of the watched pids is read
     before and after. Returns the merged result."""
     procs = max(1, min(procs, concurrency))
@@ -65,12 +75,26 @@ def drive(*, base_url: str, key: str, concurrency: int, seconds: float, ramp_s: 
     offset = 0
     for i in range(procs):
         n = share + (1 if i < extra else 0)
-        spec = dict(base_url=base_url, api_key=key, model=MODEL, concurrency=n, slot_offset=offset,
-                    total_slots=concurrency, seconds=seconds, ramp_s=ramp_s, grace_s=ramp_s + 30, stream=stream,
-                    max_tokens=max_tokens, start_at=start_at)
+        spec = dict(
+            base_url=base_url,
+            api_key=key,
+            model=MODEL,
+            concurrency=n,
+            slot_offset=offset,
+            total_slots=concurrency,
+            seconds=seconds,
+            ramp_s=ramp_s,
+            grace_s=ramp_s + 30,
+            stream=stream,
+            max_tokens=max_tokens,
+            start_at=start_at,
+        )
         offset += n
-        children.append(subprocess.Popen([sys.executable, str(LOADGEN), json.dumps(spec)], cwd=ROOT,
-                                         stdout=subprocess.PIPE, text=True))
+        children.append(
+            subprocess.Popen(
+                [sys.executable, str(LOADGEN), json.dumps(spec)], cwd=ROOT, stdout=subprocess.PIPE, text=True
+            )
+        )
     outs = []
     try:
         for child in children:
@@ -85,8 +109,10 @@ def drive(*, base_url: str, key: str, concurrency: int, seconds: float, ramp_s: 
                 child.wait()
     cpu1 = {name: cpu_seconds(pid) for name, pid in watch.items()}
     busy1, wall1 = machine_busy(), time.monotonic()
-    merged = {k: sum(o[k] for o in outs) for k in ("tokens", "requests", "errors", "bad", "window_tokens",
-                                                    "window_requests", "unfinished", "cpu_s")}
+    merged = {
+        k: sum(o[k] for o in outs)
+        for k in ("tokens", "requests", "errors", "bad", "window_tokens", "window_requests", "unfinished", "cpu_s")
+    }
     merged["ttft_ms"] = [t for o in outs for t in o["ttft_ms"]]
     merged["error_sample"] = next((o["error_sample"] for o in outs if o["error_sample"]), "")
     merged["bad_sample"] = next((o["bad_sample"] for o in outs if o["bad_sample"]), "")
@@ -104,10 +130,15 @@ def compare_one_answer(sim_url: str, gw_url: str, key: str, max_tokens: int) -> 
     import httpx
 
     def events(url: str, auth: str) -> list[dict]:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a long story."}],
-                "max_tokens": max_tokens, "stream": True}
-        with httpx.stream("POST", url + "/v1/chat/completions", json=body, timeout=30,
-                          headers={"Authorization": f"Bearer {auth}"}) as resp:
+        body = {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a long story."}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
+        with httpx.stream(
+            "POST", url + "/v1/chat/completions", json=body, timeout=30, headers={"Authorization": f"Bearer {auth}"}
+        ) as resp:
             resp.raise_for_status()
             raw = resp.read().decode()
         chunks = [e.removeprefix("data: ") for e in raw.split("\n\n") if e.strip()]
@@ -140,16 +171,21 @@ def run(args: argparse.Namespace, env: dict) -> dict:
         time.sleep(3)  # background work (routing refresh, load sync, invalidation listener) with no traffic
         results["idle_core_pct"] = (cpu_seconds(gw.pid) - idle0) / 3 * 100
         print(f"  correctness: {results['answer_check']}", flush=True)
-        common = dict(seconds=seconds, ramp_s=stream_ramp, stream=True, max_tokens=args.max_tokens,
-                      procs=args.loadgen_procs)
+        common = dict(
+            seconds=seconds, ramp_s=stream_ramp, stream=True, max_tokens=args.max_tokens, procs=args.loadgen_procs
+        )
         drive(base_url=gw_url, key=key, concurrency=16, **{**common, "seconds": 1, "ramp_s": 0.2}, watch={})
         for level in args.levels:
             pairs = []
             for _ in range(rounds):
-                d = drive(base_url=sim.url, key=NODE_KEY, concurrency=level, **common,
-                          watch={"sim": sim.proc.pid})
-                g = drive(base_url=gw_url, key=key, concurrency=level, **common,
-                          watch={"sim": sim.proc.pid, "gateway": gw.pid})
+                d = drive(base_url=sim.url, key=NODE_KEY, concurrency=level, **common, watch={"sim": sim.proc.pid})
+                g = drive(
+                    base_url=gw_url,
+                    key=key,
+                    concurrency=level,
+                    **common,
+                    watch={"sim": sim.proc.pid, "gateway": gw.pid},
+                )
                 pairs.append((d, g))
                 print("  " + report.round_line(f"{level} streams", d, g), flush=True)
             results["levels"][level] = pairs
@@ -162,8 +198,14 @@ def run(args: argparse.Namespace, env: dict) -> dict:
         for name, stream, max_tokens in (("saturation", True, args.max_tokens), ("nonstream", False, 16)):
             pairs = []
             for _ in range(args.flat_rounds):
-                common = dict(concurrency=args.flat_concurrency, seconds=args.flat_seconds, ramp_s=0.3,
-                              stream=stream, max_tokens=max_tokens, procs=args.loadgen_procs)
+                common = dict(
+                    concurrency=args.flat_concurrency,
+                    seconds=args.flat_seconds,
+                    ramp_s=0.3,
+                    stream=stream,
+                    max_tokens=max_tokens,
+                    procs=args.loadgen_procs,
+                )
                 d = drive(base_url=fast.url, key=NODE_KEY, **common, watch={"sim": fast.proc.pid})
                 g = drive(base_url=gw_url, key=key, **common, watch={"sim": fast.proc.pid, "gateway": gw.pid})
                 pairs.append((d, g))
@@ -183,10 +225,16 @@ def profile(args: argparse.Namespace, env: dict) -> None:
     sim_opts = dict(model=MODEL, api_key=NODE_KEY, light=True, max_num_seqs=4096, kv_cache_tokens=100_000_000)
     level = max(args.levels)
     workloads = (
-        (f"stream{level}", dict(itl_ms=20, ttft_ms=50),
-         dict(concurrency=level, ramp_s=0.05 + 0.02 * args.max_tokens, stream=True, max_tokens=args.max_tokens)),
-        ("nonstream", dict(itl_ms=0, ttft_ms=0),
-         dict(concurrency=args.flat_concurrency, ramp_s=0.3, stream=False, max_tokens=16)),
+        (
+            f"stream{level}",
+            dict(itl_ms=20, ttft_ms=50),
+            dict(concurrency=level, ramp_s=0.05 + 0.02 * args.max_tokens, stream=True, max_tokens=args.max_tokens),
+        ),
+        (
+            "nonstream",
+            dict(itl_ms=0, ttft_ms=0),
+            dict(concurrency=args.flat_concurrency, ramp_s=0.3, stream=False, max_tokens=16),
+        ),
     )
     for name, sim_flags, load in workloads:
         out = ROOT / "var" / "bench" / f"gateway-{name}.prof"
@@ -195,8 +243,14 @@ def profile(args: argparse.Namespace, env: dict) -> None:
             key = seed(env, sim.url, model=MODEL, node_key=NODE_KEY)
             gw, gw_url = start_gateway(env, 0, procs, profile_to=out)
             wait_routed(gw_url, key, MODEL)
-            g = drive(base_url=gw_url, key=key, seconds=args.seconds, procs=args.loadgen_procs,
-                      watch={"gateway": gw.pid}, **load)
+            g = drive(
+                base_url=gw_url,
+                key=key,
+                seconds=args.seconds,
+                procs=args.loadgen_procs,
+                watch={"gateway": gw.pid},
+                **load,
+            )
             print(f"  profiled {name}: " + report.side_line(g), flush=True)
             stop(gw, sig=signal.SIGINT)  # uvicorn exits cleanly, so cProfile writes its file
         stats = pstats.Stats(str(out))
@@ -212,12 +266,17 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=None, help="measured window per round (default 8, quick 3)")
     parser.add_argument("--rounds", type=int, default=None, help="direct/gateway pairs per level (default 3, quick 1)")
     parser.add_argument("--flat-concurrency", type=int, default=64, help="clients for the --itl-ms 0 runs")
-    parser.add_argument("--workers", type=int, default=int(os.environ.get("GATEWAY_BENCH_WORKERS", "1")),
-                        help="uvicorn --workers (default 1: see docs/benchmarks.md)")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=int(os.environ.get("GATEWAY_BENCH_WORKERS", "1")),
+        help="uvicorn --workers (default 1: see docs/benchmarks.md)",
+    )
     parser.add_argument("--loadgen-procs", type=int, default=1, help="load generator processes (default 1)")
     parser.add_argument("--max-tokens", type=int, default=128)
-    parser.add_argument("--database-url", default=None,
-                        help="default: DATABASE_URL's server, database crosslogic_bench")
+    parser.add_argument(
+        "--database-url", default=None, help="default: DATABASE_URL's server, database crosslogic_bench"
+    )
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database of REDIS_URL's server (flushed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--profile-only", action="store_true", help="cProfile one worker at the top level instead")
@@ -232,14 +291,23 @@ def main() -> None:
     db_url = args.database_url or bench_database_url(source)
     redis_base = urlparse(os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379")
     redis_url = urlunparse(redis_base._replace(path=f"/{args.redis_db}"))
-    env = {**os.environ, "DATABASE_URL": db_url, "REDIS_URL": redis_url, "LOG_LEVEL": "WARNING",
-           "DJANGO_SETTINGS_MODULE": "crosslogic.settings", "PYTHONPATH": str(ROOT)}
+    env = {
+        **os.environ,
+        "DATABASE_URL": db_url,
+        "REDIS_URL": redis_url,
+        "LOG_LEVEL": "WARNING",
+        "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
+        "PYTHONPATH": str(ROOT),
+    }
     # One tenant drives every stream here: lift its fair share of the one node (still enforced, in Redis).
     env.setdefault("GATEWAY_TENANT_INFLIGHT_PER_NODE", "100000")
     env.pop("VLLM_API_KEY", None)
-    print(f"bench: database {db_url.split('@')[-1]}, Redis {redis_url.split('@')[-1]}, {args.workers} gateway "
-          f"worker(s), {args.loadgen_procs} load generator process(es), levels {args.levels}, {args.rounds} "
-          f"round(s) of {args.seconds:.0f} s", flush=True)
+    print(
+        f"bench: database {db_url.split('@')[-1]}, Redis {redis_url.split('@')[-1]}, {args.workers} gateway "
+        f"worker(s), {args.loadgen_procs} load generator process(es), levels {args.levels}, {args.rounds} "
+        f"round(s) of {args.seconds:.0f} s",
+        flush=True,
+    )
     # A TERM (make's, a CI runner's) unwinds like Ctrl-C, so every child is stopped on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()

@@ -71,6 +71,7 @@ async def _httpx_pass(urls: list[str], concurrency: int, timeout: float) -> int:
     sem = asyncio.Semaphore(concurrency)
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
+
         async def one(url: str) -> bool:
             async with sem:
                 try:
@@ -98,15 +99,25 @@ def bench(nodes: int, ports: int, delay_ms: float, sample: int, concurrency: int
     from apps.fleet import health
     from apps.fleet.models import Node, NodeStatus
 
-    server = subprocess.Popen([sys.executable, __file__, "--serve", "--ports", str(ports), "--delay-ms", str(delay_ms)],
-                              stdout=subprocess.PIPE, text=True)
+    server = subprocess.Popen(
+        [sys.executable, __file__, "--serve", "--ports", str(ports), "--delay-ms", str(delay_ms)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         bound = [int(p) for p in server.stdout.readline().split()]
         settings.FLEET_HEALTH_CONCURRENCY = concurrency
         with transaction.atomic():
             model = ServedModel.objects.create(name=f"bench-health-{os.getpid()}", max_replicas=nodes)
-            rows = [Node(model=model, launcher="static", status=NodeStatus.READY,
-                         endpoint_url=f"http://127.0.0.1:{bound[i % len(bound)]}/n/{i}") for i in range(nodes)]
+            rows = [
+                Node(
+                    model=model,
+                    launcher="static",
+                    status=NodeStatus.READY,
+                    endpoint_url=f"http://127.0.0.1:{bound[i % len(bound)]}/n/{i}",
+                )
+                for i in range(nodes)
+            ]
             Node.objects.bulk_create(rows, batch_size=1000)
             ids = list(Node.objects.filter(model=model).values_list("id", flat=True))
             targets = [health.Target(n.pk, n.endpoint_url) for n in Node.objects.filter(model=model)]
@@ -116,8 +127,9 @@ def bench(nodes: int, ports: int, delay_ms: float, sample: int, concurrency: int
             seq_s = (time.perf_counter() - t0) / len(targets[:sample]) * nodes
 
             t0 = time.perf_counter()
-            httpx_ok = asyncio.run(_httpx_pass([t.url for t in targets[:sample]], concurrency,
-                                               settings.FLEET_HEALTH_TIMEOUT_S))
+            httpx_ok = asyncio.run(
+                _httpx_pass([t.url for t in targets[:sample]], concurrency, settings.FLEET_HEALTH_TIMEOUT_S)
+            )
             httpx_rate = len(targets[:sample]) / (time.perf_counter() - t0)
 
             t0 = time.perf_counter()
@@ -135,16 +147,26 @@ def bench(nodes: int, ports: int, delay_ms: float, sample: int, concurrency: int
         server.wait(5)
 
     print(f"nodes={nodes} ports={len(bound)} server delay={delay_ms:g} ms concurrency={concurrency}")
-    print(f"sequential (sample {sample}, extrapolated): {seq_s:8.2f} s  {nodes / seq_s:8.0f} nodes/s"
-          f"  ({seq_ok}/{sample} healthy)")
-    print(f"httpx, same design (sample {sample}):        {nodes / httpx_rate:8.2f} s  {httpx_rate:8.0f} nodes/s"
-          f"  ({httpx_ok}/{sample} healthy; time extrapolated)")
-    print(f"concurrent network pass:                  {net_s:8.2f} s  {nodes / net_s:8.0f} nodes/s"
-          f"  ({ok}/{nodes} healthy)")
-    print(f"full pass (read, check, bulk write):      {full_s:8.2f} s  {nodes / full_s:8.0f} nodes/s"
-          f"  ({summary.healthy} healthy, {written} rows written)")
-    print(f"speed-up over sequential: {seq_s / full_s:.1f}x; target: {nodes} nodes < 5 s -> "
-          f"{'OK' if full_s < 5 else 'MISSED'}")
+    print(
+        f"sequential (sample {sample}, extrapolated): {seq_s:8.2f} s  {nodes / seq_s:8.0f} nodes/s"
+        f"  ({seq_ok}/{sample} healthy)"
+    )
+    print(
+        f"httpx, same design (sample {sample}):        {nodes / httpx_rate:8.2f} s  {httpx_rate:8.0f} nodes/s"
+        f"  ({httpx_ok}/{sample} healthy; time extrapolated)"
+    )
+    print(
+        f"concurrent network pass:                  {net_s:8.2f} s  {nodes / net_s:8.0f} nodes/s"
+        f"  ({ok}/{nodes} healthy)"
+    )
+    print(
+        f"full pass (read, check, bulk write):      {full_s:8.2f} s  {nodes / full_s:8.0f} nodes/s"
+        f"  ({summary.healthy} healthy, {written} rows written)"
+    )
+    print(
+        f"speed-up over sequential: {seq_s / full_s:.1f}x; target: {nodes} nodes < 5 s -> "
+        f"{'OK' if full_s < 5 else 'MISSED'}"
+    )
 
 
 def main() -> None:

@@ -102,10 +102,15 @@ def child_plain(folder: Path, bucket: str, prefix: str) -> dict:
     from botocore.config import Config
 
     config = Config(request_checksum_calculation="when_required", response_checksum_validation="when_required")
-    client = boto3.client("s3", endpoint_url=os.environ["R2_ENDPOINT_URL"], region_name="auto",
-                          aws_access_key_id=os.environ["R2_ACCESS_KEY_ID"],
-                          aws_secret_access_key=os.environ["R2_SECRET_ACCESS_KEY"],
-                          verify=os.environ["R2_CA_BUNDLE"], config=config)
+    client = boto3.client(
+        "s3",
+        endpoint_url=os.environ["R2_ENDPOINT_URL"],
+        region_name="auto",
+        aws_access_key_id=os.environ["R2_ACCESS_KEY_ID"],
+        aws_secret_access_key=os.environ["R2_SECRET_ACCESS_KEY"],
+        verify=os.environ["R2_CA_BUNDLE"],
+        config=config,
+    )
     files = sorted(p for p in folder.iterdir() if p.is_file())
     started, cpu = time.perf_counter(), cpu_seconds()
     for path in files:
@@ -117,7 +122,11 @@ def child_plain(folder: Path, bucket: str, prefix: str) -> dict:
 def run_child(kind: str, folder: Path, bucket: str, prefix: str, env: dict) -> dict:
     out = subprocess.run(
         [PYTHON, __file__, "--child", kind, "--folder", str(folder), "--bucket", bucket, "--prefix", prefix],
-        env=env, cwd=ROOT, capture_output=True, text=True, timeout=3600,
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=3600,
     )
     if out.returncode != 0:
         raise SystemExit(f"{kind} child failed:\n{out.stdout}\n{out.stderr}")
@@ -128,8 +137,9 @@ def run_child(kind: str, folder: Path, bucket: str, prefix: str, env: dict) -> d
 def s3_admin(endpoint: str):
     import boto3
 
-    return boto3.client("s3", endpoint_url=endpoint, region_name="us-east-1",
-                        aws_access_key_id="bench", aws_secret_access_key="bench")
+    return boto3.client(
+        "s3", endpoint_url=endpoint, region_name="us-east-1", aws_access_key_id="bench", aws_secret_access_key="bench"
+    )
 
 
 def empty_bucket(client, bucket: str) -> None:
@@ -146,7 +156,7 @@ def write_docs(path: Path, table: str) -> None:
         text = text.rstrip("\n") + "\n\n" + table + "\n"
     else:
         end = text.find("\n## ", start + len(heading))
-        text = text[:start] + table + ("\n" + text[end + 1:] if end != -1 else "\n")
+        text = text[:start] + table + ("\n" + text[end + 1 :] if end != -1 else "\n")
     path.write_text(text)
 
 
@@ -195,9 +205,17 @@ def main() -> None:
         print(f"writing a {args.size_mb} MB synthetic model ({args.shards} shards) …", flush=True)
         total = make_model(work / "model", args.size_mb, args.shards)
         os.sync()  # else the model's dirty pages are written back during the first round only
-        env = {**os.environ, "R2_ENDPOINT_URL": front.url, "R2_CA_BUNDLE": str(front.ca_file),
-               "R2_ACCESS_KEY_ID": "bench", "R2_SECRET_ACCESS_KEY": "bench", "R2_BUCKET": "bench",
-               "R2_REGION": "auto", "DJANGO_SETTINGS_MODULE": "crosslogic.settings", "LOG_LEVEL": "WARNING"}
+        env = {
+            **os.environ,
+            "R2_ENDPOINT_URL": front.url,
+            "R2_CA_BUNDLE": str(front.ca_file),
+            "R2_ACCESS_KEY_ID": "bench",
+            "R2_SECRET_ACCESS_KEY": "bench",
+            "R2_BUCKET": "bench",
+            "R2_REGION": "auto",
+            "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
+            "LOG_LEVEL": "WARNING",
+        }
         results: dict[str, list[dict]] = {"plain": [], "service": []}
         for round_no in range(args.rounds):
             # The order alternates so that neither path always runs on a warmer (or busier) machine.
@@ -206,9 +224,12 @@ def main() -> None:
                 result = run_child(kind, work / "model", "bench", f"models/{kind}-{round_no}", env)
                 result["store_cpu_s"] = cpu_seconds(moto.pid) - store_cpu
                 results[kind].append(result)
-                print(f"round {round_no + 1} {kind:<8} {result['seconds']:.2f}s "
-                      f"{result['bytes'] / MIB / result['seconds']:.0f} MiB/s peak {result['peak_rss_mb']:.0f} MB, "
-                      f"CPU uploader {result['cpu_s']:.1f}s store {result['store_cpu_s']:.1f}s", flush=True)
+                print(
+                    f"round {round_no + 1} {kind:<8} {result['seconds']:.2f}s "
+                    f"{result['bytes'] / MIB / result['seconds']:.0f} MiB/s peak {result['peak_rss_mb']:.0f} MB, "
+                    f"CPU uploader {result['cpu_s']:.1f}s store {result['store_cpu_s']:.1f}s",
+                    flush=True,
+                )
                 empty_bucket(admin, "bench")  # moto keeps objects in RAM
                 # moto spools large objects to temporary files: flush their pages now, or the next
                 # upload pays for this one's writeback.
@@ -229,46 +250,54 @@ def main() -> None:
         return sum(r["bytes"] for r in runs) / MIB / sum(r["seconds"] for r in runs)
 
     ratio = throughput("service") / throughput("plain")
-    per_round = ", ".join(f"{p['seconds'] / s['seconds']:.2f}" for p, s in
-                          zip(results["plain"], results["service"], strict=True))
+    per_round = ", ".join(
+        f"{p['seconds'] / s['seconds']:.2f}" for p, s in zip(results["plain"], results["service"], strict=True)
+    )
     peak = max(r["peak_rss_mb"] for r in results["service"])
     rows = [
         "| path | MiB/s | seconds (mean) | uploader CPU s (mean) | store CPU s (mean) | worker peak RSS |",
         "|---|---|---|---|---|---|",
     ]
-    for kind, label in (("plain", "plain boto3 `upload_file`, default TransferConfig"),
-                        ("service", "CrossLogic upload service (sha256 + HEAD + multipart + manifest)")):
+    for kind, label in (
+        ("plain", "plain boto3 `upload_file`, default TransferConfig"),
+        ("service", "CrossLogic upload service (sha256 + HEAD + multipart + manifest)"),
+    ):
         runs = results[kind]
         mean = {k: sum(r[k] for r in runs) / len(runs) for k in ("seconds", "cpu_s", "store_cpu_s")}
-        rows.append(f"| {label} | {throughput(kind):.0f} | {mean['seconds']:.2f} | {mean['cpu_s']:.1f} "
-                    f"| {mean['store_cpu_s']:.1f} | {max(r['peak_rss_mb'] for r in runs):.0f} MB |")
-    table = "\n".join([
-        "## R2 upload",
-        "",
-        f"`bench/r2_upload_bench.py --size-mb {args.size_mb} --shards {args.shards} --rounds {args.rounds}` "
-        f"on {platform.machine()} / Python {platform.python_version()}, {os.cpu_count()} cores, "
-        f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Model: {total / MIB:.0f} MiB; store: moto_server on "
-        "localhost behind the R2 front (https, R2's refusals; in-memory, CPU-bound, shares the cores with the "
-        "uploader).",
-        "",
-        *rows,
-        "",
-        f"- throughput ratio service / plain: **{ratio:.3f}** (target >= 1.0; per round: {per_round})",
-        f"- upload worker peak memory: **{peak:.0f} MB** (target < 300 MB, whatever the model size)",
-        "",
-        "The service also hashes every file (sha256, computed ahead while earlier files upload) and HEADs "
-        "each object to skip what is already there, and sends up to UPLOAD_FILES_IN_FLIGHT files at once "
-        "(their parts share R2_MAX_CONCURRENCY threads); plain boto3 sends one file after the other.",
-        "",
-        "How to read it: the store is a Python server on the same two cores, so both paths are bound by "
-        "its CPU (the store CPU column), and the uploader's own CPU competes with it. The service spends "
-        "more CPU than plain boto3 (the uploader column) on the one thing plain boto3 does not do: a "
-        "sha256 of every byte before it is sent, which the object metadata and the resume check need. "
-        "Per-round ratios vary by about ±5% (rounds alternate which path goes first), so a ratio near "
-        "1.0 means parity with plain boto3 on this machine, not a lead; against R2 over a network the "
-        "store's CPU is not the limit. Parts of 8 MiB (R2_MULTIPART_CHUNK_MB) cost this store less "
-        "than 16 MiB parts did (0.94 at 16 MiB in an earlier run of this benchmark).",
-    ])
+        rows.append(
+            f"| {label} | {throughput(kind):.0f} | {mean['seconds']:.2f} | {mean['cpu_s']:.1f} "
+            f"| {mean['store_cpu_s']:.1f} | {max(r['peak_rss_mb'] for r in runs):.0f} MB |"
+        )
+    table = "\n".join(
+        [
+            "## R2 upload",
+            "",
+            f"`bench/r2_upload_bench.py --size-mb {args.size_mb} --shards {args.shards} --rounds {args.rounds}` "
+            f"on {platform.machine()} / Python {platform.python_version()}, {os.cpu_count()} cores, "
+            f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}. Model: {total / MIB:.0f} MiB; "
+            "store: moto_server on "
+            "localhost behind the R2 front (https, R2's refusals; in-memory, CPU-bound, shares the cores with the "
+            "uploader).",
+            "",
+            *rows,
+            "",
+            f"- throughput ratio service / plain: **{ratio:.3f}** (target >= 1.0; per round: {per_round})",
+            f"- upload worker peak memory: **{peak:.0f} MB** (target < 300 MB, whatever the model size)",
+            "",
+            "The service also hashes every file (sha256, computed ahead while earlier files upload) and HEADs "
+            "each object to skip what is already there, and sends up to UPLOAD_FILES_IN_FLIGHT files at once "
+            "(their parts share R2_MAX_CONCURRENCY threads); plain boto3 sends one file after the other.",
+            "",
+            "How to read it: the store is a Python server on the same two cores, so both paths are bound by "
+            "its CPU (the store CPU column), and the uploader's own CPU competes with it. The service spends "
+            "more CPU than plain boto3 (the uploader column) on the one thing plain boto3 does not do: a "
+            "sha256 of every byte before it is sent, which the object metadata and the resume check need. "
+            "Per-round ratios vary by about ±5% (rounds alternate which path goes first), so a ratio near "
+            "1.0 means parity with plain boto3 on this machine, not a lead; against R2 over a network the "
+            "store's CPU is not the limit. Parts of 8 MiB (R2_MULTIPART_CHUNK_MB) cost this store less "
+            "than 16 MiB parts did (0.94 at 16 MiB in an earlier run of this benchmark).",
+        ]
+    )
     print()
     print(table)
     if not args.no_docs:

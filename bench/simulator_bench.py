@@ -61,9 +61,11 @@ def main() -> None:
         cpu0, t0 = _cpu_seconds(sim.proc.pid), time.perf_counter()
         chunks = asyncio.run(_drive(sim.url, args.streams, args.tokens, args.rounds))
         elapsed, cpu = time.perf_counter() - t0, _cpu_seconds(sim.proc.pid) - cpu0
-    print(f"{chunks} chunks in {elapsed:.2f}s: {chunks / elapsed:,.0f} chunks/s "
-          f"(client and simulator share the machine); simulator CPU {cpu:.2f}s = "
-          f"{1000 * cpu / chunks * 1000:.1f} ms per 1,000 chunks -> ~{chunks / cpu:,.0f} chunks/s per core")
+    print(
+        f"{chunks} chunks in {elapsed:.2f}s: {chunks / elapsed:,.0f} chunks/s "
+        f"(client and simulator share the machine); simulator CPU {cpu:.2f}s = "
+        f"{1000 * cpu / chunks * 1000:.1f} ms per 1,000 chunks -> ~{chunks / cpu:,.0f} chunks/s per core"
+    )
 
 
 if __name__ == "__main__":

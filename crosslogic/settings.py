@@ -150,9 +150,13 @@ if REDIS_URL and urlparse(REDIS_URL).scheme not in {"redis", "rediss", "unix"}:
 
 # Django's cache: request throttles (node registration). Shared through Redis when there is one,
 # so every web process counts against the same limit.
-CACHES: dict = {"default": (
-    {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "crosslogic"}
-    if REDIS_URL else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"})}
+CACHES: dict = {
+    "default": (
+        {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL, "KEY_PREFIX": "crosslogic"}
+        if REDIS_URL
+        else {"BACKEND": "django.core.cache.backends.locmem.LocMemCache"}
+    )
+}
 
 _BROKER_DIR = VAR_DIR / "broker"
 # The filesystem transport ignores the host; naming one keeps kombu from warning about it.
@@ -238,8 +242,9 @@ REST_FRAMEWORK = {
     "DEFAULT_THROTTLE_RATES": {"node-register": env("NODE_REGISTRATION_RATE", default="30/min")},
     "NUM_PROXIES": _env_or_fail("TRUSTED_PROXY_COUNT", int, 0),
 }
-if not re.fullmatch(r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)",
-                    REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"]):
+if not re.fullmatch(
+    r"\d+/(s|sec|second|m|min|minute|h|hour|d|day)", REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"]
+):
     raise ImproperlyConfigured("NODE_REGISTRATION_RATE must look like 30/min (per s, min, hour or day).")
 if REST_FRAMEWORK["NUM_PROXIES"] < 0:
     raise ImproperlyConfigured("TRUSTED_PROXY_COUNT must be 0 or more (the reverse proxies in front of web).")
@@ -272,8 +277,10 @@ FLEET_CLUSTER_PREFIX: str = env("FLEET_CLUSTER_PREFIX", default="crosslogic")
 # Cluster names are "<prefix>-<node id>" and must pass SkyPilot's rule
 # (sky.skylet.constants.CLUSTER_NAME_VALID_REGEX: a letter, then letters, digits, - _ .).
 if not re.fullmatch(r"[a-zA-Z][-_.a-zA-Z0-9]{0,39}", FLEET_CLUSTER_PREFIX):
-    raise ImproperlyConfigured("FLEET_CLUSTER_PREFIX is invalid: SkyPilot cluster names start with a letter and "
-                               "hold only letters, digits, '-', '_' and '.' (at most 40 characters here).")
+    raise ImproperlyConfigured(
+        "FLEET_CLUSTER_PREFIX is invalid: SkyPilot cluster names start with a letter and "
+        "hold only letters, digits, '-', '_' and '.' (at most 40 characters here)."
+    )
 FLEET_DEFAULT_LAUNCHER: str = env("FLEET_DEFAULT_LAUNCHER", default="local" if DEBUG else "skypilot")
 if FLEET_DEFAULT_LAUNCHER not in {"skypilot", "local", "static"}:
     raise ImproperlyConfigured("FLEET_DEFAULT_LAUNCHER must be one of skypilot, local, static.")
@@ -305,9 +312,11 @@ if SKYPILOT_SERVICE_ACCOUNT_TOKEN and not SKYPILOT_SERVICE_ACCOUNT_TOKEN.startsw
 if SKYPILOT_USER_ID and not re.fullmatch(r"[a-zA-Z0-9][a-zA-Z0-9-]*", SKYPILOT_USER_ID):
     raise ImproperlyConfigured("SKYPILOT_USER_ID is invalid: letters, digits and '-', starting with a letter or digit.")
 if SKYPILOT_API_SERVER_ENDPOINT and not DEBUG and not (SKYPILOT_SERVICE_ACCOUNT_TOKEN or SKYPILOT_USER_ID):
-    raise ImproperlyConfigured("SKYPILOT_SERVICE_ACCOUNT_TOKEN (or SKYPILOT_USER_ID) must be set when "
-                               "SKYPILOT_API_SERVER_ENDPOINT is set and DEBUG is off: every worker must act "
-                               "as the same SkyPilot user.")
+    raise ImproperlyConfigured(
+        "SKYPILOT_SERVICE_ACCOUNT_TOKEN (or SKYPILOT_USER_ID) must be set when "
+        "SKYPILOT_API_SERVER_ENDPOINT is set and DEBUG is off: every worker must act "
+        "as the same SkyPilot user."
+    )
 if SKYPILOT_API_SERVER_ENDPOINT and urlparse(SKYPILOT_API_SERVER_ENDPOINT).scheme not in {"http", "https"}:
     raise ImproperlyConfigured("SKYPILOT_API_SERVER_ENDPOINT must be an http(s):// URL.")
 VLLM_VERSION: str = env("VLLM_VERSION", default="0.11.0")
@@ -330,8 +339,10 @@ FLEET_RELAUNCH_MAX_FAILURES: int = _env_or_fail("FLEET_RELAUNCH_MAX_FAILURES", i
 FLEET_RELAUNCH_FAILURE_WINDOW_S: int = _env_or_fail("FLEET_RELAUNCH_FAILURE_WINDOW_S", int, 6 * 3600)
 FLEET_RELAUNCH_BACKOFF_S: int = _env_or_fail("FLEET_RELAUNCH_BACKOFF_S", int, 120)
 if min(FLEET_RELAUNCH_MAX_FAILURES, FLEET_RELAUNCH_FAILURE_WINDOW_S) < 1 or FLEET_RELAUNCH_BACKOFF_S < 0:
-    raise ImproperlyConfigured("FLEET_RELAUNCH_MAX_FAILURES and FLEET_RELAUNCH_FAILURE_WINDOW_S must be positive, "
-                               "FLEET_RELAUNCH_BACKOFF_S 0 or more.")
+    raise ImproperlyConfigured(
+        "FLEET_RELAUNCH_MAX_FAILURES and FLEET_RELAUNCH_FAILURE_WINDOW_S must be positive, "
+        "FLEET_RELAUNCH_BACKOFF_S 0 or more."
+    )
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
 if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
@@ -438,5 +449,6 @@ GATEWAY_TENANT_INFLIGHT_PER_NODE: int = _env_or_fail("GATEWAY_TENANT_INFLIGHT_PE
 if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
     raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
 if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:
-    raise ImproperlyConfigured("GATEWAY_NODE_FAILURES_TO_COOL_DOWN must be >= 1, "
-                               "GATEWAY_TENANT_INFLIGHT_PER_NODE >= 0 (0: no cap).")
+    raise ImproperlyConfigured(
+        "GATEWAY_NODE_FAILURES_TO_COOL_DOWN must be >= 1, GATEWAY_TENANT_INFLIGHT_PER_NODE >= 0 (0: no cap)."
+    )

@@ -48,12 +48,15 @@ def _celery_beat_factories() -> dict[str, Callable[[], DjangoModel]]:
 
     return {
         "django_celery_beat.IntervalSchedule": lambda: beat.IntervalSchedule.objects.create(
-            every=10, period=beat.IntervalSchedule.SECONDS),
+            every=10, period=beat.IntervalSchedule.SECONDS
+        ),
         "django_celery_beat.CrontabSchedule": lambda: beat.CrontabSchedule.objects.create(minute="5"),
         "django_celery_beat.SolarSchedule": lambda: beat.SolarSchedule.objects.create(
-            event="sunrise", latitude=48.85, longitude=2.35),
+            event="sunrise", latitude=48.85, longitude=2.35
+        ),
         "django_celery_beat.ClockedSchedule": lambda: beat.ClockedSchedule.objects.create(
-            clocked_time=timezone.now() + timedelta(days=1)),
+            clocked_time=timezone.now() + timedelta(days=1)
+        ),
         "django_celery_beat.PeriodicTask": periodic_task,
     }
 
@@ -179,8 +182,13 @@ def test_admin_index_shows_the_platform_summary(admin_client, admin_objects, nod
 def test_admin_shows_a_new_api_key_exactly_once(admin_client, tenant) -> None:
     response = admin_client.post(
         reverse("admin:tenancy_apikey_add"),
-        {"tenant": tenant.pk, "name": "from-admin", "scopes": ["inference", "usage:read"],
-         "expires_at_0": "", "expires_at_1": ""},
+        {
+            "tenant": tenant.pk,
+            "name": "from-admin",
+            "scopes": ["inference", "usage:read"],
+            "expires_at_0": "",
+            "expires_at_1": "",
+        },
         follow=True,
     )
     assert response.status_code == 200
@@ -189,8 +197,11 @@ def test_admin_shows_a_new_api_key_exactly_once(admin_client, tenant) -> None:
     key = api_key_verify(raw=shown[0])
     assert key is not None and key.name == "from-admin" and key.scopes == ["inference", "usage:read"]
 
-    for url in (reverse("admin:tenancy_apikey_change", args=[key.pk]), reverse("admin:tenancy_apikey_changelist"),
-                reverse("admin:tenancy_tenant_change", args=[tenant.pk])):
+    for url in (
+        reverse("admin:tenancy_apikey_change", args=[key.pk]),
+        reverse("admin:tenancy_apikey_changelist"),
+        reverse("admin:tenancy_tenant_change", args=[tenant.pk]),
+    ):
         body = admin_client.get(url).content.decode()
         assert shown[0] not in body
         assert key.digest not in body
@@ -213,10 +224,18 @@ def test_admin_change_form_cannot_edit_prefix_digest_or_tenant(admin_client, api
     url = reverse("admin:tenancy_apikey_change", args=[key.pk])
     form = admin_client.get(url).context["adminform"].form
     assert {"prefix", "digest", "tenant"}.isdisjoint(form.fields)
-    response = admin_client.post(url, {
-        "name": "renamed", "scopes": ["inference"], "tenant": other.pk, "prefix": "clk_hijacked",
-        "digest": "0" * 64, "expires_at_0": "", "expires_at_1": "",
-    })
+    response = admin_client.post(
+        url,
+        {
+            "name": "renamed",
+            "scopes": ["inference"],
+            "tenant": other.pk,
+            "prefix": "clk_hijacked",
+            "digest": "0" * 64,
+            "expires_at_0": "",
+            "expires_at_1": "",
+        },
+    )
     assert response.status_code == 302
     key.refresh_from_db()
     assert key.name == "renamed" and key.scopes == ["inference"]
@@ -291,8 +310,12 @@ def _usage(n: int) -> None:
         tenant = tenant_create(slug=f"u{i}")
         key, _ = api_key_issue(tenant=tenant)
         model = model_create(name=f"m-{i}")
-        make_usage(tenant=tenant, api_key=key, model=model,
-                   node=node_create(model=model, launcher="static", endpoint_url="http://127.0.0.1:9"))
+        make_usage(
+            tenant=tenant,
+            api_key=key,
+            model=model,
+            node=node_create(model=model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+        )
 
 
 @pytest.mark.parametrize(
@@ -336,8 +359,10 @@ def test_staff_without_superuser_only_issue_and_see_their_own_staff_tokens(clien
     assert client.get(reverse("admin:tenancy_stafftoken_change", args=[theirs.pk])).status_code == 302
     assert "root-token" not in client.get(reverse("admin:tenancy_stafftoken_changelist")).content.decode()
 
-    response = client.post(reverse("admin:tenancy_stafftoken_add"),
-                           {"user": admin_user.pk, "name": "escalate", "expires_at_0": "", "expires_at_1": ""})
+    response = client.post(
+        reverse("admin:tenancy_stafftoken_add"),
+        {"user": admin_user.pk, "name": "escalate", "expires_at_0": "", "expires_at_1": ""},
+    )
     assert response.status_code == 200 and response.context["adminform"].form.errors["user"]
     assert not StaffToken.objects.filter(name="escalate").exists()
 
@@ -367,23 +392,44 @@ def test_usage_date_hierarchy_drills_down_by_calendar_without_scanning_rows(admi
 
 
 def test_admin_creates_and_edits_tenants_through_the_services(admin_client, tenant) -> None:
-    limits = {"requests_per_minute": 60, "tokens_per_minute": 1000, "max_concurrent_requests": 2,
-              "monthly_token_budget": ""}
-    response = admin_client.post(reverse("admin:tenancy_tenant_add"),
-                                 {"slug": "globex", "name": "Globex", "contact_email": "ops@globex.test", **limits,
-                                  "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    limits = {
+        "requests_per_minute": 60,
+        "tokens_per_minute": 1000,
+        "max_concurrent_requests": 2,
+        "monthly_token_budget": "",
+    }
+    response = admin_client.post(
+        reverse("admin:tenancy_tenant_add"),
+        {
+            "slug": "globex",
+            "name": "Globex",
+            "contact_email": "ops@globex.test",
+            **limits,
+            "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0,
+        },
+    )
     assert response.status_code == 302, response.context["adminform"].form.errors
     globex = Tenant.objects.get(slug="globex")
     assert (globex.requests_per_minute, globex.monthly_token_budget) == (60, None)
 
-    duplicate = admin_client.post(reverse("admin:tenancy_tenant_add"),
-                                  {"slug": "acme", "name": "Again", **limits,
-                                   "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    duplicate = admin_client.post(
+        reverse("admin:tenancy_tenant_add"),
+        {"slug": "acme", "name": "Again", **limits, "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0},
+    )
     assert duplicate.status_code == 200 and duplicate.context["adminform"].form.errors["slug"]
 
-    response = admin_client.post(reverse("admin:tenancy_tenant_change", args=[globex.pk]),
-                                 {"slug": "globex", "name": "Globex Inc", "contact_email": "", **limits,
-                                  "api_keys-TOTAL_FORMS": 0, "api_keys-INITIAL_FORMS": 0})
+    response = admin_client.post(
+        reverse("admin:tenancy_tenant_change", args=[globex.pk]),
+        {
+            "slug": "globex",
+            "name": "Globex Inc",
+            "contact_email": "",
+            **limits,
+            "api_keys-TOTAL_FORMS": 0,
+            "api_keys-INITIAL_FORMS": 0,
+        },
+    )
     assert response.status_code == 302
     globex.refresh_from_db()
     assert globex.name == "Globex Inc"

@@ -28,8 +28,14 @@ def two_tenants(db) -> dict[str, dict]:
         key, raw = api_key_issue(tenant=tenant, name=f"{slug}-admin", scopes=ALL_SCOPES)
         spare, spare_raw = api_key_issue(tenant=tenant, name=f"{slug}-spare")
         usage = make_usage(tenant=tenant, api_key=key)
-        world[slug] = {"tenant": tenant, "key": key, "client": _client(raw), "spare": spare,
-                       "spare_raw": spare_raw, "usage": usage}
+        world[slug] = {
+            "tenant": tenant,
+            "key": key,
+            "client": _client(raw),
+            "spare": spare,
+            "spare_raw": spare_raw,
+            "usage": usage,
+        }
     return world
 
 

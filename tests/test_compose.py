@@ -76,8 +76,14 @@ def test_application_services_share_one_image_built_here_and_read_env_file():
 
 @pytest.mark.parametrize(
     ("service", "probe"),
-    [("postgres", "pg_isready"), ("redis", "redis-cli"), ("web", "/health"), ("worker", "inspect ping"),
-     ("skypilot", "/api/health"), ("proxy", "/health")],
+    [
+        ("postgres", "pg_isready"),
+        ("redis", "redis-cli"),
+        ("web", "/health"),
+        ("worker", "inspect ping"),
+        ("skypilot", "/api/health"),
+        ("proxy", "/health"),
+    ],
 )
 def test_long_running_services_have_health_checks(service, probe):
     healthcheck = SERVICES[service]["healthcheck"]
@@ -221,8 +227,7 @@ def test_env_example_is_a_valid_production_configuration(tmp_path):
         "DATABASE_URL": "postgres://crosslogic:pw@postgres:5432/crosslogic",
     }
     code = "import django; django.setup(); from django.conf import settings as s; print(s.DEBUG, s.ALLOWED_HOSTS)"
-    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True,
-                            timeout=60)
+    result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "False ['crosslogic.example.com']"
 

@@ -37,7 +37,11 @@ def _manage(*args: str, **env: str) -> subprocess.CompletedProcess:
     }
     return subprocess.run(
         [sys.executable, "manage.py", *args],
-        cwd=ROOT, env={**base, **PRODUCTION, **env}, capture_output=True, text=True, timeout=180,
+        cwd=ROOT,
+        env={**base, **PRODUCTION, **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
     )
 
 
@@ -50,8 +54,9 @@ def test_check_deploy_is_clean_with_a_production_environment():
 
 def test_check_deploy_flags_a_production_environment_that_turns_security_off():
     # The check above can fail: switching the secure defaults off is reported.
-    result = _manage("check", "--deploy", "--fail-level", "WARNING", SESSION_COOKIE_SECURE="false",
-                     SECURE_SSL_REDIRECT="false")
+    result = _manage(
+        "check", "--deploy", "--fail-level", "WARNING", SESSION_COOKIE_SECURE="false", SECURE_SSL_REDIRECT="false"
+    )
     assert result.returncode != 0
     assert "security.W012" in result.stderr and "security.W008" in result.stderr
 

@@ -61,16 +61,35 @@ def worker(transactional_db, live_server, redis_db, tmp_path) -> Iterator[Path]:
     env = {
         **os.environ,
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
-        "REDIS_URL": settings.REDIS_URL, "CELERY_BROKER_URL": settings.REDIS_URL,
-        "CONTROL_PLANE_URL": live_server.url, "FLEET_DEFAULT_LAUNCHER": "local",
-        "FLEET_LAUNCH_POLL_S": "1", "FLEET_LOCAL_STARTUP_DELAY_S": "0.3", "FLEET_HEALTH_TIMEOUT_S": "1",
-        "FLEET_UNHEALTHY_AFTER": "3", "FLEET_REPLACE_UNHEALTHY_AFTER_S": "1", "DB_CONN_MAX_AGE": "0",
+        "REDIS_URL": settings.REDIS_URL,
+        "CELERY_BROKER_URL": settings.REDIS_URL,
+        "CONTROL_PLANE_URL": live_server.url,
+        "FLEET_DEFAULT_LAUNCHER": "local",
+        "FLEET_LAUNCH_POLL_S": "1",
+        "FLEET_LOCAL_STARTUP_DELAY_S": "0.3",
+        "FLEET_HEALTH_TIMEOUT_S": "1",
+        "FLEET_UNHEALTHY_AFTER": "3",
+        "FLEET_REPLACE_UNHEALTHY_AFTER_S": "1",
+        "DB_CONN_MAX_AGE": "0",
     }
     with open(log, "wb") as out:
         proc = subprocess.Popen(
-            [str(Path(settings.BASE_DIR) / ".venv/bin/celery"), "-A", "crosslogic", "worker", "--pool=solo",
-             "--loglevel=INFO", "--without-mingle", "--without-gossip", "--without-heartbeat"],
-            cwd=settings.BASE_DIR, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(Path(settings.BASE_DIR) / ".venv/bin/celery"),
+                "-A",
+                "crosslogic",
+                "worker",
+                "--pool=solo",
+                "--loglevel=INFO",
+                "--without-mingle",
+                "--without-gossip",
+                "--without-heartbeat",
+            ],
+            cwd=settings.BASE_DIR,
+            env=env,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
         )
     try:
         yield log
@@ -103,8 +122,11 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
     created = api.post("/api/v1/nodes/", {"model": model.name, "launcher": "local"}, format="json")
     assert created.status_code == 201, created.content
     node = Node.objects.get(pk=created.json()["id"])
-    _wait("the node to become ready",
-          lambda: Node.objects.filter(pk=node.pk, status=NodeStatus.READY).exists(), log=worker)
+    _wait(
+        "the node to become ready",
+        lambda: Node.objects.filter(pk=node.pk, status=NodeStatus.READY).exists(),
+        log=worker,
+    )
     node.refresh_from_db()
     assert node.registered_at and node.endpoint_url.startswith("http://127.0.0.1:")
     assert node.provisioned_at <= node.weights_loaded_at <= node.ready_at
@@ -128,6 +150,7 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
         os.kill(sim_pid, signal.SIGKILL)
         for failures in (1, 2, 3):
             fleet_health_check.delay()
+
             def failed(n: int = failures) -> bool:
                 return Node.objects.get(pk=node.pk).consecutive_failures >= n
 
@@ -144,19 +167,30 @@ def test_local_fleet_lifecycle_with_a_real_worker(worker: Path, tenant) -> None:
         assert node.status == NodeStatus.TERMINATED and node.status_reason == "preempted"
         replacement = Node.objects.exclude(pk=node.pk).get()
         # The reconciler writes its reason right after creating the node: wait for it, don't race it.
-        _wait("the reconciler's reason on the replacement",
-              lambda: NodeEvent.objects.filter(node=replacement, actor="reconciler",
-                                               message__contains=str(node)).exists(), timeout_s=10, log=worker)
-        _wait("the replacement to become ready",
-              lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.READY).exists(), log=worker)
+        _wait(
+            "the reconciler's reason on the replacement",
+            lambda: NodeEvent.objects.filter(
+                node=replacement, actor="reconciler", message__contains=str(node)
+            ).exists(),
+            timeout_s=10,
+            log=worker,
+        )
+        _wait(
+            "the replacement to become ready",
+            lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.READY).exists(),
+            log=worker,
+        )
         gateway.wait_routed(model.name, 1, timeout_s=5)
         again = httpx.post(gateway.base_url + "/chat/completions", json=body, timeout=20, headers=customer)
         assert again.status_code == 200, again.text
 
         # 5. Terminate from the API: the worker tears it down and the process is gone.
         assert api.post(f"/api/v1/nodes/{replacement.pk}/terminate/").status_code == 200
-        _wait("the replacement to be terminated",
-              lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.TERMINATED).exists(), log=worker)
+        _wait(
+            "the replacement to be terminated",
+            lambda: Node.objects.filter(pk=replacement.pk, status=NodeStatus.TERMINATED).exists(),
+            log=worker,
+        )
         gateway.wait_routed(model.name, 0, timeout_s=2)
     replacement.refresh_from_db()
     assert not _alive(replacement.launcher_state["pid"])

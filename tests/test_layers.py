@@ -98,14 +98,22 @@ def task_by_string_violations(paths: list[Path], root: Path = ROOT) -> list[str]
         for node in ast.walk(tree):
             if isinstance(node, ast.Call):
                 func = node.func
-                if (isinstance(func, ast.Name) and func.id == "getattr" and node.args
-                        and _is_tasks_ref(node.args[0], aliases)):
+                if (
+                    isinstance(func, ast.Name)
+                    and func.id == "getattr"
+                    and node.args
+                    and _is_tasks_ref(node.args[0], aliases)
+                ):
                     found.append(f"{where}:{node.lineno} getattr on a tasks module")
                 elif isinstance(func, ast.Attribute) and func.attr == "send_task":
                     found.append(f"{where}:{node.lineno} send_task by name")
-            elif (isinstance(node, ast.Subscript) and isinstance(node.value, ast.Attribute)
-                    and node.value.attr == "tasks"
-                    and isinstance(node.slice, ast.Constant) and isinstance(node.slice.value, str)):
+            elif (
+                isinstance(node, ast.Subscript)
+                and isinstance(node.value, ast.Attribute)
+                and node.value.attr == "tasks"
+                and isinstance(node.slice, ast.Constant)
+                and isinstance(node.slice.value, str)
+            ):
                 # app.tasks["apps.x.tasks.y"]: Celery's task registry looked up by a name.
                 found.append(f"{where}:{node.lineno} task registry looked up by name")
     return sorted(found, key=lambda v: (v.split(":")[0], int(v.split(":")[1].split()[0])))
@@ -140,7 +148,9 @@ def test_core_check_sees_function_level_relative_and_string_imports(tmp_path: Pa
         "DOC = 'mentions apps.catalog in prose'\n"
     )
     assert [v.split(" ", 1)[1] for v in core_violations([bad], root=tmp_path)] == [
-        "imports apps.tenancy.models", "imports apps.fleet", "imports apps.metering.selectors",
+        "imports apps.tenancy.models",
+        "imports apps.fleet",
+        "imports apps.metering.selectors",
         "names 'apps.catalog.api_urls'",
     ]
 
@@ -160,6 +170,8 @@ def test_task_check_sees_getattr_send_task_and_registry_lookups(tmp_path: Path) 
         "    getattr(object(), name)\n"  # not a tasks module: not reported
     )
     assert [v.split(":", 1)[1] for v in task_by_string_violations([bad], root=tmp_path)] == [
-        "5 getattr on a tasks module", "6 getattr on a tasks module", "7 send_task by name",
+        "5 getattr on a tasks module",
+        "6 getattr on a tasks module",
+        "7 send_task by name",
         "8 task registry looked up by name",
     ]

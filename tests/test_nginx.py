@@ -61,8 +61,11 @@ class Upstream:
     async def _echo(self, request: web.Request) -> web.Response:
         body = await request.read()
         return web.json_response(
-            {"xff": request.headers.get("X-Forwarded-For"), "proto": request.headers.get("X-Forwarded-Proto"),
-             "bytes": len(body)}
+            {
+                "xff": request.headers.get("X-Forwarded-For"),
+                "proto": request.headers.get("X-Forwarded-Proto"),
+                "bytes": len(body),
+            }
         )
 
     async def _health(self, request: web.Request) -> web.Response:
@@ -95,10 +98,26 @@ class Upstream:
 def proxy(tmp_path_factory) -> Iterator[dict]:
     tmp = tmp_path_factory.mktemp("nginx")
     subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=localhost",
-         "-addext", "subjectAltName=IP:127.0.0.1,DNS:localhost",
-         "-keyout", str(tmp / "privkey.pem"), "-out", str(tmp / "fullchain.pem")],
-        check=True, capture_output=True,
+        [
+            "openssl",
+            "req",
+            "-x509",
+            "-newkey",
+            "rsa:2048",
+            "-nodes",
+            "-days",
+            "1",
+            "-subj",
+            "/CN=localhost",
+            "-addext",
+            "subjectAltName=IP:127.0.0.1,DNS:localhost",
+            "-keyout",
+            str(tmp / "privkey.pem"),
+            "-out",
+            str(tmp / "fullchain.pem"),
+        ],
+        check=True,
+        capture_output=True,
     )
     upstream = Upstream()
     upstream.start()
@@ -127,8 +146,12 @@ def proxy(tmp_path_factory) -> Iterator[dict]:
             if proc.poll() is not None or time.monotonic() > deadline:
                 pytest.fail((tmp / "stderr.log").read_text())
             time.sleep(0.1)
-    yield {"https": f"https://127.0.0.1:{https_port}", "http": f"http://127.0.0.1:{http_port}",
-           "ca": str(tmp / "fullchain.pem"), "https_port": https_port}
+    yield {
+        "https": f"https://127.0.0.1:{https_port}",
+        "http": f"http://127.0.0.1:{http_port}",
+        "ca": str(tmp / "fullchain.pem"),
+        "https_port": https_port,
+    }
     proc.terminate()
     proc.wait(10)
     upstream.stop()
@@ -184,7 +207,8 @@ def test_plain_http_redirects_to_https_but_answers_health(proxy):
 
 def test_tls_13_is_negotiated(proxy):
     context = ssl.create_default_context(cafile=proxy["ca"])
-    with socket.create_connection(("127.0.0.1", proxy["https_port"])) as raw, context.wrap_socket(
-        raw, server_hostname="localhost"
-    ) as tls:
+    with (
+        socket.create_connection(("127.0.0.1", proxy["https_port"])) as raw,
+        context.wrap_socket(raw, server_hostname="localhost") as tls,
+    ):
         assert tls.version() == "TLSv1.3"

@@ -26,35 +26,65 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", required=True, help="The served model name.")
     parser.add_argument("--ttft-ms", type=float, default=50.0, help="Delay before the first token.")
     parser.add_argument("--itl-ms", type=float, default=20.0, help="Delay between tokens.")
-    parser.add_argument("--api-key", default=None,
-                        help="Require `Authorization: Bearer KEY` on /v1/*. Default: $VLLM_API_KEY, as vLLM "
-                             "(keeps the key off the process list).")
-    parser.add_argument("--max-tokens-default", type=int, default=64,
-                        help="Answer length when a request sets no max_tokens (finish_reason 'stop').")
+    parser.add_argument(
+        "--api-key",
+        default=None,
+        help="Require `Authorization: Bearer KEY` on /v1/*. Default: $VLLM_API_KEY, as vLLM "
+        "(keeps the key off the process list).",
+    )
+    parser.add_argument(
+        "--max-tokens-default",
+        type=int,
+        default=64,
+        help="Answer length when a request sets no max_tokens (finish_reason 'stop').",
+    )
     parser.add_argument("--max-model-len", type=int, default=4096)
-    parser.add_argument("--fail-rate", type=_fraction, default=0.0,
-                        help="Fraction of POST /v1/* requests answered 500 before any byte.")
-    parser.add_argument("--die-after-tokens", type=int, default=None,
-                        help="Cut every response's connection after N tokens (no [DONE]).")
-    parser.add_argument("--die-exits-process", action="store_true",
-                        help="With --die-after-tokens: the whole process exits (status 17) instead.")
-    parser.add_argument("--startup-delay-s", type=float, default=0.0,
-                        help="Simulated weight loading: nothing listens until it is over (like vLLM).")
-    parser.add_argument("--max-num-seqs", type=int, default=256,
-                        help="Concurrent generations; the rest wait (vllm:num_requests_waiting).")
-    parser.add_argument("--kv-cache-tokens", type=int, default=65536,
-                        help="KV cache capacity in tokens, for vllm:kv_cache_usage_perc.")
+    parser.add_argument(
+        "--fail-rate", type=_fraction, default=0.0, help="Fraction of POST /v1/* requests answered 500 before any byte."
+    )
+    parser.add_argument(
+        "--die-after-tokens", type=int, default=None, help="Cut every response's connection after N tokens (no [DONE])."
+    )
+    parser.add_argument(
+        "--die-exits-process",
+        action="store_true",
+        help="With --die-after-tokens: the whole process exits (status 17) instead.",
+    )
+    parser.add_argument(
+        "--startup-delay-s",
+        type=float,
+        default=0.0,
+        help="Simulated weight loading: nothing listens until it is over (like vLLM).",
+    )
+    parser.add_argument(
+        "--max-num-seqs",
+        type=int,
+        default=256,
+        help="Concurrent generations; the rest wait (vllm:num_requests_waiting).",
+    )
+    parser.add_argument(
+        "--kv-cache-tokens", type=int, default=65536, help="KV cache capacity in tokens, for vllm:kv_cache_usage_perc."
+    )
     parser.add_argument("--embedding-dim", type=int, default=16)
     parser.add_argument("--seed", type=int, default=None, help="Seed for --fail-rate's random draws.")
-    parser.add_argument("--enable-auto-tool-choice", action="store_true",
-                        help="As vLLM: with --tool-call-parser, requests with `tools` may be answered with tool "
-                             "calls; without both, tool_choice \"auto\" (the default with tools) is a 400.")
-    parser.add_argument("--tool-call-parser", default=None,
-                        help="As vLLM (hermes, llama3_json, mistral, ...): the simulator answers OpenAI tool_calls "
-                             "whatever the name.")
+    parser.add_argument(
+        "--enable-auto-tool-choice",
+        action="store_true",
+        help="As vLLM: with --tool-call-parser, requests with `tools` may be answered with tool "
+        'calls; without both, tool_choice "auto" (the default with tools) is a 400.',
+    )
+    parser.add_argument(
+        "--tool-call-parser",
+        default=None,
+        help="As vLLM (hermes, llama3_json, mistral, ...): the simulator answers OpenAI tool_calls whatever the name.",
+    )
     parser.add_argument("--vllm-version", default=VLLM_VERSION, help="What GET /version answers.")
-    parser.add_argument("--socket-send-buffer", type=int, default=None,
-                        help="Simulator only: SO_SNDBUF for streams, so tests can make a client fall behind.")
+    parser.add_argument(
+        "--socket-send-buffer",
+        type=int,
+        default=None,
+        help="Simulator only: SO_SNDBUF for streams, so tests can make a client fall behind.",
+    )
 
 
 def config_from_options(opts: dict) -> SimConfig:

@@ -12,13 +12,70 @@ from dataclasses import dataclass, field
 
 # Plain ASCII words, nothing JSON would escape, so a word's bytes go into a chunk unchanged.
 WORDS: tuple[str, ...] = (
-    "the", "quick", "brown", "fox", "jumps", "over", "lazy", "dog", "and", "then", "runs",
-    "across", "green", "field", "under", "bright", "blue", "sky", "while", "birds", "sing",
-    "softly", "in", "tall", "trees", "near", "quiet", "river", "that", "flows", "toward",
-    "distant", "hills", "where", "old", "stone", "houses", "stand", "beside", "narrow", "roads",
-    "lined", "with", "golden", "wheat", "swaying", "gently", "as", "warm", "wind", "carries",
-    "sweet", "scent", "of", "summer", "flowers", "through", "open", "windows", "every", "day",
-    "until", "night", "falls",
+    "the",
+    "quick",
+    "brown",
+    "fox",
+    "jumps",
+    "over",
+    "lazy",
+    "dog",
+    "and",
+    "then",
+    "runs",
+    "across",
+    "green",
+    "field",
+    "under",
+    "bright",
+    "blue",
+    "sky",
+    "while",
+    "birds",
+    "sing",
+    "softly",
+    "in",
+    "tall",
+    "trees",
+    "near",
+    "quiet",
+    "river",
+    "that",
+    "flows",
+    "toward",
+    "distant",
+    "hills",
+    "where",
+    "old",
+    "stone",
+    "houses",
+    "stand",
+    "beside",
+    "narrow",
+    "roads",
+    "lined",
+    "with",
+    "golden",
+    "wheat",
+    "swaying",
+    "gently",
+    "as",
+    "warm",
+    "wind",
+    "carries",
+    "sweet",
+    "scent",
+    "of",
+    "summer",
+    "flowers",
+    "through",
+    "open",
+    "windows",
+    "every",
+    "day",
+    "until",
+    "night",
+    "falls",
 )
 # Token ids: words are 1000 + their index; any other piece (JSON punctuation) hashes into a
 # range of its own. Only their stability matters (return_token_ids).
@@ -112,8 +169,10 @@ def _schema_instance(schema: object, offset: int, depth: int) -> object:
         kind = "object"
     if kind == "object":
         properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
-        return {str(name): _schema_instance(sub, offset + i + 1, depth + 1)
-                for i, (name, sub) in enumerate(properties.items())}
+        return {
+            str(name): _schema_instance(sub, offset + i + 1, depth + 1)
+            for i, (name, sub) in enumerate(properties.items())
+        }
     if kind == "array":
         minimum = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 1
         # A huge minItems would only be cut by max_tokens anyway: never build more than that.

@@ -47,12 +47,38 @@ class PacedStream:
     event then carries several tokens, as vLLM's stream does when its output queue backs up.
     """
 
-    __slots__ = ("die_after", "done", "head", "i", "itl", "last", "next_at", "on_die", "on_step", "pacer",
-                 "render", "sent", "tail", "transport")
+    __slots__ = (
+        "die_after",
+        "done",
+        "head",
+        "i",
+        "itl",
+        "last",
+        "next_at",
+        "on_die",
+        "on_step",
+        "pacer",
+        "render",
+        "sent",
+        "tail",
+        "transport",
+    )
 
-    def __init__(self, *, pacer: Pacer, transport: asyncio.Transport, render: Callable[[int, int], bytes],
-                 n_steps: int, first_at: float, itl: float, head: bytes, tail: bytes, die_after: int | None,
-                 on_step: Callable[[int], None], on_die: Callable[[], None]) -> None:
+    def __init__(
+        self,
+        *,
+        pacer: Pacer,
+        transport: asyncio.Transport,
+        render: Callable[[int, int], bytes],
+        n_steps: int,
+        first_at: float,
+        itl: float,
+        head: bytes,
+        tail: bytes,
+        die_after: int | None,
+        on_step: Callable[[int], None],
+        on_die: Callable[[], None],
+    ) -> None:
         if pacer.loop is None:
             pacer.loop = asyncio.get_running_loop()
         self.pacer, self.transport, self.render = pacer, transport, render

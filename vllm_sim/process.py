@@ -125,9 +125,7 @@ def _wait_listening(proc: subprocess.Popen, lines: queue.Queue, keep: deque[str]
 
 
 @contextmanager
-def run_simulator_process(
-    *, model: str = "sim-model", timeout_s: float = 30.0, **options: Any
-) -> Iterator[SimHandle]:
+def run_simulator_process(*, model: str = "sim-model", timeout_s: float = 30.0, **options: Any) -> Iterator[SimHandle]:
     """Start ``python -m vllm_sim --port 0 ...`` and yield a SimHandle once ``/health`` is 200.
 
     Options are the command's flags in snake_case: ``ttft_ms``, ``itl_ms``, ``api_key``,
@@ -142,16 +140,16 @@ def run_simulator_process(
     env = {k: v for k, v in os.environ.items() if k != "VLLM_API_KEY"}
     if api_key:
         env["VLLM_API_KEY"] = str(api_key)
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1,
-                            cwd=ROOT, env=env)
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, text=True, bufsize=1, cwd=ROOT, env=env
+    )
     keep: deque[str] = deque(maxlen=200)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_pump, args=(proc.stdout, lines, keep), daemon=True, name="simulate_vllm-stdout").start()
     handle = None
     try:
         host_url, bound = _wait_listening(proc, lines, keep, timeout_s)
-        handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model,
-                           api_key=api_key, output=keep)
+        handle = SimHandle(url=f"{host_url}:{bound}", port=bound, proc=proc, model=model, api_key=api_key, output=keep)
         deadline = time.monotonic() + timeout_s
         while httpx.get(handle.url + "/health", timeout=2).status_code != 200:
             if time.monotonic() > deadline:

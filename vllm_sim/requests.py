@@ -94,8 +94,9 @@ async def read_json(request: web.Request) -> dict:
         # and pydantic refuses such a string, so vLLM answers 400 where we would crash later.
         json.dumps(body, ensure_ascii=False).encode("utf-8")
     except UnicodeEncodeError:
-        raise bad_request("Input should be a valid string: the request contains a lone surrogate "
-                          "(invalid Unicode).") from None
+        raise bad_request(
+            "Input should be a valid string: the request contains a lone surrogate (invalid Unicode)."
+        ) from None
     except RecursionError:
         raise bad_request("Invalid JSON body: nested too deeply.") from None
     return body
@@ -163,18 +164,21 @@ def _check_sampling(n: int, max_tokens: int | None, logprobs: int | None) -> Non
     if max_tokens is not None and max_tokens < 1:
         raise bad_request(f"max_tokens must be at least 1, got {max_tokens}.")
     if logprobs is not None and logprobs > MAX_LOGPROBS:
-        raise bad_request(f"Requested sample logprobs of {logprobs}, which is greater than max allowed: "
-                          f"{MAX_LOGPROBS}")
+        raise bad_request(f"Requested sample logprobs of {logprobs}, which is greater than max allowed: {MAX_LOGPROBS}")
 
 
 def _check_context(prompt_tokens: int, max_tokens: int | None, max_model_len: int) -> None:
     if prompt_tokens >= max_model_len:
-        raise bad_request(f"This model's maximum context length is {max_model_len} tokens. However, your request "
-                          f"has {prompt_tokens} input tokens. Please reduce the length of the input messages.")
+        raise bad_request(
+            f"This model's maximum context length is {max_model_len} tokens. However, your request "
+            f"has {prompt_tokens} input tokens. Please reduce the length of the input messages."
+        )
     if max_tokens is not None and prompt_tokens + max_tokens > max_model_len:
-        raise bad_request(f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
-                          f"context length is {max_model_len} tokens and your request has {prompt_tokens} input "
-                          f"tokens ({max_tokens} > {max_model_len} - {prompt_tokens}).")
+        raise bad_request(
+            f"'max_tokens' or 'max_completion_tokens' is too large: {max_tokens}. This model's maximum "
+            f"context length is {max_model_len} tokens and your request has {prompt_tokens} input "
+            f"tokens ({max_tokens} > {max_model_len} - {prompt_tokens})."
+        )
 
 
 def _response_format(body: dict) -> tuple[str, object]:
@@ -183,8 +187,9 @@ def _response_format(body: dict) -> tuple[str, object]:
     if fmt is None:
         return "text", None
     if not isinstance(fmt, dict) or fmt.get("type") not in ("text", "json_object", "json_schema", "structural_tag"):
-        raise bad_request("`response_format.type` must be one of 'text', 'json_object', 'json_schema' or "
-                          "'structural_tag'.")
+        raise bad_request(
+            "`response_format.type` must be one of 'text', 'json_object', 'json_schema' or 'structural_tag'."
+        )
     if fmt["type"] != "json_schema":
         return ("text" if fmt["type"] == "structural_tag" else fmt["type"]), None
     spec = fmt.get("json_schema")
@@ -204,19 +209,24 @@ def _tools(body: dict) -> tuple[list[dict], object]:
             raise bad_request("`tools` must be a list.")
         for tool in tools:
             function = tool.get("function") if isinstance(tool, dict) else None
-            if (not isinstance(function, dict) or not isinstance(function.get("name"), str)
-                    or tool.get("type", "function") != "function"
-                    or not isinstance(function.get("parameters"), dict | None)):
-                raise bad_request("Each tool must be {\"type\": \"function\", \"function\": {\"name\": ..., "
-                                  "\"parameters\": {...}}}.")
+            if (
+                not isinstance(function, dict)
+                or not isinstance(function.get("name"), str)
+                or tool.get("type", "function") != "function"
+                or not isinstance(function.get("parameters"), dict | None)
+            ):
+                raise bad_request(
+                    'Each tool must be {"type": "function", "function": {"name": ..., "parameters": {...}}}.'
+                )
     choice = body.get("tool_choice", "auto" if tools else "none")
     if choice is None or choice == "none":
         return [t["function"] for t in tools or []], "none"
     if tools is None:
         raise bad_request("When using `tool_choice`, `tools` must be set.")
     if choice not in ("auto", "required") and not isinstance(choice, dict):
-        raise bad_request(f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or '
-                          f'"required" are supported.')
+        raise bad_request(
+            f'Invalid value for `tool_choice`: {choice}! Only named tools, "none", "auto" or "required" are supported.'
+        )
     if choice == "required" and not tools:
         return [], "none"
     if isinstance(choice, dict):
@@ -258,8 +268,7 @@ def _completion_prompt(body: dict) -> tuple[str | list[int], str]:
         return prompt, " ".join(map(str, prompt))
     if prompt is None:
         raise bad_request("At least one of `prompt` or `prompt_embeds` must be set.")
-    raise bad_request("`prompt` must be a string or a list of token ids (the simulator serves one prompt per "
-                      "request).")
+    raise bad_request("`prompt` must be a string or a list of token ids (the simulator serves one prompt per request).")
 
 
 # --- the plan ---------------------------------------------------------------------------------
@@ -309,16 +318,47 @@ def plan_generation(request: web.Request, body: dict, *, chat: bool, server: Ser
     choices = []
     for index in range(n):
         offset = (base + CHOICE_OFFSET_STEP * index) % len(txt.WORDS)
-        choices.append(_choice(index, offset, given=given, room=room, server=server, fmt=fmt, schema=schema,
-                               functions=functions, tool_choice=tool_choice, last_role=last_role))
-    return Plan(request_id=request_id_for(request, "chatcmpl-" if chat else "cmpl-"), chat=chat,
-                prompt_tokens=prompt_tokens, choices=choices, stream=stream, include_usage=include_usage,
-                continuous_usage=continuous, logprobs=logprobs, return_token_ids=return_ids,
-                prompt_ids=out.prompt_token_ids(seed_text, prompt_tokens) if return_ids else None)
+        choices.append(
+            _choice(
+                index,
+                offset,
+                given=given,
+                room=room,
+                server=server,
+                fmt=fmt,
+                schema=schema,
+                functions=functions,
+                tool_choice=tool_choice,
+                last_role=last_role,
+            )
+        )
+    return Plan(
+        request_id=request_id_for(request, "chatcmpl-" if chat else "cmpl-"),
+        chat=chat,
+        prompt_tokens=prompt_tokens,
+        choices=choices,
+        stream=stream,
+        include_usage=include_usage,
+        continuous_usage=continuous,
+        logprobs=logprobs,
+        return_token_ids=return_ids,
+        prompt_ids=out.prompt_token_ids(seed_text, prompt_tokens) if return_ids else None,
+    )
 
 
-def _choice(index: int, offset: int, *, given: int | None, room: int, server: ServerOptions, fmt: str,
-            schema: object, functions: list[dict], tool_choice: object, last_role: str) -> out.Choice:
+def _choice(
+    index: int,
+    offset: int,
+    *,
+    given: int | None,
+    room: int,
+    server: ServerOptions,
+    fmt: str,
+    schema: object,
+    functions: list[dict],
+    tool_choice: object,
+    last_role: str,
+) -> out.Choice:
     limit = given if given is not None else room
     tool = None
     if isinstance(tool_choice, dict):

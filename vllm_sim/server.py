@@ -95,23 +95,36 @@ class SimState:
         self.die_after_tokens = config.die_after_tokens
         self.health_status = 200
         self.options = ServerOptions(
-            served_model=config.model, max_tokens_default=config.max_tokens_default,
+            served_model=config.model,
+            max_tokens_default=config.max_tokens_default,
             max_model_len=config.max_model_len,
-            tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None)
+            tool_parser=config.tool_call_parser if config.enable_auto_tool_choice else None,
+        )
         self.reset()
 
     def reset(self) -> None:
-        self.counters = {"requests_received": 0, "requests_started": 0, "requests_completed": 0,
-                         "requests_cancelled": 0, "requests_failed_injected": 0, "requests_killed": 0,
-                         "requests_rejected": 0, "tokens_generated": 0}
+        self.counters = {
+            "requests_received": 0,
+            "requests_started": 0,
+            "requests_completed": 0,
+            "requests_cancelled": 0,
+            "requests_failed_injected": 0,
+            "requests_killed": 0,
+            "requests_rejected": 0,
+            "tokens_generated": 0,
+        }
         self.auth_seen: deque[str] = deque(maxlen=AUTH_SEEN_MAX)
         self.requests_without_auth = 0
 
     def stats(self) -> dict:
-        return {**self.counters, "running": self.running, "waiting": self.waiting,
-                "authorization_headers": list(self.auth_seen),
-                "requests_without_authorization": self.requests_without_auth,
-                "config": {k: v for k, v in asdict(self.config).items() if k != "api_key"}}
+        return {
+            **self.counters,
+            "running": self.running,
+            "waiting": self.waiting,
+            "authorization_headers": list(self.auth_seen),
+            "requests_without_authorization": self.requests_without_auth,
+            "config": {k: v for k, v in asdict(self.config).items() if k != "api_key"},
+        }
 
     def kv_usage(self) -> float:
         return min(1.0, self.kv_tokens / self.config.kv_cache_tokens) if self.config.kv_cache_tokens else 0.0
@@ -222,10 +235,17 @@ class _Steps:
 
 
 def _encoder(sim: SimState, plan: Plan) -> txt.StreamEncoder:
-    return txt.StreamEncoder.create(chat=plan.chat, request_id=plan.request_id, created=int(time.time()),
-                                    model=sim.config.model, prompt_tokens=plan.prompt_tokens, logprobs=plan.logprobs,
-                                    return_token_ids=plan.return_token_ids, prompt_ids=plan.prompt_ids,
-                                    continuous_usage=plan.continuous_usage)
+    return txt.StreamEncoder.create(
+        chat=plan.chat,
+        request_id=plan.request_id,
+        created=int(time.time()),
+        model=sim.config.model,
+        prompt_tokens=plan.prompt_tokens,
+        logprobs=plan.logprobs,
+        return_token_ids=plan.return_token_ids,
+        prompt_ids=plan.prompt_ids,
+        continuous_usage=plan.continuous_usage,
+    )
 
 
 async def _stream(sim: SimState, request: web.Request, plan: Plan, slot: _Slot) -> web.StreamResponse:
@@ -267,13 +287,23 @@ class _Killed(Exception):  # noqa: N818 - the simulated death, not an error
     pass
 
 
-async def _paced(sim: SimState, request: web.Request, plan: Plan, slot: _Slot, steps: _Steps, *,
-                 first_at: float) -> None:
+async def _paced(
+    sim: SimState, request: web.Request, plan: Plan, slot: _Slot, steps: _Steps, *, first_at: float
+) -> None:
     """Tokens on their schedule, written by the shared pacer rather than by this coroutine."""
-    stream = PacedStream(pacer=sim.pacer, transport=request.transport, render=steps.render,  # type: ignore[arg-type]
-                         n_steps=plan.n_steps, first_at=first_at, itl=sim.itl, head=steps.head, tail=steps.tail,
-                         die_after=sim.die_after_tokens, on_step=lambda i: slot.add_tokens(steps.tokens_at(i)),
-                         on_die=lambda: _cut(sim, request))
+    stream = PacedStream(
+        pacer=sim.pacer,
+        transport=request.transport,
+        render=steps.render,  # type: ignore[arg-type]
+        n_steps=plan.n_steps,
+        first_at=first_at,
+        itl=sim.itl,
+        head=steps.head,
+        tail=steps.tail,
+        die_after=sim.die_after_tokens,
+        on_step=lambda i: slot.add_tokens(steps.tokens_at(i)),
+        on_die=lambda: _cut(sim, request),
+    )
     try:
         await stream.done
     except StreamKilled:
@@ -294,9 +324,16 @@ async def _complete(sim: SimState, request: web.Request, plan: Plan, slot: _Slot
     await _sleep_until(loop, start + sim.ttft + sim.itl * (plan.n_steps - 1))
     slot.add_tokens(plan.completion_tokens)
     build = txt.chat_response if plan.chat else txt.completion_response
-    body = build(request_id=plan.request_id, created=int(time.time()), model=sim.config.model, choices=plan.choices,
-                 prompt_tokens=plan.prompt_tokens, logprobs=plan.logprobs, return_token_ids=plan.return_token_ids,
-                 prompt_ids=plan.prompt_ids)
+    body = build(
+        request_id=plan.request_id,
+        created=int(time.time()),
+        model=sim.config.model,
+        choices=plan.choices,
+        prompt_tokens=plan.prompt_tokens,
+        logprobs=plan.logprobs,
+        return_token_ids=plan.return_token_ids,
+        prompt_ids=plan.prompt_ids,
+    )
     return json_response(200, body)
 
 
@@ -362,14 +399,24 @@ async def _embeddings(sim: SimState, request: web.Request) -> web.Response:
     async with _Slot(sim, prompt_tokens):
         await asyncio.sleep(sim.ttft)
     sim.counters["requests_completed"] += 1
-    return json_response(200, txt.embeddings_response(
-        request_id=request_id_for(request, "embd-"), created=int(time.time()), model=sim.config.model, inputs=inputs,
-        dim=sim.config.embedding_dim, base64_encoding=encoding == "base64", prompt_tokens=prompt_tokens))
+    return json_response(
+        200,
+        txt.embeddings_response(
+            request_id=request_id_for(request, "embd-"),
+            created=int(time.time()),
+            model=sim.config.model,
+            inputs=inputs,
+            dim=sim.config.embedding_dim,
+            base64_encoding=encoding == "base64",
+            prompt_tokens=prompt_tokens,
+        ),
+    )
 
 
 async def _models(sim: SimState, request: web.Request) -> web.Response:
-    return json_response(200, txt.models_response(model=sim.config.model, created=sim.created,
-                                                   max_model_len=sim.config.max_model_len))
+    return json_response(
+        200, txt.models_response(model=sim.config.model, created=sim.created, max_model_len=sim.config.max_model_len)
+    )
 
 
 async def _health(request: web.Request) -> web.Response:
@@ -407,8 +454,9 @@ async def _faults(request: web.Request) -> web.Response:
     except Reject as reject:
         return reject.response
     sim.fail_rate, sim.die_after_tokens, sim.health_status = float(rate), die, health
-    return json_response(200, txt.dumps_bytes(
-        {"fail_rate": sim.fail_rate, "die_after_tokens": die, "health_status": health}))
+    return json_response(
+        200, txt.dumps_bytes({"fail_rate": sim.fail_rate, "die_after_tokens": die, "health_status": health})
+    )
 
 
 async def _reset(request: web.Request) -> web.Response:

@@ -75,8 +75,11 @@ def start_offset(seed_text: str) -> int:
 
 def usage(prompt_tokens: int, completion_tokens: int, *, details: bool = True) -> dict:
     # vLLM's UsageInfo field order; the stream's usage chunk is dumped with exclude_none.
-    body: dict = {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + completion_tokens,
-                  "completion_tokens": completion_tokens}
+    body: dict = {
+        "prompt_tokens": prompt_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+        "completion_tokens": completion_tokens,
+    }
     if details:
         body["prompt_tokens_details"] = None
     return body
@@ -110,8 +113,14 @@ def _chat_logprobs(choice: Choice, start: int, end: int, top: int) -> dict:
     for i in range(start, end):
         piece, lp = choice.pieces[i], logprob_of(choice.offset, i)
         tops = [(piece, lp), *alternatives(piece, top - 1)] if top else []
-        content.append({"token": piece, "logprob": lp, "bytes": list(piece.encode()),
-                        "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in tops]})
+        content.append(
+            {
+                "token": piece,
+                "logprob": lp,
+                "bytes": list(piece.encode()),
+                "top_logprobs": [{"token": t, "logprob": v, "bytes": list(t.encode())} for t, v in tops],
+            }
+        )
     return {"content": content}
 
 
@@ -136,7 +145,7 @@ def _tool_delta(choice: Choice, start: int, end: int) -> dict:
     delta already carries some), the rest carry argument text only."""
     tool = choice.tool
     assert tool is not None
-    arguments = "".join(choice.pieces[max(start, 1 if tool.mode == "auto" else 0):end])
+    arguments = "".join(choice.pieces[max(start, 1 if tool.mode == "auto" else 0) : end])
     # vLLM indexes a named tool call by the choice's index, the others by the call's position.
     index = choice.index if tool.mode == "named" else 0
     if start == 0:
@@ -149,10 +158,14 @@ def _tool_delta(choice: Choice, start: int, end: int) -> dict:
 
 _PLAIN_CHAT_TAIL = b'"},"logprobs":null,"finish_reason":null,"token_ids":null}]}\n\n'
 _FINAL_CHAT_TAIL = b'"},"logprobs":null,"finish_reason":"%s","stop_reason":null,"token_ids":null}]}\n\n'
-_PLAIN_COMPLETION_TAIL = (b'","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
-                          b'"token_ids":null}],"usage":null}\n\n')
-_FINAL_COMPLETION_TAIL = (b'","logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_token_ids":null,'
-                          b'"token_ids":null}],"usage":null}\n\n')
+_PLAIN_COMPLETION_TAIL = (
+    b'","logprobs":null,"finish_reason":null,"stop_reason":null,"prompt_token_ids":null,'
+    b'"token_ids":null}],"usage":null}\n\n'
+)
+_FINAL_COMPLETION_TAIL = (
+    b'","logprobs":null,"finish_reason":"%s","stop_reason":null,"prompt_token_ids":null,'
+    b'"token_ids":null}],"usage":null}\n\n'
+)
 
 
 @dataclass
@@ -172,22 +185,49 @@ class StreamEncoder:
     continuous_usage: bool = False
 
     @classmethod
-    def create(cls, *, chat: bool, request_id: str, created: int, model: str, prompt_tokens: int,
-               logprobs: int | None = None, return_token_ids: bool = False, prompt_ids: list[int] | None = None,
-               continuous_usage: bool = False) -> StreamEncoder:
-        head = _dumps({"id": request_id, "object": "chat.completion.chunk" if chat else "text_completion",
-                       "created": created, "model": model})
-        return cls(prefix=f'data: {head[:-1]},"choices":['.encode(), chat=chat, prompt_tokens=prompt_tokens,
-                   id=request_id, created=created, model=model, logprobs=logprobs,
-                   return_token_ids=return_token_ids, prompt_ids=prompt_ids, continuous_usage=continuous_usage)
+    def create(
+        cls,
+        *,
+        chat: bool,
+        request_id: str,
+        created: int,
+        model: str,
+        prompt_tokens: int,
+        logprobs: int | None = None,
+        return_token_ids: bool = False,
+        prompt_ids: list[int] | None = None,
+        continuous_usage: bool = False,
+    ) -> StreamEncoder:
+        head = _dumps(
+            {
+                "id": request_id,
+                "object": "chat.completion.chunk" if chat else "text_completion",
+                "created": created,
+                "model": model,
+            }
+        )
+        return cls(
+            prefix=f'data: {head[:-1]},"choices":['.encode(),
+            chat=chat,
+            prompt_tokens=prompt_tokens,
+            id=request_id,
+            created=created,
+            model=model,
+            logprobs=logprobs,
+            return_token_ids=return_token_ids,
+            prompt_ids=prompt_ids,
+            continuous_usage=continuous_usage,
+        )
 
     def _usage(self, completion_tokens: int, *, details: bool) -> bytes:
         return dumps_bytes(usage(self.prompt_tokens, completion_tokens, details=details))
 
     def role_chunk(self, index: int = 0) -> bytes:
         """A chat stream's first event per choice: the assistant role with empty content."""
-        out = self.prefix + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,' \
-                            b'"finish_reason":null}]' % index
+        out = (
+            self.prefix + b'{"index":%d,"delta":{"role":"assistant","content":""},"logprobs":null,'
+            b'"finish_reason":null}]' % index
+        )
         if self.continuous_usage:
             out += b',"usage":' + self._usage(0, details=False)
         ids = dumps_bytes(self.prompt_ids) if self.return_token_ids else b"null"
@@ -208,8 +248,11 @@ class StreamEncoder:
         """The event for tokens [start, end) of ``choice`` (several tokens when the client read slowly)."""
         if self.plain and choice.tool is None:
             # The common case, kept to a few concatenations per token (the benchmark's hot path).
-            text = escaped(choice.pieces[start]) if end == start + 1 else \
-                b"".join(escaped(p) for p in choice.pieces[start:end])
+            text = (
+                escaped(choice.pieces[start])
+                if end == start + 1
+                else b"".join(escaped(p) for p in choice.pieces[start:end])
+            )
             if finish_reason is None:
                 tail = _PLAIN_CHAT_TAIL if self.chat else _PLAIN_COMPLETION_TAIL
             else:
@@ -221,16 +264,29 @@ class StreamEncoder:
             lp = dumps_bytes(_chat_logprobs(choice, start, end, self.logprobs))
         else:
             lp = dumps_bytes(_completion_logprobs(choice, start, end, self.logprobs))
-        finish = b'"finish_reason":null' if finish_reason is None else \
-            b'"finish_reason":"%s","stop_reason":null' % finish_reason.encode()
+        finish = (
+            b'"finish_reason":null'
+            if finish_reason is None
+            else b'"finish_reason":"%s","stop_reason":null' % finish_reason.encode()
+        )
         ids = dumps_bytes(choice.ids[start:end]) if self.return_token_ids else b"null"
         if self.chat:
             if choice.tool is not None:
                 delta = dumps_bytes(_tool_delta(choice, start, end))
             else:
                 delta = b'{"content":"' + b"".join(escaped(p) for p in choice.pieces[start:end]) + b'"}'
-            out = self.prefix + b'{"index":%d,"delta":' % choice.index + delta + b',"logprobs":' + lp + b"," + \
-                finish + b',"token_ids":' + ids + b"}]"
+            out = (
+                self.prefix
+                + b'{"index":%d,"delta":' % choice.index
+                + delta
+                + b',"logprobs":'
+                + lp
+                + b","
+                + finish
+                + b',"token_ids":'
+                + ids
+                + b"}]"
+            )
             if self.continuous_usage:
                 out += b',"usage":' + self._usage(end, details=False)
             return out + b"}\n\n"
@@ -239,56 +295,134 @@ class StreamEncoder:
             finish += b',"stop_reason":null'
         prompt_ids = dumps_bytes(self.prompt_ids) if self.return_token_ids and start == 0 else b"null"
         use = self._usage(end, details=True) if self.continuous_usage else b"null"
-        return self.prefix + b'{"index":%d,"text":"' % choice.index + text + b'","logprobs":' + lp + b"," + \
-            finish + b',"prompt_token_ids":' + prompt_ids + b',"token_ids":' + ids + b'}],"usage":' + use + \
-            b"}\n\n"
+        return (
+            self.prefix
+            + b'{"index":%d,"text":"' % choice.index
+            + text
+            + b'","logprobs":'
+            + lp
+            + b","
+            + finish
+            + b',"prompt_token_ids":'
+            + prompt_ids
+            + b',"token_ids":'
+            + ids
+            + b'}],"usage":'
+            + use
+            + b"}\n\n"
+        )
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
-        body = {"id": self.id, "object": "chat.completion.chunk" if self.chat else "text_completion",
-                "created": self.created, "model": self.model, "choices": [],
-                "usage": usage(self.prompt_tokens, completion_tokens, details=False)}
+        body = {
+            "id": self.id,
+            "object": "chat.completion.chunk" if self.chat else "text_completion",
+            "created": self.created,
+            "model": self.model,
+            "choices": [],
+            "usage": usage(self.prompt_tokens, completion_tokens, details=False),
+        }
         return b"data: " + dumps_bytes(body) + b"\n\n"
 
 
 def _message(choice: Choice) -> dict:
-    message: dict = {"role": "assistant", "content": choice.text, "refusal": None, "annotations": None,
-                     "audio": None, "function_call": None, "tool_calls": [], "reasoning_content": None}
+    message: dict = {
+        "role": "assistant",
+        "content": choice.text,
+        "refusal": None,
+        "annotations": None,
+        "audio": None,
+        "function_call": None,
+        "tool_calls": [],
+        "reasoning_content": None,
+    }
     if choice.tool is not None:
         # An "auto" call found by the tool parser leaves no content; a guided one leaves "".
         message["content"] = None if choice.tool.mode == "auto" else ""
-        message["tool_calls"] = [{"id": choice.tool.id, "type": "function",
-                                  "function": {"name": choice.tool.name, "arguments": choice.arguments}}]
+        message["tool_calls"] = [
+            {
+                "id": choice.tool.id,
+                "type": "function",
+                "function": {"name": choice.tool.name, "arguments": choice.arguments},
+            }
+        ]
     return message
 
 
-def chat_response(*, request_id: str, created: int, model: str, choices: list[Choice], prompt_tokens: int,
-                  logprobs: int | None = None, return_token_ids: bool = False,
-                  prompt_ids: list[int] | None = None) -> bytes:
-    return dumps_bytes({
-        "id": request_id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": c.index, "message": _message(c),
-                     "logprobs": None if logprobs is None else _chat_logprobs(c, 0, len(c.pieces), logprobs),
-                     "finish_reason": c.finish_reason, "stop_reason": None,
-                     "token_ids": c.ids if return_token_ids else None} for c in choices],
-        "service_tier": None, "system_fingerprint": None,
-        "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)), "prompt_logprobs": None,
-        "prompt_token_ids": prompt_ids if return_token_ids else None, "kv_transfer_params": None,
-    })
+def chat_response(
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    prompt_tokens: int,
+    logprobs: int | None = None,
+    return_token_ids: bool = False,
+    prompt_ids: list[int] | None = None,
+) -> bytes:
+    return dumps_bytes(
+        {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "message": _message(c),
+                    "logprobs": None if logprobs is None else _chat_logprobs(c, 0, len(c.pieces), logprobs),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": None,
+                    "token_ids": c.ids if return_token_ids else None,
+                }
+                for c in choices
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)),
+            "prompt_logprobs": None,
+            "prompt_token_ids": prompt_ids if return_token_ids else None,
+            "kv_transfer_params": None,
+        }
+    )
 
 
-def completion_response(*, request_id: str, created: int, model: str, choices: list[Choice], prompt_tokens: int,
-                        logprobs: int | None = None, return_token_ids: bool = False,
-                        prompt_ids: list[int] | None = None) -> bytes:
-    return dumps_bytes({
-        "id": request_id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": c.index, "text": c.text,
-                     "logprobs": None if logprobs is None else _completion_logprobs(c, 0, len(c.pieces), logprobs),
-                     "finish_reason": c.finish_reason, "stop_reason": None,
-                     "token_ids": c.ids if return_token_ids else None, "prompt_logprobs": None,
-                     "prompt_token_ids": prompt_ids if return_token_ids else None} for c in choices],
-        "service_tier": None, "system_fingerprint": None,
-        "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)), "kv_transfer_params": None,
-    })
+def completion_response(
+    *,
+    request_id: str,
+    created: int,
+    model: str,
+    choices: list[Choice],
+    prompt_tokens: int,
+    logprobs: int | None = None,
+    return_token_ids: bool = False,
+    prompt_ids: list[int] | None = None,
+) -> bytes:
+    return dumps_bytes(
+        {
+            "id": request_id,
+            "object": "text_completion",
+            "created": created,
+            "model": model,
+            "choices": [
+                {
+                    "index": c.index,
+                    "text": c.text,
+                    "logprobs": None if logprobs is None else _completion_logprobs(c, 0, len(c.pieces), logprobs),
+                    "finish_reason": c.finish_reason,
+                    "stop_reason": None,
+                    "token_ids": c.ids if return_token_ids else None,
+                    "prompt_logprobs": None,
+                    "prompt_token_ids": prompt_ids if return_token_ids else None,
+                }
+                for c in choices
+            ],
+            "service_tier": None,
+            "system_fingerprint": None,
+            "usage": usage(prompt_tokens, sum(len(c.pieces) for c in choices)),
+            "kv_transfer_params": None,
+        }
+    )
+
 
 def embedding_vector(text: str, dim: int) -> list[float]:
     """A unit vector derived from the text: equal texts give equal vectors, in every process."""
@@ -300,8 +434,9 @@ def embedding_vector(text: str, dim: int) -> list[float]:
     return [round(v / norm, 6) for v in values]
 
 
-def embeddings_response(*, request_id: str, created: int, model: str, inputs: list[str], dim: int,
-                        base64_encoding: bool, prompt_tokens: int) -> bytes:
+def embeddings_response(
+    *, request_id: str, created: int, model: str, inputs: list[str], dim: int, base64_encoding: bool, prompt_tokens: int
+) -> bytes:
     data = []
     for index, text in enumerate(inputs):
         vector = embedding_vector(text, dim)
@@ -309,17 +444,43 @@ def embeddings_response(*, request_id: str, created: int, model: str, inputs: li
         if base64_encoding:
             embedding = base64.b64encode(struct.pack(f"<{dim}f", *vector)).decode()
         data.append({"index": index, "object": "embedding", "embedding": embedding})
-    return dumps_bytes({"id": request_id, "object": "list", "created": created, "model": model, "data": data,
-                        "usage": usage(prompt_tokens, 0)})
+    return dumps_bytes(
+        {
+            "id": request_id,
+            "object": "list",
+            "created": created,
+            "model": model,
+            "data": data,
+            "usage": usage(prompt_tokens, 0),
+        }
+    )
 
 
 def models_response(*, model: str, created: int, max_model_len: int) -> bytes:
-    permission = {"id": f"modelperm-{model}", "object": "model_permission", "created": created,
-                  "allow_create_engine": False, "allow_sampling": True, "allow_logprobs": True,
-                  "allow_search_indices": False, "allow_view": True, "allow_fine_tuning": False,
-                  "organization": "*", "group": None, "is_blocking": False}
-    card = {"id": model, "object": "model", "created": created, "owned_by": "vllm", "root": model,
-            "parent": None, "max_model_len": max_model_len, "permission": [permission]}
+    permission = {
+        "id": f"modelperm-{model}",
+        "object": "model_permission",
+        "created": created,
+        "allow_create_engine": False,
+        "allow_sampling": True,
+        "allow_logprobs": True,
+        "allow_search_indices": False,
+        "allow_view": True,
+        "allow_fine_tuning": False,
+        "organization": "*",
+        "group": None,
+        "is_blocking": False,
+    }
+    card = {
+        "id": model,
+        "object": "model",
+        "created": created,
+        "owned_by": "vllm",
+        "root": model,
+        "parent": None,
+        "max_model_len": max_model_len,
+        "permission": [permission],
+    }
     return dumps_bytes({"object": "list", "data": [card]})
 
 

@@ -56,7 +56,11 @@ def _progress_html(model: ServedModel) -> str:
     return format_html(
         '<div class="cl-upload" data-model-id="{}" data-status="{}" data-active="{}">'
         '<progress max="100" value="{}"></progress> <span class="cl-upload-text">{}</span></div>',
-        model.pk, data["status"], "1" if data["active"] else "0", data["percent"], _progress_text(data),
+        model.pk,
+        data["status"],
+        "1" if data["active"] else "0",
+        data["percent"],
+        _progress_text(data),
     )
 
 
@@ -74,10 +78,26 @@ def _progress_text(data: dict[str, Any]) -> str:
 class ModelAdminForm(forms.ModelForm):
     class Meta:
         model = ServedModel
-        fields = ("name", "is_active", "hf_repo", "hf_revision", "storage_uri", "accelerator", "dtype", "max_model_len",
-                  "context_length", "tensor_parallel_size", "gpu_memory_utilization", "tool_call_parser",
-                  "reasoning_parser", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
-                  "min_replicas", "max_replicas")
+        fields = (
+            "name",
+            "is_active",
+            "hf_repo",
+            "hf_revision",
+            "storage_uri",
+            "accelerator",
+            "dtype",
+            "max_model_len",
+            "context_length",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "tool_call_parser",
+            "reasoning_parser",
+            "extra_vllm_args",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+            "min_replicas",
+            "max_replicas",
+        )
         widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
 
 
@@ -85,12 +105,16 @@ class UploadForm(forms.Form):
     SOURCES = [("hf", "Hugging Face repo"), ("dir", "Folder on the worker machine")]
 
     source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="hf")
-    hf_repo = forms.CharField(label="Repo[@revision]", required=False,
-                              help_text="e.g. Qwen/Qwen2.5-7B-Instruct@main. HF_ENDPOINT/HF_TOKEN apply.")
+    hf_repo = forms.CharField(
+        label="Repo[@revision]",
+        required=False,
+        help_text="e.g. Qwen/Qwen2.5-7B-Instruct@main. HF_ENDPOINT/HF_TOKEN apply.",
+    )
     local_dir = forms.CharField(label="Folder", required=False, help_text="An absolute path on the worker machine.")
     # A form field, not BaseForm.prefix: the form metaclass moves declared fields into base_fields.
     prefix = forms.CharField(  # type: ignore[assignment]
-        required=False, help_text="Leave empty for models/<org>--<name>/<revision>.")
+        required=False, help_text="Leave empty for models/<org>--<name>/<revision>."
+    )
     keep_downloads = forms.BooleanField(required=False, help_text="Keep the files downloaded from the hub.")
 
     def clean(self) -> dict[str, Any]:
@@ -177,14 +201,37 @@ class ModelAdmin(admin.ModelAdmin):
     actions = ("upload_weights", "cancel_upload", "verify_weights")
     change_list_template = "admin/catalog/servedmodel/change_list.html"
     change_form_template = "admin/catalog/servedmodel/change_form.html"
-    readonly_fields = ("upload_panel", "manifest_pretty", "total_bytes", "verify_panel", "cold_start",
-                       "upload_history", "verification_history", "created_at", "updated_at")
+    readonly_fields = (
+        "upload_panel",
+        "manifest_pretty",
+        "total_bytes",
+        "verify_panel",
+        "cold_start",
+        "upload_history",
+        "verification_history",
+        "created_at",
+        "updated_at",
+    )
     fieldsets = (
         ("Identity", {"fields": ("name", "is_active", "hf_repo", "hf_revision")}),
         ("Storage", {"fields": ("storage_uri", "total_bytes", "upload_panel", "verify_panel", "manifest_pretty")}),
-        ("Serving config", {"fields": ("accelerator", "dtype", "max_model_len", "context_length",
-                                       "tensor_parallel_size", "gpu_memory_utilization", "tool_call_parser",
-                                       "reasoning_parser", "extra_vllm_args", "cold_start")}),
+        (
+            "Serving config",
+            {
+                "fields": (
+                    "accelerator",
+                    "dtype",
+                    "max_model_len",
+                    "context_length",
+                    "tensor_parallel_size",
+                    "gpu_memory_utilization",
+                    "tool_call_parser",
+                    "reasoning_parser",
+                    "extra_vllm_args",
+                    "cold_start",
+                )
+            },
+        ),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
         ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
         ("Weights history", {"classes": ("collapse",), "fields": ("upload_history", "verification_history")}),
@@ -229,48 +276,85 @@ class ModelAdmin(admin.ModelAdmin):
         if check is None:
             return "Never verified."
         problems = format_html_join("", "<li>{}</li>", ((p,) for p in [*check.problems[:20], check.error] if p))
-        return format_html("{} at {}<ul>{}</ul>", check.get_status_display(), check.finished_at or check.started_at,
-                           problems)
+        return format_html(
+            "{} at {}<ul>{}</ul>", check.get_status_display(), check.finished_at or check.started_at, problems
+        )
 
     @admin.display(description="uploads")
     def upload_history(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "-"
-        attempts = list(obj.uploads.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
-        rows = format_html_join("", "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-                                    "<td>{}</td><td>{}</td></tr>", (
-            (_change_url(u), u.pk, u.get_status_display(), _source_text(u.source), human_bytes(u.bytes_total),
-             _who(u.get_origin_display(), u.requested_by), u.requested_at, u.error[:200])
-            for u in attempts[:HISTORY_ROWS]))
-        return _history_table(("attempt", "status", "source", "size", "started by", "requested", "error"), rows,
-                              more=len(attempts) > HISTORY_ROWS, url=_changelist_url(WeightUpload, obj))
+        attempts = list(obj.uploads.select_related("requested_by").order_by("-id")[: HISTORY_ROWS + 1])
+        rows = format_html_join(
+            "",
+            "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    _change_url(u),
+                    u.pk,
+                    u.get_status_display(),
+                    _source_text(u.source),
+                    human_bytes(u.bytes_total),
+                    _who(u.get_origin_display(), u.requested_by),
+                    u.requested_at,
+                    u.error[:200],
+                )
+                for u in attempts[:HISTORY_ROWS]
+            ),
+        )
+        return _history_table(
+            ("attempt", "status", "source", "size", "started by", "requested", "error"),
+            rows,
+            more=len(attempts) > HISTORY_ROWS,
+            url=_changelist_url(WeightUpload, obj),
+        )
 
     @admin.display(description="verifications")
     def verification_history(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "-"
-        checks = list(obj.verifications.select_related("requested_by").order_by("-id")[:HISTORY_ROWS + 1])
-        rows = format_html_join("", "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td>"
-                                    "<td>{}</td></tr>", (
-            (_change_url(c), c.pk, c.get_status_display(), "full" if c.full else "quick",
-             f"{len(c.problems)} of {c.checked}", _who(c.get_origin_display(), c.requested_by), c.started_at)
-            for c in checks[:HISTORY_ROWS]))
-        return _history_table(("check", "status", "depth", "problems", "started by", "at"), rows,
-                              more=len(checks) > HISTORY_ROWS, url=_changelist_url(WeightVerification, obj))
+        checks = list(obj.verifications.select_related("requested_by").order_by("-id")[: HISTORY_ROWS + 1])
+        rows = format_html_join(
+            "",
+            "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
+            (
+                (
+                    _change_url(c),
+                    c.pk,
+                    c.get_status_display(),
+                    "full" if c.full else "quick",
+                    f"{len(c.problems)} of {c.checked}",
+                    _who(c.get_origin_display(), c.requested_by),
+                    c.started_at,
+                )
+                for c in checks[:HISTORY_ROWS]
+            ),
+        )
+        return _history_table(
+            ("check", "status", "depth", "problems", "started by", "at"),
+            rows,
+            more=len(checks) > HISTORY_ROWS,
+            url=_changelist_url(WeightVerification, obj),
+        )
 
     @admin.display(description="manifest")
     def manifest_pretty(self, obj: ServedModel) -> str:
         if not obj.manifest:
             return "No manifest yet (upload the weights)."
         rows = format_html_join(
-            "", "<tr><td><code>{}</code></td><td style='text-align:right'>{}</td><td><code>{}</code></td></tr>",
-            ((e.get("path", "?"), human_bytes(int(e.get("size", 0))), str(e.get("sha256", ""))[:16] + "…")
-             for e in obj.manifest),
+            "",
+            "<tr><td><code>{}</code></td><td style='text-align:right'>{}</td><td><code>{}</code></td></tr>",
+            (
+                (e.get("path", "?"), human_bytes(int(e.get("size", 0))), str(e.get("sha256", ""))[:16] + "…")
+                for e in obj.manifest
+            ),
         )
         raw = json.dumps(obj.manifest, indent=2)
         return format_html(
             "<table><thead><tr><th>file</th><th>size</th><th>sha256</th></tr></thead><tbody>{}</tbody></table>"
-            "<details><summary>JSON</summary><pre>{}</pre></details>", rows, raw,
+            "<details><summary>JSON</summary><pre>{}</pre></details>",
+            rows,
+            raw,
         )
 
     @admin.display(description="cold start (median)")
@@ -283,7 +367,8 @@ class ModelAdmin(admin.ModelAdmin):
         if not rows:
             return "No node has become ready yet."
         return format_html_join(
-            "<br>", "{}: {} s (over {} node(s))",
+            "<br>",
+            "{}: {} s (over {} node(s))",
             ((r["accelerator"], r["median_seconds"], r["samples"]) for r in rows),
         )
 
@@ -304,10 +389,14 @@ class ModelAdmin(admin.ModelAdmin):
             source = model.latest_upload.source if model.latest_upload else {}
             try:
                 upload = uploads.upload_request(
-                    model=model, hf_repo=str(source.get("repo") or ("" if source else model.hf_repo)),
-                    revision=str(source.get("revision") or model.hf_revision), local_dir=str(source.get("path", "")),
-                    prefix=uploads.requested_prefix(source), keep_downloads=bool(source.get("keep")),
-                    origin=JobOrigin.ADMIN, requested_by=request.user,
+                    model=model,
+                    hf_repo=str(source.get("repo") or ("" if source else model.hf_repo)),
+                    revision=str(source.get("revision") or model.hf_revision),
+                    local_dir=str(source.get("path", "")),
+                    prefix=uploads.requested_prefix(source),
+                    keep_downloads=bool(source.get("keep")),
+                    origin=JobOrigin.ADMIN,
+                    requested_by=request.user,
                 )
             except uploads.UploadError as exc:
                 self.message_user(request, f"{model.name}: {exc}", messages.ERROR)
@@ -337,16 +426,20 @@ class ModelAdmin(admin.ModelAdmin):
         except storage.StorageError as exc:
             self.message_user(request, f"{model.name}: cannot verify: {exc}", messages.ERROR)
             return
-        self.message_user(request, f"{model.name}: {report.summary()}", messages.SUCCESS if report.ok else
-                          messages.ERROR)
+        self.message_user(
+            request, f"{model.name}: {report.summary()}", messages.SUCCESS if report.ok else messages.ERROR
+        )
 
     # --- extra views -----------------------------------------------------------------------------
     def get_urls(self) -> list[URLPattern]:
         view = self.admin_site.admin_view
         return [
             path("storage/", view(self.storage_view), name="catalog_servedmodel_storage"),
-            path("storage/verify/", view(require_POST(self.storage_verify_view)),
-                 name="catalog_servedmodel_storage_verify"),
+            path(
+                "storage/verify/",
+                view(require_POST(self.storage_verify_view)),
+                name="catalog_servedmodel_storage_verify",
+            ),
             path("upload-status/", view(self.upload_status_view), name="catalog_servedmodel_upload_status"),
             path("<int:model_id>/upload/", view(self.upload_view), name="catalog_servedmodel_upload"),
             *super().get_urls(),
@@ -357,8 +450,9 @@ class ModelAdmin(admin.ModelAdmin):
         if not self.has_view_permission(request):
             return JsonResponse({"error": "forbidden"}, status=403)
         models = with_latest_jobs(ServedModel.objects.filter(pk__in=ids).only("id"))
-        return JsonResponse({"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))}
-                                        for m in models]})
+        return JsonResponse(
+            {"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))} for m in models]}
+        )
 
     def upload_view(self, request: HttpRequest, model_id: int) -> HttpResponse:
         model = get_object_or_404(ServedModel, pk=model_id)
@@ -369,8 +463,10 @@ class ModelAdmin(admin.ModelAdmin):
         initial = {
             "source": source.get("kind", "hf" if model.hf_repo or not source else "dir"),
             "hf_repo": f"{source.get('repo') or model.hf_repo}@{source.get('revision') or model.hf_revision}"
-            if (source.get("repo") or model.hf_repo) else "",
-            "local_dir": source.get("path", ""), "prefix": uploads.requested_prefix(source),
+            if (source.get("repo") or model.hf_repo)
+            else "",
+            "local_dir": source.get("path", ""),
+            "prefix": uploads.requested_prefix(source),
             "keep_downloads": bool(source.get("keep")),
         }
         form = UploadForm(request.POST or None, initial=initial)
@@ -381,8 +477,10 @@ class ModelAdmin(admin.ModelAdmin):
                     model=model,
                     hf_repo=data["hf_repo"] if data["source"] == "hf" else "",
                     local_dir=data["local_dir"] if data["source"] == "dir" else "",
-                    prefix=data["prefix"], keep_downloads=data["keep_downloads"],
-                    origin=JobOrigin.ADMIN, requested_by=request.user,
+                    prefix=data["prefix"],
+                    keep_downloads=data["keep_downloads"],
+                    origin=JobOrigin.ADMIN,
+                    requested_by=request.user,
                 )
             except uploads.UploadError as exc:
                 form.add_error(_field_for(str(exc)), str(exc))
@@ -391,7 +489,10 @@ class ModelAdmin(admin.ModelAdmin):
                 self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
                 return HttpResponseRedirect(reverse("admin:catalog_servedmodel_change", args=[model.pk]))
         context = {
-            **self.admin_site.each_context(request), "opts": self.opts, "original": model, "form": form,
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "original": model,
+            "form": form,
             "title": f"Upload weights for {model.name}",
             "latest_upload": latest,
             "busy": latest is not None and latest.status in uploads.BUSY_STATUSES and not uploads.is_stale(latest),
@@ -406,8 +507,11 @@ class ModelAdmin(admin.ModelAdmin):
         except storage.StorageError as exc:
             error = str(exc)
         context = {
-            **self.admin_site.each_context(request), "opts": self.opts, "title": "Model weights in R2",
-            "rows": [{"row": r, "size": human_bytes(r.total_bytes)} for r in rows], "error": error,
+            **self.admin_site.each_context(request),
+            "opts": self.opts,
+            "title": "Model weights in R2",
+            "rows": [{"row": r, "size": human_bytes(r.total_bytes)} for r in rows],
+            "error": error,
             "bucket": storage.default_bucket() if _configured() else "",
         }
         return TemplateResponse(request, "admin/catalog/servedmodel/storage_browser.html", context)
@@ -438,8 +542,17 @@ class _JobAdmin(admin.ModelAdmin):
 
 @admin.register(WeightUpload)
 class WeightUploadAdmin(_JobAdmin):
-    list_display = ("id", "model", "status", "source_text", "bytes_total", "origin", "requested_by", "requested_at",
-                    "finished_at")
+    list_display = (
+        "id",
+        "model",
+        "status",
+        "source_text",
+        "bytes_total",
+        "origin",
+        "requested_by",
+        "requested_at",
+        "finished_at",
+    )
     list_filter = ("status", "origin", "model")
     search_fields = ("model__name", "error")
     date_hierarchy = "requested_at"

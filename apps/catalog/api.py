@@ -40,9 +40,24 @@ class WeightUploadSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = WeightUpload
-        fields = ["id", "status", "source", "error", "progress", "bytes_done", "bytes_total", "rate_bps",
-                  "current_file", "cancel_requested", "origin", "requested_by", "requested_at", "started_at",
-                  "finished_at", "updated_at"]
+        fields = [
+            "id",
+            "status",
+            "source",
+            "error",
+            "progress",
+            "bytes_done",
+            "bytes_total",
+            "rate_bps",
+            "current_file",
+            "cancel_requested",
+            "origin",
+            "requested_by",
+            "requested_at",
+            "started_at",
+            "finished_at",
+            "updated_at",
+        ]
         read_only_fields = fields
 
 
@@ -51,27 +66,62 @@ class WeightVerificationSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = WeightVerification
-        fields = ["id", "status", "full", "uri", "checked", "problems", "error", "origin", "requested_by",
-                  "started_at", "finished_at"]
+        fields = [
+            "id",
+            "status",
+            "full",
+            "uri",
+            "checked",
+            "problems",
+            "error",
+            "origin",
+            "requested_by",
+            "started_at",
+            "finished_at",
+        ]
         read_only_fields = fields
 
 
 class ModelSerializer(serializers.ModelSerializer):
     upload_status = serializers.SerializerMethodField(help_text="The latest upload's status, or none.")
     verify_status = serializers.SerializerMethodField(help_text="The latest verification's status, or ''.")
-    latest_upload = WeightUploadSerializer(read_only=True, allow_null=True,
-                                           help_text="The latest upload attempt (history: GET …/uploads/).")
+    latest_upload = WeightUploadSerializer(
+        read_only=True, allow_null=True, help_text="The latest upload attempt (history: GET …/uploads/)."
+    )
     latest_verification = WeightVerificationSerializer(
-        read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/).")
+        read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/)."
+    )
 
     class Meta:
         model = ServedModel
         fields = [
-            "id", "name", "is_active", "hf_repo", "hf_revision", "storage_uri",
-            "accelerator", "dtype", "max_model_len", "context_length", "tensor_parallel_size",
-            "gpu_memory_utilization", "tool_call_parser", "reasoning_parser", "extra_vllm_args", "price_input_per_mtok", "price_output_per_mtok",
-            "min_replicas", "max_replicas", "total_bytes", "manifest", "upload_status", "verify_status",
-            "latest_upload", "latest_verification", "created_at", "updated_at",
+            "id",
+            "name",
+            "is_active",
+            "hf_repo",
+            "hf_revision",
+            "storage_uri",
+            "accelerator",
+            "dtype",
+            "max_model_len",
+            "context_length",
+            "tensor_parallel_size",
+            "gpu_memory_utilization",
+            "tool_call_parser",
+            "reasoning_parser",
+            "extra_vllm_args",
+            "price_input_per_mtok",
+            "price_output_per_mtok",
+            "min_replicas",
+            "max_replicas",
+            "total_bytes",
+            "manifest",
+            "upload_status",
+            "verify_status",
+            "latest_upload",
+            "latest_verification",
+            "created_at",
+            "updated_at",
         ]
         read_only_fields = ["total_bytes", "manifest", "created_at", "updated_at"]
 
@@ -90,13 +140,19 @@ class ModelSerializer(serializers.ModelSerializer):
 
 
 class UploadInputSerializer(serializers.Serializer):
-    hf_repo = serializers.CharField(required=False, allow_blank=True, default="",
-                                    help_text="Hugging Face repo id, optionally with @revision.")
+    hf_repo = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="Hugging Face repo id, optionally with @revision."
+    )
     revision = serializers.CharField(required=False, allow_blank=True, default="")
-    local_dir = serializers.CharField(required=False, allow_blank=True, default="",
-                                      help_text="An absolute folder path on the worker machine.")
-    prefix = serializers.CharField(required=False, allow_blank=True, default="",
-                                   help_text="Object prefix; default models/<org>--<name>/<revision>.")
+    local_dir = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="An absolute folder path on the worker machine."
+    )
+    prefix = serializers.CharField(
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Object prefix; default models/<org>--<name>/<revision>.",
+    )
     keep_downloads = serializers.BooleanField(required=False, default=False)
 
     def validate(self, attrs: dict[str, Any]) -> dict[str, Any]:
@@ -106,8 +162,9 @@ class UploadInputSerializer(serializers.Serializer):
 
 
 class VerifyInputSerializer(serializers.Serializer):
-    full = serializers.BooleanField(required=False, default=False,
-                                    help_text="Stream every object and recompute its sha256 (slow for big models).")
+    full = serializers.BooleanField(
+        required=False, default=False, help_text="Stream every object and recompute its sha256 (slow for big models)."
+    )
 
 
 class VerifyReportSerializer(serializers.Serializer):
@@ -171,8 +228,9 @@ class ModelViewSet(viewsets.ModelViewSet):
         data.is_valid(raise_exception=True)
         model = self.get_object()
         try:
-            upload = uploads.upload_request(model=model, origin=JobOrigin.API, requested_by=request.user,
-                                            **data.validated_data)
+            upload = uploads.upload_request(
+                model=model, origin=JobOrigin.API, requested_by=request.user, **data.validated_data
+            )
         except uploads.UploadError as exc:
             raise _upload_error_to_api(exc) from exc
         upload_enqueue(upload=upload)
@@ -223,10 +281,17 @@ class ModelViewSet(viewsets.ModelViewSet):
         if not model.storage_uri:
             raise Conflict(f"{model.name} has no storage URI: upload its weights first.")
         try:
-            report = verify_model(model=model, full=data.validated_data["full"], origin=JobOrigin.API,
-                                  requested_by=request.user)
+            report = verify_model(
+                model=model, full=data.validated_data["full"], origin=JobOrigin.API, requested_by=request.user
+            )
         except storage.StorageError as exc:
             raise StorageUnavailable(str(exc)) from exc
-        body = {"uri": report.uri, "ok": report.ok, "checked": report.checked, "full": report.full,
-                "problems": report.problems, "summary": report.summary()}
+        body = {
+            "uri": report.uri,
+            "ok": report.ok,
+            "checked": report.checked,
+            "full": report.full,
+            "problems": report.problems,
+            "summary": report.summary(),
+        }
         return Response(VerifyReportSerializer(body).data)

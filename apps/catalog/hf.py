@@ -83,8 +83,12 @@ def download(*, repo: str, revision: str, allow_patterns: list[str], dest: Path)
     dest.mkdir(parents=True, exist_ok=True)
     try:
         snapshot_download(
-            repo, revision=revision, local_dir=dest, allow_patterns=allow_patterns,
-            token=_token(), endpoint=_endpoint(),
+            repo,
+            revision=revision,
+            local_dir=dest,
+            allow_patterns=allow_patterns,
+            token=_token(),
+            endpoint=_endpoint(),
         )
     except Exception as exc:
         raise _translate(exc, repo, revision) from exc

@@ -22,7 +22,8 @@ accelerator_validator = RegexValidator(
 )
 # A vLLM parser name as `vllm serve` takes it (hermes, llama3_json, granite-20b-fc, deepseek_r1, …).
 vllm_parser_validator = RegexValidator(
-    r"^[a-z0-9][a-z0-9_-]*$", "A vLLM parser name: lower-case letters, digits, '_' and '-', e.g. hermes.",
+    r"^[a-z0-9][a-z0-9_-]*$",
+    "A vLLM parser name: lower-case letters, digits, '_' and '-', e.g. hermes.",
 )
 # Flags that belong to tool_call_parser / reasoning_parser, never to extra_vllm_args.
 PARSER_FLAGS = frozenset({"--enable-auto-tool-choice", "--tool-call-parser", "--reasoning-parser"})
@@ -59,13 +60,18 @@ class ServedModel(models.Model):
     """A catalog entry: what customers call (``name``) and how a node serves it."""
 
     name = models.CharField(
-        "served name", max_length=128, unique=True, validators=[served_name_validator],
+        "served name",
+        max_length=128,
+        unique=True,
+        validators=[served_name_validator],
         help_text="The `model` string customers send.",
     )
     hf_repo = models.CharField("Hugging Face repo", max_length=200, blank=True)
     hf_revision = models.CharField("revision", max_length=100, blank=True, default="main")
     storage_uri = models.CharField(
-        max_length=500, blank=True, validators=[storage_uri_validator],
+        max_length=500,
+        blank=True,
+        validators=[storage_uri_validator],
         help_text="s3://bucket/prefix where the safetensors live (R2).",
     )
     total_bytes = models.PositiveBigIntegerField(default=0)
@@ -78,7 +84,10 @@ class ServedModel(models.Model):
         default=0.9, validators=[MinValueValidator(0.05), MaxValueValidator(0.99)]
     )
     accelerator = models.CharField(
-        "recommended accelerator", max_length=32, default="L4:1", validators=[accelerator_validator],
+        "recommended accelerator",
+        max_length=32,
+        default="L4:1",
+        validators=[accelerator_validator],
         help_text="SkyPilot syntax, e.g. L4:1, A100-80GB:2.",
     )
     extra_vllm_args = models.JSONField(
@@ -87,21 +96,33 @@ class ServedModel(models.Model):
     # vLLM answers 400 to any request with `tools` unless it runs with --enable-auto-tool-choice
     # --tool-call-parser <parser>; reasoning models need --reasoning-parser to split their thinking.
     tool_call_parser = models.CharField(
-        "tool-call parser", max_length=32, blank=True, validators=[vllm_parser_validator],
+        "tool-call parser",
+        max_length=32,
+        blank=True,
+        validators=[vllm_parser_validator],
         help_text="vLLM --tool-call-parser for this model (e.g. hermes, llama3_json, mistral, pythonic); "
-                  "empty: requests with tools are refused.",
+        "empty: requests with tools are refused.",
     )
     reasoning_parser = models.CharField(
-        "reasoning parser", max_length=32, blank=True, validators=[vllm_parser_validator],
+        "reasoning parser",
+        max_length=32,
+        blank=True,
+        validators=[vllm_parser_validator],
         help_text="vLLM --reasoning-parser (e.g. deepseek_r1, qwen3); empty for models that do not reason.",
     )
     context_length = models.PositiveIntegerField(null=True, blank=True)
     price_input_per_mtok = models.DecimalField(
-        "price per 1M input tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0"),
+        "price per 1M input tokens (USD)",
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("0"),
         validators=[MinValueValidator(Decimal("0"))],
     )
     price_output_per_mtok = models.DecimalField(
-        "price per 1M output tokens (USD)", max_digits=12, decimal_places=6, default=Decimal("0"),
+        "price per 1M output tokens (USD)",
+        max_digits=12,
+        decimal_places=6,
+        default=Decimal("0"),
         validators=[MinValueValidator(Decimal("0"))],
     )
     min_replicas = models.PositiveSmallIntegerField(default=0)
@@ -159,7 +180,8 @@ class WeightUpload(models.Model):
     model = models.ForeignKey(ServedModel, on_delete=models.CASCADE, related_name="uploads")
     status = models.CharField(max_length=16, choices=UploadStatus.choices, default=UploadStatus.QUEUED)
     source = models.JSONField(
-        default=dict, blank=True,
+        default=dict,
+        blank=True,
         help_text="What this upload was asked to do: {kind: hf|dir, repo, revision, path, prefix, keep}.",
     )
     error = models.TextField(blank=True)
@@ -169,8 +191,9 @@ class WeightUpload(models.Model):
     current_file = models.CharField(max_length=500, blank=True)
     cancel_requested = models.BooleanField(default=False)
     origin = models.CharField(max_length=16, choices=JobOrigin.choices, default=JobOrigin.ADMIN)
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                     related_name="+")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     requested_at = models.DateTimeField(default=timezone.now)
     started_at = models.DateTimeField(null=True, blank=True)
     finished_at = models.DateTimeField(null=True, blank=True)
@@ -182,7 +205,9 @@ class WeightUpload(models.Model):
         ordering = ["-id"]
         constraints = [
             models.UniqueConstraint(
-                fields=["model"], condition=models.Q(status__in=BUSY_UPLOAD_STATUSES), name="catalog_one_busy_upload",
+                fields=["model"],
+                condition=models.Q(status__in=BUSY_UPLOAD_STATUSES),
+                name="catalog_one_busy_upload",
                 violation_error_message="An upload is already running for this model.",
             ),
         ]
@@ -209,8 +234,9 @@ class WeightVerification(models.Model):
     problems = models.JSONField(default=list, blank=True, help_text="Problems found (at most 200).")
     error = models.TextField(blank=True)
     origin = models.CharField(max_length=16, choices=JobOrigin.choices, default=JobOrigin.ADMIN)
-    requested_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL,
-                                     related_name="+")
+    requested_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="+"
+    )
     started_at = models.DateTimeField(default=timezone.now)
     finished_at = models.DateTimeField(null=True, blank=True)
 

@@ -39,10 +39,20 @@ def with_latest_jobs(queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
         upload_status=Coalesce(Subquery(latest_upload.values("status")[:1]), Value(UploadStatus.NONE.value)),
         verify_status=Coalesce(Subquery(latest_check.values("status")[:1]), Value(VerifyStatus.NEVER.value)),
     ).prefetch_related(
-        Prefetch("uploads", to_attr="latest_uploads", queryset=WeightUpload.objects.filter(
-            id=Subquery(WeightUpload.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1]))),
-        Prefetch("verifications", to_attr="latest_verifications", queryset=WeightVerification.objects.filter(
-            id=Subquery(WeightVerification.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1]))),
+        Prefetch(
+            "uploads",
+            to_attr="latest_uploads",
+            queryset=WeightUpload.objects.filter(
+                id=Subquery(WeightUpload.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1])
+            ),
+        ),
+        Prefetch(
+            "verifications",
+            to_attr="latest_verifications",
+            queryset=WeightVerification.objects.filter(
+                id=Subquery(WeightVerification.objects.filter(model=OuterRef("model")).order_by("-id").values("id")[:1])
+            ),
+        ),
     )
 
 
@@ -59,8 +69,7 @@ def models_with_counts() -> QuerySet[ServedModel]:
 
 def _roots(keys: list[str]) -> list[str]:
     roots = {dirname(k) for k in keys if k.rsplit("/", 1)[-1] in _ROOT_MARKERS}
-    roots |= {dirname(k) for k in keys if k.endswith(".safetensors") and not any(
-        k.startswith(r + "/") for r in roots)}
+    roots |= {dirname(k) for k in keys if k.endswith(".safetensors") and not any(k.startswith(r + "/") for r in roots)}
     # A config.json inside a model's own subfolder (e.g. original/) is not a second model.
     return sorted(r for r in roots if not any(r != o and r.startswith(o + "/") for o in roots))
 
@@ -96,7 +105,7 @@ def storage_browser(*, bucket: str | None = None) -> list[StoredModel]:
         root = next((r for r in sorted(roots, key=len, reverse=True) if obj.key.startswith(r + "/")), None)
         if root is None or obj.key == f"{root}/{MANIFEST_NAME}":
             continue
-        per_root[root][obj.key[len(root) + 1:]] = obj.size
+        per_root[root][obj.key[len(root) + 1 :]] = obj.size
     for root, row in rows.items():
         listed = per_root[root]
         row.total_bytes, row.file_count = sum(listed.values()), len(listed)

@@ -76,10 +76,24 @@ class TransferCancelledError(StorageError):
     pass
 
 
-_BAD_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken",
-                         "Unauthorized", "InvalidClientTokenId", "AuthorizationHeaderMalformed"}
-_TRANSIENT_CODES = {"SlowDown", "RequestTimeout", "InternalError", "ServiceUnavailable", "Throttling",
-                    "RequestTimeTooSkewed", "TooManyRequests"}
+_BAD_CREDENTIAL_CODES = {
+    "InvalidAccessKeyId",
+    "SignatureDoesNotMatch",
+    "InvalidToken",
+    "ExpiredToken",
+    "Unauthorized",
+    "InvalidClientTokenId",
+    "AuthorizationHeaderMalformed",
+}
+_TRANSIENT_CODES = {
+    "SlowDown",
+    "RequestTimeout",
+    "InternalError",
+    "ServiceUnavailable",
+    "Throttling",
+    "RequestTimeTooSkewed",
+    "TooManyRequests",
+}
 
 
 @dataclass(frozen=True)
@@ -132,14 +146,26 @@ _clients_lock = threading.Lock()
 
 
 def _settings_key() -> tuple:
-    return (settings.R2_ENDPOINT_URL, settings.R2_ACCESS_KEY_ID, settings.R2_SECRET_ACCESS_KEY, settings.R2_REGION,
-            settings.R2_CONNECT_TIMEOUT_S, settings.R2_READ_TIMEOUT_S, settings.R2_MAX_ATTEMPTS,
-            settings.R2_CHECKSUMS, settings.R2_MAX_CONCURRENCY, settings.R2_CA_BUNDLE)
+    return (
+        settings.R2_ENDPOINT_URL,
+        settings.R2_ACCESS_KEY_ID,
+        settings.R2_SECRET_ACCESS_KEY,
+        settings.R2_REGION,
+        settings.R2_CONNECT_TIMEOUT_S,
+        settings.R2_READ_TIMEOUT_S,
+        settings.R2_MAX_ATTEMPTS,
+        settings.R2_CHECKSUMS,
+        settings.R2_MAX_CONCURRENCY,
+        settings.R2_CA_BUNDLE,
+    )
 
 
 def check_configured() -> None:
-    missing = [name for name in ("R2_ENDPOINT_URL", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_BUCKET")
-               if not getattr(settings, name)]
+    missing = [
+        name
+        for name in ("R2_ENDPOINT_URL", "R2_ACCESS_KEY_ID", "R2_SECRET_ACCESS_KEY", "R2_BUCKET")
+        if not getattr(settings, name)
+    ]
     if missing:
         raise StorageNotConfiguredError(
             f"Object storage is not configured: set {', '.join(missing)} in the environment (see docs/r2.md)."
@@ -330,9 +356,7 @@ def create_bucket(bucket: str) -> None:
             # R2 takes no location constraint; some S3 clones insist on one matching the region.
             if exc.response.get("Error", {}).get("Code") != "IllegalLocationConstraintException":
                 raise
-            client().create_bucket(
-                Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": settings.R2_REGION}
-            )
+            client().create_bucket(Bucket=bucket, CreateBucketConfiguration={"LocationConstraint": settings.R2_REGION})
 
 
 def head(bucket: str, key: str) -> ObjectInfo | None:
@@ -348,15 +372,22 @@ def head(bucket: str, key: str) -> ObjectInfo | None:
     return ObjectInfo(key=key, size=int(response["ContentLength"]), sha256=metadata.get(SHA256_METADATA_KEY))
 
 
-def put_bytes(bucket: str, key: str, data: bytes, *, content_type: str = "application/octet-stream",
-              sha256: str | None = None) -> None:
+def put_bytes(
+    bucket: str, key: str, data: bytes, *, content_type: str = "application/octet-stream", sha256: str | None = None
+) -> None:
     """One PutObject. The store checks the body against our SHA-256 (``ChecksumSHA256``, which R2
     verifies on single PUTs); ``sha256`` given is also kept in the object's metadata for verify."""
     metadata = {SHA256_METADATA_KEY: sha256} if sha256 else {}
     digest = sha256 or hashlib.sha256(data).hexdigest()
     with _Translate(bucket, key):
-        client().put_object(Bucket=bucket, Key=key, Body=data, ContentType=content_type, Metadata=metadata,
-                            ChecksumSHA256=checksum_sha256(digest))
+        client().put_object(
+            Bucket=bucket,
+            Key=key,
+            Body=data,
+            ContentType=content_type,
+            Metadata=metadata,
+            ChecksumSHA256=checksum_sha256(digest),
+        )
 
 
 def get_bytes(bucket: str, key: str) -> bytes:
@@ -447,13 +478,13 @@ class Uploader:
         # (The manager's own __exit__ does that; its shutdown(cancel=True) is broken in s3transfer 0.19.)
         self._manager.__exit__(exc_type, exc, tb)
 
-    def submit(self, path: Path, bucket: str, key: str, *, sha256: str, content_type: str,
-               on_bytes: Callable[[int], None]) -> Transfer:
+    def submit(
+        self, path: Path, bucket: str, key: str, *, sha256: str, content_type: str, on_bytes: Callable[[int], None]
+    ) -> Transfer:
         extra_args: dict[str, object] = {"Metadata": {SHA256_METADATA_KEY: sha256}, "ContentType": content_type}
         if path.stat().st_size < multipart_threshold():
             # A single PUT: R2 checks the body against our SHA-256. Not on multipart uploads, where
             # s3transfer would ask for a FULL_OBJECT SHA-256 checksum, which R2 does not implement.
             extra_args["ChecksumSHA256"] = checksum_sha256(sha256)
-        future = self._manager.upload(str(path), bucket, key, extra_args=extra_args,
-                                      subscribers=[_Progress(on_bytes)])
+        future = self._manager.upload(str(path), bucket, key, extra_args=extra_args, subscribers=[_Progress(on_bytes)])
         return Transfer(future, bucket, key)

@@ -175,7 +175,7 @@ def sha256_file(path: Path, on_chunk: Callable[[], None] | None = None) -> str:
         with mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mapped, memoryview(mapped) as view:
             for start in range(0, size, HASH_CHUNK):
                 length = min(HASH_CHUNK, size - start)
-                digest.update(view[start:start + length])
+                digest.update(view[start : start + length])
                 # Unmap what was hashed, or the mapped pages count as this worker's memory (RSS)
                 # up to the whole file; the page cache keeps them for the upload that follows.
                 mapped.madvise(mmap.MADV_DONTNEED, start, length)
@@ -210,8 +210,14 @@ class _InFlight:
     def submit(self, uploader: storage.Uploader, bucket: str) -> None:
         self.attempt += 1
         self.sent = 0
-        self.transfer = uploader.submit(self.item.path, bucket, self.key, sha256=self.sha,
-                                        content_type=_content_type(self.item.rel), on_bytes=self.on_bytes)
+        self.transfer = uploader.submit(
+            self.item.path,
+            bucket,
+            self.key,
+            sha256=self.sha,
+            content_type=_content_type(self.item.rel),
+            on_bytes=self.on_bytes,
+        )
 
     def failed_transiently(self, exc: Exception) -> bool:
         """Rewind its progress and schedule a retry with backoff; False once out of attempts."""
@@ -220,8 +226,14 @@ class _InFlight:
         if self.attempt > settings.UPLOAD_FILE_RETRIES:
             return False
         delay = min(60.0, settings.UPLOAD_RETRY_BACKOFF_S * 2 ** (self.attempt - 1))
-        log.warning("transient failure on %s (%s); retry %d/%d in %.0fs", self.key, exc, self.attempt,
-                    settings.UPLOAD_FILE_RETRIES, delay)
+        log.warning(
+            "transient failure on %s (%s); retry %d/%d in %.0fs",
+            self.key,
+            exc,
+            self.attempt,
+            settings.UPLOAD_FILE_RETRIES,
+            delay,
+        )
         self.retry_at = time.monotonic() + delay
         return True
 
@@ -317,10 +329,14 @@ def transfer_folder(
                 pending.cancel()
     entries = [done[f.rel] for f in files]
     progress.tick()
-    _write_manifest(bucket, prefix, {
-        "format": 1,
-        "source": source or {},
-        "total_bytes": sum(e["size"] for e in entries),
-        "files": entries,
-    })
+    _write_manifest(
+        bucket,
+        prefix,
+        {
+            "format": 1,
+            "source": source or {},
+            "total_bytes": sum(e["size"] for e in entries),
+            "files": entries,
+        },
+    )
     return entries

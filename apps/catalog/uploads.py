@@ -42,7 +42,12 @@ from apps.core import invalidation
 log = logging.getLogger(__name__)
 
 __all__ = [
-    "UploadCancelled", "UploadError", "UploadRefusedError", "upload_cancel", "upload_execute", "upload_request",
+    "UploadCancelled",
+    "UploadError",
+    "UploadRefusedError",
+    "upload_cancel",
+    "upload_execute",
+    "upload_request",
     "upload_run",
 ]
 
@@ -130,14 +135,22 @@ def upload_request(
     stale_cutoff = now - timedelta(seconds=settings.UPLOAD_STALE_AFTER_S)
     with transaction.atomic():
         WeightUpload.objects.filter(model=model, status__in=BUSY_STATUSES, updated_at__lt=stale_cutoff).update(
-            status=UploadStatus.FAILED, finished_at=now, updated_at=now, rate_bps=0,
+            status=UploadStatus.FAILED,
+            finished_at=now,
+            updated_at=now,
+            rate_bps=0,
             error=f"The worker went silent for over {settings.UPLOAD_STALE_AFTER_S} s; replaced by a new upload.",
         )
         try:
             with transaction.atomic():  # a savepoint: the unique index refuses a second busy attempt
                 upload = WeightUpload.objects.create(
-                    model=model, status=UploadStatus.QUEUED, source=source, origin=origin, requested_by=requested_by,
-                    requested_at=now, updated_at=now,
+                    model=model,
+                    status=UploadStatus.QUEUED,
+                    source=source,
+                    origin=origin,
+                    requested_by=requested_by,
+                    requested_at=now,
+                    updated_at=now,
                 )
         except IntegrityError:
             busy = WeightUpload.objects.filter(model=model, status__in=BUSY_STATUSES).first()
@@ -156,9 +169,15 @@ def upload_request(
 def upload_claim(*, upload_id: int) -> bool:
     """queued -> uploading, once: a second worker (or a cancelled request) gets False."""
     now = timezone.now()
-    return WeightUpload.objects.filter(pk=upload_id, status=UploadStatus.QUEUED).update(
-        status=UploadStatus.UPLOADING, started_at=now, updated_at=now, cancel_requested=False,
-    ) == 1
+    return (
+        WeightUpload.objects.filter(pk=upload_id, status=UploadStatus.QUEUED).update(
+            status=UploadStatus.UPLOADING,
+            started_at=now,
+            updated_at=now,
+            cancel_requested=False,
+        )
+        == 1
+    )
 
 
 def upload_cancel(*, model: ServedModel) -> WeightUpload:
@@ -166,7 +185,10 @@ def upload_cancel(*, model: ServedModel) -> WeightUpload:
     now = timezone.now()
     attempts = WeightUpload.objects.filter(model=model)
     if not attempts.filter(status=UploadStatus.QUEUED).update(
-        status=UploadStatus.CANCELLED, finished_at=now, updated_at=now, error="Cancelled.",
+        status=UploadStatus.CANCELLED,
+        finished_at=now,
+        updated_at=now,
+        error="Cancelled.",
     ) and not attempts.filter(status=UploadStatus.UPLOADING).update(cancel_requested=True):
         latest = attempts.order_by("-id").first()
         label = latest.get_status_display() if latest else UploadStatus.NONE.label
@@ -177,14 +199,22 @@ def upload_cancel(*, model: ServedModel) -> WeightUpload:
 def upload_record_failure(*, upload_id: int, reason: str) -> None:
     now = timezone.now()
     WeightUpload.objects.filter(pk=upload_id, status__in=BUSY_STATUSES).update(
-        status=UploadStatus.FAILED, error=reason[:4000], finished_at=now, updated_at=now, rate_bps=0,
+        status=UploadStatus.FAILED,
+        error=reason[:4000],
+        finished_at=now,
+        updated_at=now,
+        rate_bps=0,
     )
 
 
 def upload_record_cancelled(*, upload_id: int) -> None:
     now = timezone.now()
     WeightUpload.objects.filter(pk=upload_id, status__in=BUSY_STATUSES).update(
-        status=UploadStatus.CANCELLED, error="Cancelled by staff.", finished_at=now, updated_at=now, rate_bps=0,
+        status=UploadStatus.CANCELLED,
+        error="Cancelled by staff.",
+        finished_at=now,
+        updated_at=now,
+        rate_bps=0,
         cancel_requested=False,
     )
 
@@ -238,10 +268,15 @@ class RowProgress:
         self.rate = instant if self.rate == 0 else 0.7 * self.rate + 0.3 * instant  # smoothed for a steady ETA
         self._last_write = now
         written = WeightUpload.objects.filter(
-            pk=self.upload_id, status=UploadStatus.UPLOADING, cancel_requested=False,
+            pk=self.upload_id,
+            status=UploadStatus.UPLOADING,
+            cancel_requested=False,
         ).update(
-            bytes_done=max(0, min(done, self.total)), bytes_total=self.total, rate_bps=int(self.rate),
-            current_file=self.current[:500], updated_at=timezone.now(),
+            bytes_done=max(0, min(done, self.total)),
+            bytes_total=self.total,
+            rate_bps=int(self.rate),
+            current_file=self.current[:500],
+            updated_at=timezone.now(),
         )
         if self.on_progress is not None:
             self.on_progress(self.snapshot())
@@ -309,15 +344,26 @@ def upload_run(
     else:
         root = Path(str(source["path"]))
     files = select_files(scan_folder(root))
-    entries = transfer_folder(files=files, bucket=bucket, prefix=prefix, progress=progress,
-                              source={k: v for k, v in source.items() if k not in {"keep", "prefix_auto"}},
-                              on_file_done=on_file_done)
+    entries = transfer_folder(
+        files=files,
+        bucket=bucket,
+        prefix=prefix,
+        progress=progress,
+        source={k: v for k, v in source.items() if k not in {"keep", "prefix_auto"}},
+        on_file_done=on_file_done,
+    )
     total = sum(e["size"] for e in entries)
     now = timezone.now()
     with transaction.atomic():
         finished = WeightUpload.objects.filter(pk=upload_id, status=UploadStatus.UPLOADING).update(
-            status=UploadStatus.UPLOADED, bytes_done=total, bytes_total=total, current_file="", error="",
-            finished_at=now, updated_at=now, rate_bps=0,
+            status=UploadStatus.UPLOADED,
+            bytes_done=total,
+            bytes_total=total,
+            current_file="",
+            error="",
+            finished_at=now,
+            updated_at=now,
+            rate_bps=0,
         )
         if finished != 1:
             raise UploadCancelled()  # closed meanwhile (cancelled, or replaced as dead): not ours to publish

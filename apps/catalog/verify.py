@@ -50,8 +50,7 @@ def load_manifest(bucket: str, prefix: str) -> list[dict] | None:
         return None
     try:
         document = json.loads(storage.get_bytes(bucket, key))
-        return [{"path": str(f["path"]), "size": int(f["size"]), "sha256": str(f["sha256"])}
-                for f in document["files"]]
+        return [{"path": str(f["path"]), "size": int(f["size"]), "sha256": str(f["sha256"])} for f in document["files"]]
     except (ValueError, KeyError, TypeError):
         return []
 
@@ -96,8 +95,9 @@ def verify_model(
     if not model.storage_uri:
         raise storage.StorageError(f"{model.name} has no storage URI: upload its weights first.")
     bucket, prefix = storage.parse_uri(model.storage_uri)
-    check = WeightVerification.objects.create(model=model, full=full, uri=model.storage_uri, origin=origin,
-                                              requested_by=requested_by)
+    check = WeightVerification.objects.create(
+        model=model, full=full, uri=model.storage_uri, origin=origin, requested_by=requested_by
+    )
     running = WeightVerification.objects.filter(pk=check.pk, status=VerifyStatus.RUNNING)
     try:
         manifest = model.manifest or load_manifest(bucket, prefix) or []
@@ -107,7 +107,9 @@ def verify_model(
         running.update(status=VerifyStatus.ERROR, error=reason[:4000], finished_at=timezone.now())
         raise
     running.update(
-        status=VerifyStatus.OK if report.ok else VerifyStatus.MISMATCH, checked=report.checked,
-        problems=report.problems[:200], finished_at=timezone.now(),
+        status=VerifyStatus.OK if report.ok else VerifyStatus.MISMATCH,
+        checked=report.checked,
+        problems=report.problems[:200],
+        finished_at=timezone.now(),
     )
     return report

@@ -120,7 +120,8 @@ class Multiplexed:
                     _, protocol = await loop.create_unix_connection(_Protocol, self.socket_path)
                 else:
                     _, protocol = await loop.create_connection(
-                        _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None)
+                        _Protocol, self.host, self.port, ssl=ssl.create_default_context() if self.tls else None
+                    )
                 setup: list[tuple[object, ...]] = []
                 if self.password is not None:
                     setup.append(("AUTH", self.username, self.password) if self.username else ("AUTH", self.password))

@@ -31,9 +31,15 @@ from apps.fleet.placement import Placement
 from apps.fleet.transitions import IllegalTransition
 
 STATUS_COLORS: dict[str, str] = {
-    NodeStatus.PENDING: "#6c757d", NodeStatus.PROVISIONING: "#0d6efd", NodeStatus.LOADING: "#6610f2",
-    NodeStatus.READY: "#198754", NodeStatus.UNHEALTHY: "#fd7e14", NodeStatus.DRAINING: "#b58900",
-    NodeStatus.TERMINATING: "#6c757d", NodeStatus.TERMINATED: "#adb5bd", NodeStatus.FAILED: "#dc3545",
+    NodeStatus.PENDING: "#6c757d",
+    NodeStatus.PROVISIONING: "#0d6efd",
+    NodeStatus.LOADING: "#6610f2",
+    NodeStatus.READY: "#198754",
+    NodeStatus.UNHEALTHY: "#fd7e14",
+    NodeStatus.DRAINING: "#b58900",
+    NodeStatus.TERMINATING: "#6c757d",
+    NodeStatus.TERMINATED: "#adb5bd",
+    NodeStatus.FAILED: "#dc3545",
 }
 EVENTS_SHOWN = 50
 _SECRET_WORDS = ("key", "token", "secret", "password")
@@ -41,8 +47,9 @@ _SECRET_WORDS = ("key", "token", "secret", "password")
 
 def redact(value: Any) -> Any:
     if isinstance(value, dict):
-        return {k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v)
-                for k, v in value.items()}
+        return {
+            k: "<redacted>" if any(w in str(k).lower() for w in _SECRET_WORDS) else redact(v) for k, v in value.items()
+        }
     if isinstance(value, list):
         return [redact(v) for v in value]
     return value
@@ -60,8 +67,11 @@ class LaunchProfileAdmin(admin.ModelAdmin):
 
     @admin.display(description="placements (in order)")
     def placements_display(self, obj: LaunchProfile) -> str:
-        return " → ".join("/".join(p.get(k, "") for k in ("cloud", "region", "zone") if p.get(k))
-                          for p in obj.placements if isinstance(p, dict))
+        return " → ".join(
+            "/".join(p.get(k, "") for k in ("cloud", "region", "zone") if p.get(k))
+            for p in obj.placements
+            if isinstance(p, dict)
+        )
 
 
 _EVENT_FIELDS = ("created_at", "kind", "from_status", "to_status", "message", "actor")
@@ -110,7 +120,8 @@ class LaunchForm(forms.Form):
     model = forms.ModelChoiceField(queryset=ServedModel.objects.filter(is_active=True))
     launcher = forms.ChoiceField(choices=Launcher.choices)
     launch_profile = forms.ModelChoiceField(
-        queryset=LaunchProfile.objects.filter(is_active=True), required=False,
+        queryset=LaunchProfile.objects.filter(is_active=True),
+        required=False,
         help_text="SkyPilot: an ordered cloud/region failover list; overrides cloud and region.",
     )
     cloud = forms.CharField(max_length=32, required=False, help_text="SkyPilot: aws, gcp, azure… empty = any.")
@@ -129,8 +140,18 @@ class LaunchForm(forms.Form):
 
 @admin.register(Node)
 class NodeAdmin(admin.ModelAdmin):
-    list_display = ["cluster_name", "model", "launcher", "placement", "accelerator", "use_spot", "status_badge",
-                    "load", "last_health_at", "hourly_cost"]
+    list_display = [
+        "cluster_name",
+        "model",
+        "launcher",
+        "placement",
+        "accelerator",
+        "use_spot",
+        "status_badge",
+        "load",
+        "last_health_at",
+        "hourly_cost",
+    ]
     list_filter = [LiveFilter, "status", "launcher", "model", "cloud", "use_spot"]
     search_fields = ["cluster_name", "endpoint_url", "model__name"]
     list_select_related = ["model"]
@@ -144,12 +165,48 @@ class NodeAdmin(admin.ModelAdmin):
     change_form_template = "admin/fleet/node/change_form.html"
     fieldsets = [
         (None, {"fields": ["cluster_name", "model", "status", "status_reason", "status_changed_at"]}),
-        ("Placement", {"fields": ["launcher", "launch_profile", "cloud", "region", "accelerator", "use_spot",
-                                  "hourly_cost", "endpoint_url"]}),
-        ("Health", {"fields": ["last_health_at", "consecutive_failures", "health_latency_ms",
-                               "requests_running", "requests_waiting", "kv_cache_usage"]}),
-        ("Lifecycle", {"fields": ["requested_at", "registered_at", "provisioned_at", "weights_loaded_at",
-                                  "ready_at", "terminated_at", "launcher_bookkeeping"]}),
+        (
+            "Placement",
+            {
+                "fields": [
+                    "launcher",
+                    "launch_profile",
+                    "cloud",
+                    "region",
+                    "accelerator",
+                    "use_spot",
+                    "hourly_cost",
+                    "endpoint_url",
+                ]
+            },
+        ),
+        (
+            "Health",
+            {
+                "fields": [
+                    "last_health_at",
+                    "consecutive_failures",
+                    "health_latency_ms",
+                    "requests_running",
+                    "requests_waiting",
+                    "kv_cache_usage",
+                ]
+            },
+        ),
+        (
+            "Lifecycle",
+            {
+                "fields": [
+                    "requested_at",
+                    "registered_at",
+                    "provisioned_at",
+                    "weights_loaded_at",
+                    "ready_at",
+                    "terminated_at",
+                    "launcher_bookkeeping",
+                ]
+            },
+        ),
     ]
 
     def get_readonly_fields(self, request: HttpRequest, obj: Node | None = None) -> list[str]:
@@ -172,8 +229,12 @@ class NodeAdmin(admin.ModelAdmin):
 
     @admin.display(description="status", ordering="status")
     def status_badge(self, obj: Node) -> str:
-        return format_html('<b style="color:{}" title="{}">{}</b>', STATUS_COLORS.get(obj.status, "#000"),
-                           obj.status_reason[:300], obj.get_status_display())
+        return format_html(
+            '<b style="color:{}" title="{}">{}</b>',
+            STATUS_COLORS.get(obj.status, "#000"),
+            obj.status_reason[:300],
+            obj.get_status_display(),
+        )
 
     @admin.display(description="load (run/wait/kv)")
     def load(self, obj: Node) -> str:
@@ -218,8 +279,11 @@ class NodeAdmin(admin.ModelAdmin):
     def check_health_now(self, request: HttpRequest, queryset: QuerySet[Node]) -> None:
         summary = run_health_checks(list(queryset.values_list("pk", flat=True)[:1000]))
         changes = "; ".join(summary.transitions) or "no status changes"
-        self.message_user(request, f"Checked {summary.checked} node(s) with an endpoint in {summary.seconds:.1f}s: "
-                                   f"{summary.healthy} healthy; {changes}.")
+        self.message_user(
+            request,
+            f"Checked {summary.checked} node(s) with an endpoint in {summary.seconds:.1f}s: "
+            f"{summary.healthy} healthy; {changes}.",
+        )
 
     # --- launch form and node page -------------------------------------------------------------
 
@@ -236,8 +300,9 @@ class NodeAdmin(admin.ModelAdmin):
             data = dict(form.cleaned_data)
             if "confirm" in request.POST:
                 try:
-                    nodes = services.node_request_launch(model=data["model"], placement=_placement(data),
-                                                         count=data["count"], actor=_actor(request))
+                    nodes = services.node_request_launch(
+                        model=data["model"], placement=_placement(data), count=data["count"], actor=_actor(request)
+                    )
                 except ValidationError as exc:
                     for field, errors in exc.message_dict.items():
                         form.add_error(field if field in form.fields else None, errors)
@@ -247,13 +312,18 @@ class NodeAdmin(admin.ModelAdmin):
             if form.is_valid():
                 preview = _preview(data, form)
         context = {
-            **self.admin_site.each_context(request), "title": "Launch nodes", "form": form, "preview": preview,
-            "opts": self.model._meta, "media": self.media + form.media,
+            **self.admin_site.each_context(request),
+            "title": "Launch nodes",
+            "form": form,
+            "preview": preview,
+            "opts": self.model._meta,
+            "media": self.media + form.media,
         }
         return TemplateResponse(request, "admin/fleet/node/launch.html", context)
 
-    def change_view(self, request: HttpRequest, object_id: str, form_url: str = "",
-                    extra_context: dict | None = None) -> HttpResponse:
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
         node = self.get_object(request, object_id)
         extra = dict(extra_context or {})
         if node is not None:
@@ -262,15 +332,23 @@ class NodeAdmin(admin.ModelAdmin):
 
 
 def _placement(data: dict[str, Any]) -> Placement:
-    return Placement(launcher=data["launcher"], cloud=data["cloud"], region=data["region"],
-                     accelerator=data["accelerator"], use_spot=data["use_spot"],
-                     launch_profile=data["launch_profile"], endpoint_url=data["endpoint_url"])
+    return Placement(
+        launcher=data["launcher"],
+        cloud=data["cloud"],
+        region=data["region"],
+        accelerator=data["accelerator"],
+        use_spot=data["use_spot"],
+        launch_profile=data["launch_profile"],
+        endpoint_url=data["endpoint_url"],
+    )
 
 
 def _preview(data: dict[str, Any], form: LaunchForm) -> str:
     placement = _placement(data)
-    node = Node(model=data["model"], **{**placement.as_kwargs(),
-                                        "accelerator": placement.accelerator or data["model"].accelerator})
+    node = Node(
+        model=data["model"],
+        **{**placement.as_kwargs(), "accelerator": placement.accelerator or data["model"].accelerator},
+    )
     try:
         text = get_launcher(node.launcher).preview(node)
     except LaunchError as exc:
@@ -281,8 +359,12 @@ def _preview(data: dict[str, Any], form: LaunchForm) -> str:
 
 def cold_start_phases(node: Node) -> list[dict[str, object]]:
     """requested → provisioned → weights loaded → ready, with seconds per phase."""
-    marks = [("requested", node.requested_at), ("provisioned", node.provisioned_at),
-             ("weights loaded", node.weights_loaded_at), ("ready", node.ready_at)]
+    marks = [
+        ("requested", node.requested_at),
+        ("provisioned", node.provisioned_at),
+        ("weights loaded", node.weights_loaded_at),
+        ("ready", node.ready_at),
+    ]
     phases: list[dict[str, object]] = []
     for (label, at), (_, previous) in zip(marks, [(None, None), *marks[:-1]], strict=True):
         seconds = (at - previous).total_seconds() if at and previous else None

@@ -28,8 +28,14 @@ log = logging.getLogger(__name__)
 
 # Draining nodes are checked for their in-flight count (the drain waits for it to reach 0).
 CHECKED_STATUSES = HEALTH_CHECKED_STATUSES | {NodeStatus.DRAINING}
-HEALTH_FIELDS = ["last_health_at", "consecutive_failures", "health_latency_ms",
-                 "requests_running", "requests_waiting", "kv_cache_usage"]
+HEALTH_FIELDS = [
+    "last_health_at",
+    "consecutive_failures",
+    "health_latency_ms",
+    "requests_running",
+    "requests_waiting",
+    "kv_cache_usage",
+]
 
 
 @dataclass(frozen=True)
@@ -55,8 +61,7 @@ class Summary:
     seconds: float = 0.0
 
 
-async def _check_one(session: aiohttp.ClientSession, sem: asyncio.Semaphore, target: Target,
-                     limit_s: float) -> Result:
+async def _check_one(session: aiohttp.ClientSession, sem: asyncio.Semaphore, target: Target, limit_s: float) -> Result:
     base = target.url.rstrip("/")
     async with sem:
         started = time.perf_counter()
@@ -81,8 +86,9 @@ async def _check_one(session: aiohttp.ClientSession, sem: asyncio.Semaphore, tar
             return Result(target.node_id, False, error=f"{type(exc).__name__}: {exc}"[:300])
 
 
-async def check_targets(targets: Sequence[Target], *, limit_s: float | None = None,
-                        concurrency: int | None = None) -> list[Result]:
+async def check_targets(
+    targets: Sequence[Target], *, limit_s: float | None = None, concurrency: int | None = None
+) -> list[Result]:
     """Check all targets concurrently; ``limit_s`` bounds each node's /health + /metrics.
 
     aiohttp rather than httpx: on this machine httpx's connection pool needed ~20 s for 300
@@ -92,8 +98,9 @@ async def check_targets(targets: Sequence[Target], *, limit_s: float | None = No
     concurrency = concurrency or settings.FLEET_HEALTH_CONCURRENCY
     sem = asyncio.Semaphore(concurrency)
     connector = aiohttp.TCPConnector(limit=concurrency, limit_per_host=0, ttl_dns_cache=300)
-    async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=timeout),
-                                     auto_decompress=True, trust_env=False) as session:
+    async with aiohttp.ClientSession(
+        connector=connector, timeout=aiohttp.ClientTimeout(total=timeout), auto_decompress=True, trust_env=False
+    ) as session:
         return list(await asyncio.gather(*(_check_one(session, sem, t, timeout) for t in targets)))
 
 
@@ -118,13 +125,22 @@ def write_health(nodes: list[Node], batch: int = 1000) -> None:
     table = Node._meta.db_table
     with connection.cursor() as cursor:
         for i in range(0, len(nodes), batch):
-            chunk = nodes[i:i + batch]
-            rows = ", ".join(["(%s::bigint, %s::timestamptz, %s::integer, %s::float8, %s::integer, %s::integer, "
-                              "%s::float8)"] * len(chunk))
+            chunk = nodes[i : i + batch]
+            rows = ", ".join(
+                ["(%s::bigint, %s::timestamptz, %s::integer, %s::float8, %s::integer, %s::integer, %s::float8)"]
+                * len(chunk)
+            )
             params: list[Any] = []
             for n in chunk:
-                params += [n.pk, n.last_health_at, n.consecutive_failures, n.health_latency_ms,
-                           n.requests_running, n.requests_waiting, n.kv_cache_usage]
+                params += [
+                    n.pk,
+                    n.last_health_at,
+                    n.consecutive_failures,
+                    n.health_latency_ms,
+                    n.requests_running,
+                    n.requests_waiting,
+                    n.kv_cache_usage,
+                ]
             cursor.execute(
                 f"UPDATE {table} AS n SET last_health_at = v.at, consecutive_failures = v.failures, "  # noqa: S608
                 "health_latency_ms = v.latency, requests_running = v.running, requests_waiting = v.waiting, "
@@ -173,8 +189,19 @@ def run_health_checks(node_ids: Sequence[int] | None = None) -> Summary:
     qs = Node.objects.filter(status__in=CHECKED_STATUSES).exclude(endpoint_url="")
     if node_ids is not None:
         qs = qs.filter(pk__in=list(node_ids))
-    nodes = list(qs.only("id", "status", "endpoint_url", "consecutive_failures", "cluster_name",
-                         "provisioned_at", "weights_loaded_at", "ready_at", *HEALTH_FIELDS))
+    nodes = list(
+        qs.only(
+            "id",
+            "status",
+            "endpoint_url",
+            "consecutive_failures",
+            "cluster_name",
+            "provisioned_at",
+            "weights_loaded_at",
+            "ready_at",
+            *HEALTH_FIELDS,
+        )
+    )
     summary = Summary(checked=len(nodes))
     if nodes:
         results = asyncio.run(check_targets([Target(n.pk, n.endpoint_url) for n in nodes]))

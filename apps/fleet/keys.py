@@ -55,8 +55,11 @@ def static_key(node_id: int, state: dict) -> str | None:
     try:
         return _fernet(settings.NODE_KEY_SECRET).decrypt(str(sealed).encode()).decode()
     except InvalidToken:
-        log.error("node %s: its static API key cannot be unsealed (NODE_KEY_SECRET changed?); "
-                  "register it again with add_node", node_id)
+        log.error(
+            "node %s: its static API key cannot be unsealed (NODE_KEY_SECRET changed?); "
+            "register it again with add_node",
+            node_id,
+        )
         return None
 
 

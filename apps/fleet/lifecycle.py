@@ -64,9 +64,15 @@ def launch_node(node_id: int) -> Step:
     if node.status != NodeStatus.PENDING:
         return Step()  # launched already, or cancelled
     try:
-        node = node_transition(node=node, to=NodeStatus.PROVISIONING, expected_from=NodeStatus.PENDING,
-                               reason=f"launching via {launcher.name}", registration_token_digest=token_hash,
-                               registered_at=None, launcher_state={"launch_claimed_at": timezone.now().isoformat()})
+        node = node_transition(
+            node=node,
+            to=NodeStatus.PROVISIONING,
+            expected_from=NodeStatus.PENDING,
+            reason=f"launching via {launcher.name}",
+            registration_token_digest=token_hash,
+            registered_at=None,
+            launcher_state={"launch_claimed_at": timezone.now().isoformat()},
+        )
     except IllegalTransition:
         return Step()  # another worker claimed it first
     return _start(node, launcher, raw_token)
@@ -147,11 +153,15 @@ def poll_launch(node_id: int) -> Step:
                 fields["endpoint_url"] = result.endpoint_url
             Node.objects.filter(pk=node.pk).update(**fields)
             if first_seen or new_endpoint:
-                where = "/".join(str(result.placement[k]) for k in ("cloud", "region", "accelerator")
-                                 if k in result.placement)
+                where = "/".join(
+                    str(result.placement[k]) for k in ("cloud", "region", "accelerator") if k in result.placement
+                )
                 endpoint = fields.get("endpoint_url", node.endpoint_url) or "?"
-                node_event(node=node, message=f"machine up{' on ' + where if where else ''}; endpoint {endpoint}; "
-                                              "waiting for vLLM to register")
+                node_event(
+                    node=node,
+                    message=f"machine up{' on ' + where if where else ''}; endpoint {endpoint}; "
+                    "waiting for vLLM to register",
+                )
             node.endpoint_url = str(fields.get("endpoint_url", node.endpoint_url))
     return _again_unless_late(node)
 
@@ -200,8 +210,12 @@ def teardown_node(node_id: int) -> Step:
         node_event(node=node, message="machine torn down after the node was forced to terminated")
     elif node.status == NodeStatus.TERMINATING:
         with contextlib.suppress(IllegalTransition):
-            node_transition(node=node, to=NodeStatus.TERMINATED, expected_from=NodeStatus.TERMINATING,
-                            reason=node.status_reason or "torn down")
+            node_transition(
+                node=node,
+                to=NodeStatus.TERMINATED,
+                expected_from=NodeStatus.TERMINATING,
+                reason=node.status_reason or "torn down",
+            )
     else:
         node_event(node=node, message="machine torn down after failure")
     return Step()

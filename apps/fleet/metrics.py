@@ -31,7 +31,7 @@ def _split_sample(line: str) -> tuple[str, str] | None:
     if brace == -1 or (space != -1 and space < brace):
         if space == -1:
             return None
-        return line[:space], line[space + 1:]
+        return line[:space], line[space + 1 :]
     name = line[:brace]
     i, in_quotes = brace + 1, False
     while i < len(line):
@@ -44,7 +44,7 @@ def _split_sample(line: str) -> tuple[str, str] | None:
         elif ch == '"':
             in_quotes = True
         elif ch == "}":
-            return name, line[i + 1:]
+            return name, line[i + 1 :]
         i += 1
     return None
 

@@ -68,7 +68,7 @@ class LaunchProfile(models.Model):
 
         allowed = {"cloud", "region", "zone"}
         if not isinstance(self.placements, list) or not self.placements:
-            raise ValidationError({"placements": "Give at least one placement, e.g. [{\"cloud\": \"aws\"}]."})
+            raise ValidationError({"placements": 'Give at least one placement, e.g. [{"cloud": "aws"}].'})
         for i, placement in enumerate(self.placements):
             if not isinstance(placement, dict) or not placement.get("cloud"):
                 raise ValidationError({"placements": f"Placement {i + 1} needs a cloud."})
@@ -80,7 +80,11 @@ class LaunchProfile(models.Model):
 class Node(models.Model):
     model = models.ForeignKey("catalog.ServedModel", on_delete=models.PROTECT, related_name="nodes")
     launch_profile = models.ForeignKey(
-        LaunchProfile, on_delete=models.SET_NULL, null=True, blank=True, related_name="nodes",
+        LaunchProfile,
+        on_delete=models.SET_NULL,
+        null=True,
+        blank=True,
+        related_name="nodes",
         help_text="Ordered cloud/region failover list (SkyPilot only); overrides cloud/region.",
     )
     launcher = models.CharField(max_length=16, choices=Launcher.choices, default=Launcher.SKYPILOT)

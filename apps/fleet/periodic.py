@@ -45,8 +45,13 @@ def fleet_health_check() -> None:
         return
     try:
         summary = health.run_health_checks()
-        log.info("health: %d checked, %d healthy in %.2fs; %s", summary.checked, summary.healthy,
-                 summary.seconds, ", ".join(summary.transitions) or "no changes")
+        log.info(
+            "health: %d checked, %d healthy in %.2fs; %s",
+            summary.checked,
+            summary.healthy,
+            summary.seconds,
+            ", ".join(summary.transitions) or "no changes",
+        )
     finally:
         _release("health")
 

@@ -27,8 +27,12 @@ class Placement:
         """The placement a replacement of ``node`` gets. Only a static node keeps its endpoint:
         a launched node's endpoint belonged to the machine that is going away."""
         return cls(
-            launcher=node.launcher, cloud=node.cloud, region=node.region, accelerator=node.accelerator,
-            use_spot=node.use_spot, launch_profile=node.launch_profile,
+            launcher=node.launcher,
+            cloud=node.cloud,
+            region=node.region,
+            accelerator=node.accelerator,
+            use_spot=node.use_spot,
+            launch_profile=node.launch_profile,
             endpoint_url=node.endpoint_url if node.launcher == Launcher.STATIC else "",
         )
 

@@ -63,8 +63,10 @@ def _move(node: Node, to: str, reason: str, report: Report) -> bool:
 
 
 def _sky_clusters(report: Report) -> dict[str, sky.ClusterRecord] | None:
-    if not Node.objects.filter(launcher=Launcher.SKYPILOT).exclude(status__in=[S.TERMINATED]).exists() \
-            and not settings.SKYPILOT_API_SERVER_ENDPOINT:
+    if (
+        not Node.objects.filter(launcher=Launcher.SKYPILOT).exclude(status__in=[S.TERMINATED]).exists()
+        and not settings.SKYPILOT_API_SERVER_ENDPOINT
+    ):
         return {}
     try:
         prefix = f"{settings.FLEET_CLUSTER_PREFIX}-"
@@ -76,7 +78,8 @@ def _sky_clusters(report: Report) -> dict[str, sky.ClusterRecord] | None:
 
 def _vanished(node: Node, clusters: dict[str, sky.ClusterRecord] | None) -> bool:
     expected = node.status in MACHINE_EXPECTED or (
-        node.status == S.PROVISIONING and node.launcher_state.get("launched"))
+        node.status == S.PROVISIONING and node.launcher_state.get("launched")
+    )
     if not expected:
         return False
     if node.launcher == Launcher.SKYPILOT:
@@ -90,34 +93,51 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
     now = timezone.now()
     for node in Node.objects.filter(status__in=MACHINE_EXPECTED | {S.PROVISIONING}).select_related("model"):
         if _vanished(node, clusters):
-            if _move(node, S.TERMINATING, "preempted: the machine vanished", report) \
-                    and _move(node, S.TERMINATED, "preempted", report):
+            if _move(node, S.TERMINATING, "preempted: the machine vanished", report) and _move(
+                node, S.TERMINATED, "preempted", report
+            ):
                 if node.launcher == Launcher.LOCAL:
                     get_launcher(node.launcher).terminate(node)  # reap what is left of its process group
                 report.preempted.append(str(node))
             continue
-        if node.status in {S.PROVISIONING, S.LOADING} and \
-                (now - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+        if (
+            node.status in {S.PROVISIONING, S.LOADING}
+            and (now - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S
+        ):
             # Stuck (lost launch, a node that never registered, weights that never loaded).
             _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
             continue
-        if node.launcher == Launcher.SKYPILOT and clusters and node.status in MACHINE_EXPECTED \
-                and getattr(clusters.get(node.cluster_name or ""), "status", "") == "STOPPED":
+        if (
+            node.launcher == Launcher.SKYPILOT
+            and clusters
+            and node.status in MACHINE_EXPECTED
+            and getattr(clusters.get(node.cluster_name or ""), "status", "") == "STOPPED"
+        ):
             # A stopped spot instance (preempted with stop semantics) serves nothing but still bills disk.
             if _move(node, S.TERMINATING, "preempted: cluster stopped", report):
                 report.preempted.append(str(node))
             continue
         limit = settings.FLEET_REPLACE_UNHEALTHY_AFTER_S
-        if node.status == S.UNHEALTHY and (now - node.status_changed_at).total_seconds() > limit \
-                and _move(node, S.TERMINATING, f"unhealthy for over {limit}s", report):
+        if (
+            node.status == S.UNHEALTHY
+            and (now - node.status_changed_at).total_seconds() > limit
+            and _move(node, S.TERMINATING, f"unhealthy for over {limit}s", report)
+        ):
             report.replaced_unhealthy.append(str(node))
         if node.status == S.DRAINING:
             waited = (now - node.status_changed_at).total_seconds()
-            idle = node.last_health_at is not None and node.last_health_at > node.status_changed_at \
+            idle = (
+                node.last_health_at is not None
+                and node.last_health_at > node.status_changed_at
                 and node.requests_running == 0
+            )
             if idle or waited > settings.FLEET_DRAIN_TIMEOUT_S:
-                why = "drained: no requests in flight" if idle else \
-                    f"drain timed out after {settings.FLEET_DRAIN_TIMEOUT_S}s with {node.requests_running} in flight"
+                why = (
+                    "drained: no requests in flight"
+                    if idle
+                    else f"drain timed out after {settings.FLEET_DRAIN_TIMEOUT_S}s "
+                    f"with {node.requests_running} in flight"
+                )
                 if _move(node, S.TERMINATING, why, report):
                     report.drained.append(str(node))
 
@@ -144,7 +164,8 @@ def resume_polls(report: Report) -> None:
     """Re-queue the poll of an asynchronous launch whose poll chain was lost (e.g. a worker restart)."""
     stale_before = time.time() - 3 * settings.FLEET_LAUNCH_POLL_S
     rows = Node.objects.filter(launcher=Launcher.SKYPILOT, status__in=[S.PROVISIONING, S.LOADING]).values_list(
-        "pk", "launcher_state")
+        "pk", "launcher_state"
+    )
     for node_id, state in rows:
         # The poll chain follows the launch, then the node's job until it is ready.
         if not (state.get("launch_request_id") or state.get("adopted_existing_cluster")):
@@ -168,16 +189,21 @@ def _relaunch_brake(model: ServedModel, now) -> str | None:
     last_ready = Node.objects.filter(model=model, ready_at__isnull=False).aggregate(t=Max("ready_at"))["t"]
     if last_ready is not None and last_ready > since:
         since = last_ready  # it worked since: older failures say nothing about the next launch
-    failed_at = list(Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since)
-                     .order_by("-status_changed_at").values_list("status_changed_at", flat=True))
+    failed_at = list(
+        Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since)
+        .order_by("-status_changed_at")
+        .values_list("status_changed_at", flat=True)
+    )
     if not failed_at:
         return None
     window_h = settings.FLEET_RELAUNCH_FAILURE_WINDOW_S / 3600
     if len(failed_at) >= settings.FLEET_RELAUNCH_MAX_FAILURES:
         # Relaunching into the same error (no credentials, no capacity, a model that cannot load)
         # helps nobody and costs GPU hours.
-        return (f"{len(failed_at)} launches failed in the last {window_h:g} h; not replacing until a node of it "
-                "is ready again (launch one by hand once the cause is fixed)")
+        return (
+            f"{len(failed_at)} launches failed in the last {window_h:g} h; not replacing until a node of it "
+            "is ready again (launch one by hand once the cause is fixed)"
+        )
     wait = settings.FLEET_RELAUNCH_BACKOFF_S * 2 ** (len(failed_at) - 1)
     waited = (now - failed_at[0]).total_seconds()
     if waited < wait:
@@ -202,8 +228,9 @@ def ensure_replicas(report: Report) -> None:
             continue
         template = _template(model)
         try:
-            nodes = node_request_launch(model=model, placement=Placement.of(template) if template else None,
-                                        count=missing, actor="reconciler")
+            nodes = node_request_launch(
+                model=model, placement=Placement.of(template) if template else None, count=missing, actor="reconciler"
+            )
         except Exception as exc:  # one model's problem must not stop the others
             report.errors.append(f"{model.name}: could not launch replacements: {exc}")
             continue
@@ -220,8 +247,11 @@ def teardown_orphans(report: Report, clusters: dict[str, sky.ClusterRecord] | No
     if not clusters:
         return
     pattern = re.compile(rf"^{re.escape(settings.FLEET_CLUSTER_PREFIX)}-\d+$")
-    owned = set(Node.objects.filter(cluster_name__in=list(clusters))
-                .filter(status__in=LIVE_STATUSES | {S.TERMINATING}).values_list("cluster_name", flat=True))
+    owned = set(
+        Node.objects.filter(cluster_name__in=list(clusters))
+        .filter(status__in=LIVE_STATUSES | {S.TERMINATING})
+        .values_list("cluster_name", flat=True)
+    )
     now = time.time()
     for name, record in clusters.items():
         if name in owned or not pattern.match(name):
@@ -237,8 +267,12 @@ def teardown_orphans(report: Report, clusters: dict[str, sky.ClusterRecord] | No
         report.orphans.append(name)
         node = Node.objects.filter(cluster_name=name).first()
         if node is not None:
-            node_event(node=node, kind=NodeEvent.Kind.ACTION, actor="reconciler",
-                       message=f"orphan cluster {name} (node {node.status}) torn down")
+            node_event(
+                node=node,
+                kind=NodeEvent.Kind.ACTION,
+                actor="reconciler",
+                message=f"orphan cluster {name} (node {node.status}) torn down",
+            )
         log.warning("tore down orphan SkyPilot cluster %s", name)
 
 

@@ -20,11 +20,34 @@ class NodeSerializer(serializers.ModelSerializer):
     class Meta:
         model = Node
         fields = [
-            "id", "cluster_name", "model", "launcher", "cloud", "region", "accelerator", "use_spot",
-            "launch_profile", "hourly_cost", "endpoint_url", "status", "status_reason", "status_changed_at",
-            "registered_at", "requested_at", "provisioned_at", "weights_loaded_at", "ready_at", "terminated_at",
-            "cold_start_seconds", "last_health_at", "consecutive_failures", "health_latency_ms",
-            "requests_running", "requests_waiting", "kv_cache_usage", "updated_at",
+            "id",
+            "cluster_name",
+            "model",
+            "launcher",
+            "cloud",
+            "region",
+            "accelerator",
+            "use_spot",
+            "launch_profile",
+            "hourly_cost",
+            "endpoint_url",
+            "status",
+            "status_reason",
+            "status_changed_at",
+            "registered_at",
+            "requested_at",
+            "provisioned_at",
+            "weights_loaded_at",
+            "ready_at",
+            "terminated_at",
+            "cold_start_seconds",
+            "last_health_at",
+            "consecutive_failures",
+            "health_latency_ms",
+            "requests_running",
+            "requests_waiting",
+            "kv_cache_usage",
+            "updated_at",
         ]
         read_only_fields = fields
 
@@ -37,11 +60,19 @@ class NodeLaunchSerializer(serializers.Serializer):
     accelerator = serializers.CharField(max_length=32, required=False, allow_blank=True, default="")
     use_spot = serializers.BooleanField(required=False, default=True)
     launch_profile = serializers.SlugRelatedField(
-        slug_field="name", queryset=LaunchProfile.objects.filter(is_active=True), required=False, allow_null=True,
+        slug_field="name",
+        queryset=LaunchProfile.objects.filter(is_active=True),
+        required=False,
+        allow_null=True,
         default=None,
     )
-    endpoint_url = serializers.URLField(max_length=300, required=False, allow_blank=True, default="",
-                                        help_text="Static launcher only: the running vLLM server.")
+    endpoint_url = serializers.URLField(
+        max_length=300,
+        required=False,
+        allow_blank=True,
+        default="",
+        help_text="Static launcher only: the running vLLM server.",
+    )
 
 
 class NodeEventSerializer(serializers.ModelSerializer):
@@ -74,8 +105,9 @@ class FlexibleTimestamp(serializers.Field):
 
 
 class RegistrationSerializer(serializers.Serializer):
-    token = serializers.CharField(required=False, allow_blank=True, default="",
-                                  help_text="Or send it as 'Authorization: Bearer clr_…'.")
+    token = serializers.CharField(
+        required=False, allow_blank=True, default="", help_text="Or send it as 'Authorization: Bearer clr_…'."
+    )
     endpoint_url = serializers.URLField(max_length=300, required=False, allow_blank=True, default="")
     provisioned_at = FlexibleTimestamp(required=False, allow_null=True, default=None)
     weights_loaded_at = FlexibleTimestamp(required=False, allow_null=True, default=None)

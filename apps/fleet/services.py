@@ -45,8 +45,14 @@ def node_create(
     if launcher not in Launcher.values:
         raise ValidationError({"launcher": f"Unknown launcher {launcher!r}."})
     node = Node(
-        model=model, launcher=launcher, cloud=cloud, region=region, accelerator=accelerator or model.accelerator,
-        use_spot=use_spot, launch_profile=launch_profile, endpoint_url=endpoint_url,
+        model=model,
+        launcher=launcher,
+        cloud=cloud,
+        region=region,
+        accelerator=accelerator or model.accelerator,
+        use_spot=use_spot,
+        launch_profile=launch_profile,
+        endpoint_url=endpoint_url,
     )
     if hourly_cost is not None:
         node.hourly_cost = hourly_cost
@@ -55,8 +61,9 @@ def node_create(
         node.save()
         node.cluster_name = f"{settings.FLEET_CLUSTER_PREFIX}-{node.pk}"
         node.save(update_fields=["cluster_name"])
-        NodeEvent.objects.create(node=node, kind=NodeEvent.Kind.ACTION, to_status=node.status,
-                                 message=f"requested ({launcher})", actor=actor)
+        NodeEvent.objects.create(
+            node=node, kind=NodeEvent.Kind.ACTION, to_status=node.status, message=f"requested ({launcher})", actor=actor
+        )
     return node
 
 
@@ -129,9 +136,14 @@ def node_request_launch(
         if respect_max_replicas:
             live = Node.objects.filter(model=model, status__in=LIVE_STATUSES).count()
             if live + count > model.max_replicas:
-                raise ValidationError({"count": (
-                    f"{model.name} allows {model.max_replicas} live node(s) and has {live}; "
-                    "raise max replicas on the model first.")})
+                raise ValidationError(
+                    {
+                        "count": (
+                            f"{model.name} allows {model.max_replicas} live node(s) and has {live}; "
+                            "raise max replicas on the model first."
+                        )
+                    }
+                )
         nodes = []
         for _ in range(count):
             node = node_create(model=model, actor=actor, **placement.as_kwargs())

@@ -79,8 +79,10 @@ def _sdk() -> Any:
 def _summarise_failover(history: list[BaseException]) -> str:
     if not history:
         return "no placement had capacity"
-    lines = [f"{i}. {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
-             for i, e in enumerate(history[-10:], 1)]
+    lines = [
+        f"{i}. {type(e).__name__}: {str(e).strip().splitlines()[0][:200] if str(e).strip() else ''}"
+        for i, e in enumerate(history[-10:], 1)
+    ]
     more = f" (last 10 of {len(history)})" if len(history) > 10 else ""
     return f"tried {len(history)} placement(s){more}:\n" + "\n".join(lines)
 
@@ -92,9 +94,15 @@ def _first_line(exc: BaseException, limit: int = 500) -> str:
 
 # Errors that may pass by themselves: retried (a bounded number of times) by apps.fleet.lifecycle.
 _TRANSIENT = (
-    "ServerTemporarilyUnavailableError", "RequestInterruptedError",
-    "ExecutionRetryableError", "ConcurrentWorkerExhaustedError", "NetworkError",
-    "ClusterStatusFetchingError", "SkyletUnavailableError", "FetchClusterInfoError", "KubeAPIUnreachableError",
+    "ServerTemporarilyUnavailableError",
+    "RequestInterruptedError",
+    "ExecutionRetryableError",
+    "ConcurrentWorkerExhaustedError",
+    "NetworkError",
+    "ClusterStatusFetchingError",
+    "SkyletUnavailableError",
+    "FetchClusterInfoError",
+    "KubeAPIUnreachableError",
 )
 
 
@@ -115,18 +123,22 @@ def _mapped(sdk: Any) -> Iterator[None]:
     except (exc_mod.InvalidCloudCredentials, exc_mod.CloudUserIdentityError) as exc:
         raise LaunchError(f"{NO_CREDENTIALS} ({type(exc).__name__}: {_first_line(exc)})") from exc
     except exc_mod.ClusterOwnerIdentityMismatchError as exc:
-        raise LaunchError("the cluster belongs to another cloud identity than the API server's "
-                          f"(ClusterOwnerIdentityMismatchError: {_first_line(exc)})") from exc
+        raise LaunchError(
+            "the cluster belongs to another cloud identity than the API server's "
+            f"(ClusterOwnerIdentityMismatchError: {_first_line(exc)})"
+        ) from exc
     except exc_mod.ClusterDoesNotExist as exc:
         raise ClusterMissing(str(exc)) from exc
     except exc_mod.ClusterNotUpError as exc:
         raise ClusterNotUp(f"cluster not up: {_first_line(exc)}") from exc
     except exc_mod.ApiServerAuthenticationError as exc:
-        raise LaunchError("SkyPilot API server refused our credentials (set SKYPILOT_SERVICE_ACCOUNT_TOKEN): "
-                          f"{_first_line(exc)}") from exc
+        raise LaunchError(
+            f"SkyPilot API server refused our credentials (set SKYPILOT_SERVICE_ACCOUNT_TOKEN): {_first_line(exc)}"
+        ) from exc
     except exc_mod.PermissionDeniedError as exc:
-        raise LaunchError(f"SkyPilot API server denied the request (check the service account's role): "
-                          f"{_first_line(exc)}") from exc
+        raise LaunchError(
+            f"SkyPilot API server denied the request (check the service account's role): {_first_line(exc)}"
+        ) from exc
     except exc_mod.APIVersionMismatchError as exc:
         raise LaunchError(f"SkyPilot client and API server versions do not match: {_first_line(exc)}") from exc
     except exc_mod.RequestCancelled as exc:
@@ -134,8 +146,10 @@ def _mapped(sdk: Any) -> Iterator[None]:
     except exc_mod.CommandError as exc:
         # A command on the cluster failed (provisioning, runtime setup): its own message says which.
         detail = (getattr(exc, "detailed_reason", "") or "").strip()[-1500:]
-        raise LaunchError(f"command failed on the cluster (exit {exc.returncode}): "
-                          f"{(exc.error_msg or '').strip()[:500]}" + (f"\n{detail}" if detail else "")) from exc
+        raise LaunchError(
+            f"command failed on the cluster (exit {exc.returncode}): "
+            f"{(exc.error_msg or '').strip()[:500]}" + (f"\n{detail}" if detail else "")
+        ) from exc
     except exc_mod.ClusterSetUpError as exc:
         raise LaunchError(f"cluster set-up failed: {_first_line(exc, 1500)}") from exc
     except exc_mod.InvalidClusterNameError as exc:
@@ -148,11 +162,13 @@ def _mapped(sdk: Any) -> Iterator[None]:
         raise RetryableLaunchError(f"SkyPilot API server unreachable: {_first_line(exc)}") from exc
     except Exception as exc:
         if type(exc).__name__ in _TRANSIENT:
-            raise RetryableLaunchError(f"SkyPilot API server busy or a cloud call failed for now "
-                                       f"({type(exc).__name__}: {_first_line(exc)})") from exc
+            raise RetryableLaunchError(
+                f"SkyPilot API server busy or a cloud call failed for now ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         if isinstance(exc, OSError):  # requests' ConnectionError/Timeout/HTTPError: the server went away
-            raise RetryableLaunchError(f"SkyPilot API server unreachable ({type(exc).__name__}: "
-                                       f"{_first_line(exc)})") from exc
+            raise RetryableLaunchError(
+                f"SkyPilot API server unreachable ({type(exc).__name__}: {_first_line(exc)})"
+            ) from exc
         # Anything else (ValueError, NotSupportedError, ProvisionPrechecksError, a policy refusal…)
         # will not pass by retrying: fail with what SkyPilot said.
         raise LaunchError(f"SkyPilot error: {type(exc).__name__}: {_first_line(exc, 1500)}") from exc
@@ -202,8 +218,9 @@ def _result_within(sdk: Any, request_id: str, *, what: str, timeout_s: float) ->
         if time.monotonic() >= deadline:
             with contextlib.suppress(Exception):  # best effort: the server may be the thing that is stuck
                 sdk.api_cancel(request_id)
-            raise RetryableLaunchError(f"SkyPilot did not answer {what} within {timeout_s:g} s "
-                                       f"(request {request_id} cancelled)")
+            raise RetryableLaunchError(
+                f"SkyPilot did not answer {what} within {timeout_s:g} s (request {request_id} cancelled)"
+            )
         time.sleep(pause)
         pause = min(1.0, pause * 2)
     with _mapped(sdk):
@@ -254,8 +271,9 @@ def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[C
     mode = sdk.StatusRefreshMode.FORCE if refresh else sdk.StatusRefreshMode.NONE
     with _mapped(sdk):
         request_id = sdk.status(cluster_names=names, refresh=mode, all_users=True, _summary_response=True)
-    records = _result_within(sdk, str(request_id), what="a cluster status request",
-                             timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S)
+    records = _result_within(
+        sdk, str(request_id), what="a cluster status request", timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S
+    )
     prefix = f"{settings.FLEET_CLUSTER_PREFIX}-"
     out = []
     for record in records:
@@ -264,8 +282,9 @@ def clusters(*, names: list[str] | None = None, refresh: bool = False) -> list[C
         name = str(get("name"))
         if not name.startswith(prefix):
             continue  # another team's cluster on a shared API server: never ours to judge or tear down
-        out.append(ClusterRecord(name=name, status=str(getattr(status, "value", status)),
-                                 launched_at=get("launched_at")))
+        out.append(
+            ClusterRecord(name=name, status=str(getattr(status, "value", status)), launched_at=get("launched_at"))
+        )
     return out
 
 
@@ -288,8 +307,10 @@ def job_status(cluster_name: str, job_id: int | None) -> str | None:
     sdk = _sdk()
     with _mapped(sdk):
         request_id = sdk.job_status(cluster_name, None if job_id is None else [job_id])
-    statuses = _result_within(sdk, str(request_id), what="a job status request",
-                              timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S) or {}
+    statuses = (
+        _result_within(sdk, str(request_id), what="a job status request", timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S)
+        or {}
+    )
     # Keys are ints (the SDK's decoder); the latest job comes back under the key None.
     status = next(iter(statuses.values()), None) if job_id is None else statuses.get(job_id)
     return None if status is None else str(getattr(status, "value", status)).upper()
@@ -323,7 +344,8 @@ def server_report() -> tuple[str, list[str]]:
     with _mapped(sdk):
         info = sdk.api_info()
         request_id = sdk.client.sdk.enabled_clouds()
-    clouds = _result_within(sdk, str(request_id), what="the enabled clouds request",
-                            timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S)
+    clouds = _result_within(
+        sdk, str(request_id), what="the enabled clouds request", timeout_s=settings.FLEET_SKY_STATUS_TIMEOUT_S
+    )
     version = info.get("version") if isinstance(info, dict) else getattr(info, "version", "?")
     return str(version or "?"), [str(c) for c in clouds or []]

@@ -39,8 +39,9 @@ def static_endpoint(raw: str) -> str:
     return url
 
 
-async def _served_models_problem(session: aiohttp.ClientSession, endpoint: str, *, served_name: str,
-                                 api_key: str | None) -> str:
+async def _served_models_problem(
+    session: aiohttp.ClientSession, endpoint: str, *, served_name: str, api_key: str | None
+) -> str:
     """GET {endpoint}/v1/models as the gateway will call it: "" when it serves ``served_name``, else why not."""
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     try:
@@ -64,8 +65,9 @@ async def _served_models_problem(session: aiohttp.ClientSession, endpoint: str, 
     return ""
 
 
-async def _probe(node_id: int, endpoint: str, *, served_name: str, api_key: str | None,
-                 timeout_s: float) -> health.Result:
+async def _probe(
+    node_id: int, endpoint: str, *, served_name: str, api_key: str | None, timeout_s: float
+) -> health.Result:
     (result,) = await health.check_targets([health.Target(node_id, endpoint)], limit_s=timeout_s, concurrency=1)
     if not result.ok:
         return health.Result(node_id, False, result.latency_ms, error=f"health probe failed: {result.error}")
@@ -74,8 +76,9 @@ async def _probe(node_id: int, endpoint: str, *, served_name: str, api_key: str 
     return health.Result(node_id, not problem, result.latency_ms, result.load, error=problem)
 
 
-def static_node_add(*, model: ServedModel, endpoint_url: str, api_key: str | None = None, timeout_s: float = 5.0,
-                    actor: str = ACTOR) -> Node:
+def static_node_add(
+    *, model: ServedModel, endpoint_url: str, api_key: str | None = None, timeout_s: float = 5.0, actor: str = ACTOR
+) -> Node:
     """Register the server at ``endpoint_url`` as a static node for ``model``, probe it once, and
     leave it ``ready`` (its key kept sealed for the gateway) or ``failed`` with the reason.
 
@@ -86,15 +89,30 @@ def static_node_add(*, model: ServedModel, endpoint_url: str, api_key: str | Non
     if not timeout_s > 0:
         raise ValidationError("The probe timeout must be positive.")
     node = node_create(model=model, launcher="static", endpoint_url=endpoint, actor=actor)
-    result = asyncio.run(_probe(node.pk, endpoint, served_name=model.name, api_key=api_key or None,
-                                timeout_s=timeout_s))
+    result = asyncio.run(
+        _probe(node.pk, endpoint, served_name=model.name, api_key=api_key or None, timeout_s=timeout_s)
+    )
     latency = round(result.latency_ms, 2) if result.latency_ms is not None else None
     fields: dict[str, object] = {"last_health_at": timezone.now(), "health_latency_ms": latency}
     if result.ok:
         state = dict(node.launcher_state)
         if api_key:
             state[SEALED_STATIC_KEY] = seal_static_key(api_key)
-        return node_transition(node=node, to=NodeStatus.READY, reason="health probe succeeded", actor=actor,
-                               expected_from=NodeStatus.PENDING, launcher_state=state, **fields)
-    return node_transition(node=node, to=NodeStatus.FAILED, reason=result.error, actor=actor,
-                           expected_from=NodeStatus.PENDING, consecutive_failures=1, **fields)
+        return node_transition(
+            node=node,
+            to=NodeStatus.READY,
+            reason="health probe succeeded",
+            actor=actor,
+            expected_from=NodeStatus.PENDING,
+            launcher_state=state,
+            **fields,
+        )
+    return node_transition(
+        node=node,
+        to=NodeStatus.FAILED,
+        reason=result.error,
+        actor=actor,
+        expected_from=NodeStatus.PENDING,
+        consecutive_failures=1,
+        **fields,
+    )

@@ -31,8 +31,9 @@ _PHASE_FIELDS = {
 
 
 def node_event(*, node: Node, message: str, kind: str = NodeEvent.Kind.INFO, actor: str = "system") -> NodeEvent:
-    return NodeEvent.objects.create(node=node, kind=kind, message=message, actor=actor,
-                                    from_status=node.status, to_status=node.status)
+    return NodeEvent.objects.create(
+        node=node, kind=kind, message=message, actor=actor, from_status=node.status, to_status=node.status
+    )
 
 
 def node_transition(
@@ -50,7 +51,11 @@ def node_transition(
         raise IllegalTransition(node, current, to)
     now = timezone.now()
     updates: dict[str, object] = {
-        "status": to, "status_reason": reason, "updated_at": now, "status_changed_at": now, **fields,
+        "status": to,
+        "status_reason": reason,
+        "updated_at": now,
+        "status_changed_at": now,
+        **fields,
     }
     for phase in _PHASE_FIELDS.get(to, ()):
         if getattr(node, phase) is None and phase not in updates:  # a node-reported time wins
@@ -60,8 +65,9 @@ def node_transition(
         if moved != 1:
             node.refresh_from_db(fields=["status"])
             raise IllegalTransition(node, node.status, to)
-        NodeEvent.objects.create(node=node, kind=NodeEvent.Kind.TRANSITION, from_status=current,
-                                 to_status=to, message=reason, actor=actor)
+        NodeEvent.objects.create(
+            node=node, kind=NodeEvent.Kind.TRANSITION, from_status=current, to_status=to, message=reason, actor=actor
+        )
         invalidation.bump(invalidation.ROUTING)
     for field, value in updates.items():
         setattr(node, field, value)

@@ -113,8 +113,9 @@ class Gateway:
             # driver_info=None: no CLIENT SETINFO per new connection; building it reads package
             # metadata (~3 ms of blocked loop per connection, measured), which a burst of new
             # requests paid all at once.
-            self.redis = redis_lib.async_client(max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS,
-                                                driver_info=None)
+            self.redis = redis_lib.async_client(
+                max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS, driver_info=None
+            )
             # Limits get their own shared, pipelined connection: two script calls per request, and
             # a pool checkout per call cost as much as the call itself (docs/gateway.md).
             self.hot_redis = redis_lib.multiplexed()
@@ -124,8 +125,10 @@ class Gateway:
                 self.table = await aload_table()
             except Exception:
                 log.exception("gateway: could not load the routing table at start")
-            self._tasks = [asyncio.ensure_future(c) for c in (
-                self._refresh_routing(), self.usage.run(), self._listen_invalidations(), self._sync_load())]
+            self._tasks = [
+                asyncio.ensure_future(c)
+                for c in (self._refresh_routing(), self.usage.run(), self._listen_invalidations(), self._sync_load())
+            ]
             self._started = True
 
     async def shutdown(self) -> None:
@@ -234,7 +237,7 @@ class Gateway:
             elif path.startswith("/v1/models/"):
                 self._require_method(scope, "GET")
                 entry = await self.keys.authenticate(_header(scope, b"authorization"))
-                await _send_json(send, 200, self._model_body(entry, path[len("/v1/models/"):]), base_headers)
+                await _send_json(send, 200, self._model_body(entry, path[len("/v1/models/") :]), base_headers)
             elif path in ROUTES:
                 self._require_method(scope, "POST")
                 await self._inference(scope, receive, send, ROUTES[path], request_id, base_headers)
@@ -246,13 +249,23 @@ class Gateway:
         except (OperationalError, InterfaceError) as exc:
             # PostgreSQL away while a key (or model list) was not cached yet: say so, OpenAI-shaped.
             log.warning("request %s: database unavailable: %s: %s", request_id, type(exc).__name__, exc)
-            unavailable = GatewayError(503, "The service is temporarily unavailable; retry shortly.",
-                                       type="server_error", code="service_unavailable", headers={"retry-after": "2"})
+            unavailable = GatewayError(
+                503,
+                "The service is temporarily unavailable; retry shortly.",
+                type="server_error",
+                code="service_unavailable",
+                headers={"retry-after": "2"},
+            )
             await _send_error(send, unavailable, base_headers)
         except Exception:
             log.exception("request %s: unexpected error", request_id)
-            await _send_error(send, GatewayError(500, "The server had an error processing your request.",
-                                                 type="server_error", code="internal_error"), base_headers)
+            await _send_error(
+                send,
+                GatewayError(
+                    500, "The server had an error processing your request.", type="server_error", code="internal_error"
+                ),
+                base_headers,
+            )
 
     async def _lifespan(self, receive: Any, send: Any) -> None:
         while True:
@@ -272,8 +285,12 @@ class Gateway:
     @staticmethod
     def _require_method(scope: dict, method: str) -> None:
         if scope["method"] != method:
-            raise GatewayError(405, f"Method {scope['method']} is not allowed here; use {method}.",
-                               code="method_not_allowed", headers={"allow": method})
+            raise GatewayError(
+                405,
+                f"Method {scope['method']} is not allowed here; use {method}.",
+                code="method_not_allowed",
+                headers={"allow": method},
+            )
 
     async def _ready(self, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         checks: dict[str, str] = {}
@@ -302,8 +319,12 @@ class Gateway:
         """GET /v1/models/{id} (the SDK's models.retrieve); ids may contain slashes."""
         route = self.table.models.get(name)
         if route is None or not entry.allows_model(name):
-            raise GatewayError(404, f"The model '{name}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise GatewayError(
+                404,
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
         return json.dumps(_model_object(route)).encode()
 
     def _node_fault(self, node: NodeRoute, reason: str) -> None:
@@ -324,52 +345,104 @@ class Gateway:
             self._faulted.pop(node_id, None)
 
     # --- inference -------------------------------------------------------------------------
-    async def _inference(self, scope: dict, receive: Any, send: Any, endpoint: str, request_id: str,
-                         base_headers: list[tuple[bytes, bytes]]) -> None:
+    async def _inference(
+        self,
+        scope: dict,
+        receive: Any,
+        send: Any,
+        endpoint: str,
+        request_id: str,
+        base_headers: list[tuple[bytes, bytes]],
+    ) -> None:
         entry = await self.keys.authenticate(_header(scope, b"authorization"))
         if "inference" not in entry.scopes:
-            raise GatewayError(403, "This API key lacks the 'inference' scope.", type="permission_error",
-                               code="insufficient_scope")
+            raise GatewayError(
+                403, "This API key lacks the 'inference' scope.", type="permission_error", code="insufficient_scope"
+            )
         body = await _read_body(scope, receive)
         payload = payloads.parse(body, endpoint)
         name = payload["model"]
         route = self.table.models.get(name)
         if route is None:
-            raise GatewayError(404, f"The model '{name}' does not exist or you do not have access to it.",
-                               param="model", code="model_not_found")
+            raise GatewayError(
+                404,
+                f"The model '{name}' does not exist or you do not have access to it.",
+                param="model",
+                code="model_not_found",
+            )
         if not entry.allows_model(name):
-            raise GatewayError(403, f"This API key may not use the model '{name}'.", type="permission_error",
-                               param="model", code="model_not_allowed")
-        budget = (None if entry.monthly_token_budget is None
-                  else Budget.monthly(tenant_id=entry.tenant_id, limit=entry.monthly_token_budget))
+            raise GatewayError(
+                403,
+                f"This API key may not use the model '{name}'.",
+                type="permission_error",
+                param="model",
+                code="model_not_allowed",
+            )
+        budget = (
+            None
+            if entry.monthly_token_budget is None
+            else Budget.monthly(tenant_id=entry.tenant_id, limit=entry.monthly_token_budget)
+        )
         limits = [entry.key_limit, entry.tenant_limit]
         per_node = settings.GATEWAY_TENANT_INFLIGHT_PER_NODE
         if per_node:
             # Fairness: one tenant's flood may not take all of a model's capacity from the others.
-            limits.append(Limit(subject=f"tenant:{entry.tenant_id}:model:{route.model_id}", requests_per_minute=None,
-                                tokens_per_minute=None, max_concurrent=per_node * max(1, len(route.nodes))))
-        admission = await self.limiter.admit(limits=limits,
-                                             reserve_tokens=payloads.reserve_tokens(payload, len(body)),
-                                             request_id=request_id, budget=budget)
+            limits.append(
+                Limit(
+                    subject=f"tenant:{entry.tenant_id}:model:{route.model_id}",
+                    requests_per_minute=None,
+                    tokens_per_minute=None,
+                    max_concurrent=per_node * max(1, len(route.nodes)),
+                )
+            )
+        admission = await self.limiter.admit(
+            limits=limits,
+            reserve_tokens=payloads.reserve_tokens(payload, len(body)),
+            request_id=request_id,
+            budget=budget,
+        )
         limit_headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
         if not admission.allowed:
             retry = str(max(1, int(-(-(admission.retry_after_s or 1) // 1))))
             if admission.reason == "budget":
-                raise GatewayError(429, "You exceeded your monthly token budget; contact us to raise it.",
-                                   type="insufficient_quota", code="insufficient_quota")
+                raise GatewayError(
+                    429,
+                    "You exceeded your monthly token budget; contact us to raise it.",
+                    type="insufficient_quota",
+                    code="insufficient_quota",
+                )
             if admission.reason == "unavailable":
-                raise GatewayError(503, "Rate limiting is unavailable; retry shortly.", type="server_error",
-                                   code="rate_limiter_unavailable", headers={"retry-after": retry})
+                raise GatewayError(
+                    503,
+                    "Rate limiting is unavailable; retry shortly.",
+                    type="server_error",
+                    code="rate_limiter_unavailable",
+                    headers={"retry-after": retry},
+                )
             if admission.reason == "concurrency":
-                raise GatewayError(429, "Too many requests in flight: your key's or your account's concurrency limit, "
-                                   f"or your account's share of '{name}' ({limits[-1].max_concurrent} at once), "
-                                   f"is reached; retry after {retry}s.", type="rate_limit_error",
-                                   code="rate_limit_concurrency", headers={"retry-after": retry, **admission.headers})
-            raise GatewayError(429, f"Rate limit reached for {admission.reason}; retry after {retry}s.",
-                               type="rate_limit_error", code=f"rate_limit_{admission.reason}",
-                               headers={"retry-after": retry, **admission.headers})
-        ex = relay.Exchange(request_id=request_id, endpoint=endpoint, stream=bool(payload.get("stream")),
-                            estimated_prompt=len(body) // 4, choices=int(payload.get("n") or 1))
+                raise GatewayError(
+                    429,
+                    "Too many requests in flight: your key's or your account's concurrency limit, "
+                    f"or your account's share of '{name}' ({limits[-1].max_concurrent} at once), "
+                    f"is reached; retry after {retry}s.",
+                    type="rate_limit_error",
+                    code="rate_limit_concurrency",
+                    headers={"retry-after": retry, **admission.headers},
+                )
+            raise GatewayError(
+                429,
+                f"Rate limit reached for {admission.reason}; retry after {retry}s.",
+                type="rate_limit_error",
+                code=f"rate_limit_{admission.reason}",
+                headers={"retry-after": retry, **admission.headers},
+            )
+        ex = relay.Exchange(
+            request_id=request_id,
+            endpoint=endpoint,
+            stream=bool(payload.get("stream")),
+            estimated_prompt=len(body) // 4,
+            choices=int(payload.get("n") or 1),
+        )
         client_wants_usage = False
         if ex.stream:
             client_wants_usage = payloads.wants_usage_chunk(payload)
@@ -378,9 +451,17 @@ class Gateway:
                 body = payloads.with_usage_option(body, payload)
         try:
             cut = await relay.run_until_disconnect(
-                self._forward(route=route, path=scope["path"], body=body, ex=ex, send=send,
-                              client_wants_usage=client_wants_usage, headers=base_headers + limit_headers),
-                receive)
+                self._forward(
+                    route=route,
+                    path=scope["path"],
+                    body=body,
+                    ex=ex,
+                    send=send,
+                    client_wants_usage=client_wants_usage,
+                    headers=base_headers + limit_headers,
+                ),
+                receive,
+            )
             if cut:
                 ex.status = 499  # client closed the request (nginx's convention)
         except GatewayError as err:
@@ -392,15 +473,32 @@ class Gateway:
             await self.limiter.settle(admission, used_tokens=prompt + completion)
         self._meter(ex, entry, route)
 
-    async def _forward(self, *, route: Any, path: str, body: bytes, ex: relay.Exchange, send: Any,
-                       client_wants_usage: bool, headers: list[tuple[bytes, bytes]]) -> None:
-        node, resp = await relay.open_upstream(session=self.session, board=self.board, route=route, path=path,
-                                               body=body, ex=ex, on_node_fault=self._node_fault)
+    async def _forward(
+        self,
+        *,
+        route: Any,
+        path: str,
+        body: bytes,
+        ex: relay.Exchange,
+        send: Any,
+        client_wants_usage: bool,
+        headers: list[tuple[bytes, bytes]],
+    ) -> None:
+        node, resp = await relay.open_upstream(
+            session=self.session,
+            board=self.board,
+            route=route,
+            path=path,
+            body=body,
+            ex=ex,
+            on_node_fault=self._node_fault,
+        )
         try:
             is_sse = resp.status == 200 and resp.headers.get("content-type", "").startswith("text/event-stream")
             if is_sse:
-                await relay.relay_stream(resp=resp, send=send, ex=ex, client_wants_usage=client_wants_usage,
-                                         headers=headers)
+                await relay.relay_stream(
+                    resp=resp, send=send, ex=ex, client_wants_usage=client_wants_usage, headers=headers
+                )
             else:
                 await relay.relay_json(resp=resp, send=send, ex=ex, headers=headers)
             resp.release()
@@ -415,29 +513,41 @@ class Gateway:
         if ex.node_id is None:
             prompt = completion = 0
             estimated = False
-        self.usage.record({
-            "request_id": ex.request_id,
-            "tenant_id": entry.tenant_id,
-            "api_key_id": entry.key_id,
-            "model_id": route.model_id,
-            "model_name": route.name,
-            "node_id": ex.node_id,
-            "endpoint": ex.endpoint,
-            "prompt_tokens": prompt,
-            "completion_tokens": completion,
-            "estimated": estimated,
-            "streamed": ex.stream,
-            "status_code": ex.status,
-            "ttft_ms": ex.ttft_ms,
-            "latency_ms": (time.monotonic() - ex.started) * 1000,
-            "cost_micros": cost_micros(prompt_tokens=prompt, completion_tokens=completion,
-                                       price_in=route.price_in, price_out=route.price_out),
-        })
+        self.usage.record(
+            {
+                "request_id": ex.request_id,
+                "tenant_id": entry.tenant_id,
+                "api_key_id": entry.key_id,
+                "model_id": route.model_id,
+                "model_name": route.name,
+                "node_id": ex.node_id,
+                "endpoint": ex.endpoint,
+                "prompt_tokens": prompt,
+                "completion_tokens": completion,
+                "estimated": estimated,
+                "streamed": ex.stream,
+                "status_code": ex.status,
+                "ttft_ms": ex.ttft_ms,
+                "latency_ms": (time.monotonic() - ex.started) * 1000,
+                "cost_micros": cost_micros(
+                    prompt_tokens=prompt,
+                    completion_tokens=completion,
+                    price_in=route.price_in,
+                    price_out=route.price_out,
+                ),
+            }
+        )
 
 
 def _model_object(route: ModelRoute) -> dict[str, Any]:
-    return {"id": route.name, "object": "model", "created": route.created, "owned_by": "crosslogic",
-            "max_model_len": route.max_model_len, "ready": bool(route.nodes)}
+    return {
+        "id": route.name,
+        "object": "model",
+        "created": route.created,
+        "owned_by": "crosslogic",
+        "max_model_len": route.max_model_len,
+        "ready": bool(route.nodes),
+    }
 
 
 async def _send_error(send: Any, err: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
@@ -464,8 +574,12 @@ async def _read_body(scope: dict, receive: Any) -> bytes:
         async with asyncio.timeout(settings.GATEWAY_BODY_TIMEOUT_S):
             return await _receive_body(scope, receive)
     except TimeoutError:
-        raise GatewayError(408, f"The request body did not arrive within {settings.GATEWAY_BODY_TIMEOUT_S:g}s.",
-                           code="request_timeout", headers={"connection": "close"}) from None
+        raise GatewayError(
+            408,
+            f"The request body did not arrive within {settings.GATEWAY_BODY_TIMEOUT_S:g}s.",
+            code="request_timeout",
+            headers={"connection": "close"},
+        ) from None
 
 
 async def _receive_body(scope: dict, receive: Any) -> bytes:
@@ -489,4 +603,3 @@ async def _receive_body(scope: dict, receive: Any) -> bytes:
         chunks.append(chunk)
         if not message.get("more_body"):
             return b"".join(chunks)
-

@@ -223,8 +223,9 @@ class Budget:
     limit: int
 
     @classmethod
-    def monthly(cls, *, tenant_id: int, limit: int, prefix: str = "crosslogic:budget:",
-                now: float | None = None) -> Budget:
+    def monthly(
+        cls, *, tenant_id: int, limit: int, prefix: str = "crosslogic:budget:", now: float | None = None
+    ) -> Budget:
         month = time.strftime("%Y-%m", time.gmtime(now))
         return cls(key=f"{prefix}{tenant_id}:{month}", limit=max(0, int(limit)))
 
@@ -337,8 +338,9 @@ class RateLimiter:
         if now - self._last_warning >= 30.0:
             extra = f" ({self._suppressed} more since the last warning)" if self._suppressed else ""
             what = "no Redis configured" if exc is None else f"Redis unavailable: {type(exc).__name__}: {exc}"
-            log.warning("rate limiter: %s; %s%s", what, "admitting (fail-open)" if self.fail_open else "refusing",
-                        extra)
+            log.warning(
+                "rate limiter: %s; %s%s", what, "admitting (fail-open)" if self.fail_open else "refusing", extra
+            )
             self._last_warning, self._suppressed = now, 0
         else:
             self._suppressed += 1
@@ -346,8 +348,9 @@ class RateLimiter:
     def _unavailable(self) -> Admission:
         if self.fail_open:
             return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
-        return Admission(allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={},
-                         token=None)
+        return Admission(
+            allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={}, token=None
+        )
 
     async def _call(self, script: _Script, keys: list[str], args: list[object]) -> object:
         assert self.redis is not None
@@ -361,8 +364,9 @@ class RateLimiter:
         return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout_s=self.timeout_s)
 
     # --- the interface -------------------------------------------------------------------
-    async def admit(self, *, limits: list[Limit], reserve_tokens: int, request_id: str,
-                    budget: Budget | None = None) -> Admission:
+    async def admit(
+        self, *, limits: list[Limit], reserve_tokens: int, request_id: str, budget: Budget | None = None
+    ) -> Admission:
         limits = [lim for lim in limits if not lim.unlimited]
         if not limits and budget is None:
             return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
@@ -391,10 +395,15 @@ class RateLimiter:
         allowed, reason, retry_ms, *values = (int(v) for v in cast("list[int]", result))  # the script returns integers
         headers = _headers(limits, values)
         if not allowed:
-            return Admission(allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers,
-                             token=None)
-        handle = Handle(request_id=request_id, reserve=reserve, limits=tuple(limits),
-                        budget_key=None if budget is None else budget.key)
+            return Admission(
+                allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers, token=None
+            )
+        handle = Handle(
+            request_id=request_id,
+            reserve=reserve,
+            limits=tuple(limits),
+            budget_key=None if budget is None else budget.key,
+        )
         return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
 
     async def settle(self, admission: Admission, *, used_tokens: int) -> None:

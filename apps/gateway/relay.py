@@ -62,15 +62,20 @@ class Exchange:
 
 def _upstream_headers(node: NodeRoute, request_id: str) -> dict[str, str]:
     # Only what vLLM needs: never the customer's Authorization or any of their other headers.
-    return {"Authorization": f"Bearer {node.api_key}", "Content-Type": "application/json",
-            "X-Request-Id": request_id}
+    return {"Authorization": f"Bearer {node.api_key}", "Content-Type": "application/json", "X-Request-Id": request_id}
 
 
 NodeFault = Callable[[NodeRoute, str], None]
 
 
 async def open_upstream(
-    *, session: Any, board: LoadBoard, route: ModelRoute, path: str, body: bytes, ex: Exchange,
+    *,
+    session: Any,
+    board: LoadBoard,
+    route: ModelRoute,
+    path: str,
+    body: bytes,
+    ex: Exchange,
     on_node_fault: NodeFault | None = None,
 ) -> tuple[NodeRoute, upstream.ClientResponse]:
     """Connect to the least-loaded node; on a failure before the first byte, try another
@@ -107,8 +112,9 @@ async def open_upstream(
         tried.add(node.node_id)
         board.acquire(node.node_id)
         try:
-            resp = await upstream.post(session, node.base_url + path, body=body,
-                                       headers=_upstream_headers(node, ex.request_id))
+            resp = await upstream.post(
+                session, node.base_url + path, body=body, headers=_upstream_headers(node, ex.request_id)
+            )
         except (upstream.ClientError, TimeoutError) as exc:
             board.release(node.node_id)
             last = f"node {node.node_id} unreachable: {type(exc).__name__}: {exc}"
@@ -135,8 +141,13 @@ async def open_upstream(
             resp.close()
             board.release(node.node_id)
             if failed_answer is not None:
-                log.warning("request %s: node %s answered %s as node %s did: the request fails, no node is "
-                            "cooled down", ex.request_id, node.node_id, status, failed_answer[0].node_id)
+                log.warning(
+                    "request %s: node %s answered %s as node %s did: the request fails, no node is cooled down",
+                    ex.request_id,
+                    node.node_id,
+                    status,
+                    failed_answer[0].node_id,
+                )
                 raise _request_failed(status, nodes=2)
             failed_answer = (node, status)
             last = f"node {node.node_id} answered {status}"
@@ -144,28 +155,48 @@ async def open_upstream(
             failovers += 1
             continue
         if failed_answer is not None and board.strike(
-                failed_answer[0].node_id, threshold=settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
-                window_s=settings.GATEWAY_NODE_FAILURE_WINDOW_S, cooldown_s=settings.GATEWAY_NODE_COOLDOWN_S):
-            log.warning("node %s: %d requests that worked elsewhere failed on it within %gs; cooling it down",
-                        failed_answer[0].node_id, settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
-                        settings.GATEWAY_NODE_FAILURE_WINDOW_S)
+            failed_answer[0].node_id,
+            threshold=settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
+            window_s=settings.GATEWAY_NODE_FAILURE_WINDOW_S,
+            cooldown_s=settings.GATEWAY_NODE_COOLDOWN_S,
+        ):
+            log.warning(
+                "node %s: %d requests that worked elsewhere failed on it within %gs; cooling it down",
+                failed_answer[0].node_id,
+                settings.GATEWAY_NODE_FAILURES_TO_COOL_DOWN,
+                settings.GATEWAY_NODE_FAILURE_WINDOW_S,
+            )
         ex.node_id = node.node_id
         return node, resp
     if failed_answer is not None:
         # No second node to tell the request's fault from the node's: answer the error, cool nothing.
         raise _request_failed(failed_answer[1], nodes=1)
     if not tried:
-        raise GatewayError(503, f"No ready node serves '{route.name}' right now; retry shortly.",
-                           type="server_error", code="no_capacity", headers={"retry-after": "5"})
+        raise GatewayError(
+            503,
+            f"No ready node serves '{route.name}' right now; retry shortly.",
+            type="server_error",
+            code="no_capacity",
+            headers={"retry-after": "5"},
+        )
     log.warning("request %s: giving up on '%s', last error: %s", ex.request_id, route.name, last)
-    raise GatewayError(503, "The model's nodes are unavailable right now; retry shortly.",
-                       type="server_error", code="upstream_unavailable", headers={"retry-after": "2"})
+    raise GatewayError(
+        503,
+        "The model's nodes are unavailable right now; retry shortly.",
+        type="server_error",
+        code="upstream_unavailable",
+        headers={"retry-after": "2"},
+    )
 
 
 def _request_failed(status: int, *, nodes: int) -> GatewayError:
     where = "two model servers" if nodes > 1 else "the model server"
-    return GatewayError(status, f"The request failed on {where} (HTTP {status}); it was not retried further.",
-                        type="server_error", code="upstream_error")
+    return GatewayError(
+        status,
+        f"The request failed on {where} (HTTP {status}); it was not retried further.",
+        type="server_error",
+        code="upstream_error",
+    )
 
 
 def _response_headers(resp: upstream.ClientResponse, extra: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
@@ -177,8 +208,9 @@ def _response_headers(resp: upstream.ClientResponse, extra: list[tuple[bytes, by
     return headers
 
 
-async def relay_json(*, resp: upstream.ClientResponse, send: Send, ex: Exchange,
-                     headers: list[tuple[bytes, bytes]]) -> None:
+async def relay_json(
+    *, resp: upstream.ClientResponse, send: Send, ex: Exchange, headers: list[tuple[bytes, bytes]]
+) -> None:
     body = await resp.read()
     ex.status = resp.status
     if 400 <= resp.status < 500:
@@ -210,8 +242,14 @@ def _is_usage_chunk(event: bytes) -> bool:
     return b'"usage"' in event and (b'"choices":[]' in event or b'"choices": []' in event)
 
 
-async def relay_stream(*, resp: upstream.ClientResponse, send: Send, ex: Exchange, client_wants_usage: bool,
-                       headers: list[tuple[bytes, bytes]]) -> None:
+async def relay_stream(
+    *,
+    resp: upstream.ClientResponse,
+    send: Send,
+    ex: Exchange,
+    client_wants_usage: bool,
+    headers: list[tuple[bytes, bytes]],
+) -> None:
     ex.status = 200
     ex.response_started = True
     start_headers = [*_response_headers(resp, headers), (b"cache-control", b"no-cache"), (b"x-accel-buffering", b"no")]

@@ -63,11 +63,22 @@ def load_table() -> RoutingTable:
 
     close_old_connections()
     try:
-        models = list(ServedModel.objects.filter(is_active=True).values(
-            "id", "name", "created_at", "price_input_per_mtok", "price_output_per_mtok",
-            "max_model_len", "context_length"))
-        nodes = list(Node.objects.filter(status=NodeStatus.READY, model__is_active=True).exclude(endpoint_url="")
-                     .values("id", "model_id", "endpoint_url", "launcher", "launcher_state", "requests_waiting"))
+        models = list(
+            ServedModel.objects.filter(is_active=True).values(
+                "id",
+                "name",
+                "created_at",
+                "price_input_per_mtok",
+                "price_output_per_mtok",
+                "max_model_len",
+                "context_length",
+            )
+        )
+        nodes = list(
+            Node.objects.filter(status=NodeStatus.READY, model__is_active=True)
+            .exclude(endpoint_url="")
+            .values("id", "model_id", "endpoint_url", "launcher", "launcher_state", "requests_waiting")
+        )
     finally:
         connection.close()
     by_model: dict[int, list[NodeRoute]] = defaultdict(list)
@@ -75,17 +86,26 @@ def load_table() -> RoutingTable:
         base = n["endpoint_url"].rstrip("/")
         if base.endswith("/v1"):
             base = base[:-3]
-        by_model[n["model_id"]].append(NodeRoute(
-            node_id=n["id"], base_url=base, api_key=presented_key(n["id"], n["launcher"], n["launcher_state"] or {}),
-            waiting=n["requests_waiting"] or 0))
+        by_model[n["model_id"]].append(
+            NodeRoute(
+                node_id=n["id"],
+                base_url=base,
+                api_key=presented_key(n["id"], n["launcher"], n["launcher_state"] or {}),
+                waiting=n["requests_waiting"] or 0,
+            )
+        )
     table = RoutingTable(loaded_at=time.monotonic())
     for m in models:
         table.models[m["name"]] = ModelRoute(
-            model_id=m["id"], name=m["name"], created=int(m["created_at"].timestamp()),
-            price_in=m["price_input_per_mtok"], price_out=m["price_output_per_mtok"],
+            model_id=m["id"],
+            name=m["name"],
+            created=int(m["created_at"].timestamp()),
+            price_in=m["price_input_per_mtok"],
+            price_out=m["price_output_per_mtok"],
             nodes=tuple(by_model.get(m["id"], ())),
             # What vLLM serves: --max-model-len when the catalog sets it, else the model's own context.
-            max_model_len=m["max_model_len"] or m["context_length"])
+            max_model_len=m["max_model_len"] or m["context_length"],
+        )
     return table
 
 
@@ -101,8 +121,9 @@ def node_mark_unhealthy(*, node_id: int, reason: str) -> bool:
         if node is None:
             return False
         try:
-            node_transition(node=node, to=NodeStatus.UNHEALTHY, reason=reason, actor="gateway",
-                            expected_from=NodeStatus.READY)
+            node_transition(
+                node=node, to=NodeStatus.UNHEALTHY, reason=reason, actor="gateway", expected_from=NodeStatus.READY
+            )
         except IllegalTransition:
             return False  # another worker (or the health check) moved it first
         return True

@@ -29,10 +29,12 @@ def new_session() -> aiohttp.ClientSession:
         connect=settings.GATEWAY_CONNECT_TIMEOUT_S,
         sock_read=settings.GATEWAY_READ_IDLE_TIMEOUT_S,
     )
-    connector = aiohttp.TCPConnector(limit=settings.GATEWAY_UPSTREAM_POOL_SIZE, limit_per_host=0,
-                                     keepalive_timeout=30, ttl_dns_cache=60)
-    return aiohttp.ClientSession(timeout=timeout, connector=connector, auto_decompress=False,
-                                 skip_auto_headers=("User-Agent", "Accept-Encoding"))
+    connector = aiohttp.TCPConnector(
+        limit=settings.GATEWAY_UPSTREAM_POOL_SIZE, limit_per_host=0, keepalive_timeout=30, ttl_dns_cache=60
+    )
+    return aiohttp.ClientSession(
+        timeout=timeout, connector=connector, auto_decompress=False, skip_auto_headers=("User-Agent", "Accept-Encoding")
+    )
 
 
 async def post(session: aiohttp.ClientSession, url: str, *, body: bytes, headers: dict[str, str]) -> ClientResponse:

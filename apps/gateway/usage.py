@@ -92,5 +92,6 @@ class UsageRecorder:
                 raise
             except Exception as exc:
                 backoff = min(30.0, backoff * 2)
-                log.warning("usage flush failed (%s); %d records buffered, retrying in %.1fs",
-                            exc, len(self.buffer), backoff)
+                log.warning(
+                    "usage flush failed (%s); %d records buffered, retrying in %.1fs", exc, len(self.buffer), backoff
+                )

@@ -32,8 +32,20 @@ class StatusClassFilter(admin.SimpleListFilter):
 @admin.register(UsageRecord)
 class UsageRecordAdmin(admin.ModelAdmin):
     list_display = (
-        "created_at", "request_id", "tenant", "api_key", "model_name", "node", "status_code",
-        "prompt_tokens", "completion_tokens", "streamed", "estimated", "ttft_ms", "latency_ms", "cost_micros",
+        "created_at",
+        "request_id",
+        "tenant",
+        "api_key",
+        "model_name",
+        "node",
+        "status_code",
+        "prompt_tokens",
+        "completion_tokens",
+        "streamed",
+        "estimated",
+        "ttft_ms",
+        "latency_ms",
+        "cost_micros",
     )
     list_select_related = ("tenant", "api_key", "node")
     # Only filters with fixed choices: a tenant or model sidebar would list every row's value.

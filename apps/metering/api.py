@@ -26,9 +26,23 @@ class UsageRecordSerializer(serializers.ModelSerializer):
     class Meta:
         model = UsageRecord
         fields = [
-            "id", "request_id", "tenant", "api_key", "api_key_prefix", "model_name", "endpoint",
-            "prompt_tokens", "completion_tokens", "total_tokens", "estimated", "streamed", "status_code",
-            "ttft_ms", "latency_ms", "cost_micros", "created_at",
+            "id",
+            "request_id",
+            "tenant",
+            "api_key",
+            "api_key_prefix",
+            "model_name",
+            "endpoint",
+            "prompt_tokens",
+            "completion_tokens",
+            "total_tokens",
+            "estimated",
+            "streamed",
+            "status_code",
+            "ttft_ms",
+            "latency_ms",
+            "cost_micros",
+            "created_at",
         ]
         read_only_fields = fields
 

@@ -39,7 +39,8 @@ def _show_once(request: HttpRequest, what: str, raw: str) -> None:
         request,
         format_html(
             "{} created. Copy it now, it will not be shown again: <code style='user-select: all'>{}</code>",
-            what, raw,
+            what,
+            raw,
         ),
     )
 
@@ -94,8 +95,16 @@ class ApiKeyInline(admin.TabularInline):
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
     list_display = (
-        "slug", "name", "status", "contact_email", "requests_per_minute", "tokens_per_minute",
-        "max_concurrent_requests", "monthly_token_budget", "key_count", "created_at",
+        "slug",
+        "name",
+        "status",
+        "contact_email",
+        "requests_per_minute",
+        "tokens_per_minute",
+        "max_concurrent_requests",
+        "monthly_token_budget",
+        "key_count",
+        "created_at",
     )
     list_filter = ("status", "created_at")
     search_fields = ("slug", "name", "contact_email")
@@ -172,7 +181,9 @@ class ApiKeyForm(forms.ModelForm):
         choices=Scope.choices, widget=forms.CheckboxSelectMultiple, initial=[Scope.INFERENCE]
     )
     allowed_models = forms.MultipleChoiceField(
-        choices=_model_choices, widget=forms.CheckboxSelectMultiple, required=False,
+        choices=_model_choices,
+        widget=forms.CheckboxSelectMultiple,
+        required=False,
         help_text="Served models this key may call; none ticked means all.",
     )
 
@@ -206,7 +217,15 @@ class ApiKeyForm(forms.ModelForm):
 class ApiKeyAdmin(admin.ModelAdmin):
     form = ApiKeyForm
     list_display = (
-        "prefix", "name", "tenant", "scope_list", "status", "expires_at", "revoked_at", "last_used_at", "created_at",
+        "prefix",
+        "name",
+        "tenant",
+        "scope_list",
+        "status",
+        "expires_at",
+        "revoked_at",
+        "last_used_at",
+        "created_at",
     )
     list_select_related = ("tenant",)
     list_filter = (KeyStatusFilter, ScopeFilter, "tenant__status", "created_at")
@@ -250,8 +269,12 @@ class ApiKeyAdmin(admin.ModelAdmin):
             services.api_key_update(key=obj, **{name: data[name] for name in form.changed_data})
             return
         key, raw = services.api_key_issue(
-            tenant=data["tenant"], name=data["name"], scopes=data["scopes"], allowed_models=data["allowed_models"],
-            expires_at=data["expires_at"], **{name: data[name] for name in _LIMITS},
+            tenant=data["tenant"],
+            name=data["name"],
+            scopes=data["scopes"],
+            allowed_models=data["allowed_models"],
+            expires_at=data["expires_at"],
+            **{name: data[name] for name in _LIMITS},
         )
         _copy_saved(obj, key)
         _show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)

@@ -115,7 +115,10 @@ class ApiKeyFilterSet(django_filters.FilterSet):
 
 @extend_schema(description="Staff: every tenant's keys. A customer key with `keys:manage`: its own tenant's keys.")
 class ApiKeyViewSet(
-    mixins.ListModelMixin, mixins.RetrieveModelMixin, mixins.CreateModelMixin, mixins.UpdateModelMixin,
+    mixins.ListModelMixin,
+    mixins.RetrieveModelMixin,
+    mixins.CreateModelMixin,
+    mixins.UpdateModelMixin,
     viewsets.GenericViewSet,
 ):
     serializer_class = ApiKeySerializer

@@ -19,9 +19,18 @@ class TenantSerializer(serializers.ModelSerializer):
     class Meta:
         model = Tenant
         fields = [
-            "id", "slug", "name", "contact_email", "status", "status_reason",
-            "requests_per_minute", "tokens_per_minute", "max_concurrent_requests", "monthly_token_budget",
-            "created_at", "updated_at",
+            "id",
+            "slug",
+            "name",
+            "contact_email",
+            "status",
+            "status_reason",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_concurrent_requests",
+            "monthly_token_budget",
+            "created_at",
+            "updated_at",
         ]
         # Status changes only through the suspend/reactivate actions, which are logged and
         # invalidate the gateway's caches.
@@ -42,9 +51,20 @@ class ApiKeySerializer(serializers.ModelSerializer):
     class Meta:
         model = ApiKey
         fields = [
-            "id", "tenant", "name", "prefix", "status", "scopes", "allowed_models",
-            "requests_per_minute", "tokens_per_minute", "max_concurrent_requests",
-            "expires_at", "revoked_at", "last_used_at", "created_at",
+            "id",
+            "tenant",
+            "name",
+            "prefix",
+            "status",
+            "scopes",
+            "allowed_models",
+            "requests_per_minute",
+            "tokens_per_minute",
+            "max_concurrent_requests",
+            "expires_at",
+            "revoked_at",
+            "last_used_at",
+            "created_at",
         ]
         read_only_fields = fields
 
@@ -64,11 +84,14 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
 class _KeyFieldsMixin(serializers.Serializer):
     name = serializers.CharField(max_length=100, required=False, allow_blank=True)
     scopes = serializers.ListField(
-        child=serializers.ChoiceField(choices=Scope.choices), required=False, allow_empty=False,
+        child=serializers.ChoiceField(choices=Scope.choices),
+        required=False,
+        allow_empty=False,
         help_text=f"Any of: {', '.join(Scope.values)}. Default: inference.",
     )
     allowed_models = serializers.ListField(
-        child=serializers.CharField(max_length=128), required=False,
+        child=serializers.CharField(max_length=128),
+        required=False,
         help_text="Served model names this key may call; empty means all.",
     )
     requests_per_minute = serializers.IntegerField(**_LIMIT_KWARGS)

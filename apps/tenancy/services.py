@@ -26,9 +26,7 @@ _KEY_EDITABLE = ("name", "scopes", "allowed_models", *_LIMIT_FIELDS, "expires_at
 _S = TypeVar("_S", bound=Secret)
 
 
-def tenant_create(
-    *, slug: str, name: str = "", contact_email: str = "", **limits: int | None
-) -> Tenant:
+def tenant_create(*, slug: str, name: str = "", contact_email: str = "", **limits: int | None) -> Tenant:
     tenant = Tenant(slug=slug, name=name or slug, contact_email=contact_email)
     for field, value in limits.items():
         if field not in (*_LIMIT_FIELDS, "monthly_token_budget"):
@@ -189,8 +187,12 @@ def api_key_issue_delegated(
     if errors:
         raise ValidationError(errors)
     return api_key_issue(
-        tenant=issuer.tenant, name=name, scopes=wanted_scopes, allowed_models=allowed_models,
-        expires_at=expires_at, **effective,
+        tenant=issuer.tenant,
+        name=name,
+        scopes=wanted_scopes,
+        allowed_models=allowed_models,
+        expires_at=expires_at,
+        **effective,
     )
 
 
@@ -261,17 +263,13 @@ def api_key_update(*, key: ApiKey, **fields: Any) -> ApiKey:
 
 
 @transaction.atomic
-def staff_token_issue(
-    *, user: User, name: str = "", expires_at: datetime | None = None
-) -> tuple[StaffToken, str]:
+def staff_token_issue(*, user: User, name: str = "", expires_at: datetime | None = None) -> tuple[StaffToken, str]:
     if not user.is_staff:
         raise ValidationError({"user": "Only staff users can hold staff tokens."})
     if expires_at is not None and expires_at <= timezone.now():
         raise ValidationError({"expires_at": "Expiry must be in the future."})
     raw, prefix, digest = tokens.new_token(STAFF_TOKEN_PREFIX)
-    token = StaffToken.objects.create(
-        user=user, name=name, prefix=prefix, digest=digest, expires_at=expires_at
-    )
+    token = StaffToken.objects.create(user=user, name=name, prefix=prefix, digest=digest, expires_at=expires_at)
     return token, raw
 
 

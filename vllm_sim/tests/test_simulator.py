@@ -36,8 +36,11 @@ def client(sim):
 
 
 def chat_body(**extra):
-    return {"model": MODEL, "messages": [{"role": "system", "content": "be brief"},
-                                         {"role": "user", "content": "tell me a story please"}], **extra}
+    return {
+        "model": MODEL,
+        "messages": [{"role": "system", "content": "be brief"}, {"role": "user", "content": "tell me a story please"}],
+        **extra,
+    }
 
 
 def sse_events(raw: bytes) -> list[str]:
@@ -45,12 +48,11 @@ def sse_events(raw: bytes) -> list[str]:
     assert raw.endswith(b"\n\n")
     events = raw.decode().split("\n\n")[:-1]
     assert all(e.startswith("data: ") and "\n" not in e for e in events), events
-    return [e[len("data: "):] for e in events]
+    return [e[len("data: ") :] for e in events]
 
 
 def raw_post(sim, path: str, body: dict, *, timeout: float = 10, **headers) -> httpx.Response:
-    return httpx.post(sim.url + path, json=body, headers={"Authorization": f"Bearer {KEY}", **headers},
-                      timeout=timeout)
+    return httpx.post(sim.url + path, json=body, headers={"Authorization": f"Bearer {KEY}", **headers}, timeout=timeout)
 
 
 def metric(sim, name: str) -> float:
@@ -78,8 +80,9 @@ def test_streaming_chat_sends_role_then_content_then_finish_then_done(sim):
     first = chunks[0]
     assert first["id"].startswith("chatcmpl-") and first["object"] == "chat.completion.chunk"
     assert first["model"] == MODEL and isinstance(first["created"], int)
-    assert first["choices"] == [{"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None,
-                                 "finish_reason": None}]
+    assert first["choices"] == [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+    ]
     assert {c["id"] for c in chunks} == {first["id"]}
     assert [c["choices"][0]["finish_reason"] for c in chunks[1:]] == [None, None, None, "length"]
     assert chunks[-1]["choices"][0]["stop_reason"] is None
@@ -88,8 +91,9 @@ def test_streaming_chat_sends_role_then_content_then_finish_then_done(sim):
 
 def test_streamed_and_non_streamed_chat_give_the_same_text_and_usage(client):
     full = client.chat.completions.create(**chat_body(max_tokens=6))
-    stream = client.chat.completions.create(**chat_body(max_tokens=6, stream=True,
-                                                        stream_options={"include_usage": True}))
+    stream = client.chat.completions.create(
+        **chat_body(max_tokens=6, stream=True, stream_options={"include_usage": True})
+    )
     chunks = list(stream)
 
     streamed_text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
@@ -107,8 +111,13 @@ def test_streamed_and_non_streamed_chat_give_the_same_text_and_usage(client):
 def test_the_same_input_always_gets_the_same_answer(client):
     one = client.chat.completions.create(**chat_body(max_tokens=5)).choices[0].message.content
     two = client.chat.completions.create(**chat_body(max_tokens=5)).choices[0].message.content
-    other = client.chat.completions.create(
-        model=MODEL, messages=[{"role": "user", "content": "something else"}], max_tokens=5).choices[0].message.content
+    other = (
+        client.chat.completions.create(
+            model=MODEL, messages=[{"role": "user", "content": "something else"}], max_tokens=5
+        )
+        .choices[0]
+        .message.content
+    )
     assert one == two
     assert one != other
 
@@ -128,10 +137,16 @@ def test_max_completion_tokens_wins_over_max_tokens(client):
 
 def test_include_usage_chunk_only_when_asked(sim):
     without = sse_events(raw_post(sim, "/v1/chat/completions", chat_body(stream=True, max_tokens=3)).content)
-    explicit_false = sse_events(raw_post(sim, "/v1/chat/completions", chat_body(
-        stream=True, max_tokens=3, stream_options={"include_usage": False})).content)
-    with_usage = sse_events(raw_post(sim, "/v1/chat/completions", chat_body(
-        stream=True, max_tokens=3, stream_options={"include_usage": True})).content)
+    explicit_false = sse_events(
+        raw_post(
+            sim, "/v1/chat/completions", chat_body(stream=True, max_tokens=3, stream_options={"include_usage": False})
+        ).content
+    )
+    with_usage = sse_events(
+        raw_post(
+            sim, "/v1/chat/completions", chat_body(stream=True, max_tokens=3, stream_options={"include_usage": True})
+        ).content
+    )
 
     assert all("usage" not in e for e in without + explicit_false)
     usage_chunk = json.loads(with_usage[-2])
@@ -142,10 +157,16 @@ def test_include_usage_chunk_only_when_asked(sim):
 
 def test_completions_stream_and_non_stream(client, sim):
     full = client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=4)
-    stream = list(client.completions.create(model=MODEL, prompt="once upon a time", max_tokens=4, stream=True,
-                                            stream_options={"include_usage": True}))
-    raw = sse_events(raw_post(sim, "/v1/completions", {"model": MODEL, "prompt": "once upon a time",
-                                                       "max_tokens": 2, "stream": True}).content)
+    stream = list(
+        client.completions.create(
+            model=MODEL, prompt="once upon a time", max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
+    raw = sse_events(
+        raw_post(
+            sim, "/v1/completions", {"model": MODEL, "prompt": "once upon a time", "max_tokens": 2, "stream": True}
+        ).content
+    )
 
     assert full.object == "text_completion" and full.id.startswith("cmpl-")
     assert full.usage.prompt_tokens == 5  # four words + BOS
@@ -182,15 +203,19 @@ def test_unknown_model_is_404_in_vllms_error_shape(sim, client):
     raw = raw_post(sim, "/v1/chat/completions", {**chat_body(), "model": "nope"})
 
     assert raw.status_code == 404
-    assert raw.json() == {"error": {"message": "The model `nope` does not exist.", "type": "NotFoundError",
-                                    "param": None, "code": 404}}
+    assert raw.json() == {
+        "error": {"message": "The model `nope` does not exist.", "type": "NotFoundError", "param": None, "code": 404}
+    }
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="nope", prompt="x")
 
 
 def test_bad_json_and_bad_fields_are_400(sim):
-    bad_json = httpx.post(sim.url + "/v1/chat/completions", content=b'{"model": ',
-                          headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"})
+    bad_json = httpx.post(
+        sim.url + "/v1/chat/completions",
+        content=b'{"model": ',
+        headers={"Authorization": f"Bearer {KEY}", "Content-Type": "application/json"},
+    )
     no_messages = raw_post(sim, "/v1/chat/completions", {"model": MODEL})
     bad_max = raw_post(sim, "/v1/chat/completions", chat_body(max_tokens="ten"))
     too_long = raw_post(sim, "/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": 10_000})
@@ -230,8 +255,11 @@ def test_the_key_reaches_the_simulator_by_environment_not_command_line(sim):
 def test_stats_record_the_authorization_headers_the_node_saw(sim):
     sim.reset()
     raw_post(sim, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 1})
-    httpx.post(sim.url + "/v1/completions", json={"model": MODEL, "prompt": "x"},
-               headers={"Authorization": "Bearer clk_customer"})
+    httpx.post(
+        sim.url + "/v1/completions",
+        json={"model": MODEL, "prompt": "x"},
+        headers={"Authorization": "Bearer clk_customer"},
+    )
     httpx.get(sim.url + "/v1/models")
 
     stats = sim.stats()
@@ -248,8 +276,13 @@ def test_metrics_are_prometheus_text_and_running_rises_during_a_slow_stream(sim)
     assert metric(sim, "vllm:num_requests_waiting") == 0
     idle_kv = metric(sim, "vllm:kv_cache_usage_perc")
 
-    with httpx.stream("POST", sim.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=400),
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as response:
+    with httpx.stream(
+        "POST",
+        sim.url + "/v1/chat/completions",
+        json=chat_body(stream=True, max_tokens=400),
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    ) as response:
         lines = response.iter_lines()
         next(lines)
         running = metric(sim, "vllm:num_requests_running")
@@ -264,8 +297,13 @@ def test_metrics_are_prometheus_text_and_running_rises_during_a_slow_stream(sim)
 
 def test_client_disconnect_is_seen_as_cancelled_within_a_short_time(sim):
     sim.reset()
-    with httpx.stream("POST", sim.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=2000),
-                      headers={"Authorization": f"Bearer {KEY}"}, timeout=10) as response:
+    with httpx.stream(
+        "POST",
+        sim.url + "/v1/chat/completions",
+        json=chat_body(stream=True, max_tokens=2000),
+        headers={"Authorization": f"Bearer {KEY}"},
+        timeout=10,
+    ) as response:
         for i, _ in enumerate(response.iter_lines()):
             if i == 6:
                 break
@@ -303,9 +341,15 @@ def test_fail_rate_one_answers_500_before_any_byte():
 def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
     with run_simulator_process(model=MODEL, die_after_tokens=3, ttft_ms=1, itl_ms=itl_ms) as dying:
         received = b""
-        with pytest.raises(httpx.RemoteProtocolError), httpx.stream(
-            "POST", dying.url + "/v1/chat/completions", json=chat_body(stream=True, max_tokens=50), timeout=10,
-        ) as response:
+        with (
+            pytest.raises(httpx.RemoteProtocolError),
+            httpx.stream(
+                "POST",
+                dying.url + "/v1/chat/completions",
+                json=chat_body(stream=True, max_tokens=50),
+                timeout=10,
+            ) as response,
+        ):
             for piece in response.iter_bytes():
                 received += piece
         contents = [json.loads(e)["choices"][0]["delta"].get("content") for e in sse_events(received)]
@@ -313,7 +357,8 @@ def test_die_after_tokens_cuts_the_stream_without_done(itl_ms):
         assert b"[DONE]" not in received
         with pytest.raises(openai.APIConnectionError):
             openai.OpenAI(base_url=dying.base_url, api_key="x", max_retries=0).completions.create(
-                model=MODEL, prompt="x", max_tokens=10)
+                model=MODEL, prompt="x", max_tokens=10
+            )
         short = raw_post(dying, "/v1/completions", {"model": MODEL, "prompt": "x", "max_tokens": 3})
         assert short.status_code == 200  # shorter than N tokens: nothing to cut
         stats = dying.stats()
@@ -350,8 +395,9 @@ def test_nothing_listens_during_the_startup_delay():
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
-    proc = subprocess.Popen(command_line(model=MODEL, port=port, startup_delay_s=1.5),
-                            stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        command_line(model=MODEL, port=port, startup_delay_s=1.5), stdout=subprocess.PIPE, text=True
+    )
     try:
         time.sleep(0.5)
         with pytest.raises(httpx.ConnectError):
@@ -365,23 +411,25 @@ def test_nothing_listens_during_the_startup_delay():
 
 async def test_flat_out_streams_send_the_same_events_as_paced_ones(sim):
     body = chat_body(stream=True, max_tokens=40, stream_options={"include_usage": True})
-    async with (simulator_server(model=MODEL, ttft_ms=0, itl_ms=0) as flat,
-                httpx.AsyncClient(timeout=10) as http):
+    async with simulator_server(model=MODEL, ttft_ms=0, itl_ms=0) as flat, httpx.AsyncClient(timeout=10) as http:
         fast = await http.post(flat.url + "/v1/chat/completions", json=body)
         paced = await http.post(sim.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {KEY}"})
 
     def comparable(raw: bytes) -> list:
         events = sse_events(raw)
         return [{k: v for k, v in json.loads(e).items() if k not in ("id", "created")} for e in events[:-1]] + [
-            events[-1]]
+            events[-1]
+        ]
 
     assert comparable(fast.content) == comparable(paced.content)
     assert len(sse_events(fast.content)) == 1 + 40 + 1 + 1
 
 
 async def test_requests_beyond_max_num_seqs_wait_and_show_in_metrics():
-    async with (simulator_server(model=MODEL, max_num_seqs=1, ttft_ms=1, itl_ms=5) as server,
-                httpx.AsyncClient(base_url=server.url, timeout=10) as http):
+    async with (
+        simulator_server(model=MODEL, max_num_seqs=1, ttft_ms=1, itl_ms=5) as server,
+        httpx.AsyncClient(base_url=server.url, timeout=10) as http,
+    ):
         body = {"model": MODEL, "prompt": "x", "max_tokens": 20}
         tasks = [asyncio.create_task(http.post("/v1/completions", json=body)) for _ in range(3)]
         await asyncio.sleep(0.03)

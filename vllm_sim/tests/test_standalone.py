@@ -24,8 +24,9 @@ print(json.dumps(sorted(sys.modules)))
 
 def test_vllm_sim_imports_no_django_and_no_apps_module():
     env = {k: v for k, v in os.environ.items() if k != "DJANGO_SETTINGS_MODULE"}
-    out = subprocess.run([sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", PROBE], cwd=ROOT, env=env, capture_output=True, text=True, timeout=60, check=True
+    )
     loaded = json.loads(out.stdout)
 
     assert "vllm_sim.server" in loaded and "vllm_sim.cli" in loaded  # the probe really walked the package
@@ -34,15 +35,21 @@ def test_vllm_sim_imports_no_django_and_no_apps_module():
 
 
 def test_python_dash_m_vllm_sim_shows_its_flags():
-    out = subprocess.run([sys.executable, "-m", "vllm_sim", "--help"], cwd=ROOT, capture_output=True, text=True,
-                         timeout=60, check=True)
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm_sim", "--help"], cwd=ROOT, capture_output=True, text=True, timeout=60, check=True
+    )
 
     assert out.stdout.startswith("usage: python -m vllm_sim")
     assert "--itl-ms" in out.stdout and "--max-num-seqs" in out.stdout
 
 
 def test_bad_flags_are_refused_with_a_readable_error():
-    out = subprocess.run([sys.executable, "-m", "vllm_sim", "--port", "0", "--model", "m", "--itl-ms", "-5"],
-                         cwd=ROOT, capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [sys.executable, "-m", "vllm_sim", "--port", "0", "--model", "m", "--itl-ms", "-5"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
     assert out.returncode == 2 and "--itl-ms must not be negative" in out.stderr

@@ -30,8 +30,12 @@ def moto_endpoint(tmp_path_factory):
     """``moto_server`` in a subprocess for the whole session; yields its http:// URL."""
     port = _free_port()
     log = (tmp_path_factory.mktemp("moto") / "moto.log").open("w")
-    proc = subprocess.Popen([str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)], stdout=log, stderr=log,
-                            env={**os.environ, "MOTO_PORT": str(port)})
+    proc = subprocess.Popen(
+        [str(MOTO_SERVER), "-H", "127.0.0.1", "-p", str(port)],
+        stdout=log,
+        stderr=log,
+        env={**os.environ, "MOTO_PORT": str(port)},
+    )
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while True:
@@ -71,8 +75,10 @@ def r2_front(r2_front_server):
 def set_moto_auth(endpoint: str, enforce: bool) -> None:
     """Make moto check credentials (it accepts any by default): unknown keys get InvalidAccessKeyId."""
     request = urllib.request.Request(  # noqa: S310 - our own localhost server
-        f"{endpoint}/moto-api/reset-auth", data=b"0" if enforce else b"inf",
-        headers={"Content-Type": "text/plain"}, method="POST",
+        f"{endpoint}/moto-api/reset-auth",
+        data=b"0" if enforce else b"inf",
+        headers={"Content-Type": "text/plain"},
+        method="POST",
     )
     urllib.request.urlopen(request, timeout=5).read()  # noqa: S310
 

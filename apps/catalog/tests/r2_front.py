@@ -126,8 +126,9 @@ class _TLSServer(ThreadingHTTPServer):
 
 
 def _error_xml(code: str, message: str) -> bytes:
-    return (f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code>'
-            f"<Message>{message}</Message></Error>").encode()
+    return (
+        f'<?xml version="1.0" encoding="UTF-8"?><Error><Code>{code}</Code><Message>{message}</Message></Error>'
+    ).encode()
 
 
 def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
@@ -146,9 +147,14 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
         def _header_refusal(self) -> tuple[int, str, str] | None:
             match = _CREDENTIAL_RE.search(self.headers.get("Authorization", ""))
             if match and match.group(1) not in R2_REGIONS:
-                return 400, "InvalidRegionName", (
-                    f"The region name '{match.group(1)}' is not valid. Must be one of: "
-                    "wnam, enam, weur, eeur, apac, oc, auto")
+                return (
+                    400,
+                    "InvalidRegionName",
+                    (
+                        f"The region name '{match.group(1)}' is not valid. Must be one of: "
+                        "wnam, enam, weur, eeur, apac, oc, auto"
+                    ),
+                )
             content_sha = self.headers.get("x-amz-content-sha256", "")
             encoding = self.headers.get("Content-Encoding", "")
             if "aws-chunked" in encoding or content_sha.startswith("STREAMING-") or self.headers.get("x-amz-trailer"):
@@ -212,14 +218,18 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
         def _upstream(self) -> http.client.HTTPConnection:
             conn = getattr(upstream_local, "conn", None)
             if conn is None:
-                conn = http.client.HTTPConnection(front.upstream.hostname or "127.0.0.1", front.upstream.port,
-                                                  timeout=120)
+                conn = http.client.HTTPConnection(
+                    front.upstream.hostname or "127.0.0.1", front.upstream.port, timeout=120
+                )
                 upstream_local.conn = conn
             return conn
 
         def _forward(self, body: bytes) -> tuple[int, list[tuple[str, str]], bytes]:
-            headers = {k: v for k, v in self.headers.items()
-                       if k.lower() not in {"connection", "expect", "transfer-encoding", "content-length"}}
+            headers = {
+                k: v
+                for k, v in self.headers.items()
+                if k.lower() not in {"connection", "expect", "transfer-encoding", "content-length"}
+            }
             headers["Content-Length"] = str(len(body))
             for attempt in (1, 2):
                 conn = self._upstream()
@@ -253,8 +263,12 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
             if self.command == "PUT" and "uploadId" not in query:
                 claimed = self.headers.get("x-amz-checksum-sha256")
                 if claimed is not None and claimed != b64encode(hashlib.sha256(body).digest()).decode():
-                    self._refuse(400, "BadDigest", "The SHA-256 you specified did not match the calculated checksum.",
-                                 body="read")
+                    self._refuse(
+                        400,
+                        "BadDigest",
+                        "The SHA-256 you specified did not match the calculated checksum.",
+                        body="read",
+                    )
                     return
                 if claimed is not None:
                     with front._lock:
@@ -314,8 +328,12 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
             limit = min(int(query.get("max-uploads", ["1000"])[0] or 1000), front.list_uploads_page)
             page, truncated = ordered[:limit], len(ordered) > limit
             ns = f"{{{S3_NS}}}" if root.tag.startswith("{") else ""
-            for name, value in (("MaxUploads", str(limit)), ("IsTruncated", "true" if truncated else "false"),
-                                ("KeyMarker", key_marker), ("UploadIdMarker", id_marker)):
+            for name, value in (
+                ("MaxUploads", str(limit)),
+                ("IsTruncated", "true" if truncated else "false"),
+                ("KeyMarker", key_marker),
+                ("UploadIdMarker", id_marker),
+            ):
                 element = root.find(f"{ns}{name}")
                 if element is None:
                     element = ET.SubElement(root, f"{ns}{name}")

@@ -28,10 +28,22 @@ def eager_celery(monkeypatch):
 
 def _form_data(**overrides) -> dict:
     data = {
-        "name": "new-model", "is_active": "on", "hf_repo": "", "hf_revision": "main", "storage_uri": "",
-        "accelerator": "L4:1", "dtype": "auto", "max_model_len": "", "context_length": "",
-        "tensor_parallel_size": "1", "gpu_memory_utilization": "0.9", "extra_vllm_args": "[]",
-        "price_input_per_mtok": "0.1", "price_output_per_mtok": "0.2", "min_replicas": "0", "max_replicas": "1",
+        "name": "new-model",
+        "is_active": "on",
+        "hf_repo": "",
+        "hf_revision": "main",
+        "storage_uri": "",
+        "accelerator": "L4:1",
+        "dtype": "auto",
+        "max_model_len": "",
+        "context_length": "",
+        "tensor_parallel_size": "1",
+        "gpu_memory_utilization": "0.9",
+        "extra_vllm_args": "[]",
+        "price_input_per_mtok": "0.1",
+        "price_output_per_mtok": "0.2",
+        "min_replicas": "0",
+        "max_replicas": "1",
     }
     data.update(overrides)
     return data
@@ -43,8 +55,13 @@ def test_changelist_shows_counts_and_progress_without_a_query_per_row(admin_clie
     for i in range(15):
         model = model_create(name=f"model-{i}")
         node_create(model=model, launcher="static", endpoint_url=f"http://127.0.0.1:{9000 + i}")
-    WeightUpload.objects.create(model=ServedModel.objects.get(name="model-3"), status=UploadStatus.UPLOADING,
-                                bytes_done=50, bytes_total=100, rate_bps=10)
+    WeightUpload.objects.create(
+        model=ServedModel.objects.get(name="model-3"),
+        status=UploadStatus.UPLOADING,
+        bytes_done=50,
+        bytes_total=100,
+        rate_bps=10,
+    )
     for model in ServedModel.objects.exclude(name="model-3")[:5]:  # history: older attempts must not cost a query each
         WeightUpload.objects.create(model=model, status=UploadStatus.FAILED, error="old")
         WeightUpload.objects.create(model=model, status=UploadStatus.UPLOADED)
@@ -72,8 +89,13 @@ def test_change_page_shows_median_cold_start_per_accelerator(admin_client, catal
 
     now = timezone.now()
     for seconds in (60, 90, 300):
-        Node.objects.create(model=catalog_model, accelerator="L4:1", requested_at=now - timedelta(seconds=seconds),
-                            ready_at=now, launcher="static")
+        Node.objects.create(
+            model=catalog_model,
+            accelerator="L4:1",
+            requested_at=now - timedelta(seconds=seconds),
+            ready_at=now,
+            launcher="static",
+        )
 
     body = admin_client.get(reverse("admin:catalog_servedmodel_change", args=[catalog_model.pk])).content.decode()
 
@@ -86,12 +108,15 @@ def test_adding_a_model_through_the_admin_uses_the_service(admin_client):
     assert ServedModel.objects.get(name="new-model").price_output_per_mtok == Decimal("0.2")
 
 
-@pytest.mark.parametrize(("overrides", "field", "message"), [
-    ({"name": "has spaces!"}, "name", "Use letters, digits"),
-    ({"storage_uri": "https://example.com/x"}, "storage_uri", "s3://bucket/prefix"),
-    ({"min_replicas": "3", "max_replicas": "1"}, "max_replicas", "at least min replicas"),
-    ({"accelerator": "L4:many"}, "accelerator", "SkyPilot syntax"),
-])
+@pytest.mark.parametrize(
+    ("overrides", "field", "message"),
+    [
+        ({"name": "has spaces!"}, "name", "Use letters, digits"),
+        ({"storage_uri": "https://example.com/x"}, "storage_uri", "s3://bucket/prefix"),
+        ({"min_replicas": "3", "max_replicas": "1"}, "max_replicas", "at least min replicas"),
+        ({"accelerator": "L4:many"}, "accelerator", "SkyPilot syntax"),
+    ],
+)
 def test_bad_input_gives_form_errors_and_saves_nothing(admin_client, overrides, field, message):
     response = admin_client.post(reverse("admin:catalog_servedmodel_add"), _form_data(**overrides))
 
@@ -102,8 +127,10 @@ def test_bad_input_gives_form_errors_and_saves_nothing(admin_client, overrides, 
 
 
 def test_upload_action_on_one_model_opens_the_upload_form(admin_client, catalog_model):
-    response = admin_client.post(reverse("admin:catalog_servedmodel_changelist"),
-                                 {"action": "upload_weights", "_selected_action": [catalog_model.pk]})
+    response = admin_client.post(
+        reverse("admin:catalog_servedmodel_changelist"),
+        {"action": "upload_weights", "_selected_action": [catalog_model.pk]},
+    )
     assert response.status_code == 302
     assert response["Location"] == reverse("admin:catalog_servedmodel_upload", args=[catalog_model.pk])
     form_page = admin_client.get(response["Location"])
@@ -112,12 +139,18 @@ def test_upload_action_on_one_model_opens_the_upload_form(admin_client, catalog_
 
 
 @pytest.mark.slow  # the r2 fixture starts moto_server
-def test_the_upload_form_enqueues_and_the_worker_uploads(admin_client, r2, catalog_model, model_folder, eager_celery,
-                                                          django_capture_on_commit_callbacks):
+def test_the_upload_form_enqueues_and_the_worker_uploads(
+    admin_client, r2, catalog_model, model_folder, eager_celery, django_capture_on_commit_callbacks
+):
     with django_capture_on_commit_callbacks(execute=True) as callbacks:
-        response = admin_client.post(reverse("admin:catalog_servedmodel_upload", args=[catalog_model.pk]), {
-            "source": "dir", "local_dir": str(model_folder), "prefix": "models/from-admin",
-        })
+        response = admin_client.post(
+            reverse("admin:catalog_servedmodel_upload", args=[catalog_model.pk]),
+            {
+                "source": "dir",
+                "local_dir": str(model_folder),
+                "prefix": "models/from-admin",
+            },
+        )
 
     assert response.status_code == 302
     assert any("upload_enqueue" in cb.__qualname__ for cb in callbacks)  # enqueued after commit
@@ -143,8 +176,9 @@ def test_the_upload_form_shows_errors_on_the_field(admin_client, catalog_model):
 
 
 @pytest.mark.slow  # the r2 fixture starts moto_server
-def test_several_failed_uploads_are_retried_from_their_last_source(admin_client, r2, catalog_model, model_folder,
-                                                                    eager_celery, django_capture_on_commit_callbacks):
+def test_several_failed_uploads_are_retried_from_their_last_source(
+    admin_client, r2, catalog_model, model_folder, eager_celery, django_capture_on_commit_callbacks
+):
     (model_folder / "bad.pt").write_bytes(b"pickle")
     upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/retry")
     assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "failed"
@@ -152,8 +186,10 @@ def test_several_failed_uploads_are_retried_from_their_last_source(admin_client,
     other = model_create(name="other-model")
 
     with django_capture_on_commit_callbacks(execute=True):
-        admin_client.post(reverse("admin:catalog_servedmodel_changelist"),
-                          {"action": "upload_weights", "_selected_action": [catalog_model.pk, other.pk]})
+        admin_client.post(
+            reverse("admin:catalog_servedmodel_changelist"),
+            {"action": "upload_weights", "_selected_action": [catalog_model.pk, other.pk]},
+        )
 
     catalog_model.refresh_from_db()
     assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
@@ -163,8 +199,10 @@ def test_several_failed_uploads_are_retried_from_their_last_source(admin_client,
 def test_cancel_action_requests_a_stop(admin_client, catalog_model):
     WeightUpload.objects.create(model=catalog_model, status=UploadStatus.UPLOADING)
 
-    admin_client.post(reverse("admin:catalog_servedmodel_changelist"),
-                      {"action": "cancel_upload", "_selected_action": [catalog_model.pk]})
+    admin_client.post(
+        reverse("admin:catalog_servedmodel_changelist"),
+        {"action": "cancel_upload", "_selected_action": [catalog_model.pk]},
+    )
 
     catalog_model.refresh_from_db()
     assert catalog_model.latest_upload.cancel_requested is True
@@ -173,8 +211,13 @@ def test_cancel_action_requests_a_stop(admin_client, catalog_model):
 def test_upload_status_json_feeds_the_progress_bar(admin_client, catalog_model):
     WeightUpload.objects.create(model=catalog_model, status=UploadStatus.FAILED, error="an older attempt")
     WeightUpload.objects.create(
-        model=catalog_model, status=UploadStatus.UPLOADING, bytes_done=2_000_000_000, bytes_total=4_000_000_000,
-        rate_bps=100_000_000, current_file="model-00002.safetensors")
+        model=catalog_model,
+        status=UploadStatus.UPLOADING,
+        bytes_done=2_000_000_000,
+        bytes_total=4_000_000_000,
+        rate_bps=100_000_000,
+        current_file="model-00002.safetensors",
+    )
 
     data = admin_client.get(reverse("admin:catalog_servedmodel_upload_status"), {"id": [catalog_model.pk]}).json()
 
@@ -211,14 +254,16 @@ def test_storage_browser_explains_a_storage_failure(admin_client, r2, settings):
 
 
 @pytest.mark.slow  # the r2 fixture starts moto_server
-def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(admin_client, r2, catalog_model,
-                                                                               model_folder):
+def test_verify_from_the_browser_reports_an_object_overwritten_behind_its_back(
+    admin_client, r2, catalog_model, model_folder
+):
     upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/tamper")
     upload_execute(upload_id=catalog_model.latest_upload.pk)
     storage.put_bytes(r2, "models/tamper/model-00002-of-00002.safetensors", b"not the weights")
 
-    response = admin_client.post(reverse("admin:catalog_servedmodel_storage_verify"), {"model_id": catalog_model.pk},
-                                 follow=True)
+    response = admin_client.post(
+        reverse("admin:catalog_servedmodel_storage_verify"), {"model_id": catalog_model.pk}, follow=True
+    )
 
     body = response.content.decode()
     assert "model-00002-of-00002.safetensors: size 15 != manifest 1048576" in body
@@ -243,8 +288,15 @@ def test_saving_the_change_form_keeps_an_upload_that_finished_meanwhile(admin_cl
 
     monkeypatch.setattr(ModelAdminForm, "clean", worker_finishes_while_the_form_is_validated)
 
-    response = admin_client.post(url, _form_data(name=catalog_model.name, hf_repo=catalog_model.hf_repo,
-                                                 storage_uri=catalog_model.storage_uri, max_replicas="3"))
+    response = admin_client.post(
+        url,
+        _form_data(
+            name=catalog_model.name,
+            hf_repo=catalog_model.hf_repo,
+            storage_uri=catalog_model.storage_uri,
+            max_replicas="3",
+        ),
+    )
 
     assert response.status_code == 302
     catalog_model.refresh_from_db()

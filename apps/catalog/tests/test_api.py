@@ -34,10 +34,18 @@ def customer_api(api_key) -> APIClient:
 
 
 def test_staff_crud_on_models(staff_api):
-    created = staff_api.post("/api/v1/models/", {
-        "name": "mistral-7b", "hf_repo": "mistralai/Mistral-7B-Instruct-v0.3", "price_input_per_mtok": "0.1",
-        "price_output_per_mtok": "0.3", "accelerator": "L4:1", "extra_vllm_args": ["--enable-prefix-caching"],
-    }, format="json")
+    created = staff_api.post(
+        "/api/v1/models/",
+        {
+            "name": "mistral-7b",
+            "hf_repo": "mistralai/Mistral-7B-Instruct-v0.3",
+            "price_input_per_mtok": "0.1",
+            "price_output_per_mtok": "0.3",
+            "accelerator": "L4:1",
+            "extra_vllm_args": ["--enable-prefix-caching"],
+        },
+        format="json",
+    )
     assert created.status_code == 201, created.json()
     model_id = created.json()["id"]
     assert created.json()["upload_status"] == "none"
@@ -71,13 +79,16 @@ def test_filters_by_name_active_and_upload_status(staff_api):
     assert names("upload_status=uploaded") == ["gamma-model"]
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({"name": "bad name!"}, "name"),
-    ({"name": "ok-name", "storage_uri": "ftp://x"}, "storage_uri"),
-    ({"name": "ok-name", "min_replicas": 3, "max_replicas": 1}, "max_replicas"),
-    ({"name": "ok-name", "price_input_per_mtok": "-1"}, "price_input_per_mtok"),
-    ({"name": "ok-name", "accelerator": "L4:"}, "accelerator"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({"name": "bad name!"}, "name"),
+        ({"name": "ok-name", "storage_uri": "ftp://x"}, "storage_uri"),
+        ({"name": "ok-name", "min_replicas": 3, "max_replicas": 1}, "max_replicas"),
+        ({"name": "ok-name", "price_input_per_mtok": "-1"}, "price_input_per_mtok"),
+        ({"name": "ok-name", "accelerator": "L4:"}, "accelerator"),
+    ],
+)
 def test_bad_input_is_a_400_naming_the_field(staff_api, body, field):
     response = staff_api.post("/api/v1/models/", body, format="json")
 
@@ -96,8 +107,10 @@ def test_customer_keys_are_refused_everywhere(customer_api, catalog_model):
     assert customer_api.get("/api/v1/models/").status_code == 403
     assert customer_api.get(f"/api/v1/models/{catalog_model.pk}/").status_code == 403
     assert customer_api.post("/api/v1/models/", {"name": "sneaky"}, format="json").status_code == 403
-    assert customer_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "a/b"},
-                             format="json").status_code == 403
+    assert (
+        customer_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "a/b"}, format="json").status_code
+        == 403
+    )
     assert customer_api.post(f"/api/v1/models/{catalog_model.pk}/verify/").status_code == 403
     assert not ServedModel.objects.filter(name="sneaky").exists()
     catalog_model.refresh_from_db()
@@ -106,25 +119,35 @@ def test_customer_keys_are_refused_everywhere(customer_api, catalog_model):
 
 def test_upload_action_queues_and_reports_202(staff_api, catalog_model, django_capture_on_commit_callbacks):
     with django_capture_on_commit_callbacks(execute=False) as callbacks:
-        response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/upload/",
-                                  {"hf_repo": "acme/tiny@v2"}, format="json")
+        response = staff_api.post(
+            f"/api/v1/models/{catalog_model.pk}/upload/", {"hf_repo": "acme/tiny@v2"}, format="json"
+        )
 
     assert response.status_code == 202, response.json()
     body = response.json()
     assert body["upload_status"] == "queued"
     assert body["latest_upload"]["status"] == "queued"
     assert body["latest_upload"]["origin"] == "api" and body["latest_upload"]["requested_by"] == "catalog-operator"
-    assert body["latest_upload"]["source"] == {"kind": "hf", "repo": "acme/tiny", "revision": "v2", "keep": False,
-                                     "prefix": "models/acme--tiny/v2", "prefix_auto": True}
+    assert body["latest_upload"]["source"] == {
+        "kind": "hf",
+        "repo": "acme/tiny",
+        "revision": "v2",
+        "keep": False,
+        "prefix": "models/acme--tiny/v2",
+        "prefix_auto": True,
+    }
     assert len(callbacks) == 1
 
 
-@pytest.mark.parametrize(("body", "field"), [
-    ({}, "hf_repo"),
-    ({"hf_repo": "not a repo"}, "hf_repo"),
-    ({"local_dir": "relative/dir"}, "local_dir"),
-    ({"hf_repo": "a/b", "prefix": "../up"}, "prefix"),
-])
+@pytest.mark.parametrize(
+    ("body", "field"),
+    [
+        ({}, "hf_repo"),
+        ({"hf_repo": "not a repo"}, "hf_repo"),
+        ({"local_dir": "relative/dir"}, "local_dir"),
+        ({"hf_repo": "a/b", "prefix": "../up"}, "prefix"),
+    ],
+)
 def test_bad_upload_input_is_a_400_naming_the_field(staff_api, catalog_model, body, field):
     response = staff_api.post(f"/api/v1/models/{catalog_model.pk}/upload/", body, format="json")
     assert response.status_code == 400

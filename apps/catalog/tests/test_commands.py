@@ -193,8 +193,12 @@ def test_full_verify_catches_bytes_changed_with_size_and_metadata_preserved(r2, 
     forged = bytearray(storage.get_bytes(r2, "models/f/config.json"))
     forged[0:1] = b" "
     # Written behind our uploader's back (no ChecksumSHA256 for R2 to check), keeping the old metadata.
-    storage.client().put_object(Bucket=r2, Key="models/f/config.json", Body=bytes(forged),
-                                Metadata={storage.SHA256_METADATA_KEY: original.sha256})
+    storage.client().put_object(
+        Bucket=r2,
+        Key="models/f/config.json",
+        Body=bytes(forged),
+        Metadata={storage.SHA256_METADATA_KEY: original.sha256},
+    )
 
     assert "match" in _call("verify_model", catalog_model.name)  # the quick check cannot see it
     out, _ = _call_failing("verify_model", catalog_model.name, "--full")
@@ -203,26 +207,45 @@ def test_full_verify_catches_bytes_changed_with_size_and_metadata_preserved(r2, 
 
 # --- create_model ---------------------------------------------------------------------------------
 def test_create_model_with_every_option(db):
-    out = _call("create_model", "qwen-7b", "--hf-repo", "Qwen/Qwen2.5-7B-Instruct", "--revision", "v2",
-                "--storage-uri", "s3://weights/models/qwen", "--price-in", "0.2", "--price-out", "0.6",
-                "--accelerator", "A100-80GB:2")
+    out = _call(
+        "create_model",
+        "qwen-7b",
+        "--hf-repo",
+        "Qwen/Qwen2.5-7B-Instruct",
+        "--revision",
+        "v2",
+        "--storage-uri",
+        "s3://weights/models/qwen",
+        "--price-in",
+        "0.2",
+        "--price-out",
+        "0.6",
+        "--accelerator",
+        "A100-80GB:2",
+    )
 
     model = ServedModel.objects.get(name="qwen-7b")
     assert "Created model qwen-7b" in out
     assert (model.hf_repo, model.hf_revision, model.storage_uri) == (
-        "Qwen/Qwen2.5-7B-Instruct", "v2", "s3://weights/models/qwen")
+        "Qwen/Qwen2.5-7B-Instruct",
+        "v2",
+        "s3://weights/models/qwen",
+    )
     assert (model.price_input_per_mtok, model.price_output_per_mtok) == (Decimal("0.2"), Decimal("0.6"))
     assert model.accelerator == "A100-80GB:2"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    (["bad name!"], "name"),
-    (["ok-name", "--storage-uri", "http://not-s3"], "storage_uri"),
-    (["ok-name", "--price-in", "cheap"], "--price-in"),
-    (["ok-name", "--price-out", "-1"], "--price-out"),
-    (["ok-name", "--accelerator", "L4:x"], "accelerator"),
-    (["ok-name", "--min-replicas", "3", "--max-replicas", "1"], "max_replicas"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["bad name!"], "name"),
+        (["ok-name", "--storage-uri", "http://not-s3"], "storage_uri"),
+        (["ok-name", "--price-in", "cheap"], "--price-in"),
+        (["ok-name", "--price-out", "-1"], "--price-out"),
+        (["ok-name", "--accelerator", "L4:x"], "accelerator"),
+        (["ok-name", "--min-replicas", "3", "--max-replicas", "1"], "max_replicas"),
+    ],
+)
 def test_create_model_refuses_bad_input_and_creates_nothing(db, args, message):
     _, error = _call_failing("create_model", *args)
     assert message in error

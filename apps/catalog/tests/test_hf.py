@@ -92,8 +92,12 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     return
                 if rest[:1] == ["tree"]:
                     root = hub.folder(repo, sha)
-                    self._json([{"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": "0" * 40}
-                                for f in hub.files(repo, sha)])
+                    self._json(
+                        [
+                            {"type": "file", "path": f, "size": (root / f).stat().st_size, "oid": "0" * 40}
+                            for f in hub.files(repo, sha)
+                        ]
+                    )
                     return
             if len(parts) >= 5 and parts[2] == "resolve":
                 repo, rel = "/".join(parts[:2]), "/".join(parts[4:])
@@ -103,8 +107,15 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                     self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
                     return
                 body = file.read_bytes()
-                self._send(200, body, {"X-Repo-Commit": sha, "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
-                                       "Content-Type": "application/octet-stream"})
+                self._send(
+                    200,
+                    body,
+                    {
+                        "X-Repo-Commit": sha,
+                        "ETag": f'"{hashlib.sha256(body).hexdigest()}"',
+                        "Content-Type": "application/octet-stream",
+                    },
+                )
                 return
             self._send(404, b"no such route")
 
@@ -148,13 +159,20 @@ def test_repo_files_lists_the_repo_through_hf_endpoint(local_hub, hub_repo):
 def test_download_fetches_only_what_vllm_needs(local_hub, hub_repo, tmp_path):
     dest = hf.download(repo="acme/tiny-llama", revision="main", allow_patterns=ALLOW_PATTERNS, dest=tmp_path / "dl")
 
-    got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*")
-                 if p.is_file() and ".cache" not in p.parts)
-    assert got == ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-                   "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
-                   "tokenizer.model", "tokenizer_config.json"]
+    got = sorted(p.relative_to(dest).as_posix() for p in dest.rglob("*") if p.is_file() and ".cache" not in p.parts)
+    assert got == [
+        "config.json",
+        "generation_config.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+        "model.safetensors.index.json",
+        "tokenizer.json",
+        "tokenizer.model",
+        "tokenizer_config.json",
+    ]
     assert (dest / "model-00001-of-00002.safetensors").read_bytes() == (
-        hub_repo / "model-00001-of-00002.safetensors").read_bytes()
+        hub_repo / "model-00001-of-00002.safetensors"
+    ).read_bytes()
     fetched = {path for method, path, _ in local_hub.requests if method == "GET" and "/resolve/" in path}
     assert not any(p.endswith((".bin", ".pth", "README.md")) for p in fetched)
 
@@ -201,8 +219,9 @@ def test_resolve_revision_names_the_commit_a_branch_points_at(local_hub, hub_rep
 
 
 @pytest.mark.django_db
-def test_an_upload_is_pinned_to_the_commit_and_a_later_push_never_overwrites_it(r2, local_hub, hub_repo,
-                                                                                catalog_model, tmp_path):
+def test_an_upload_is_pinned_to_the_commit_and_a_later_push_never_overwrites_it(
+    r2, local_hub, hub_repo, catalog_model, tmp_path
+):
     call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
 
     first = f"models/acme--tiny-llama/{COMMIT}"
@@ -233,15 +252,17 @@ def test_an_upload_is_pinned_to_the_commit_and_a_later_push_never_overwrites_it(
 # --- file selection (issue #10, defect 11) --------------------------------------------------------
 @pytest.mark.django_db
 def test_duplicate_consolidated_weights_are_not_downloaded_and_every_sentencepiece_file_is(
-        r2, local_hub, hub_repo, catalog_model):
+    r2, local_hub, hub_repo, catalog_model
+):
     (hub_repo / "consolidated.safetensors").write_bytes(b"the same weights again, unsharded")
     (hub_repo / "tokenizer_v2.model").write_bytes(b"sentencepiece v2")
     (hub_repo / "sentencepiece.bpe.model").write_bytes(b"sentencepiece bpe")
 
     call_command("upload_model", catalog_model.name, "--from-hf", "acme/tiny-llama@main", "--sync")
 
-    fetched = {path.rsplit("/", 1)[-1] for method, path, _ in local_hub.requests
-               if method == "GET" and "/resolve/" in path}
+    fetched = {
+        path.rsplit("/", 1)[-1] for method, path, _ in local_hub.requests if method == "GET" and "/resolve/" in path
+    }
     assert "consolidated.safetensors" not in fetched
     prefix = f"models/acme--tiny-llama/{COMMIT}"
     keys = {o.key.removeprefix(f"{prefix}/") for o in storage.list_objects(r2, f"{prefix}/")}

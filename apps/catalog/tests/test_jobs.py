@@ -19,15 +19,18 @@ def test_every_attempt_keeps_its_own_row_and_the_model_shows_the_latest(r2, cata
     assert upload_execute(upload_id=first.pk) == "failed"
     (model_folder / "bad.pt").unlink()
 
-    second = upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/hist",
-                            origin=JobOrigin.COMMAND)
+    second = upload_request(
+        model=catalog_model, local_dir=str(model_folder), prefix="models/hist", origin=JobOrigin.COMMAND
+    )
     assert upload_execute(upload_id=second.pk) == "uploaded"
 
     first.refresh_from_db()
     assert first.status == UploadStatus.FAILED and "bad.pt" in first.error  # history is not overwritten
     assert catalog_model.latest_upload == second
     assert list(catalog_model.uploads.values_list("status", "origin")) == [
-        (UploadStatus.UPLOADED, JobOrigin.COMMAND), (UploadStatus.FAILED, JobOrigin.ADMIN)]
+        (UploadStatus.UPLOADED, JobOrigin.COMMAND),
+        (UploadStatus.FAILED, JobOrigin.ADMIN),
+    ]
 
 
 @pytest.mark.django_db
@@ -81,8 +84,10 @@ def test_each_verification_is_a_row_with_its_outcome(r2, catalog_model, model_fo
 
     checks = list(WeightVerification.objects.filter(model=catalog_model).order_by("id"))
     assert [(c.status, c.full, c.origin) for c in checks] == [
-        (VerifyStatus.OK, False, JobOrigin.API), (VerifyStatus.MISMATCH, True, JobOrigin.ADMIN),
-        (VerifyStatus.ERROR, False, JobOrigin.ADMIN)]
+        (VerifyStatus.OK, False, JobOrigin.API),
+        (VerifyStatus.MISMATCH, True, JobOrigin.ADMIN),
+        (VerifyStatus.ERROR, False, JobOrigin.ADMIN),
+    ]
     assert checks[0].checked == 7 and checks[0].finished_at is not None
     assert any("config.json" in p for p in checks[1].problems)
     assert "127.0.0.1:9" in checks[2].error
@@ -95,14 +100,14 @@ def test_the_admin_change_page_and_the_api_show_the_history(admin_client, admin_
 
     WeightUpload.objects.create(model=catalog_model, status=UploadStatus.FAILED, error="disk full on the worker")
     upload_request(model=catalog_model, hf_repo="acme/tiny@v3", requested_by=admin_user)
-    WeightVerification.objects.create(model=catalog_model, status=VerifyStatus.MISMATCH, checked=3,
-                                      problems=["a: missing"])
+    WeightVerification.objects.create(
+        model=catalog_model, status=VerifyStatus.MISMATCH, checked=3, problems=["a: missing"]
+    )
 
     page = admin_client.get(reverse("admin:catalog_servedmodel_change", args=[catalog_model.pk])).content.decode()
     assert "disk full on the worker" in page and "acme/tiny@v3" in page and f"Admin ({admin_user.username})" in page
     assert "1 of 3" in page  # the verification's problems
-    listing = admin_client.get(reverse("admin:catalog_weightupload_changelist"),
-                               {"model__id__exact": catalog_model.pk})
+    listing = admin_client.get(reverse("admin:catalog_weightupload_changelist"), {"model__id__exact": catalog_model.pk})
     assert listing.status_code == 200 and listing.content.decode().count("acme/tiny@v3") == 1
     assert admin_client.get(reverse("admin:catalog_weightupload_add")).status_code == 403  # rows come from services
 

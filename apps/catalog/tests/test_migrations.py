@@ -39,14 +39,28 @@ def test_the_job_columns_become_rows_then_disappear(executor):
     verified = finished + timedelta(minutes=1)
     source = {"kind": "hf", "repo": "acme/tiny", "revision": "v1", "prefix": "models/acme--tiny/v1", "keep": False}
     done = old_model.objects.create(
-        name="done", storage_uri="s3://weights/models/acme--tiny/v1", upload_status="uploaded", upload_source=source,
-        upload_bytes_done=4096, upload_bytes_total=4096, upload_started_at=started, upload_finished_at=finished,
-        verify_status="mismatch", verified_at=verified, verify_report=["config.json: missing"],
+        name="done",
+        storage_uri="s3://weights/models/acme--tiny/v1",
+        upload_status="uploaded",
+        upload_source=source,
+        upload_bytes_done=4096,
+        upload_bytes_total=4096,
+        upload_started_at=started,
+        upload_finished_at=finished,
+        verify_status="mismatch",
+        verified_at=verified,
+        verify_report=["config.json: missing"],
     )
     running = old_model.objects.create(
-        name="running", upload_status="uploading", upload_source={"kind": "dir", "path": "/w", "prefix": "m/r"},
-        upload_bytes_done=10, upload_bytes_total=100, upload_rate_bps=5, upload_current_file="a.safetensors",
-        upload_cancel_requested=True, upload_started_at=started,
+        name="running",
+        upload_status="uploading",
+        upload_source={"kind": "dir", "path": "/w", "prefix": "m/r"},
+        upload_bytes_done=10,
+        upload_bytes_total=100,
+        upload_rate_bps=5,
+        upload_current_file="a.safetensors",
+        upload_cancel_requested=True,
+        upload_started_at=started,
     )
     failed = old_model.objects.create(name="failed", upload_status="failed", upload_error="SlowDown")
     never = old_model.objects.create(name="never")
@@ -60,16 +74,26 @@ def test_the_job_columns_become_rows_then_disappear(executor):
     uploads = {u.model_id: u for u in WeightUpload.objects.all()}
     assert set(uploads) == {done.pk, running.pk, failed.pk}  # "none" had nothing to carry
     assert (uploads[done.pk].status, uploads[done.pk].source, uploads[done.pk].bytes_total) == (
-        "uploaded", source, 4096)
+        "uploaded",
+        source,
+        4096,
+    )
     assert (uploads[done.pk].started_at, uploads[done.pk].finished_at) == (started, finished)
     assert uploads[done.pk].origin == "migration" and uploads[done.pk].requested_at == started
     run = uploads[running.pk]
     assert (run.status, run.bytes_done, run.bytes_total, run.rate_bps, run.current_file, run.cancel_requested) == (
-        "uploading", 10, 100, 5, "a.safetensors", True)
+        "uploading",
+        10,
+        100,
+        5,
+        "a.safetensors",
+        True,
+    )
     assert (uploads[failed.pk].status, uploads[failed.pk].error) == ("failed", "SlowDown")
     checks = list(WeightVerification.objects.all())
     assert [(c.model_id, c.status, c.problems, c.finished_at, c.uri) for c in checks] == [
-        (done.pk, "mismatch", ["config.json: missing"], verified, "s3://weights/models/acme--tiny/v1")]
+        (done.pk, "mismatch", ["config.json: missing"], verified, "s3://weights/models/acme--tiny/v1")
+    ]
     columns = {c.name for c in connection.introspection.get_table_description(connection.cursor(), "catalog_model")}
     assert not {c for c in columns if c.startswith(("upload_", "verify_", "verified_"))}
     assert new.get_model("catalog", "Model").objects.filter(pk=never.pk).exists()
@@ -89,7 +113,11 @@ def test_backwards_puts_the_latest_attempt_back_in_the_columns(executor):
 
     old = _apps_at(executor, BEFORE).get_model("catalog", "Model").objects.get(pk=model.pk)
     assert (old.upload_status, old.upload_source, old.upload_bytes_total, old.verify_status) == (
-        "uploaded", {"prefix": "b"}, 9, "")
+        "uploaded",
+        {"prefix": "b"},
+        9,
+        "",
+    )
 
 
 def test_the_rename_to_served_model_keeps_the_table_and_the_permissions_staff_hold(executor):

@@ -25,8 +25,9 @@ MIB = 1024 * 1024
 def _upload_model_sync(model, folder) -> str:
     out = StringIO()
     try:
-        call_command("upload_model", model.name, "--from-dir", str(folder), "--sync", "--prefix", "models/r2",
-                     stdout=out)
+        call_command(
+            "upload_model", model.name, "--from-dir", str(folder), "--sync", "--prefix", "models/r2", stdout=out
+        )
     except CommandError as exc:
         return f"{out.getvalue()}\n{exc}"
     return out.getvalue()
@@ -34,7 +35,8 @@ def _upload_model_sync(model, folder) -> str:
 
 # --- defect 9: botocore's default checksums over https ----------------------------------------------
 def test_upload_model_over_https_with_botocores_default_checksums_is_refused_as_r2_refuses_it(
-        r2, r2_front, settings, catalog_model, model_folder):
+    r2, r2_front, settings, catalog_model, model_folder
+):
     settings.R2_CHECKSUMS = "when_supported"  # botocore's default, and this project's until issue #10
 
     out = _upload_model_sync(catalog_model, model_folder)
@@ -62,7 +64,8 @@ def test_a_put_sent_aws_chunked_with_a_trailing_checksum_is_a_401(r2, r2_front, 
 
 
 def test_upload_model_over_https_passes_with_the_default_settings_and_r2_checks_our_sha256(
-        r2, r2_front, settings, catalog_model, model_folder):
+    r2, r2_front, settings, catalog_model, model_folder
+):
     out = _upload_model_sync(catalog_model, model_folder)
 
     catalog_model.refresh_from_db()
@@ -108,8 +111,9 @@ def _multipart(bucket: str, key: str, sizes: list[int]) -> None:
     upload_id = client.create_multipart_upload(Bucket=bucket, Key=key)["UploadId"]
     parts = []
     for number, size in enumerate(sizes, start=1):
-        etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number,
-                                  Body=os.urandom(size))["ETag"]
+        etag = client.upload_part(Bucket=bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=os.urandom(size))[
+            "ETag"
+        ]
         parts.append({"PartNumber": number, "ETag": etag})
     client.complete_multipart_upload(Bucket=bucket, Key=key, UploadId=upload_id, MultipartUpload={"Parts": parts})
 
@@ -160,7 +164,8 @@ def _open_uploads(bucket: str) -> set[tuple[str, str]]:
 
 
 def test_an_upload_aborts_all_its_own_leftovers_across_pages_and_none_of_a_neighbours(
-        r2, r2_front, catalog_model, model_folder):
+    r2, r2_front, catalog_model, model_folder
+):
     r2_front.list_uploads_page = 2  # R2 pages at 1000; two keeps the test small
     client = storage.client()
     big = "models/shared/model-00001-of-00002.safetensors"

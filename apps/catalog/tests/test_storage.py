@@ -14,8 +14,10 @@ from apps.catalog import storage
 from apps.catalog.models import UploadStatus
 from apps.catalog.uploads import upload_execute, upload_request
 
-SLOW_DOWN = (b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
-             b"<Message>Please reduce your request rate.</Message></Error>")
+SLOW_DOWN = (
+    b'<?xml version="1.0" encoding="UTF-8"?><Error><Code>SlowDown</Code>'
+    b"<Message>Please reduce your request rate.</Message></Error>"
+)
 
 
 class FlakyProxy:
@@ -114,16 +116,20 @@ def test_a_store_that_keeps_failing_ends_in_failed_with_the_reason(flaky, settin
 
 
 def _client_error(code: str, status: int) -> ClientError:
-    return ClientError({"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}},
-                       "PutObject")
+    return ClientError(
+        {"Error": {"Code": code, "Message": code}, "ResponseMetadata": {"HTTPStatusCode": status}}, "PutObject"
+    )
 
 
-@pytest.mark.parametrize(("code", "status", "kind", "hint"), [
-    ("AccessDenied", 403, storage.StorageAccessDeniedError, "Object Read & Write"),
-    ("SignatureDoesNotMatch", 403, storage.StorageBadCredentialsError, "R2_SECRET_ACCESS_KEY"),
-    ("NoSuchBucket", 404, storage.StorageBucketMissingError, "--create-bucket"),
-    ("InternalError", 500, storage.StorageTransientError, "temporarily"),
-])
+@pytest.mark.parametrize(
+    ("code", "status", "kind", "hint"),
+    [
+        ("AccessDenied", 403, storage.StorageAccessDeniedError, "Object Read & Write"),
+        ("SignatureDoesNotMatch", 403, storage.StorageBadCredentialsError, "R2_SECRET_ACCESS_KEY"),
+        ("NoSuchBucket", 404, storage.StorageBucketMissingError, "--create-bucket"),
+        ("InternalError", 500, storage.StorageTransientError, "temporarily"),
+    ],
+)
 def test_store_error_codes_map_to_readable_domain_errors(settings, code, status, kind, hint):
     error = storage.translate(_client_error(code, status), bucket="weights", key="m/config.json")
     assert isinstance(error, kind) and hint in str(error)

@@ -27,9 +27,14 @@ def test_the_change_page_shows_and_saves_the_parsers(admin_client, catalog_model
     assert 'value="hermes"' in page and 'value="qwen3"' in page
 
 
-@pytest.mark.parametrize(("field", "value"), [
-    ("tool_call_parser", "Hermes"), ("tool_call_parser", "hermes --api-key x"), ("reasoning_parser", "r1;rm"),
-])
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        ("tool_call_parser", "Hermes"),
+        ("tool_call_parser", "hermes --api-key x"),
+        ("reasoning_parser", "r1;rm"),
+    ],
+)
 def test_a_parser_name_must_look_like_one(field, value) -> None:
     with pytest.raises(ValidationError) as info:
         model_create(name="qwen3-8b", storage_uri="s3://weights/qwen3-8b", **{field: value})
@@ -38,6 +43,7 @@ def test_a_parser_name_must_look_like_one(field, value) -> None:
 
 def test_parser_flags_are_refused_in_extra_args() -> None:
     with pytest.raises(ValidationError) as info:
-        model_create(name="qwen3-8b", storage_uri="s3://weights/qwen3-8b",
-                     extra_vllm_args=["--tool-call-parser", "hermes"])
+        model_create(
+            name="qwen3-8b", storage_uri="s3://weights/qwen3-8b", extra_vllm_args=["--tool-call-parser", "hermes"]
+        )
     assert "own fields" in info.value.message_dict["extra_vllm_args"][0]

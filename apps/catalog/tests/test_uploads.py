@@ -16,9 +16,15 @@ from apps.catalog.uploads import UploadError, upload_cancel, upload_execute, upl
 
 pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts moto_server, a subprocess
 
-WEIGHTS = ["config.json", "generation_config.json", "model-00001-of-00002.safetensors",
-           "model-00002-of-00002.safetensors", "model.safetensors.index.json", "tokenizer.json",
-           "tokenizer_config.json"]
+WEIGHTS = [
+    "config.json",
+    "generation_config.json",
+    "model-00001-of-00002.safetensors",
+    "model-00002-of-00002.safetensors",
+    "model.safetensors.index.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+]
 
 
 def _sha(path) -> str:
@@ -37,8 +43,9 @@ def test_folder_upload_puts_every_needed_file_at_the_prefix_root_with_its_sha256
     assert catalog_model.latest_upload.status == UploadStatus.UPLOADED
     assert catalog_model.storage_uri == f"s3://{r2}/models/test-model"
     listed = {o.key: o.size for o in storage.list_objects(r2, "models/test-model/")}
-    assert sorted(listed) == sorted([f"models/test-model/{name}" for name in WEIGHTS]
-                                    + [f"models/test-model/{MANIFEST_NAME}"])  # README.md left out
+    assert sorted(listed) == sorted(
+        [f"models/test-model/{name}" for name in WEIGHTS] + [f"models/test-model/{MANIFEST_NAME}"]
+    )  # README.md left out
     for name in WEIGHTS:
         info = storage.head(r2, f"models/test-model/{name}")
         assert info.size == (model_folder / name).stat().st_size
@@ -118,8 +125,7 @@ def test_a_changed_file_is_sent_again_on_rerun(r2, catalog_model, model_folder):
 
     _upload_from_dir(catalog_model, model_folder)
 
-    assert storage.request_log.keys_written() == {"models/test-model/config.json",
-                                                  f"models/test-model/{MANIFEST_NAME}"}
+    assert storage.request_log.keys_written() == {"models/test-model/config.json", f"models/test-model/{MANIFEST_NAME}"}
 
 
 @pytest.mark.parametrize("bad_name", ["pytorch_model.bin", "model.pt", "weights.pth", "state.pkl", "x.ckpt"])
@@ -215,8 +221,11 @@ def test_progress_writes_are_throttled_to_the_interval(r2, settings, catalog_mod
         assert upload_execute(upload_id=catalog_model.latest_upload.pk) == "uploaded"
     elapsed = time.monotonic() - started
 
-    progress_writes = [q for q in queries.captured_queries
-                       if q["sql"].startswith('UPDATE "catalog_weightupload"') and '"rate_bps"' in q["sql"]]
+    progress_writes = [
+        q
+        for q in queries.captured_queries
+        if q["sql"].startswith('UPDATE "catalog_weightupload"') and '"rate_bps"' in q["sql"]
+    ]
     # One forced write at the start, one per interval at most, and the final "uploaded" write.
     assert 2 <= len(progress_writes) <= elapsed / 0.5 + 3
 
@@ -275,13 +284,16 @@ def test_an_upload_whose_worker_died_can_be_queued_again(settings, catalog_model
     assert dead.status == UploadStatus.FAILED and "went silent" in dead.error
 
 
-@pytest.mark.parametrize(("kwargs", "message"), [
-    ({"local_dir": "relative/path"}, "absolute path"),
-    ({"hf_repo": "not a repo"}, "hf_repo"),
-    ({"hf_repo": "org/name", "local_dir": "/tmp/x"}, "not both"),
-    ({}, "not both"),
-    ({"local_dir": "/tmp/x", "prefix": "../escape"}, "prefix"),
-])
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"local_dir": "relative/path"}, "absolute path"),
+        ({"hf_repo": "not a repo"}, "hf_repo"),
+        ({"hf_repo": "org/name", "local_dir": "/tmp/x"}, "not both"),
+        ({}, "not both"),
+        ({"local_dir": "/tmp/x", "prefix": "../escape"}, "prefix"),
+    ],
+)
 def test_bad_upload_requests_are_refused_and_change_nothing(catalog_model, kwargs, message):
     with pytest.raises(UploadError, match=message):
         upload_request(model=catalog_model, **kwargs)
@@ -314,7 +326,8 @@ def test_the_catalog_imports_run_one_way():
 
 
 def test_a_root_level_consolidated_copy_of_sharded_weights_is_left_out_and_every_sentencepiece_file_kept(
-        r2, catalog_model, model_folder):
+    r2, catalog_model, model_folder
+):
     # Mistral-style: the same weights once more, unsharded, beside the shards (the streamer would load both).
     (model_folder / "consolidated.safetensors").write_bytes(b"the same weights again")
     (model_folder / "tokenizer_v2.model").write_bytes(b"sentencepiece")

@@ -48,7 +48,8 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
         first, last = (timezone.localtime(v) if timezone.is_aware(v) else v for v in (bounds["first"], bounds["last"]))
         if first.year != last.year:
             return {
-                "show": True, "back": None,
+                "show": True,
+                "back": None,
                 "choices": [{"link": link({year_field: y}), "title": str(y)} for y in range(first.year, last.year + 1)],
             }
         year = first.year
@@ -57,10 +58,13 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
     if month is None:
         last_month = today.month if year == today.year else 12
         return {
-            "show": True, "back": {"link": link({}), "title": _("All dates")},
+            "show": True,
+            "back": {"link": link({}), "title": _("All dates")},
             "choices": [
-                {"link": link({year_field: year, month_field: m}),
-                 "title": capfirst(formats.date_format(datetime.date(year, m, 1), "YEAR_MONTH_FORMAT"))}
+                {
+                    "link": link({year_field: year, month_field: m}),
+                    "title": capfirst(formats.date_format(datetime.date(year, m, 1), "YEAR_MONTH_FORMAT")),
+                }
                 for m in range(1, last_month + 1)
             ],
         }
@@ -71,10 +75,13 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
         if (year, month) == (today.year, today.month):
             last_day = today.day
         return {
-            "show": True, "back": {"link": link({year_field: year}), "title": str(year)},
+            "show": True,
+            "back": {"link": link({year_field: year}), "title": str(year)},
             "choices": [
-                {"link": link({year_field: year, month_field: month, day_field: d}),
-                 "title": capfirst(formats.date_format(datetime.date(year, month, d), "MONTH_DAY_FORMAT"))}
+                {
+                    "link": link({year_field: year, month_field: month, day_field: d}),
+                    "title": capfirst(formats.date_format(datetime.date(year, month, d), "MONTH_DAY_FORMAT")),
+                }
                 for d in range(1, last_day + 1)
             ],
         }
@@ -84,8 +91,10 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
         return {"show": False}
     return {
         "show": True,
-        "back": {"link": link({year_field: year, month_field: month}),
-                 "title": capfirst(formats.date_format(chosen, "YEAR_MONTH_FORMAT"))},
+        "back": {
+            "link": link({year_field: year, month_field: month}),
+            "title": capfirst(formats.date_format(chosen, "YEAR_MONTH_FORMAT")),
+        },
         "choices": [{"title": capfirst(formats.date_format(chosen, "MONTH_DAY_FORMAT"))}],
     }
 
@@ -94,6 +103,9 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
 def calendar_date_hierarchy_tag(parser: template.base.Parser, token: template.base.Token) -> InclusionAdminNode:
     # django-stubs 6.1.2 gives InclusionAdminNode a leading `name` parameter; Django 5.2's has none.
     return InclusionAdminNode(  # type: ignore[call-arg]
-        parser, token, func=calendar_date_hierarchy, template_name="date_hierarchy.html",  # type: ignore[arg-type]
+        parser,
+        token,
+        func=calendar_date_hierarchy,
+        template_name="date_hierarchy.html",  # type: ignore[arg-type]
         takes_context=False,
     )

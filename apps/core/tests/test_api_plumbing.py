@@ -13,8 +13,13 @@ from apps.core.api import exception_handler
 def test_django_validation_error_with_fields_becomes_a_400_naming_the_field() -> None:
     response = exception_handler(DjangoValidationError({"scopes": "Unknown scope(s): root."}), {})
     assert response.status_code == 400
-    assert response.data == {"error": {"message": "scopes: Unknown scope(s): root.", "type": "invalid_request",
-                                       "fields": {"scopes": ["Unknown scope(s): root."]}}}
+    assert response.data == {
+        "error": {
+            "message": "scopes: Unknown scope(s): root.",
+            "type": "invalid_request",
+            "fields": {"scopes": ["Unknown scope(s): root."]},
+        }
+    }
 
 
 def test_django_validation_error_without_fields_is_a_non_field_400() -> None:
@@ -26,7 +31,7 @@ def test_django_validation_error_without_fields_is_a_non_field_400() -> None:
 
 def test_nested_drf_errors_still_name_the_outer_field() -> None:
     # DRF keys a list item's errors by its index (the stub allows str keys only: arg-type is off in tests).
-    errors = {"scopes": {0: ["\"root\" is not a valid choice."]}}
+    errors = {"scopes": {0: ['"root" is not a valid choice.']}}
     response = exception_handler(exceptions.ValidationError(errors), {})
     assert response.data["error"]["message"] == 'scopes: "root" is not a valid choice.'
 
@@ -44,8 +49,14 @@ def test_openapi_schema_and_swagger_ui_are_served() -> None:
     assert schema.status_code == 200
     body = schema.json()
     assert body["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
-    for path in ("/api/v1/tenants/", "/api/v1/tenants/{slug}/suspend/", "/api/v1/keys/", "/api/v1/keys/{id}/revoke/",
-                 "/api/v1/usage/", "/api/v1/staff-tokens/"):
+    for path in (
+        "/api/v1/tenants/",
+        "/api/v1/tenants/{slug}/suspend/",
+        "/api/v1/keys/",
+        "/api/v1/keys/{id}/revoke/",
+        "/api/v1/usage/",
+        "/api/v1/staff-tokens/",
+    ):
         assert path in body["paths"], path
     docs = client.get("/api/docs/")
     assert docs.status_code == 200 and b"swagger" in docs.content.lower()

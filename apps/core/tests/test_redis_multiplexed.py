@@ -37,7 +37,8 @@ async def test_an_error_reply_fails_only_its_own_command(conn):
         conn.execute("SET", "n", "1", timeout_s=2),
         conn.execute("INCRBY", "n", "not-a-number", timeout_s=2),
         conn.execute("INCR", "n", timeout_s=2),
-        return_exceptions=True)
+        return_exceptions=True,
+    )
 
     assert ok == b"OK" and after == 2
     assert isinstance(bad, RedisReplyError) and "not an integer" in str(bad)
@@ -80,7 +81,13 @@ def test_urls_are_read_like_redis_py_reads_them():
     sock = Multiplexed("unix:///run/redis/redis.sock?db=2&password=pw")
 
     assert (tcp.host, tcp.port, tcp.db, tcp.username, tcp.password, tcp.tls) == (
-        "cache.internal", 6380, 3, "app", "p@ss", True)
+        "cache.internal",
+        6380,
+        3,
+        "app",
+        "p@ss",
+        True,
+    )
     assert (sock.socket_path, sock.db, sock.password) == ("/run/redis/redis.sock", 2, "pw")
     with pytest.raises(ValueError, match="redis://, rediss:// or unix://"):
         Multiplexed("memcached://cache:11211")

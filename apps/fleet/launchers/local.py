@@ -33,10 +33,15 @@ def log_dir() -> Path:
 
 def command(node: Node) -> list[str]:
     return [
-        sys.executable, "manage.py", "run_local_node",
-        "--node-id", str(node.pk),
-        "--model", node.model.name,
-        "--startup-delay-s", str(settings.FLEET_LOCAL_STARTUP_DELAY_S),
+        sys.executable,
+        "manage.py",
+        "run_local_node",
+        "--node-id",
+        str(node.pk),
+        "--model",
+        node.model.name,
+        "--startup-delay-s",
+        str(settings.FLEET_LOCAL_STARTUP_DELAY_S),
     ]
 
 
@@ -97,8 +102,13 @@ class LocalLauncher(Launcher):
         try:
             with open(log_path, "ab") as log:
                 proc = subprocess.Popen(
-                    command(node), cwd=settings.BASE_DIR, env=env, stdin=subprocess.DEVNULL,
-                    stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                    command(node),
+                    cwd=settings.BASE_DIR,
+                    env=env,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
                 )
         except OSError as exc:
             raise LaunchError(f"could not start the local node: {exc}") from exc

@@ -46,7 +46,8 @@ def resources_config(node: Node) -> dict[str, Any]:
     profile = node.launch_profile
     common: dict[str, Any] = {
         "accelerators": (profile.accelerator if profile and profile.accelerator else "")
-        or node.accelerator or model.accelerator,
+        or node.accelerator
+        or model.accelerator,
         "use_spot": node.use_spot,
         "ports": VLLM_PORT,
         "disk_size": (profile.disk_size_gb if profile and profile.disk_size_gb else None)
@@ -54,8 +55,9 @@ def resources_config(node: Node) -> dict[str, Any]:
     }
     if profile is not None:
         # A list is an ordered preference: SkyPilot tries each placement in turn.
-        common["ordered"] = [{"infra": _infra(p["cloud"], p.get("region", ""), p.get("zone", ""))}
-                             for p in profile.placements]
+        common["ordered"] = [
+            {"infra": _infra(p["cloud"], p.get("region", ""), p.get("zone", ""))} for p in profile.placements
+        ]
     elif node.cloud:
         common["infra"] = _infra(node.cloud, node.region)
     return common
@@ -65,18 +67,29 @@ def vllm_command(node: Node) -> str:
     model = node.model
     if not model.storage_uri.startswith("s3://"):
         raise LaunchError(f"model {model.name} has no storage URI (s3://bucket/prefix): upload its weights first")
-    extra = json.dumps({"concurrency": STREAMER_CONCURRENCY, "memory_limit": STREAMER_MEMORY_LIMIT},
-                       separators=(",", ":"))
+    extra = json.dumps(
+        {"concurrency": STREAMER_CONCURRENCY, "memory_limit": STREAMER_MEMORY_LIMIT}, separators=(",", ":")
+    )
     args = [
-        "vllm", "serve", model.storage_uri.rstrip("/"),
-        "--load-format", "runai_streamer",
-        "--served-model-name", model.name,
-        "--model-loader-extra-config", extra,
-        "--host", "0.0.0.0",  # noqa: S104 - the node serves the gateway over the network
-        "--port", str(VLLM_PORT),
-        "--dtype", model.dtype,
-        "--tensor-parallel-size", str(model.tensor_parallel_size),
-        "--gpu-memory-utilization", str(model.gpu_memory_utilization),
+        "vllm",
+        "serve",
+        model.storage_uri.rstrip("/"),
+        "--load-format",
+        "runai_streamer",
+        "--served-model-name",
+        model.name,
+        "--model-loader-extra-config",
+        extra,
+        "--host",
+        "0.0.0.0",  # noqa: S104 - the node serves the gateway over the network
+        "--port",
+        str(VLLM_PORT),
+        "--dtype",
+        model.dtype,
+        "--tensor-parallel-size",
+        str(model.tensor_parallel_size),
+        "--gpu-memory-utilization",
+        str(model.gpu_memory_utilization),
     ]
     if model.max_model_len:
         args += ["--max-model-len", str(model.max_model_len)]
@@ -113,12 +126,14 @@ crosslogic_register() {
 
 def task_config(node: Node) -> dict[str, Any]:
     """The SkyPilot task as a YAML-shaped dict, without secrets (see SECRET_NAMES)."""
-    run = "\n".join([
-        "export CROSSLOGIC_STARTED_AT=$(date +%s)",
-        REGISTER_SCRIPT.strip(),
-        "crosslogic_register &",
-        f"exec {vllm_command(node)}",
-    ])
+    run = "\n".join(
+        [
+            "export CROSSLOGIC_STARTED_AT=$(date +%s)",
+            REGISTER_SCRIPT.strip(),
+            "crosslogic_register &",
+            f"exec {vllm_command(node)}",
+        ]
+    )
     return {
         "name": node.cluster_name or "crosslogic-node",
         "resources": resources_config(node),
@@ -143,13 +158,17 @@ def node_r2_credentials() -> tuple[str, str]:
     key_id, secret = settings.R2_NODE_ACCESS_KEY_ID, settings.R2_NODE_SECRET_ACCESS_KEY
     if key_id and secret:
         if not settings.DEBUG and key_id == settings.R2_ACCESS_KEY_ID:
-            raise LaunchError("R2_NODE_ACCESS_KEY_ID is the uploader's read-write key: give nodes a read-only "
-                              "R2 token (docs/r2.md, 'A read-only token for GPU nodes').")
+            raise LaunchError(
+                "R2_NODE_ACCESS_KEY_ID is the uploader's read-write key: give nodes a read-only "
+                "R2 token (docs/r2.md, 'A read-only token for GPU nodes')."
+            )
         return key_id, secret
     if settings.DEBUG:
         return settings.R2_ACCESS_KEY_ID, settings.R2_SECRET_ACCESS_KEY
-    raise LaunchError("R2_NODE_ACCESS_KEY_ID and R2_NODE_SECRET_ACCESS_KEY are not set: nodes need a read-only "
-                      "R2 token to stream weights (docs/r2.md, 'A read-only token for GPU nodes').")
+    raise LaunchError(
+        "R2_NODE_ACCESS_KEY_ID and R2_NODE_SECRET_ACCESS_KEY are not set: nodes need a read-only "
+        "R2 token to stream weights (docs/r2.md, 'A read-only token for GPU nodes')."
+    )
 
 
 def task_secrets(secrets: Secrets) -> dict[str, str]:
@@ -196,8 +215,10 @@ class SkyPilotLauncher(Launcher):
         if request_id and not node.launcher_state.get("launched"):
             status = sky.request_status(request_id)
             if status is None:
-                raise RetryableLaunchError(f"SkyPilot API server does not know launch request {request_id} "
-                                           "(restarted without its request database?)")
+                raise RetryableLaunchError(
+                    f"SkyPilot API server does not know launch request {request_id} "
+                    "(restarted without its request database?)"
+                )
             if status in {"PENDING", "WAITING", "RUNNING"}:
                 return PollResult(Progress.WAITING, message=status.lower())
             try:

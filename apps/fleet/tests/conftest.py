@@ -73,8 +73,12 @@ class FakeSky:
         req = self.requests[request_id]
         req.update(status="FAILED" if error else "SUCCEEDED", result=result, error=error)
         if req["kind"] == "launch" and not error:
-            self.clusters[req["cluster"]] = {"name": req["cluster"], "status": self.real.ClusterStatus.UP,
-                                             "launched_at": req["at"], "user_hash": req["user"]}
+            self.clusters[req["cluster"]] = {
+                "name": req["cluster"],
+                "status": self.real.ClusterStatus.UP,
+                "launched_at": req["at"],
+                "user_hash": req["user"],
+            }
             job_id = self.real_job_id(result)
             if job_id is not None:
                 self.jobs.setdefault((req["cluster"], job_id), "SETTING_UP")
@@ -104,13 +108,20 @@ class FakeSky:
 
         raise requests.exceptions.ConnectionError(
             "HTTPConnectionPool(host='skypilot.test', port=46580): Max retries exceeded with url: /api/get "
-            "(Caused by NewConnectionError('Failed to establish a new connection: [Errno 111] Connection refused'))")
+            "(Caused by NewConnectionError('Failed to establish a new connection: [Errno 111] Connection refused'))"
+        )
 
     def _new(self, kind: str, cluster: str | None = None, **extra: Any) -> str:
         self._gone(health_checked=True)
         rid = f"req-{len(self.requests) + 1}"
-        self.requests[rid] = {"kind": kind, "cluster": cluster, "status": "RUNNING", "at": 1_000_000.0,
-                              "user": self.caller(), **extra}
+        self.requests[rid] = {
+            "kind": kind,
+            "cluster": cluster,
+            "status": "RUNNING",
+            "at": 1_000_000.0,
+            "user": self.caller(),
+            **extra,
+        }
         return rid
 
     def _finished_with(self, result: Any) -> str:
@@ -145,11 +156,24 @@ class FakeSky:
         from sky.server.requests.payloads import RequestPayload
 
         request_ids = args[0] if args else kwargs.get("request_ids")
-        return [RequestPayload(request_id=rid, name=self.requests[rid]["kind"], entrypoint="", request_body="",
-                               status=self.requests[rid]["status"], created_at=self.requests[rid]["at"],
-                               user_id=self.requests[rid]["user"], return_value="", error="", pid=None,
-                               schedule_type="short", cluster_name=self.requests[rid]["cluster"])
-                for rid in request_ids if rid in self.requests]
+        return [
+            RequestPayload(
+                request_id=rid,
+                name=self.requests[rid]["kind"],
+                entrypoint="",
+                request_body="",
+                status=self.requests[rid]["status"],
+                created_at=self.requests[rid]["at"],
+                user_id=self.requests[rid]["user"],
+                return_value="",
+                error="",
+                pid=None,
+                schedule_type="short",
+                cluster_name=self.requests[rid]["cluster"],
+            )
+            for rid in request_ids
+            if rid in self.requests
+        ]
 
     def api_cancel(self, *args: Any, **kwargs: Any) -> str:
         self._check("api_cancel", *args, **kwargs)
@@ -177,8 +201,9 @@ class FakeSky:
         if req["status"] not in {"SUCCEEDED", "FAILED", "CANCELLED"}:
             raise AssertionError("sky.get on an unfinished request would block the worker")
         if req["status"] == "CANCELLED":
-            raise self.real.exceptions.RequestCancelled(f"Current {req['kind']!r} request ({request_id}) is "
-                                                        "cancelled by another process.")
+            raise self.real.exceptions.RequestCancelled(
+                f"Current {req['kind']!r} request ({request_id}) is cancelled by another process."
+            )
         if req.get("error") is not None:
             raise req["error"]
         return req.get("result")
@@ -191,13 +216,32 @@ class FakeSky:
         names = kwargs.get("cluster_names", args[0] if args else None)
         caller, everyone = self.caller(), kwargs.get("all_users", False)
         rid = self._new("status")
-        visible = [c for n, c in self.clusters.items()
-                   if (names is None or n in names) and (everyone or c.get("user_hash", self.default_user) == caller)]
+        visible = [
+            c
+            for n, c in self.clusters.items()
+            if (names is None or n in names) and (everyone or c.get("user_hash", self.default_user) == caller)
+        ]
         if not self.status_hangs:
-            self.finish(rid, result=[StatusResponse(
-                name=c["name"], launched_at=int(c["launched_at"]), status=c["status"], autostop=-1, to_down=False,
-                cluster_hash="0" * 8, cluster_ever_up=True, user_hash=c.get("user_hash", self.default_user),
-                user_name="crosslogic", workspace="default", is_managed=False, nodes=1) for c in visible])
+            self.finish(
+                rid,
+                result=[
+                    StatusResponse(
+                        name=c["name"],
+                        launched_at=int(c["launched_at"]),
+                        status=c["status"],
+                        autostop=-1,
+                        to_down=False,
+                        cluster_hash="0" * 8,
+                        cluster_ever_up=True,
+                        user_hash=c.get("user_hash", self.default_user),
+                        user_name="crosslogic",
+                        workspace="default",
+                        is_managed=False,
+                        nodes=1,
+                    )
+                    for c in visible
+                ],
+            )
         return rid
 
     def endpoints(self, *args: Any, **kwargs: Any) -> str:
@@ -244,8 +288,9 @@ class FakeSky:
         self.calls[-1] = ("down", cluster_name)
         rid = self._new("down", cluster_name)
         if cluster_name not in self.clusters:  # the server's answer, raised by sky.get
-            self.finish(rid, error=self.real.exceptions.ClusterDoesNotExist(
-                f"Cluster {cluster_name!r} does not exist."))
+            self.finish(
+                rid, error=self.real.exceptions.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
+            )
         return rid
 
     def _enabled_clouds(self, *args: Any, **kwargs: Any) -> str:
@@ -267,8 +312,12 @@ def fake_sky(monkeypatch, settings, real_sky) -> FakeSky:
     settings.SKYPILOT_API_SERVER_ENDPOINT = "http://skypilot.test:46580"
     # Tests run with DEBUG off, like production: nodes need their own read-only R2 token.
     settings.R2_NODE_ACCESS_KEY_ID, settings.R2_NODE_SECRET_ACCESS_KEY = "node-ro-key", "node-ro-secret"
-    for name in ("SKYPILOT_API_SERVER_ENDPOINT", "SKYPILOT_USER_ID", "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
-                 "SKYPILOT_DISABLE_LOCAL_API_SERVER"):
+    for name in (
+        "SKYPILOT_API_SERVER_ENDPOINT",
+        "SKYPILOT_USER_ID",
+        "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER",
+    ):
         monkeypatch.delenv(name, raising=False)  # apps.fleet.sky sets them; restored after the test
     fake = FakeSky(real=real_sky)
     monkeypatch.setattr(fleet_sky, "_sdk", lambda: fake)
@@ -280,9 +329,15 @@ def served_model(db):
     from apps.catalog.services import model_create
 
     return model_create(
-        name="llama-3-8b-instruct", hf_repo="meta-llama/Meta-Llama-3-8B-Instruct",
-        storage_uri="s3://crosslogic-weights/models/llama-3-8b-instruct", total_bytes=16_060_522_240,
-        dtype="bfloat16", max_model_len=8192, tensor_parallel_size=1, gpu_memory_utilization=0.92,
-        accelerator="L4:1", extra_vllm_args=["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME"],
+        name="llama-3-8b-instruct",
+        hf_repo="meta-llama/Meta-Llama-3-8B-Instruct",
+        storage_uri="s3://crosslogic-weights/models/llama-3-8b-instruct",
+        total_bytes=16_060_522_240,
+        dtype="bfloat16",
+        max_model_len=8192,
+        tensor_parallel_size=1,
+        gpu_memory_utilization=0.92,
+        accelerator="L4:1",
+        extra_vllm_args=["--enable-prefix-caching", "--chat-template", "{{ x }} 'q' $HOME"],
         max_replicas=5,
     )

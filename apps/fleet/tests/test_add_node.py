@@ -22,8 +22,9 @@ pytestmark = [pytest.mark.django_db, pytest.mark.slow]  # starts simulator proce
 
 @pytest.fixture(scope="module")
 def sim():
-    with run_simulator_process(model="llama-3-8b", api_key="static-node-key", ttft_ms=1, itl_ms=0,
-                               light=True) as handle:
+    with run_simulator_process(
+        model="llama-3-8b", api_key="static-node-key", ttft_ms=1, itl_ms=0, light=True
+    ) as handle:
         yield handle
 
 
@@ -46,16 +47,16 @@ def test_a_healthy_endpoint_becomes_a_ready_static_node_with_its_key_kept(catalo
     assert static_key(node.pk, node.launcher_state) == "static-node-key"
     assert "static-node-key" not in json.dumps(node.launcher_state)  # sealed, never in clear
     assert node.health_latency_ms is not None and node.last_health_at is not None
-    assert NodeEvent.objects.filter(node=node, from_status=NodeStatus.PENDING, to_status=NodeStatus.READY,
-                                    actor="add_node").exists()
+    assert NodeEvent.objects.filter(
+        node=node, from_status=NodeStatus.PENDING, to_status=NodeStatus.READY, actor="add_node"
+    ).exists()
     assert "is ready" in out.getvalue()
     assert "static-node-key" not in out.getvalue()
     assert sim.stats()["authorization_headers"] == ["Bearer static-node-key"]  # the /v1/models check
 
 
 def test_an_sdk_style_base_url_is_accepted(catalog_model, sim):
-    call_command("add_node", model="llama-3-8b", endpoint=sim.url + "/v1", api_key="static-node-key",
-                 stdout=StringIO())
+    call_command("add_node", model="llama-3-8b", endpoint=sim.url + "/v1", api_key="static-node-key", stdout=StringIO())
 
     node = Node.objects.get()
     assert node.endpoint_url == sim.url and node.status == NodeStatus.READY
@@ -74,8 +75,10 @@ def test_an_unreachable_endpoint_leaves_a_failed_node_and_a_nonzero_exit(catalog
     assert NodeEvent.objects.filter(node=node, to_status=NodeStatus.FAILED).exists()
 
 
-@pytest.mark.parametrize(("api_key", "reason"), [("wrong-key", "the server refused the API key"),
-                                                 (None, "the server requires an API key (--api-key)")])
+@pytest.mark.parametrize(
+    ("api_key", "reason"),
+    [("wrong-key", "the server refused the API key"), (None, "the server requires an API key (--api-key)")],
+)
 def test_a_server_that_refuses_our_key_is_failed(catalog_model, sim, api_key, reason):
     with pytest.raises(CommandError, match=re.escape(reason)):
         call_command("add_node", model="llama-3-8b", endpoint=sim.url, api_key=api_key, stdout=StringIO())

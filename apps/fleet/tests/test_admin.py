@@ -22,15 +22,23 @@ def admin_client_(staff_user) -> Client:
 
 
 def test_launch_form_previews_the_skypilot_task_with_secrets_redacted_then_launches(
-        admin_client_, served_model, settings) -> None:
+    admin_client_, served_model, settings
+) -> None:
     settings.R2_SECRET_ACCESS_KEY = "r2-secret-that-must-not-show"
     url = reverse("admin:fleet_node_launch")
     empty = admin_client_.get(url)
     assert empty.status_code == 200 and 'value="Preview"' in empty.content.decode()
     changelist = admin_client_.get(reverse("admin:fleet_node_changelist")).content.decode()
     assert f'href="{url}"' in changelist
-    form = {"model": served_model.pk, "launcher": "skypilot", "cloud": "aws", "region": "us-east-1",
-            "accelerator": "", "use_spot": "on", "count": 2}
+    form = {
+        "model": served_model.pk,
+        "launcher": "skypilot",
+        "cloud": "aws",
+        "region": "us-east-1",
+        "accelerator": "",
+        "use_spot": "on",
+        "count": 2,
+    }
 
     preview = admin_client_.post(url, {**form, "preview": "1"})
 
@@ -49,8 +57,10 @@ def test_launch_form_previews_the_skypilot_task_with_secrets_redacted_then_launc
 def test_launch_form_shows_the_local_command_and_field_errors(admin_client_, served_model) -> None:
     url = reverse("admin:fleet_node_launch")
     local = admin_client_.post(url, {"model": served_model.pk, "launcher": "local", "count": 1, "preview": "1"})
-    assert "run_local_node" in local.content.decode() and "CROSSLOGIC_REGISTRATION_TOKEN=&lt;redacted&gt;" in \
-        local.content.decode()
+    assert (
+        "run_local_node" in local.content.decode()
+        and "CROSSLOGIC_REGISTRATION_TOKEN=&lt;redacted&gt;" in local.content.decode()
+    )
     served_model.max_replicas = 1
     served_model.save()
     refused = admin_client_.post(url, {"model": served_model.pk, "launcher": "local", "count": 2, "confirm": "1"})
@@ -64,9 +74,13 @@ def test_node_page_shows_events_load_and_cold_start_but_no_secrets(admin_client_
     node_transition(node=node, to=NodeStatus.PROVISIONING, registration_token_digest=token_hash)
     node_transition(node=node, to=NodeStatus.LOADING, reason="registered")
     node_transition(node=node, to=NodeStatus.READY, reason="health check passed")
-    Node.objects.filter(pk=node.pk).update(requests_running=3, requests_waiting=1, kv_cache_usage=0.4,
-                                           last_health_at=node.ready_at,
-                                           launcher_state={"pid": 4242, "static_api_key": "sk-static-secret-1"})
+    Node.objects.filter(pk=node.pk).update(
+        requests_running=3,
+        requests_waiting=1,
+        kv_cache_usage=0.4,
+        last_health_at=node.ready_at,
+        launcher_state={"pid": 4242, "static_api_key": "sk-static-secret-1"},
+    )
 
     page = admin_client_.get(reverse("admin:fleet_node_change", args=[node.pk]))
 
@@ -98,16 +112,22 @@ def test_node_events_are_append_only_in_the_admin(admin_client_, node) -> None:
     event = NodeEvent.objects.filter(node=node).first()
     assert admin_client_.get(reverse("admin:fleet_nodeevent_changelist")).status_code == 200
     assert admin_client_.get(reverse("admin:fleet_nodeevent_add")).status_code == 403
-    assert admin_client_.post(reverse("admin:fleet_nodeevent_delete", args=[event.pk]), {"post": "yes"}).status_code \
-        == 403
+    assert (
+        admin_client_.post(reverse("admin:fleet_nodeevent_delete", args=[event.pk]), {"post": "yes"}).status_code == 403
+    )
     view = admin_client_.post(reverse("admin:fleet_nodeevent_change", args=[event.pk]), {"message": "rewritten"})
     assert view.status_code == 403 or NodeEvent.objects.get(pk=event.pk).message != "rewritten"
 
 
-def test_changelist_queries_do_not_grow_with_the_fleet(admin_client_, served_model,
-                                                       django_assert_max_num_queries) -> None:
-    Node.objects.bulk_create([Node(model=served_model, launcher="static", cluster_name=f"bulk-{i}",
-                                             status=NodeStatus.READY) for i in range(300)])
+def test_changelist_queries_do_not_grow_with_the_fleet(
+    admin_client_, served_model, django_assert_max_num_queries
+) -> None:
+    Node.objects.bulk_create(
+        [
+            Node(model=served_model, launcher="static", cluster_name=f"bulk-{i}", status=NodeStatus.READY)
+            for i in range(300)
+        ]
+    )
     url = reverse("admin:fleet_node_changelist")
     with django_assert_max_num_queries(12):
         page = admin_client_.get(url)

@@ -24,18 +24,29 @@ def _node(model, url: str, status: str) -> Node:
     return Node.objects.get(pk=node.pk)
 
 
-def test_loading_becomes_ready_on_first_success_and_load_is_recorded(served_model, redis_db,
-                                                                       django_capture_on_commit_callbacks) -> None:
+def test_loading_becomes_ready_on_first_success_and_load_is_recorded(
+    served_model, redis_db, django_capture_on_commit_callbacks
+) -> None:
     with run_simulator_process(model=served_model.name, itl_ms=50, ttft_ms=5) as sim:
         node = _node(served_model, sim.url, "loading")
         version_before = int(redis_db.get(invalidation.version_key(invalidation.ROUTING)) or 0)
+
         # Two streams in flight, so the node reports load.
         def stream() -> None:
-            with httpx.stream("POST", sim.base_url + "/chat/completions", timeout=30, json={
-                    "model": served_model.name, "stream": True, "max_tokens": 60,
-                    "messages": [{"role": "user", "content": "hi"}]}) as response:
+            with httpx.stream(
+                "POST",
+                sim.base_url + "/chat/completions",
+                timeout=30,
+                json={
+                    "model": served_model.name,
+                    "stream": True,
+                    "max_tokens": 60,
+                    "messages": [{"role": "user", "content": "hi"}],
+                },
+            ) as response:
                 for _ in response.iter_bytes():
                     pass
+
         threads = [threading.Thread(target=stream) for _ in range(2)]
         for t in threads:
             t.start()

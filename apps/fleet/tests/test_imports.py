@@ -50,7 +50,7 @@ def _cycle(graph: dict[str, set[str]]) -> list[str]:
         path.append(name)
         for child in sorted(graph[name]):
             if state.get(child) == 1:
-                return [*path[path.index(child):], child]
+                return [*path[path.index(child) :], child]
             if child not in state and (found := visit(child)):
                 return found
         path.pop()
@@ -69,8 +69,10 @@ def test_the_fleet_modules_import_each_other_without_a_cycle() -> None:
     assert _cycle(graph) == []
 
 
-@pytest.mark.parametrize("module", ["apps.fleet.transitions", "apps.fleet.lifecycle", "apps.fleet.health",
-                                    "apps.fleet.tasks", "apps.fleet.enqueue"])
+@pytest.mark.parametrize(
+    "module",
+    ["apps.fleet.transitions", "apps.fleet.lifecycle", "apps.fleet.health", "apps.fleet.tasks", "apps.fleet.enqueue"],
+)
 def test_the_lower_layers_do_not_import_services(module: str) -> None:
     imported, seen, todo = set(), set(), [module]
     while todo:
@@ -91,8 +93,13 @@ def test_no_fleet_module_imports_an_app_inside_a_function() -> None:
         for node in ast.walk(ast.parse(path.read_text())):
             if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
                 for inner in ast.walk(node):
-                    module = inner.module if isinstance(inner, ast.ImportFrom) else \
-                        ",".join(a.name for a in inner.names) if isinstance(inner, ast.Import) else None
+                    module = (
+                        inner.module
+                        if isinstance(inner, ast.ImportFrom)
+                        else ",".join(a.name for a in inner.names)
+                        if isinstance(inner, ast.Import)
+                        else None
+                    )
                     if module and module.startswith("apps."):
                         late.append(f"{path.name}:{inner.lineno} {module}")
     assert late == []
@@ -104,8 +111,11 @@ def test_no_task_is_named_in_a_string() -> None:
     strings = []
     for path in SOURCES:
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.Constant) and isinstance(node.value, str) and \
-                    any(name in node.value for name in names):
+            if (
+                isinstance(node, ast.Constant)
+                and isinstance(node.value, str)
+                and any(name in node.value for name in names)
+            ):
                 strings.append(f"{path.name}:{node.lineno} {node.value!r}")
     assert strings == []
 
@@ -152,15 +162,27 @@ def test_terminating_a_started_node_sends_its_teardown(served_model, sent) -> No
 @pytest.mark.django_db
 def test_a_relaunch_copies_the_placement_but_only_a_static_node_keeps_its_endpoint(served_model) -> None:
     profile = LaunchProfile.objects.create(name="us-first", placements=[{"cloud": "aws", "region": "us-east-1"}])
-    sky = node_create(model=served_model, launcher=Launcher.SKYPILOT, cloud="gcp", region="us-central1",
-                      accelerator="A100:1", use_spot=False, launch_profile=profile)
+    sky = node_create(
+        model=served_model,
+        launcher=Launcher.SKYPILOT,
+        cloud="gcp",
+        region="us-central1",
+        accelerator="A100:1",
+        use_spot=False,
+        launch_profile=profile,
+    )
     Node.objects.filter(pk=sky.pk).update(endpoint_url="http://10.0.0.7:8000")
     sky.refresh_from_db()
     static = node_create(model=served_model, launcher=Launcher.STATIC, endpoint_url="http://127.0.0.1:9")
 
     new = node_relaunch(node=sky)
-    assert Placement.of(new) == Placement(launcher="skypilot", cloud="gcp", region="us-central1",
-                                          accelerator="A100:1", use_spot=False, launch_profile=profile)
+    assert Placement.of(new) == Placement(
+        launcher="skypilot",
+        cloud="gcp",
+        region="us-central1",
+        accelerator="A100:1",
+        use_spot=False,
+        launch_profile=profile,
+    )
     assert new.endpoint_url == ""  # the old machine's address is not the new one's
     assert Placement.of(static).endpoint_url == "http://127.0.0.1:9"
-

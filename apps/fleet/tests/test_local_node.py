@@ -35,11 +35,19 @@ def test_run_local_node_needs_its_token(monkeypatch) -> None:
 
 @pytest.mark.django_db(transaction=True)
 def test_a_refused_registration_stops_the_node_and_its_simulator(live_server) -> None:
-    env = {**os.environ, "CROSSLOGIC_REGISTRATION_TOKEN": "clr_" + "x" * 48, "VLLM_API_KEY": "vk-test",
-           "CROSSLOGIC_CONTROL_PLANE_URL": live_server.url}
+    env = {
+        **os.environ,
+        "CROSSLOGIC_REGISTRATION_TOKEN": "clr_" + "x" * 48,
+        "VLLM_API_KEY": "vk-test",
+        "CROSSLOGIC_CONTROL_PLANE_URL": live_server.url,
+    }
     proc = subprocess.run(
         [sys.executable, "manage.py", "run_local_node", "--node-id", "1", "--model", "m", "--timeout-s", "30"],
-        cwd=settings.BASE_DIR, env=env, capture_output=True, text=True, timeout=60,
+        cwd=settings.BASE_DIR,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert proc.returncode != 0
     assert "registration refused (401)" in proc.stderr + proc.stdout

@@ -6,7 +6,7 @@ import math
 
 from apps.fleet.metrics import parse_samples, parse_vllm_load
 
-VLLM_METRICS = r'''# HELP vllm:num_requests_running Number of requests in model execution batches.
+VLLM_METRICS = r"""# HELP vllm:num_requests_running Number of requests in model execution batches.
 # TYPE vllm:num_requests_running gauge
 vllm:num_requests_running{engine="0",model_name="meta-llama/Llama-3-8B"} 3.0
 vllm:num_requests_running{engine="1",model_name="meta-llama/Llama-3-8B"} 2.0
@@ -23,7 +23,7 @@ vllm:kv_cache_usage_perc{engine="1",model_name="meta-llama/Llama-3-8B"} 0.75
 vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="meta-llama/Llama-3-8B"} 12.0
 vllm:num_requests_running_total{engine="0"} 999
 python_gc_objects_collected_total{generation="0"} 1234.0
-'''
+"""
 
 
 def test_sums_running_and_waiting_over_engines_and_averages_kv_usage() -> None:
@@ -35,7 +35,7 @@ def test_sums_running_and_waiting_over_engines_and_averages_kv_usage() -> None:
 def test_labels_with_spaces_braces_and_escaped_quotes_do_not_confuse_the_parser() -> None:
     text = (
         'vllm:num_requests_running{model_name="a \\"weird} {name\\" x",engine="0"} 4 1700000000000\n'
-        'vllm:num_requests_waiting 2e0\n'
+        "vllm:num_requests_waiting 2e0\n"
         "vllm:kv_cache_usage_perc{} +Inf\n"
     )
     load = parse_vllm_load(text)
@@ -43,7 +43,7 @@ def test_labels_with_spaces_braces_and_escaped_quotes_do_not_confuse_the_parser(
 
 
 def test_garbage_and_missing_metrics_give_unknown_not_an_error() -> None:
-    text = "not prometheus at all\n{broken\nvllm:num_requests_running{unterminated=\"x 5\n\n# only comments\n"
+    text = 'not prometheus at all\n{broken\nvllm:num_requests_running{unterminated="x 5\n\n# only comments\n'
     assert parse_vllm_load(text).running is None
     assert parse_vllm_load("").kv_cache_usage is None
 

@@ -76,8 +76,9 @@ def test_a_vanished_cluster_is_marked_preempted_and_replaced(served_model, fake_
     assert (replacement.launcher, replacement.cloud, replacement.status) == ("skypilot", "aws", "pending")
 
 
-def test_a_status_refresh_that_never_ends_is_cancelled_and_nothing_is_called_vanished(served_model, fake_sky,
-                                                                                      settings) -> None:
+def test_a_status_refresh_that_never_ends_is_cancelled_and_nothing_is_called_vanished(
+    served_model, fake_sky, settings
+) -> None:
     settings.FLEET_SKY_STATUS_TIMEOUT_S = 0.3
     _keep(served_model, 1)
     node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready")
@@ -98,12 +99,14 @@ def test_orphan_clusters_are_torn_down_after_the_grace_period(served_model, fake
     up = real_sky.ClusterStatus.UP
     now = timezone.now().timestamp()
     live = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading")
-    fake_sky.clusters.update({
-        "crosslogic-99999": {"name": "crosslogic-99999", "status": up, "launched_at": now - 3600},  # orphan
-        "crosslogic-99998": {"name": "crosslogic-99998", "status": up, "launched_at": now - 30},  # too young
-        "crosslogic-dev-box": {"name": "crosslogic-dev-box", "status": up, "launched_at": 1},  # not one of ours
-        live.cluster_name: {"name": live.cluster_name, "status": up, "launched_at": now - 3600},
-    })
+    fake_sky.clusters.update(
+        {
+            "crosslogic-99999": {"name": "crosslogic-99999", "status": up, "launched_at": now - 3600},  # orphan
+            "crosslogic-99998": {"name": "crosslogic-99998", "status": up, "launched_at": now - 30},  # too young
+            "crosslogic-dev-box": {"name": "crosslogic-dev-box", "status": up, "launched_at": 1},  # not one of ours
+            live.cluster_name: {"name": live.cluster_name, "status": up, "launched_at": now - 3600},
+        }
+    )
 
     report = reconcile()
 
@@ -130,10 +133,15 @@ def test_draining_waits_for_in_flight_requests_then_terminates(served_model, set
 
 def test_a_drain_that_never_empties_is_bounded(served_model, settings) -> None:
     settings.FLEET_DRAIN_TIMEOUT_S = 60
-    node = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
-                 "loading", "ready", "draining")
-    Node.objects.filter(pk=node.pk).update(requests_running=5, last_health_at=timezone.now(),
-                                           status_changed_at=timezone.now() - timedelta(seconds=61))
+    node = _walk(
+        node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+        "loading",
+        "ready",
+        "draining",
+    )
+    Node.objects.filter(pk=node.pk).update(
+        requests_running=5, last_health_at=timezone.now(), status_changed_at=timezone.now() - timedelta(seconds=61)
+    )
     reconcile()
     node.refresh_from_db()
     assert node.status == NodeStatus.TERMINATING and "drain timed out" in node.status_reason
@@ -142,8 +150,12 @@ def test_a_drain_that_never_empties_is_bounded(served_model, settings) -> None:
 def test_a_long_unhealthy_node_is_replaced(served_model, settings) -> None:
     settings.FLEET_REPLACE_UNHEALTHY_AFTER_S = 120
     _keep(served_model, 1)
-    node = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
-                 "loading", "ready", "unhealthy")
+    node = _walk(
+        node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
+        "loading",
+        "ready",
+        "unhealthy",
+    )
     assert reconcile().replaced_unhealthy == []
     Node.objects.filter(pk=node.pk).update(status_changed_at=timezone.now() - timedelta(seconds=121))
     report = reconcile()
@@ -165,8 +177,11 @@ def test_a_node_stuck_loading_past_the_launch_timeout_fails(served_model, settin
 def test_a_stopped_cluster_is_torn_down_and_replaced(served_model, fake_sky, real_sky) -> None:
     _keep(served_model, 1)
     node = _walk(node_create(model=served_model, launcher="skypilot", cloud="gcp"), "provisioning", "loading", "ready")
-    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.STOPPED,
-                                            "launched_at": 1.0}
+    fake_sky.clusters[node.cluster_name] = {
+        "name": node.cluster_name,
+        "status": real_sky.ClusterStatus.STOPPED,
+        "launched_at": 1.0,
+    }
     report = reconcile()
     node.refresh_from_db()
     assert node.status == NodeStatus.TERMINATING and node.status_reason == "preempted: cluster stopped"
@@ -177,8 +192,11 @@ def test_a_stopped_cluster_is_torn_down_and_replaced(served_model, fake_sky, rea
 
 def test_a_teardown_in_progress_is_not_queued_twice(served_model, fake_sky, real_sky) -> None:
     node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready")
-    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.UP,
-                                            "launched_at": 1.0}
+    fake_sky.clusters[node.cluster_name] = {
+        "name": node.cluster_name,
+        "status": real_sky.ClusterStatus.UP,
+        "launched_at": 1.0,
+    }
     node_transition(node=Node.objects.get(pk=node.pk), to="terminating")
     assert lifecycle.teardown_node(node.pk).then == "teardown"  # sky.down submitted, still running
 
@@ -203,9 +221,14 @@ def test_a_node_stuck_terminating_can_be_forced_to_terminated_and_its_teardown_i
 ) -> None:
     from apps.fleet.services import node_force_terminated
 
-    node = _walk(node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready", "terminating")
-    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.UP,
-                                            "launched_at": 1.0}
+    node = _walk(
+        node_create(model=served_model, launcher="skypilot"), "provisioning", "loading", "ready", "terminating"
+    )
+    fake_sky.clusters[node.cluster_name] = {
+        "name": node.cluster_name,
+        "status": real_sky.ClusterStatus.UP,
+        "launched_at": 1.0,
+    }
     state = Node.objects.get(pk=node.pk).launcher_state
     # A teardown chain that claims to be running (and never finishes): the reconciler leaves it alone.
     Node.objects.filter(pk=node.pk).update(launcher_state={**state, "teardown_at": time.time() + 3600})
@@ -240,6 +263,7 @@ def test_only_a_stuck_node_can_be_forced_to_terminated(served_model) -> None:
 
 
 # --- issue #10 item 3: the relaunch brake counts failures over hours, with back-off -------------
+
 
 def _failed_at(model, minutes_ago: float) -> Node:
     node = _walk(node_create(model=model, launcher="local"), "provisioning")
@@ -284,8 +308,9 @@ def test_a_ready_node_clears_the_brake(served_model, settings) -> None:
         _failed_at(served_model, minutes_ago)
     assert reconcile().launched == []
 
-    ok = _walk(node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"),
-               "loading", "ready")  # staff fixed the cause and launched one by hand
+    ok = _walk(
+        node_create(model=served_model, launcher="static", endpoint_url="http://127.0.0.1:9"), "loading", "ready"
+    )  # staff fixed the cause and launched one by hand
     Node.objects.filter(pk=ok.pk).update(ready_at=timezone.now() - timedelta(minutes=20))
     _walk(Node.objects.get(pk=ok.pk), "draining", "terminating", "terminated")
 

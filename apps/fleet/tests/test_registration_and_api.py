@@ -33,8 +33,11 @@ def provisioning(served_model):
 def test_a_good_token_registers_the_node_once(provisioning) -> None:
     node, raw = provisioning
     t0 = node.requested_at
-    body = {"endpoint_url": "http://10.0.0.5:8000", "provisioned_at": int((t0 + timedelta(seconds=40)).timestamp()),
-            "weights_loaded_at": (t0 + timedelta(seconds=46)).isoformat()}
+    body = {
+        "endpoint_url": "http://10.0.0.5:8000",
+        "provisioned_at": int((t0 + timedelta(seconds=40)).timestamp()),
+        "weights_loaded_at": (t0 + timedelta(seconds=46)).isoformat(),
+    }
 
     response = APIClient().post(REGISTER, body, format="json", HTTP_AUTHORIZATION=f"Bearer {raw}")
 
@@ -60,8 +63,7 @@ def test_a_wrong_token_is_401_and_changes_nothing(provisioning) -> None:
     assert node.status == NodeStatus.PROVISIONING and node.endpoint_url == ""
 
 
-def test_registration_attempts_are_throttled_per_address_and_a_good_token_still_waits(provisioning,
-                                                                                      redis_db) -> None:
+def test_registration_attempts_are_throttled_per_address_and_a_good_token_still_waits(provisioning, redis_db) -> None:
     node, raw = provisioning
     allowed = int(settings.REST_FRAMEWORK["DEFAULT_THROTTLE_RATES"]["node-register"].split("/")[0])
     client = APIClient(REMOTE_ADDR="203.0.113.7")
@@ -75,8 +77,9 @@ def test_registration_attempts_are_throttled_per_address_and_a_good_token_still_
     assert redis_db.keys("crosslogic:*throttle_node-register_203.0.113.7")  # counted in the shared Redis
     node.refresh_from_db()
     assert node.status == NodeStatus.PROVISIONING  # nothing happened
-    other = APIClient(REMOTE_ADDR="203.0.113.8").post(REGISTER, {"token": raw, "endpoint_url": "http://10.0.0.5:8000"},
-                                                       format="json")
+    other = APIClient(REMOTE_ADDR="203.0.113.8").post(
+        REGISTER, {"token": raw, "endpoint_url": "http://10.0.0.5:8000"}, format="json"
+    )
     assert other.status_code == 200  # another address is not held back
 
 

@@ -40,10 +40,17 @@ def _free_port() -> int:
 
 
 def _server_env(home: Path, port: int) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("AWS_", "AZURE_", "GOOGLE_", "SKYPILOT_", "KUBECONFIG"))}
-    return {**env, "HOME": str(home), "SKYPILOT_API_SERVER_LOCAL_PORT": str(port),
-            "SKYPILOT_DISABLE_USAGE_COLLECTION": "1"}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not k.startswith(("AWS_", "AZURE_", "GOOGLE_", "SKYPILOT_", "KUBECONFIG"))
+    }
+    return {
+        **env,
+        "HOME": str(home),
+        "SKYPILOT_API_SERVER_LOCAL_PORT": str(port),
+        "SKYPILOT_DISABLE_USAGE_COLLECTION": "1",
+    }
 
 
 @pytest.fixture(scope="module")
@@ -56,8 +63,13 @@ def sky_server(tmp_path_factory) -> Iterator[str]:
     port = _free_port()
     env = _server_env(home, port)
     try:  # stopped in `finally` even when the start times out half-way
-        started = subprocess.run([str(SKY_CLI), "api", "start", "--host", "127.0.0.1", "--port", str(port)],
-                                 env=env, capture_output=True, text=True, timeout=180)
+        started = subprocess.run(
+            [str(SKY_CLI), "api", "start", "--host", "127.0.0.1", "--port", str(port)],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=180,
+        )
         assert started.returncode == 0, started.stdout + started.stderr
         url = f"http://127.0.0.1:{port}"
         _warm_up(url, env)
@@ -84,8 +96,12 @@ def _seed_cluster(server_url: str, name: str, *, owner: str) -> None:
         # The owner talks to the server, as the launch did: the server then knows the user.
         "sky.get(sky.status())"
     )
-    env = {**_SERVER_ENV[server_url], "SKYPILOT_USER_ID": owner, "SKYPILOT_API_SERVER_ENDPOINT": server_url,
-           "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
+    env = {
+        **_SERVER_ENV[server_url],
+        "SKYPILOT_USER_ID": owner,
+        "SKYPILOT_API_SERVER_ENDPOINT": server_url,
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1",
+    }
     env.pop("SKYPILOT_API_SERVER_LOCAL_PORT")
     result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-2000:]
@@ -94,9 +110,11 @@ def _seed_cluster(server_url: str, name: str, *, owner: str) -> None:
 def _warm_up(url: str, env: dict[str, str]) -> None:
     """The server's request workers start (and import sky) on the first requests: on a busy
     machine that takes tens of seconds, which is not what the tests measure."""
-    code = ("import sky, sky.client.sdk as s; sky.get(sky.status(all_users=True)); sky.get(s.enabled_clouds()); "
-            "t = sky.Task.from_yaml_config({'name': 'w', 'resources': {'infra': 'aws/us-east-1'}, 'run': 'true'});"
-            "rid = sky.launch(t, cluster_name='warmup'); sky.api_cancel(rid)")
+    code = (
+        "import sky, sky.client.sdk as s; sky.get(sky.status(all_users=True)); sky.get(s.enabled_clouds()); "
+        "t = sky.Task.from_yaml_config({'name': 'w', 'resources': {'infra': 'aws/us-east-1'}, 'run': 'true'});"
+        "rid = sky.launch(t, cluster_name='warmup'); sky.api_cancel(rid)"
+    )
     client_env = {**env, "SKYPILOT_API_SERVER_ENDPOINT": url, "SKYPILOT_DISABLE_LOCAL_API_SERVER": "1"}
     client_env.pop("SKYPILOT_API_SERVER_LOCAL_PORT")
     subprocess.run([sys.executable, "-c", code], env=client_env, capture_output=True, timeout=300)
@@ -112,8 +130,12 @@ def real_server(sky_server, settings, monkeypatch) -> str:
     settings.CONTROL_PLANE_URL = "https://cp.crosslogic.example"
     settings.R2_ENDPOINT_URL = "https://acct.r2.cloudflarestorage.com"
     settings.R2_NODE_ACCESS_KEY_ID, settings.R2_NODE_SECRET_ACCESS_KEY = "node-ro-key", "node-ro-secret"
-    for name in ("SKYPILOT_API_SERVER_ENDPOINT", "SKYPILOT_USER_ID", "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
-                 "SKYPILOT_DISABLE_LOCAL_API_SERVER"):
+    for name in (
+        "SKYPILOT_API_SERVER_ENDPOINT",
+        "SKYPILOT_USER_ID",
+        "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER",
+    ):
         monkeypatch.delenv(name, raising=False)  # apps.fleet.sky sets them; restored after each test
     return sky_server
 
@@ -133,8 +155,9 @@ def _poll_until_settled(node: Node, *, within_s: float) -> list[lifecycle.Step]:
 
 
 def _sky_node(model) -> Node:
-    return node_create(model=model, launcher="skypilot", cloud="aws", region="us-east-1", accelerator="L4:1",
-                       use_spot=False)
+    return node_create(
+        model=model, launcher="skypilot", cloud="aws", region="us-east-1", accelerator="L4:1", use_spot=False
+    )
 
 
 def test_status_over_all_users_is_accepted_and_returns_the_real_types(real_server) -> None:
@@ -208,8 +231,7 @@ def test_request_status_and_a_cancelled_launch(real_server, served_model) -> Non
     assert node.status == NodeStatus.FAILED and "SkyPilot request cancelled" in node.status_reason
 
 
-def test_the_server_going_away_mid_poll_is_retried_then_followed_again(real_server, served_model,
-                                                                       settings) -> None:
+def test_the_server_going_away_mid_poll_is_retried_then_followed_again(real_server, served_model, settings) -> None:
     node = _sky_node(served_model)
     lifecycle.launch_node(node.pk)
 

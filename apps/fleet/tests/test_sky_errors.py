@@ -25,15 +25,19 @@ def _ready_sky_node(model, fake_sky, real_sky, *, owner: str) -> Node:
     node = node_create(model=model, launcher="skypilot", cloud="aws", region="us-east-1")
     for status in ("provisioning", "loading", "ready"):
         node_transition(node=node, to=status)
-    fake_sky.clusters[node.cluster_name] = {"name": node.cluster_name, "status": real_sky.ClusterStatus.UP,
-                                            "launched_at": 1_000_000, "user_hash": owner}
+    fake_sky.clusters[node.cluster_name] = {
+        "name": node.cluster_name,
+        "status": real_sky.ClusterStatus.UP,
+        "launched_at": 1_000_000,
+        "user_hash": owner,
+    }
     return _reload(node)
 
 
 # --- item 1: one identity, all users, our prefix ------------------------------------------------
 
-def test_a_worker_with_another_skypilot_identity_still_sees_the_live_clusters(served_model, fake_sky,
-                                                                              real_sky) -> None:
+
+def test_a_worker_with_another_skypilot_identity_still_sees_the_live_clusters(served_model, fake_sky, real_sky) -> None:
     # Launched by the previous deployment (another user hash); this worker is "worker-a".
     node = _ready_sky_node(served_model, fake_sky, real_sky, owner="old-deploy-7f3a")
 
@@ -41,19 +45,22 @@ def test_a_worker_with_another_skypilot_identity_still_sees_the_live_clusters(se
 
     assert report.preempted == [] and report.orphans == []
     assert _reload(node).status == NodeStatus.READY
-    (_, status_call), = [c for c in fake_sky.calls if c[0] == "status"]
+    ((_, status_call),) = [c for c in fake_sky.calls if c[0] == "status"]
     assert status_call["all_users"] is True
 
 
-def test_clusters_of_other_teams_on_a_shared_api_server_are_never_ours(served_model, fake_sky, real_sky,
-                                                                       settings) -> None:
+def test_clusters_of_other_teams_on_a_shared_api_server_are_never_ours(
+    served_model, fake_sky, real_sky, settings
+) -> None:
     settings.FLEET_ORPHAN_GRACE_S = 0
     up = real_sky.ClusterStatus.UP
-    fake_sky.clusters.update({
-        "research-42": {"name": "research-42", "status": up, "launched_at": 1, "user_hash": "alice"},
-        "worker-a-scratch": {"name": "worker-a-scratch", "status": up, "launched_at": 1, "user_hash": "worker-a"},
-        "crosslogic-777": {"name": "crosslogic-777", "status": up, "launched_at": 1, "user_hash": "worker-a"},
-    })
+    fake_sky.clusters.update(
+        {
+            "research-42": {"name": "research-42", "status": up, "launched_at": 1, "user_hash": "alice"},
+            "worker-a-scratch": {"name": "worker-a-scratch", "status": up, "launched_at": 1, "user_hash": "worker-a"},
+            "crosslogic-777": {"name": "crosslogic-777", "status": up, "launched_at": 1, "user_hash": "worker-a"},
+        }
+    )
     from apps.fleet import sky
 
     assert [c.name for c in sky.clusters()] == ["crosslogic-777"]
@@ -64,8 +71,12 @@ def test_clusters_of_other_teams_on_a_shared_api_server_are_never_ours(served_mo
 def test_the_pinned_skypilot_identity_is_what_the_sdk_sends(monkeypatch, settings) -> None:
     from apps.fleet import sky
 
-    for name in ("SKYPILOT_API_SERVER_ENDPOINT", "SKYPILOT_USER_ID", "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
-                 "SKYPILOT_DISABLE_LOCAL_API_SERVER"):
+    for name in (
+        "SKYPILOT_API_SERVER_ENDPOINT",
+        "SKYPILOT_USER_ID",
+        "SKYPILOT_SERVICE_ACCOUNT_TOKEN",
+        "SKYPILOT_DISABLE_LOCAL_API_SERVER",
+    ):
         monkeypatch.delenv(name, raising=False)  # restored after the test
     settings.SKYPILOT_API_SERVER_ENDPOINT = "http://skypilot.test:46580"
     settings.SKYPILOT_USER_ID = "crosslogic-fleet"
@@ -83,6 +94,7 @@ def test_the_pinned_skypilot_identity_is_what_the_sdk_sends(monkeypatch, setting
 
 # --- item 2: enabled_clouds ---------------------------------------------------------------------
 
+
 def test_enabled_clouds_comes_from_the_client_sdk_module(fake_sky, real_sky) -> None:
     from apps.fleet import sky
 
@@ -92,6 +104,7 @@ def test_enabled_clouds_comes_from_the_client_sdk_module(fake_sky, real_sky) -> 
 
 
 # --- item 4: every exception sky.get can raise has an outcome ------------------------------------
+
 
 def _instance(cls: type[BaseException]) -> BaseException:
     """An instance built the way the server's deserializer does: positional args of the right kind."""
@@ -110,8 +123,11 @@ def _instance(cls: type[BaseException]) -> BaseException:
 def _sky_exception_classes() -> list[type[BaseException]]:
     import sky.exceptions as exc_mod
 
-    return [obj for _, obj in inspect.getmembers(exc_mod, inspect.isclass)
-            if issubclass(obj, BaseException) and obj.__module__ == exc_mod.__name__]
+    return [
+        obj
+        for _, obj in inspect.getmembers(exc_mod, inspect.isclass)
+        if issubclass(obj, BaseException) and obj.__module__ == exc_mod.__name__
+    ]
 
 
 def test_the_fake_can_raise_every_exception_class_of_the_installed_skypilot() -> None:
@@ -121,13 +137,20 @@ def test_the_fake_can_raise_every_exception_class_of_the_installed_skypilot() ->
         assert isinstance(_instance(cls), cls)
 
 
-ERRORS = [*_sky_exception_classes(), requests.exceptions.ConnectionError, requests.exceptions.ReadTimeout,
-          RuntimeError, ValueError, KeyError]
+ERRORS = [
+    *_sky_exception_classes(),
+    requests.exceptions.ConnectionError,
+    requests.exceptions.ReadTimeout,
+    RuntimeError,
+    ValueError,
+    KeyError,
+]
 
 
 @pytest.mark.parametrize("error_cls", ERRORS, ids=lambda c: c.__name__)
-def test_every_error_a_launch_request_can_finish_with_gets_a_node_outcome(error_cls, served_model, fake_sky,
-                                                                          settings) -> None:
+def test_every_error_a_launch_request_can_finish_with_gets_a_node_outcome(
+    error_cls, served_model, fake_sky, settings
+) -> None:
     settings.FLEET_LAUNCH_POLL_S = 1
     node = node_create(model=served_model, launcher="skypilot", cloud="aws", region="us-east-1")
     lifecycle.launch_node(node.pk)
@@ -146,8 +169,9 @@ def test_every_error_a_launch_request_can_finish_with_gets_a_node_outcome(error_
 
 
 @pytest.mark.parametrize("unreachable_from", ["api_status", "get"])
-def test_a_server_that_went_away_mid_poll_is_retried_not_a_crash(unreachable_from, served_model, fake_sky,
-                                                                  real_sky) -> None:
+def test_a_server_that_went_away_mid_poll_is_retried_not_a_crash(
+    unreachable_from, served_model, fake_sky, real_sky
+) -> None:
     node = node_create(model=served_model, launcher="skypilot", cloud="aws", region="us-east-1")
     lifecycle.launch_node(node.pk)
     if unreachable_from == "get":

@@ -30,7 +30,7 @@ def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_
     assert node.status == NodeStatus.PROVISIONING and node.registration_token_digest
     rid = node.launcher_state["launch_request_id"]
     assert (step.then, step.again_in) == ("poll", settings.FLEET_LAUNCH_POLL_S)
-    (_, launch_call), = [c for c in fake_sky.calls if c[0] == "launch"]
+    ((_, launch_call),) = [c for c in fake_sky.calls if c[0] == "launch"]
     assert launch_call["cluster_name"] == node.cluster_name and launch_call["task"].secrets
 
     assert lifecycle.poll_launch(node.pk).then == "poll"  # still running: come back later
@@ -56,10 +56,16 @@ def test_successful_launch_polls_without_blocking_then_registers(sky_node, fake_
 
 def test_no_capacity_fails_the_node_with_the_failover_history(sky_node, fake_sky, real_sky) -> None:
     lifecycle.launch_node(sky_node.pk)
-    history = [real_sky.exceptions.ResourcesUnavailableError("Insufficient capacity for L4 in us-east-1 (spot)"),
-               real_sky.exceptions.ResourcesUnavailableError("InsufficientInstanceCapacity in us-west-2")]
-    fake_sky.finish(fake_sky.last("launch"), error=real_sky.exceptions.ResourcesUnavailableError(
-        "Failed to provision all possible launchable resources.", failover_history=history))
+    history = [
+        real_sky.exceptions.ResourcesUnavailableError("Insufficient capacity for L4 in us-east-1 (spot)"),
+        real_sky.exceptions.ResourcesUnavailableError("InsufficientInstanceCapacity in us-west-2"),
+    ]
+    fake_sky.finish(
+        fake_sky.last("launch"),
+        error=real_sky.exceptions.ResourcesUnavailableError(
+            "Failed to provision all possible launchable resources.", failover_history=history
+        ),
+    )
 
     lifecycle.poll_launch(sky_node.pk)
 
@@ -110,8 +116,11 @@ def test_a_retried_launch_task_never_launches_twice(sky_node, fake_sky) -> None:
 
 
 def test_an_existing_cluster_of_the_same_name_is_adopted_not_relaunched(sky_node, fake_sky, real_sky) -> None:
-    fake_sky.clusters[sky_node.cluster_name] = {"name": sky_node.cluster_name, "status": real_sky.ClusterStatus.UP,
-                                                "launched_at": 1.0}
+    fake_sky.clusters[sky_node.cluster_name] = {
+        "name": sky_node.cluster_name,
+        "status": real_sky.ClusterStatus.UP,
+        "launched_at": 1.0,
+    }
     fake_sky.jobs[(sky_node.cluster_name, 1)] = "RUNNING"
     lifecycle.launch_node(sky_node.pk)
     assert not [c for c in fake_sky.calls if c[0] == "launch"]
@@ -158,7 +167,7 @@ def test_no_api_server_configured_fails_without_starting_one(served_model, setti
 
 def test_a_node_registering_before_its_launch_is_seen_still_gets_its_endpoint(sky_node, fake_sky) -> None:
     lifecycle.launch_node(sky_node.pk)
-    (_, launch_call), = [c for c in fake_sky.calls if c[0] == "launch"]
+    ((_, launch_call),) = [c for c in fake_sky.calls if c[0] == "launch"]
     token = launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value()
     node_register(token=token, health_ok=True)  # a SkyPilot node does not send its endpoint
     assert _reload(sky_node).status == NodeStatus.LOADING
@@ -201,10 +210,13 @@ def test_fleet_check_without_an_api_server_names_the_setting(settings) -> None:
 
 # --- issue #10 item 3: the job, not just the launch request ------------------------------------
 
-PIP_FAILURE = "\n".join([f"Collecting dependency {i}" for i in range(60)] + [
-    "ERROR: Could not find a version that satisfies the requirement vllm[runai]==0.11.0",
-    "ERROR: No matching distribution found for vllm[runai]==0.11.0",
-])
+PIP_FAILURE = "\n".join(
+    [f"Collecting dependency {i}" for i in range(60)]
+    + [
+        "ERROR: Could not find a version that satisfies the requirement vllm[runai]==0.11.0",
+        "ERROR: No matching distribution found for vllm[runai]==0.11.0",
+    ]
+)
 
 
 def _launched(sky_node, fake_sky) -> Node:
@@ -215,8 +227,9 @@ def _launched(sky_node, fake_sky) -> Node:
 
 
 @pytest.mark.parametrize("job_status", ["FAILED_SETUP", "FAILED", "FAILED_DRIVER", "SUCCEEDED", "CANCELLED"])
-def test_a_job_that_dies_after_launch_fails_the_node_with_its_log_and_downs_it(job_status, sky_node, fake_sky,
-                                                                               settings) -> None:
+def test_a_job_that_dies_after_launch_fails_the_node_with_its_log_and_downs_it(
+    job_status, sky_node, fake_sky, settings
+) -> None:
     node = _launched(sky_node, fake_sky)
     assert node.status == NodeStatus.PROVISIONING and node.launcher_state["job_id"] == 1
     fake_sky.jobs[(node.cluster_name, 1)] = job_status
@@ -229,7 +242,7 @@ def test_a_job_that_dies_after_launch_fails_the_node_with_its_log_and_downs_it(j
     assert f"job 1 {job_status.lower().replace('_', ' ')}" in node.status_reason
     assert "No matching distribution found for vllm[runai]==0.11.0" in node.status_reason
     assert "Collecting dependency 0\n" not in node.status_reason  # bounded: the last lines only
-    (_, tail_call), = [c for c in fake_sky.calls if c[0] == "tail_logs"]
+    ((_, tail_call),) = [c for c in fake_sky.calls if c[0] == "tail_logs"]
     assert tail_call[1]["follow"] is False and 0 < tail_call[1]["tail"] <= 100
     assert step.then == "teardown"
     lifecycle.teardown_node(node.pk)
@@ -238,9 +251,10 @@ def test_a_job_that_dies_after_launch_fails_the_node_with_its_log_and_downs_it(j
 
 def test_a_vllm_crash_while_loading_is_caught_after_registration(sky_node, fake_sky) -> None:
     node = _launched(sky_node, fake_sky)
-    (_, launch_call), = [c for c in fake_sky.calls if c[0] == "launch"]
-    node_register(token=launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value(),
-                  health_ok=False)
+    ((_, launch_call),) = [c for c in fake_sky.calls if c[0] == "launch"]
+    node_register(
+        token=launch_call["task"].secrets["CROSSLOGIC_REGISTRATION_TOKEN"].get_secret_value(), health_ok=False
+    )
     fake_sky.jobs[(node.cluster_name, 1)] = "RUNNING"
     assert lifecycle.poll_launch(node.pk).then == "poll"
     assert _reload(node).status == NodeStatus.LOADING
@@ -271,8 +285,12 @@ def test_a_cluster_not_up_while_watching_is_not_a_failure(sky_node, fake_sky, re
 
     def not_up(*args, **kwargs):
         rid = original(*args, **kwargs)
-        fake_sky.requests[rid].update(status="FAILED", error=real_sky.exceptions.ClusterNotUpError(
-            f"{node.cluster_name} is not up (INIT)", cluster_status=real_sky.ClusterStatus.INIT))
+        fake_sky.requests[rid].update(
+            status="FAILED",
+            error=real_sky.exceptions.ClusterNotUpError(
+                f"{node.cluster_name} is not up (INIT)", cluster_status=real_sky.ClusterStatus.INIT
+            ),
+        )
         return rid
 
     fake_sky.job_status = not_up
@@ -280,15 +298,19 @@ def test_a_cluster_not_up_while_watching_is_not_a_failure(sky_node, fake_sky, re
     assert _reload(node).status == NodeStatus.PROVISIONING
 
 
-@pytest.mark.parametrize(("control_plane", "endpoint", "flagged"), [
-    ("http://127.0.0.1:8000", "https://skypilot.internal", "loopback address"),
-    ("http://localhost:8000", "https://skypilot.internal", "loopback address"),
-    ("http://[::1]:8000", "https://skypilot.internal", "loopback address"),
-    ("https://cp.crosslogic.example", "http://skypilot.internal:46580", "plain http to another host"),
-    ("https://cp.crosslogic.example", "http://10.0.0.5:46580", "plain http to another host"),
-])
-def test_fleet_check_flags_settings_that_break_or_leak_on_a_real_launch(control_plane, endpoint, flagged,
-                                                                        fake_sky, settings) -> None:
+@pytest.mark.parametrize(
+    ("control_plane", "endpoint", "flagged"),
+    [
+        ("http://127.0.0.1:8000", "https://skypilot.internal", "loopback address"),
+        ("http://localhost:8000", "https://skypilot.internal", "loopback address"),
+        ("http://[::1]:8000", "https://skypilot.internal", "loopback address"),
+        ("https://cp.crosslogic.example", "http://skypilot.internal:46580", "plain http to another host"),
+        ("https://cp.crosslogic.example", "http://10.0.0.5:46580", "plain http to another host"),
+    ],
+)
+def test_fleet_check_flags_settings_that_break_or_leak_on_a_real_launch(
+    control_plane, endpoint, flagged, fake_sky, settings
+) -> None:
     from io import StringIO
 
     from django.core.management import CommandError, call_command

@@ -94,7 +94,9 @@ def test_the_vllm_key_travels_only_in_the_environment_never_on_the_command_line(
 def test_nodes_stream_weights_with_the_read_only_token_not_the_uploaders(r2, served_model) -> None:
     secrets = task_secrets(SECRETS)
     assert (secrets["AWS_ACCESS_KEY_ID"], secrets["AWS_SECRET_ACCESS_KEY"]) == (
-        "r2-node-read-only-id", "r2-node-read-only-secret")
+        "r2-node-read-only-id",
+        "r2-node-read-only-secret",
+    )
     assert "r2-secret-access-key-very-secret" not in secrets.values()
 
 
@@ -112,8 +114,7 @@ def test_production_refuses_to_launch_without_a_read_only_node_token(r2, served_
     assert task_secrets(SECRETS)["AWS_ACCESS_KEY_ID"] == "r2-access-key-id-XYZ"
 
 
-def test_a_launch_without_node_credentials_fails_the_node_with_the_reason(r2, served_model, fake_sky,
-                                                                          settings) -> None:
+def test_a_launch_without_node_credentials_fails_the_node_with_the_reason(r2, served_model, fake_sky, settings) -> None:
     from apps.fleet import lifecycle
     from apps.fleet.models import Node, NodeStatus
 
@@ -141,8 +142,16 @@ def test_the_models_tool_and_reasoning_parsers_reach_vllm_serve(r2, served_model
 
 
 def test_a_launch_profile_becomes_an_ordered_failover_list(r2, served_model) -> None:
-    profile = LaunchProfile.objects.create(name="l4-anywhere", accelerator="L4:1", use_spot=True, placements=[
-        {"cloud": "aws", "region": "us-east-1"}, {"cloud": "gcp", "region": "us-central1"}, {"cloud": "azure"}])
+    profile = LaunchProfile.objects.create(
+        name="l4-anywhere",
+        accelerator="L4:1",
+        use_spot=True,
+        placements=[
+            {"cloud": "aws", "region": "us-east-1"},
+            {"cloud": "gcp", "region": "us-central1"},
+            {"cloud": "azure"},
+        ],
+    )
     node = node_create(model=served_model, launcher="skypilot")
     node.launch_profile = profile
 

@@ -32,9 +32,11 @@ class RunningGateway:
 
     def wait_routed(self, model: str, nodes: int, timeout_s: float = 5.0) -> None:
         """Block until this gateway's routing table shows ``nodes`` ready nodes for ``model``."""
+
         def routed() -> bool:
             route = self.app.table.models.get(model)
             return route is not None and len(route.nodes) == nodes
+
         if not wait_until(routed, timeout_s):
             raise AssertionError(f"gateway never routed {nodes} node(s) for {model}")
 
@@ -43,8 +45,9 @@ class RunningGateway:
 def running_gateway(http: str = "h11") -> Iterator[RunningGateway]:
     """A fresh Gateway (empty caches) served by uvicorn on a free port, in a thread."""
     app = Gateway(get_asgi_application())
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, lifespan="on", log_level="warning",
-                            loop="asyncio", http=http)
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=0, lifespan="on", log_level="warning", loop="asyncio", http=http
+    )
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True, name="gateway-under-test")
     thread.start()

@@ -18,17 +18,32 @@ Handler = Callable[[web.Request, bytes], Awaitable[web.StreamResponse]]
 
 def vllm_error(status: int, message: str) -> web.Response:
     # vLLM's ErrorResponse.
-    return web.json_response({"object": "error", "message": message, "type": "InternalServerError",
-                              "param": None, "code": status}, status=status)
+    return web.json_response(
+        {"object": "error", "message": message, "type": "InternalServerError", "param": None, "code": status},
+        status=status,
+    )
 
 
 def chat_answer(body: dict, *, prompt_tokens: int = 5) -> web.Response:
     n = int(body.get("max_tokens") or 16)
-    return web.json_response({
-        "id": "chatcmpl-fake", "object": "chat.completion", "created": 0, "model": body["model"],
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": "ok " * n},
-                     "logprobs": None, "finish_reason": "length", "stop_reason": None}],
-        "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n}})
+    return web.json_response(
+        {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion",
+            "created": 0,
+            "model": body["model"],
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": "ok " * n},
+                    "logprobs": None,
+                    "finish_reason": "length",
+                    "stop_reason": None,
+                }
+            ],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + n, "completion_tokens": n},
+        }
+    )
 
 
 async def vllm_stream(request: web.Request, body: dict, *, prompt_tokens: int = 5) -> web.StreamResponse:
@@ -46,8 +61,13 @@ async def vllm_stream(request: web.Request, body: dict, *, prompt_tokens: int = 
         return {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens + done, "completion_tokens": done}
 
     def chunk(delta: dict, done: int, finish: str | None = None) -> bytes:
-        data = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}
+        data = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": body["model"],
+            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+        }
         if continuous:
             data["usage"] = usage(done)
         return b"data: " + json.dumps(data, separators=(",", ":")).encode() + b"\n\n"
@@ -56,8 +76,14 @@ async def vllm_stream(request: web.Request, body: dict, *, prompt_tokens: int = 
     for i in range(n):
         await resp.write(chunk({"content": "ok "}, i + 1, "length" if i == n - 1 else None))
     if include:
-        final = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 0, "model": body["model"],
-                 "choices": [], "usage": usage(n)}
+        final = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": 0,
+            "model": body["model"],
+            "choices": [],
+            "usage": usage(n),
+        }
         await resp.write(b"data: " + json.dumps(final, separators=(",", ":")).encode() + b"\n\n")
     await resp.write(b"data: [DONE]\n\n")
     await resp.write_eof()

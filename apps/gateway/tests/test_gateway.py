@@ -30,14 +30,16 @@ def client(gateway, api_key) -> openai.OpenAI:
 
 
 def usage_records(n: int, timeout_s: float = 5.0) -> list[UsageRecord]:
-    return wait_until(lambda: list(UsageRecord.objects.all()) if UsageRecord.objects.count() >= n else None,
-                      timeout_s) or list(UsageRecord.objects.all())
+    return wait_until(
+        lambda: list(UsageRecord.objects.all()) if UsageRecord.objects.count() >= n else None, timeout_s
+    ) or list(UsageRecord.objects.all())
 
 
 def test_non_streaming_chat_matches_the_node_and_is_metered(gateway, client, catalog_model, sim) -> None:
     ready_node(catalog_model, sim.url, gateway=gateway)
     direct = openai.OpenAI(base_url=sim.base_url, api_key=NODE_KEY).chat.completions.create(
-        model="llama-3-8b", messages=MSG, max_tokens=7)
+        model="llama-3-8b", messages=MSG, max_tokens=7
+    )
 
     raw = client.chat.completions.with_raw_response.create(model="llama-3-8b", messages=MSG, max_tokens=7)
     answer = raw.parse()
@@ -51,13 +53,15 @@ def test_non_streaming_chat_matches_the_node_and_is_metered(gateway, client, cat
     assert record.model_id == catalog_model.pk and record.node_id is not None and record.cost_micros >= 0
 
 
-def test_streaming_chat_is_relayed_event_for_event_and_usage_chunk_is_stripped(gateway, api_key, catalog_model,
-                                                                               sim) -> None:
+def test_streaming_chat_is_relayed_event_for_event_and_usage_chunk_is_stripped(
+    gateway, api_key, catalog_model, sim
+) -> None:
     ready_node(catalog_model, sim.url, gateway=gateway)
     body = {"model": "llama-3-8b", "messages": MSG, "max_tokens": 5, "stream": True}
     direct = httpx.post(sim.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {NODE_KEY}"})
-    via = httpx.post(gateway.base_url + "/chat/completions", json=body,
-                     headers={"Authorization": f"Bearer {api_key[1]}"})
+    via = httpx.post(
+        gateway.base_url + "/chat/completions", json=body, headers={"Authorization": f"Bearer {api_key[1]}"}
+    )
 
     assert via.status_code == 200 and via.headers["content-type"].startswith("text/event-stream")
     direct_events = [e for e in direct.text.split("\n\n") if e]
@@ -73,8 +77,11 @@ def test_streaming_chat_is_relayed_event_for_event_and_usage_chunk_is_stripped(g
 
 def test_streaming_with_include_usage_keeps_the_usage_chunk(gateway, client, catalog_model, sim) -> None:
     ready_node(catalog_model, sim.url, gateway=gateway)
-    chunks = list(client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=4, stream=True,
-                                                 stream_options={"include_usage": True}))
+    chunks = list(
+        client.chat.completions.create(
+            model="llama-3-8b", messages=MSG, max_tokens=4, stream=True, stream_options={"include_usage": True}
+        )
+    )
     assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens == 4
     text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
     assert len(text.split()) == 4
@@ -117,9 +124,14 @@ def error_of(response: httpx.Response) -> dict:
     return body["error"]
 
 
-@pytest.mark.parametrize(("header", "why"), [
-    (None, "Missing"), ("Bearer clk_nope", "Incorrect"), ("Basic abc", "Malformed"),
-])
+@pytest.mark.parametrize(
+    ("header", "why"),
+    [
+        (None, "Missing"),
+        ("Bearer clk_nope", "Incorrect"),
+        ("Basic abc", "Malformed"),
+    ],
+)
 def test_bad_credentials_are_401_in_openai_shape(gateway, header, why) -> None:
     headers = {"Authorization": header} if header else {}
     r = httpx.post(gateway.base_url + "/chat/completions", json={"model": "x", "messages": MSG}, headers=headers)
@@ -135,9 +147,15 @@ def test_revoked_key_is_rejected_within_one_second(gateway, client, api_key, cat
     import time
 
     revoked_at = time.monotonic()
-    rejected = wait_until(lambda: httpx.get(client.base_url.__str__().rstrip("/") + "/models",
-                                            headers={"Authorization": f"Bearer {api_key[1]}"}).status_code == 401,
-                          timeout_s=1.0)
+    rejected = wait_until(
+        lambda: (
+            httpx.get(
+                client.base_url.__str__().rstrip("/") + "/models", headers={"Authorization": f"Bearer {api_key[1]}"}
+            ).status_code
+            == 401
+        ),
+        timeout_s=1.0,
+    )
     assert rejected and time.monotonic() - revoked_at < 1.0
 
 
@@ -149,29 +167,49 @@ def test_suspended_tenant_and_missing_scope_and_model_restriction(gateway, tenan
     _, usage_only = api_key_issue(tenant=tenant, scopes=["usage:read"])
     _, restricted = api_key_issue(tenant=tenant, allowed_models=["llama-3-8b"])
     url = gateway.base_url + "/chat/completions"
-    r = httpx.post(url, json={"model": "llama-3-8b", "messages": MSG},
-                   headers={"Authorization": f"Bearer {usage_only}"})
+    r = httpx.post(
+        url, json={"model": "llama-3-8b", "messages": MSG}, headers={"Authorization": f"Bearer {usage_only}"}
+    )
     assert r.status_code == 403 and error_of(r)["type"] == "permission_error"
-    assert wait_until(lambda: httpx.post(url, json={"model": "private-model", "messages": MSG},
-                      headers={"Authorization": f"Bearer {restricted}"}).status_code == 403)
+    assert wait_until(
+        lambda: (
+            httpx.post(
+                url, json={"model": "private-model", "messages": MSG}, headers={"Authorization": f"Bearer {restricted}"}
+            ).status_code
+            == 403
+        )
+    )
     tenant_suspend(tenant=tenant, reason="unpaid")
-    assert wait_until(lambda: httpx.post(url, json={"model": "llama-3-8b", "messages": MSG},
-                      headers={"Authorization": f"Bearer {restricted}"}).status_code == 401, timeout_s=1.0)
+    assert wait_until(
+        lambda: (
+            httpx.post(
+                url, json={"model": "llama-3-8b", "messages": MSG}, headers={"Authorization": f"Bearer {restricted}"}
+            ).status_code
+            == 401
+        ),
+        timeout_s=1.0,
+    )
 
 
-@pytest.mark.parametrize(("body", "param"), [
-    (b"{not json", None),
-    (b"[1, 2]", None),
-    (json.dumps({"messages": MSG}).encode(), "model"),
-    (json.dumps({"model": "llama-3-8b"}).encode(), "messages"),
-    (json.dumps({"model": "llama-3-8b", "messages": "hi"}).encode(), "messages"),
-    (json.dumps({"model": "llama-3-8b", "messages": MSG, "stream": "yes"}).encode(), "stream"),
-    (json.dumps({"model": "llama-3-8b", "messages": MSG, "max_tokens": -1}).encode(), "max_tokens"),
-    (b'{"model": "llama-3-8b", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # RecursionError
-])
+@pytest.mark.parametrize(
+    ("body", "param"),
+    [
+        (b"{not json", None),
+        (b"[1, 2]", None),
+        (json.dumps({"messages": MSG}).encode(), "model"),
+        (json.dumps({"model": "llama-3-8b"}).encode(), "messages"),
+        (json.dumps({"model": "llama-3-8b", "messages": "hi"}).encode(), "messages"),
+        (json.dumps({"model": "llama-3-8b", "messages": MSG, "stream": "yes"}).encode(), "stream"),
+        (json.dumps({"model": "llama-3-8b", "messages": MSG, "max_tokens": -1}).encode(), "max_tokens"),
+        (b'{"model": "llama-3-8b", "messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", None),  # RecursionError
+    ],
+)
 def test_bad_input_is_400_naming_the_param(gateway, api_key, catalog_model, body, param) -> None:
-    r = httpx.post(gateway.base_url + "/chat/completions", content=body,
-                   headers={"Authorization": f"Bearer {api_key[1]}", "Content-Type": "application/json"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=body,
+        headers={"Authorization": f"Bearer {api_key[1]}", "Content-Type": "application/json"},
+    )
     assert r.status_code == 400
     err = error_of(r)
     assert err["type"] == "invalid_request_error" and err["param"] == param
@@ -191,8 +229,11 @@ def test_oversized_body_wrong_method_unknown_model_and_path(gateway, api_key, ca
 
 
 def test_no_ready_node_is_503_with_retry_after(gateway, api_key, catalog_model) -> None:
-    r = httpx.post(gateway.base_url + "/chat/completions", json={"model": "llama-3-8b", "messages": MSG},
-                   headers={"Authorization": f"Bearer {api_key[1]}"})
+    r = httpx.post(
+        gateway.base_url + "/chat/completions",
+        json={"model": "llama-3-8b", "messages": MSG},
+        headers={"Authorization": f"Bearer {api_key[1]}"},
+    )
     assert r.status_code == 503 and int(r.headers["retry-after"]) >= 1
     assert error_of(r)["code"] == "no_capacity"
 

@@ -33,8 +33,9 @@ def free_port() -> int:
 
 
 def unlimited(tenant) -> None:
-    tenant_update(tenant=tenant, requests_per_minute=100_000, tokens_per_minute=100_000_000,
-                  max_concurrent_requests=10_000)
+    tenant_update(
+        tenant=tenant, requests_per_minute=100_000, tokens_per_minute=100_000_000, max_concurrent_requests=10_000
+    )
 
 
 def records(n: int, timeout_s: float = 8.0) -> list[UsageRecord]:
@@ -51,15 +52,22 @@ def error_of(response: httpx.Response) -> dict:
 def chat(gateway, raw_key: str, messages=MSG, **extra) -> httpx.Response:
     # Bytes of our own: httpx would refuse to encode a lone surrogate.
     body = json.dumps({"model": "llama-3-8b", "messages": messages, "max_tokens": 3, **extra}).encode()
-    return httpx.post(gateway.base_url + "/chat/completions", content=body, timeout=20,
-                      headers={"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"})
+    return httpx.post(
+        gateway.base_url + "/chat/completions",
+        content=body,
+        timeout=20,
+        headers={"Authorization": f"Bearer {raw_key}", "Content-Type": "application/json"},
+    )
 
 
 # --- a node that refuses our node key (issue #10, 13) ---------------------------------------------
 
+
 def test_a_node_refusing_our_key_is_failed_over_and_marked_unhealthy(gateway, api_key, catalog_model) -> None:
-    with run_simulator_process(model="llama-3-8b", api_key="rotated-key", light=True) as rotated, \
-            run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as good:
+    with (
+        run_simulator_process(model="llama-3-8b", api_key="rotated-key", light=True) as rotated,
+        run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as good,
+    ):
         wrong = ready_node(catalog_model, rotated.url)
         ready_node(catalog_model, good.url, gateway=gateway)
         client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
@@ -103,6 +111,7 @@ def test_a_node_answering_403_is_treated_like_a_refused_key(gateway, api_key, ca
 
 # --- what a node's rejection costs (issue #10, 14) ------------------------------------------------
 
+
 def test_a_request_the_node_rejects_is_recorded_with_zero_tokens(gateway, api_key, tenant, catalog_model) -> None:
     unlimited(tenant)
     with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, light=True) as sim:
@@ -118,23 +127,28 @@ def test_a_request_the_node_rejects_is_recorded_with_zero_tokens(gateway, api_ke
 
 # --- stream_options (issue #10, 16) ---------------------------------------------------------------
 
-@pytest.mark.parametrize(("options", "usage_chunk", "usage_in_every_chunk"), [
-    (None, False, False),
-    ({}, False, False),
-    ({"continuous_usage_stats": True}, False, False),
-    ({"include_usage": False, "continuous_usage_stats": True}, False, False),
-    ({"include_usage": True}, True, False),
-    ({"include_usage": True, "continuous_usage_stats": True}, True, True),
-])
-def test_stream_usage_follows_openai_and_metering_stays_exact(gateway, api_key, catalog_model, options,
-                                                              usage_chunk, usage_in_every_chunk) -> None:
+
+@pytest.mark.parametrize(
+    ("options", "usage_chunk", "usage_in_every_chunk"),
+    [
+        (None, False, False),
+        ({}, False, False),
+        ({"continuous_usage_stats": True}, False, False),
+        ({"include_usage": False, "continuous_usage_stats": True}, False, False),
+        ({"include_usage": True}, True, False),
+        ({"include_usage": True, "continuous_usage_stats": True}, True, True),
+    ],
+)
+def test_stream_usage_follows_openai_and_metering_stays_exact(
+    gateway, api_key, catalog_model, options, usage_chunk, usage_in_every_chunk
+) -> None:
     extra = {"stream": True, **({"stream_options": options} if options is not None else {})}
     with FakeNode() as node:
         ready_node(catalog_model, node.url, gateway=gateway)
         r = chat(gateway, api_key[1], max_tokens=4, **extra)
         forwarded = json.loads(node.bodies[0])["stream_options"]
 
-    events = [json.loads(e[len("data: "):]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
+    events = [json.loads(e[len("data: ") :]) for e in r.text.split("\n\n") if e and e != "data: [DONE]"]
     assert r.text.endswith("data: [DONE]\n\n")
     finals = [e for e in events if e["choices"] == []]
     assert len(finals) == (1 if usage_chunk else 0)
@@ -149,6 +163,7 @@ def test_stream_usage_follows_openai_and_metering_stays_exact(gateway, api_key, 
 
 # --- /v1/models/{id} and max_model_len (issue #10, 17) ---------------------------------------------
 
+
 def test_models_retrieve_and_list_carry_max_model_len(gateway, api_key, tenant, catalog_model) -> None:
     from apps.catalog.services import model_create
 
@@ -156,11 +171,18 @@ def test_models_retrieve_and_list_carry_max_model_len(gateway, api_key, tenant, 
     model_create(name="private-model")
     client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
 
-    assert wait_until(lambda: gateway.app.table.models.get("llama-3-8b")
-                      and gateway.app.table.models["llama-3-8b"].max_model_len == 8192)
+    assert wait_until(
+        lambda: (
+            gateway.app.table.models.get("llama-3-8b") and gateway.app.table.models["llama-3-8b"].max_model_len == 8192
+        )
+    )
     model = client.models.retrieve("llama-3-8b")
-    assert (model.id, model.object, model.owned_by, model.model_extra["max_model_len"]) == \
-        ("llama-3-8b", "model", "crosslogic", 8192)
+    assert (model.id, model.object, model.owned_by, model.model_extra["max_model_len"]) == (
+        "llama-3-8b",
+        "model",
+        "crosslogic",
+        8192,
+    )
     listed = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
     assert listed["llama-3-8b"] == 8192
     with pytest.raises(openai.NotFoundError) as exc:
@@ -169,11 +191,16 @@ def test_models_retrieve_and_list_carry_max_model_len(gateway, api_key, tenant, 
     _, restricted = api_key_issue(tenant=tenant, allowed_models=["llama-3-8b"])
     hidden = httpx.get(gateway.base_url + "/models/private-model", headers={"Authorization": f"Bearer {restricted}"})
     assert hidden.status_code == 404 and error_of(hidden)["code"] == "model_not_found"
-    assert httpx.post(gateway.base_url + "/models/llama-3-8b",
-                      headers={"Authorization": f"Bearer {api_key[1]}"}).status_code == 405
+    assert (
+        httpx.post(
+            gateway.base_url + "/models/llama-3-8b", headers={"Authorization": f"Bearer {api_key[1]}"}
+        ).status_code
+        == 405
+    )
 
 
 # --- poison requests (issue #11, 6) ---------------------------------------------------------------
+
 
 async def poisoned(request: web.Request, raw: bytes) -> web.StreamResponse:
     if b"\\ud800" in raw:
@@ -220,8 +247,9 @@ def test_a_poison_request_on_the_only_node_does_not_cool_it_down(gateway, api_ke
         assert len(only.bodies) == 6
 
 
-def test_a_node_failing_different_requests_that_work_elsewhere_is_cooled_down(gateway, api_key, tenant,
-                                                                              catalog_model, settings) -> None:
+def test_a_node_failing_different_requests_that_work_elsewhere_is_cooled_down(
+    gateway, api_key, tenant, catalog_model, settings
+) -> None:
     unlimited(tenant)
     with FakeNode(always_failing) as broken, FakeNode() as good:
         bad = ready_node(catalog_model, broken.url)
@@ -242,20 +270,24 @@ def test_a_node_failing_different_requests_that_work_elsewhere_is_cooled_down(ga
 
 # --- per-tenant fairness (issue #11, 6) -----------------------------------------------------------
 
-def test_one_tenants_flood_leaves_room_for_another_tenant(gateway, api_key, tenant, catalog_model,
-                                                          settings) -> None:
+
+def test_one_tenants_flood_leaves_room_for_another_tenant(gateway, api_key, tenant, catalog_model, settings) -> None:
     settings.GATEWAY_TENANT_INFLIGHT_PER_NODE = 3
     unlimited(tenant)
     other = tenant_create(slug="other", name="Other", contact_email="o@other.test")
     _, other_key = api_key_issue(tenant=other, scopes=["inference"])
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=80, light=True,
-                               max_num_seqs=64) as sim:
+    with run_simulator_process(
+        model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=80, light=True, max_num_seqs=64
+    ) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
         gateway.app.keys.clear()
 
         async def send(c: httpx.AsyncClient, key: str) -> httpx.Response:
-            return await c.post(gateway.base_url + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
-                                json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 25})
+            return await c.post(
+                gateway.base_url + "/chat/completions",
+                headers={"Authorization": f"Bearer {key}"},
+                json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 25},
+            )
 
         async def flood_then_other() -> tuple[list[httpx.Response], httpx.Response]:
             async with httpx.AsyncClient(timeout=20) as c:
@@ -274,15 +306,19 @@ def test_one_tenants_flood_leaves_room_for_another_tenant(gateway, api_key, tena
 
 # --- PostgreSQL away (issue #11, 4) ---------------------------------------------------------------
 
+
 def test_database_down_with_an_uncached_key_is_503_with_retry_after(gateway, api_key) -> None:
     db = connections["default"].settings_dict  # the dict every thread's connection is built from
     port = db.get("PORT")
     db["PORT"] = str(free_port())  # nothing listens: psycopg raises OperationalError, as when PostgreSQL is down
     try:
-        chat_answer = httpx.post(gateway.base_url + "/chat/completions", json={"model": "x", "messages": MSG},
-                                 headers={"Authorization": f"Bearer {api_key[1]}"}, timeout=20)
-        models = httpx.get(gateway.base_url + "/models", headers={"Authorization": f"Bearer {api_key[1]}"},
-                           timeout=20)
+        chat_answer = httpx.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "x", "messages": MSG},
+            headers={"Authorization": f"Bearer {api_key[1]}"},
+            timeout=20,
+        )
+        models = httpx.get(gateway.base_url + "/models", headers={"Authorization": f"Bearer {api_key[1]}"}, timeout=20)
     finally:
         db["PORT"] = port
     for r in (chat_answer, models):
@@ -294,15 +330,19 @@ def test_database_down_with_an_uncached_key_is_503_with_retry_after(gateway, api
 
 # --- an unfinished body (issue #11, 7) ------------------------------------------------------------
 
+
 @pytest.mark.parametrize("http", ["h11", "httptools"])
-def test_an_unfinished_body_is_answered_408_and_the_connection_closed(transactional_db, redis_db, api_key,
-                                                                      settings, http) -> None:
+def test_an_unfinished_body_is_answered_408_and_the_connection_closed(
+    transactional_db, redis_db, api_key, settings, http
+) -> None:
     settings.GATEWAY_BODY_TIMEOUT_S = 0.5
     with running_gateway(http=http) as gateway:
         port = int(gateway.url.rsplit(":", 1)[1])
         with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
-            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
-                      b"Authorization: Bearer " + api_key[1].encode() + b"\r\nContent-Length: 1000\r\n\r\n{")
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + api_key[1].encode() + b"\r\nContent-Length: 1000\r\n\r\n{"
+            )
             started = time.monotonic()
             received = b""
             while chunk := s.recv(65536):  # until the server closes the connection

@@ -39,14 +39,17 @@ def records(n: int, timeout_s: float = 8.0) -> list[UsageRecord]:
 
 
 def unlimited(tenant) -> None:
-    tenant_update(tenant=tenant, requests_per_minute=100_000, tokens_per_minute=100_000_000,
-                  max_concurrent_requests=10_000)
+    tenant_update(
+        tenant=tenant, requests_per_minute=100_000, tokens_per_minute=100_000_000, max_concurrent_requests=10_000
+    )
 
 
 def test_requests_fail_over_from_a_dead_node_and_a_5xx_node(gateway, api_key, catalog_model) -> None:
     dead = ready_node(catalog_model, f"http://127.0.0.1:{free_port()}")
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as good, \
-            run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, fail_rate=1.0, light=True) as broken:
+    with (
+        run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as good,
+        run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, fail_rate=1.0, light=True) as broken,
+    ):
         ready_node(catalog_model, broken.url)
         ready_node(catalog_model, good.url, gateway=gateway)
         client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
@@ -64,29 +67,35 @@ def test_requests_fail_over_from_a_dead_node_and_a_5xx_node(gateway, api_key, ca
     assert served == {Node.objects.get(endpoint_url=good.url).pk}
 
 
-def test_upstream_death_mid_stream_ends_with_an_error_event_and_estimated_usage(gateway, api_key,
-                                                                               catalog_model) -> None:
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, itl_ms=1, die_after_tokens=3,
-                               light=True) as sim:
+def test_upstream_death_mid_stream_ends_with_an_error_event_and_estimated_usage(
+    gateway, api_key, catalog_model
+) -> None:
+    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, itl_ms=1, die_after_tokens=3, light=True) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
-        r = httpx.post(gateway.base_url + "/chat/completions",
-                       json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 50, "stream": True},
-                       headers={"Authorization": f"Bearer {api_key[1]}"}, timeout=10)
+        r = httpx.post(
+            gateway.base_url + "/chat/completions",
+            json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 50, "stream": True},
+            headers={"Authorization": f"Bearer {api_key[1]}"},
+            timeout=10,
+        )
     events = [e for e in r.text.split("\n\n") if e]
-    last = json.loads(events[-1][len("data: "):])
+    last = json.loads(events[-1][len("data: ") :])
     assert last["error"]["type"] == "server_error" and set(last["error"]) == {"message", "type", "param", "code"}
     assert "data: [DONE]" not in events
     [record] = records(1)
     assert record.estimated and record.status_code == 502 and record.completion_tokens == 3
 
 
-def test_client_disconnect_cancels_the_upstream_and_records_partial_usage(gateway, api_key,
-                                                                         catalog_model) -> None:
+def test_client_disconnect_cancels_the_upstream_and_records_partial_usage(gateway, api_key, catalog_model) -> None:
     with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=30, light=True) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
-        with httpx.stream("POST", gateway.base_url + "/chat/completions",
-                          json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 500, "stream": True},
-                          headers={"Authorization": f"Bearer {api_key[1]}"}, timeout=10) as r:
+        with httpx.stream(
+            "POST",
+            gateway.base_url + "/chat/completions",
+            json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 500, "stream": True},
+            headers={"Authorization": f"Bearer {api_key[1]}"},
+            timeout=10,
+        ) as r:
             seen = 0
             for line in r.iter_lines():
                 if line.startswith("data: "):
@@ -102,20 +111,26 @@ def test_client_disconnect_cancels_the_upstream_and_records_partial_usage(gatewa
     assert 3 <= record.completion_tokens < 100
 
 
-def test_fifty_simultaneous_requests_against_a_limit_of_ten_admit_exactly_ten(gateway, api_key, tenant,
-                                                                               catalog_model) -> None:
-    tenant_update(tenant=tenant, requests_per_minute=10, tokens_per_minute=10_000_000,
-                  max_concurrent_requests=10_000)
+def test_fifty_simultaneous_requests_against_a_limit_of_ten_admit_exactly_ten(
+    gateway, api_key, tenant, catalog_model
+) -> None:
+    tenant_update(tenant=tenant, requests_per_minute=10, tokens_per_minute=10_000_000, max_concurrent_requests=10_000)
     with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
         wait_until(lambda: gateway.app.keys.clear() or True)  # limits are read with the key
 
         async def fire() -> list[httpx.Response]:
             async with httpx.AsyncClient(timeout=20, limits=httpx.Limits(max_connections=60)) as c:
-                return await asyncio.gather(*[
-                    c.post(gateway.base_url + "/chat/completions",
-                           json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 2},
-                           headers={"Authorization": f"Bearer {api_key[1]}"}) for _ in range(50)])
+                return await asyncio.gather(
+                    *[
+                        c.post(
+                            gateway.base_url + "/chat/completions",
+                            json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 2},
+                            headers={"Authorization": f"Bearer {api_key[1]}"},
+                        )
+                        for _ in range(50)
+                    ]
+                )
 
         responses = asyncio.run(fire())
     codes = [r.status_code for r in responses]
@@ -129,18 +144,22 @@ def test_fifty_simultaneous_requests_against_a_limit_of_ten_admit_exactly_ten(ga
     assert ok.headers["x-ratelimit-limit-requests"] == "10"
 
 
-def test_usage_totals_are_exact_across_a_hundred_concurrent_streams(gateway, api_key, tenant,
-                                                                    catalog_model) -> None:
+def test_usage_totals_are_exact_across_a_hundred_concurrent_streams(gateway, api_key, tenant, catalog_model) -> None:
     unlimited(tenant)
-    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=2, itl_ms=2, light=True,
-                               max_num_seqs=512) as sim:
+    with run_simulator_process(
+        model="llama-3-8b", api_key=NODE_KEY, ttft_ms=2, itl_ms=2, light=True, max_num_seqs=512
+    ) as sim:
         ready_node(catalog_model, sim.url, gateway=gateway)
         gateway.app.keys.clear()
 
         async def stream(c: openai.AsyncOpenAI, i: int) -> tuple[int, int]:
             chunks = await c.chat.completions.create(
-                model="llama-3-8b", messages=[{"role": "user", "content": "word " * (i % 7 + 1)}],
-                max_tokens=5 + i % 11, stream=True, stream_options={"include_usage": True})
+                model="llama-3-8b",
+                messages=[{"role": "user", "content": "word " * (i % 7 + 1)}],
+                max_tokens=5 + i % 11,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
             usage = None
             async for chunk in chunks:
                 usage = chunk.usage or usage
@@ -155,14 +174,15 @@ def test_usage_totals_are_exact_across_a_hundred_concurrent_streams(gateway, api
     assert len(rows) == 100 and not any(r.estimated for r in rows)
     assert sum(p for p, _ in seen) == sum(r.prompt_tokens for r in rows)
     assert sum(c for _, c in seen) == sum(r.completion_tokens for r in rows)
-    expected_cost = sum(r.prompt_tokens * catalog_model.price_input_per_mtok
-                        + r.completion_tokens * catalog_model.price_output_per_mtok for r in rows)
+    expected_cost = sum(
+        r.prompt_tokens * catalog_model.price_input_per_mtok + r.completion_tokens * catalog_model.price_output_per_mtok
+        for r in rows
+    )
     assert sum(r.cost_micros for r in rows) == pytest.approx(float(expected_cost), abs=100)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="needs the redis-server binary")
-def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenant, catalog_model,
-                                               settings) -> None:
+def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenant, catalog_model, settings) -> None:
     port = free_port()
     command = ["redis-server", "--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
     proc = subprocess.Popen(command, stdout=subprocess.DEVNULL)
@@ -170,8 +190,10 @@ def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenan
         assert wait_until(lambda: _port_open(port), 5)
         settings.REDIS_URL = f"redis://127.0.0.1:{port}/0"
         tenant_update(tenant=tenant, requests_per_minute=1000)
-        with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim, \
-                running_gateway() as gateway:
+        with (
+            run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, ttft_ms=1, itl_ms=0, light=True) as sim,
+            running_gateway() as gateway,
+        ):
             ready_node(catalog_model, sim.url, gateway=gateway)
             client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
             first = client.chat.completions.with_raw_response.create(model="llama-3-8b", messages=MSG, max_tokens=2)
@@ -190,8 +212,7 @@ def test_gateway_keeps_serving_when_redis_stops(transactional_db, api_key, tenan
             assert wait_until(lambda: _port_open(port), 5)
 
             def limited_again() -> bool:
-                again = client.chat.completions.with_raw_response.create(model="llama-3-8b", messages=MSG,
-                                                                         max_tokens=2)
+                again = client.chat.completions.with_raw_response.create(model="llama-3-8b", messages=MSG, max_tokens=2)
                 return again.headers.get("x-ratelimit-remaining-requests") == "999"
 
             assert wait_until(limited_again, 5, interval_s=0.3)
@@ -265,8 +286,9 @@ def only_node_behind_a_dropping_front(gateway, catalog_model, raw_key: str, *, d
             front.close()
 
 
-def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(gateway, api_key,
-                                                                               catalog_model) -> None:
+def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(
+    gateway, api_key, catalog_model
+) -> None:
     with only_node_behind_a_dropping_front(gateway, catalog_model, api_key[1], drop=1) as (front, only, client):
         answer = client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)
         assert answer.usage.completion_tokens == 3
@@ -276,8 +298,7 @@ def test_a_reset_connection_is_retried_on_the_same_node_without_cooling_it_down(
     assert record.node_id == only.pk and record.status_code == 200
 
 
-def test_a_node_that_keeps_resetting_is_cooled_down_after_its_second_chance(gateway, api_key,
-                                                                           catalog_model) -> None:
+def test_a_node_that_keeps_resetting_is_cooled_down_after_its_second_chance(gateway, api_key, catalog_model) -> None:
     with only_node_behind_a_dropping_front(gateway, catalog_model, api_key[1], drop=1000) as (front, only, client):
         with pytest.raises(openai.APIStatusError) as exc:
             client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=3)

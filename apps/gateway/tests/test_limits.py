@@ -38,10 +38,12 @@ def closed_port() -> int:
 
 async def admit_concurrently(clients, limits, *, n=50, reserve=0) -> list[Admission]:
     workers = [RateLimiter(c) for c in clients]
-    return await asyncio.gather(*(
-        workers[i % len(workers)].admit(limits=limits, reserve_tokens=reserve, request_id=f"req-{i}")
-        for i in range(n)
-    ))
+    return await asyncio.gather(
+        *(
+            workers[i % len(workers)].admit(limits=limits, reserve_tokens=reserve, request_id=f"req-{i}")
+            for i in range(n)
+        )
+    )
 
 
 async def remaining_tokens(limiter: RateLimiter, limit: Limit) -> int:
@@ -147,8 +149,9 @@ async def test_settle_is_idempotent_even_from_another_worker(limiter, clients):
 async def test_settled_requests_leave_no_key_behind_in_redis(limiter, redis_db):
     limits = [Limit("key:1", 10_000, 1_000_000, 50), Limit("tenant:1", 10_000, 1_000_000, None)]
     budget = Budget.monthly(tenant_id=1, limit=10**9)
-    per_subject = {f"{PREFIX}{kind}:{subject}".encode() for kind in ("rpm", "tpm", "conc")
-                   for subject in ("key:1", "tenant:1")}
+    per_subject = {
+        f"{PREFIX}{kind}:{subject}".encode() for kind in ("rpm", "tpm", "conc") for subject in ("key:1", "tenant:1")
+    }
 
     for i in range(300):
         admission = await limiter.admit(limits=limits, reserve_tokens=10, request_id=f"req-{i}", budget=budget)
@@ -211,14 +214,13 @@ async def test_refresh_keeps_a_long_stream_in_its_slot(clients):
 # --- monthly budgets ---------------------------------------------------------------------------
 
 
-async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_admit_exactly_ten(clients,
-                                                                                                 redis_db):
+async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_admit_exactly_ten(clients, redis_db):
     workers = [RateLimiter(c) for c in clients]
     budget = Budget(key="crosslogic:budget:1:2026-11", limit=1000)
 
-    results = await asyncio.gather(*(
-        workers[i % 5].admit(limits=[], reserve_tokens=100, request_id=f"req-{i}", budget=budget)
-        for i in range(50)))
+    results = await asyncio.gather(
+        *(workers[i % 5].admit(limits=[], reserve_tokens=100, request_id=f"req-{i}", budget=budget) for i in range(50))
+    )
 
     assert sum(a.allowed for a in results) == 10
     assert {a.reason for a in results if not a.allowed} == {"budget"}
@@ -285,9 +287,11 @@ async def test_headers_follow_openai_for_the_most_constraining_subject(limiter):
     admission = await limiter.admit(limits=[key, tenant], reserve_tokens=100, request_id="r")
 
     assert admission.headers == {
-        "x-ratelimit-limit-requests": "10", "x-ratelimit-remaining-requests": "9",
+        "x-ratelimit-limit-requests": "10",
+        "x-ratelimit-remaining-requests": "9",
         "x-ratelimit-reset-requests": "6s",
-        "x-ratelimit-limit-tokens": "1000", "x-ratelimit-remaining-tokens": "900",
+        "x-ratelimit-limit-tokens": "1000",
+        "x-ratelimit-remaining-tokens": "900",
         "x-ratelimit-reset-tokens": "6s",
     }
 
@@ -315,8 +319,19 @@ async def test_refusals_carry_headers_too(limiter):
     assert 59.0 < refused.retry_after_s <= 60.0
 
 
-@pytest.mark.parametrize(("ms", "text"), [(0, "0ms"), (20, "20ms"), (999.2, "1s"), (1000, "1s"), (1500, "1.5s"),
-                                          (360_000, "6m0s"), (61_250, "1m1.25s"), (3_723_000, "1h2m3s")])
+@pytest.mark.parametrize(
+    ("ms", "text"),
+    [
+        (0, "0ms"),
+        (20, "20ms"),
+        (999.2, "1s"),
+        (1000, "1s"),
+        (1500, "1.5s"),
+        (360_000, "6m0s"),
+        (61_250, "1m1.25s"),
+        (3_723_000, "1h2m3s"),
+    ],
+)
 def test_durations_use_openais_format(ms, text):
     assert format_duration(ms) == text
 
@@ -330,11 +345,11 @@ async def test_without_redis_fail_open_admits_and_fail_closed_refuses_without_ra
     try:
         with caplog.at_level(logging.WARNING, logger="apps.gateway.limits"):
             open_limiter = RateLimiter(dead, fail_open=True, backoff_s=0)
-            admitted = [await open_limiter.admit(limits=limits, reserve_tokens=10, request_id=f"o{i}")
-                        for i in range(20)]
+            admitted = [
+                await open_limiter.admit(limits=limits, reserve_tokens=10, request_id=f"o{i}") for i in range(20)
+            ]
             await open_limiter.settle(admitted[0], used_tokens=10)
-            closed = await RateLimiter(dead, fail_open=False).admit(limits=limits, reserve_tokens=10,
-                                                                    request_id="c")
+            closed = await RateLimiter(dead, fail_open=False).admit(limits=limits, reserve_tokens=10, request_id="c")
     finally:
         await dead.aclose()
 

@@ -11,10 +11,13 @@ from apps.gateway.errors import GatewayError
 from apps.gateway.payloads import CHAT, COMPLETIONS, parse, reserve_tokens, wants_usage_chunk, with_usage_option
 
 
-@pytest.mark.parametrize("body", [
-    b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9"}], "stream": true, "top_k": 5}',
-    b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"temperature":1.0}\n  ',
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "h\\u00e9"}], "stream": true, "top_k": 5}',
+        b'{"model":"m","messages":[{"role":"user","content":"x"}],"stream":true,"temperature":1.0}\n  ',
+    ],
+)
 def test_the_option_is_appended_and_the_clients_bytes_are_kept(body: bytes) -> None:
     out = with_usage_option(body, parse(body, CHAT))
 
@@ -24,8 +27,9 @@ def test_the_option_is_appended_and_the_clients_bytes_are_kept(body: bytes) -> N
 
 @pytest.mark.parametrize("options", [{}, {"include_usage": False, "continuous_usage_stats": True}, None])
 def test_existing_stream_options_are_merged_not_duplicated(options) -> None:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
-                       "stream_options": options}).encode()
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": options}
+    ).encode()
 
     out = with_usage_option(body, parse(body, CHAT))
 
@@ -63,13 +67,21 @@ def test_deeply_nested_json_is_a_400_not_a_recursion_error(nested: bytes) -> Non
     assert err.value.status == 400 and "nested too deeply" in err.value.message
 
 
-@pytest.mark.parametrize(("options", "wanted"), [
-    (None, False), ({}, False), ({"continuous_usage_stats": True}, False), ({"include_usage": False}, False),
-    ({"include_usage": True}, True), ({"include_usage": True, "continuous_usage_stats": True}, True),
-])
+@pytest.mark.parametrize(
+    ("options", "wanted"),
+    [
+        (None, False),
+        ({}, False),
+        ({"continuous_usage_stats": True}, False),
+        ({"include_usage": False}, False),
+        ({"include_usage": True}, True),
+        ({"include_usage": True, "continuous_usage_stats": True}, True),
+    ],
+)
 def test_a_usage_chunk_only_for_include_usage_true_as_openai_does(options, wanted: bool) -> None:
-    body = json.dumps({"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
-                       "stream_options": options}).encode()
+    body = json.dumps(
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True, "stream_options": options}
+    ).encode()
 
     assert wants_usage_chunk(parse(body, CHAT)) is wanted
 

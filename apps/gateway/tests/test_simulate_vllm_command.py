@@ -25,8 +25,12 @@ def test_the_command_serves_the_simulator():
         assert "manage.py" in " ".join(sim.proc.args)
         version = httpx.get(sim.url + "/version", timeout=5).json()
         models = httpx.get(sim.base_url + "/models", headers={"Authorization": "Bearer k"}, timeout=5)
-        reply = httpx.post(sim.base_url + "/completions", headers={"Authorization": "Bearer k"}, timeout=5,
-                           json={"model": "sim-llama", "prompt": "hi", "max_tokens": 3})
+        reply = httpx.post(
+            sim.base_url + "/completions",
+            headers={"Authorization": "Bearer k"},
+            timeout=5,
+            json={"model": "sim-llama", "prompt": "hi", "max_tokens": 3},
+        )
 
     assert [card["id"] for card in models.json()["data"]] == ["sim-llama"]
     assert version == {"version": settings.VLLM_VERSION}  # the release the fleet installs

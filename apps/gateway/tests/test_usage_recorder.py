@@ -23,8 +23,16 @@ def test_flush_writes_every_record_and_last_use_at_most_once_per_window(tenant, 
     ids = iter(range(100))
 
     def use(at_s: float) -> None:
-        recorder.record({"request_id": f"req_{next(ids)}", "tenant_id": tenant.pk, "api_key_id": key.pk,
-                         "model_name": "m", "status_code": 200, "created_at": t0 + timedelta(seconds=at_s)})
+        recorder.record(
+            {
+                "request_id": f"req_{next(ids)}",
+                "tenant_id": tenant.pk,
+                "api_key_id": key.pk,
+                "model_name": "m",
+                "status_code": 200,
+                "created_at": t0 + timedelta(seconds=at_s),
+            }
+        )
 
     def last_used():
         key.refresh_from_db()

@@ -36,8 +36,14 @@ def _ids(response) -> list[str]:
 def test_staff_filter_usage_by_tenant_key_model_node_and_date(staff_api, tenant, api_key, catalog_model, node) -> None:
     other = tenant_create(slug="other")
     now = timezone.now()
-    a = make_usage(tenant=tenant, api_key=api_key[0], model=catalog_model, node=node, request_id="a",
-                   created_at=now - timedelta(hours=1))
+    a = make_usage(
+        tenant=tenant,
+        api_key=api_key[0],
+        model=catalog_model,
+        node=node,
+        request_id="a",
+        created_at=now - timedelta(hours=1),
+    )
     make_usage(tenant=tenant, request_id="b", model_name="other-model", created_at=now - timedelta(days=3))
     make_usage(tenant=other, request_id="c", created_at=now - timedelta(minutes=5))
 

@@ -72,9 +72,11 @@ def test_malformed_authorization_header_is_a_clear_401() -> None:
 
 
 def test_staff_crud_on_tenants(staff_api) -> None:
-    created = staff_api.post("/api/v1/tenants/", {"slug": "globex", "name": "Globex",
-                                                   "contact_email": "ops@globex.test", "requests_per_minute": 10},
-                             format="json")
+    created = staff_api.post(
+        "/api/v1/tenants/",
+        {"slug": "globex", "name": "Globex", "contact_email": "ops@globex.test", "requests_per_minute": 10},
+        format="json",
+    )
     assert created.status_code == 201, created.json()
     assert created.json()["status"] == "active" and created.json()["requests_per_minute"] == 10
 
@@ -137,8 +139,10 @@ def test_customer_keys_cannot_touch_tenants(api_key, tenant) -> None:
     assert client.get("/api/v1/tenants/").status_code == 403
     assert client.get(f"/api/v1/tenants/{tenant.slug}/").status_code == 403
     assert client.post(f"/api/v1/tenants/{tenant.slug}/suspend/").status_code == 403
-    assert client.patch(f"/api/v1/tenants/{tenant.slug}/", {"requests_per_minute": 10**6}, format="json"
-                        ).status_code == 403
+    assert (
+        client.patch(f"/api/v1/tenants/{tenant.slug}/", {"requests_per_minute": 10**6}, format="json").status_code
+        == 403
+    )
     tenant.refresh_from_db()
     assert tenant.is_active and tenant.requests_per_minute == 600
 
@@ -147,8 +151,9 @@ def test_customer_keys_cannot_touch_tenants(api_key, tenant) -> None:
 
 
 def test_staff_creates_a_key_for_any_tenant_and_sees_the_raw_key_once(staff_api, tenant) -> None:
-    response = staff_api.post("/api/v1/keys/", {"tenant": tenant.slug, "name": "ci", "scopes": ["usage:read"]},
-                              format="json")
+    response = staff_api.post(
+        "/api/v1/keys/", {"tenant": tenant.slug, "name": "ci", "scopes": ["usage:read"]}, format="json"
+    )
     assert response.status_code == 201, response.json()
     body = response.json()
     key = api_key_verify(raw=body["key"])
@@ -162,8 +167,9 @@ def test_staff_creates_a_key_for_any_tenant_and_sees_the_raw_key_once(staff_api,
 
 def test_staff_updates_and_revokes_keys(staff_api, api_key) -> None:
     key, raw = api_key
-    response = staff_api.patch(f"/api/v1/keys/{key.pk}/", {"scopes": ["inference"], "requests_per_minute": 5},
-                               format="json")
+    response = staff_api.patch(
+        f"/api/v1/keys/{key.pk}/", {"scopes": ["inference"], "requests_per_minute": 5}, format="json"
+    )
     assert response.status_code == 200 and response.json()["scopes"] == ["inference"]
     assert response.json()["requests_per_minute"] == 5
 
@@ -181,8 +187,9 @@ def test_unknown_scope_and_unknown_tenant_are_400s_naming_the_field(staff_api, t
 
 def test_a_service_validation_error_becomes_a_400_naming_the_field(staff_api, tenant) -> None:
     # allowed_models is checked against the catalog by the service, not the serializer.
-    response = staff_api.post("/api/v1/keys/", {"tenant": tenant.slug, "allowed_models": ["no-such-model"]},
-                              format="json")
+    response = staff_api.post(
+        "/api/v1/keys/", {"tenant": tenant.slug, "allowed_models": ["no-such-model"]}, format="json"
+    )
     assert response.status_code == 400
     assert response.json()["error"]["message"].startswith("allowed_models:")
     assert not ApiKey.objects.exists()
@@ -242,8 +249,9 @@ def test_customer_key_cannot_outlive_or_widen_itself(tenant, catalog_model) -> N
 
     model_create(name="other-model")
     expiry = timezone.now() + timedelta(days=1)
-    _, raw = api_key_issue(tenant=tenant, scopes=["keys:manage", "inference"], expires_at=expiry,
-                           allowed_models=[catalog_model.name])
+    _, raw = api_key_issue(
+        tenant=tenant, scopes=["keys:manage", "inference"], expires_at=expiry, allowed_models=[catalog_model.name]
+    )
     client = bearer(raw)
     later = (expiry + timedelta(days=1)).isoformat()
     response = client.post("/api/v1/keys/", {"expires_at": later}, format="json")
@@ -273,8 +281,10 @@ def test_key_without_keys_manage_gets_a_clear_403(tenant) -> None:
     _, raw = api_key_issue(tenant=tenant, scopes=["inference"])
     response = bearer(raw).get("/api/v1/keys/")
     assert response.status_code == 403
-    assert response.json()["error"] == {"message": "This API key lacks the 'keys:manage' scope.",
-                                         "type": "permission_denied"}
+    assert response.json()["error"] == {
+        "message": "This API key lacks the 'keys:manage' scope.",
+        "type": "permission_denied",
+    }
 
 
 def test_revoked_customer_key_is_rejected(api_key) -> None:

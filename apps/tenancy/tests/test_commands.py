@@ -30,11 +30,25 @@ def last_line(text: str) -> str:
 
 
 def test_create_tenant_with_name_email_and_limits() -> None:
-    out, _ = run("create_tenant", "globex", "--name", "Globex", "--email", "ops@globex.test", "--rpm", "5",
-                 "--monthly-budget", "1000")
+    out, _ = run(
+        "create_tenant",
+        "globex",
+        "--name",
+        "Globex",
+        "--email",
+        "ops@globex.test",
+        "--rpm",
+        "5",
+        "--monthly-budget",
+        "1000",
+    )
     tenant = Tenant.objects.get(slug="globex")
     assert (tenant.name, tenant.contact_email, tenant.requests_per_minute, tenant.monthly_token_budget) == (
-        "Globex", "ops@globex.test", 5, 1000)
+        "Globex",
+        "ops@globex.test",
+        5,
+        1000,
+    )
     assert "Created tenant globex" in out
 
 
@@ -57,8 +71,21 @@ def test_create_tenant_refuses_bad_input(tenant, args, message) -> None:
 
 
 def test_create_api_key_prints_a_working_key_as_the_last_line(tenant, catalog_model) -> None:
-    out, _ = run("create_api_key", "--tenant", "acme", "--name", "ci", "--scopes", "inference,usage:read",
-                 "--models", catalog_model.name, "--expires-days", "30", "--rpm", "7")
+    out, _ = run(
+        "create_api_key",
+        "--tenant",
+        "acme",
+        "--name",
+        "ci",
+        "--scopes",
+        "inference,usage:read",
+        "--models",
+        catalog_model.name,
+        "--expires-days",
+        "30",
+        "--rpm",
+        "7",
+    )
     key = api_key_verify(raw=last_line(out))
     assert key is not None and key.tenant == tenant and key.name == "ci"
     assert key.scopes == ["inference", "usage:read"] and key.allowed_models == [catalog_model.name]

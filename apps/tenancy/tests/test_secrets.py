@@ -22,8 +22,11 @@ def _one_of_each(make) -> dict[SecretStatus, object]:
     model.objects.filter(pk=expired.pk).update(expires_at=now - timedelta(seconds=1))
     model.objects.filter(pk=later.pk).update(expires_at=now + timedelta(hours=1))
     model.objects.filter(pk=revoked.pk).update(revoked_at=now, expires_at=now - timedelta(seconds=1))
-    return {SecretStatus.ACTIVE: {active.pk, later.pk}, SecretStatus.EXPIRED: {expired.pk},
-            SecretStatus.REVOKED: {revoked.pk}}
+    return {
+        SecretStatus.ACTIVE: {active.pk, later.pk},
+        SecretStatus.EXPIRED: {expired.pk},
+        SecretStatus.REVOKED: {revoked.pk},
+    }
 
 
 @pytest.mark.parametrize("kind", ["api_key", "staff_token"])

@@ -114,11 +114,14 @@ def test_delegated_issue_needs_keys_manage(tenant) -> None:
 
 
 def test_delegated_issue_collects_every_escalation_at_once(tenant) -> None:
-    issuer, _ = services.api_key_issue(tenant=tenant, scopes=["keys:manage"], tokens_per_minute=100,
-                                       expires_at=timezone.now() + timedelta(hours=1))
+    issuer, _ = services.api_key_issue(
+        tenant=tenant, scopes=["keys:manage"], tokens_per_minute=100, expires_at=timezone.now() + timedelta(hours=1)
+    )
     with pytest.raises(ValidationError) as exc:
         services.api_key_issue_delegated(
-            issuer=issuer, scopes=["inference"], tokens_per_minute=101,
+            issuer=issuer,
+            scopes=["inference"],
+            tokens_per_minute=101,
             max_concurrent_requests=tenant.max_concurrent_requests + 1,
             expires_at=timezone.now() + timedelta(days=2),
         )
@@ -127,9 +130,15 @@ def test_delegated_issue_collects_every_escalation_at_once(tenant) -> None:
 
 def test_delegated_issue_inherits_what_it_leaves_out(tenant) -> None:
     expiry = timezone.now() + timedelta(hours=1)
-    issuer, _ = services.api_key_issue(tenant=tenant, scopes=["keys:manage", "inference"], tokens_per_minute=100,
-                                       expires_at=expiry)
+    issuer, _ = services.api_key_issue(
+        tenant=tenant, scopes=["keys:manage", "inference"], tokens_per_minute=100, expires_at=expiry
+    )
     key, raw = services.api_key_issue_delegated(issuer=issuer, scopes=["inference"], requests_per_minute=5)
     assert (key.tenant, key.scopes, key.tokens_per_minute, key.requests_per_minute, key.expires_at) == (
-        tenant, ["inference"], 100, 5, expiry)
+        tenant,
+        ["inference"],
+        100,
+        5,
+        expiry,
+    )
     assert services.api_key_verify(raw=raw).pk == key.pk

@@ -13,4 +13,3 @@ def get_model(name: str) -> ServedModel:
     except ServedModel.DoesNotExist:
         known = ", ".join(ServedModel.objects.order_by("name").values_list("name", flat=True)[:10]) or "none yet"
         raise CommandError(f"No model named '{name}' (known: {known}). Create it with create_model.") from None
-

@@ -41,8 +41,12 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **opts: Any) -> None:
         extra: dict[str, object] = {}
-        for option, field in (("accelerator", "accelerator"), ("context_length", "context_length"),
-                              ("min_replicas", "min_replicas"), ("max_replicas", "max_replicas")):
+        for option, field in (
+            ("accelerator", "accelerator"),
+            ("context_length", "context_length"),
+            ("min_replicas", "min_replicas"),
+            ("max_replicas", "max_replicas"),
+        ):
             if opts[option] is not None:
                 extra[field] = opts[option]
         for option in ("context_length", "min_replicas", "max_replicas"):
@@ -52,14 +56,20 @@ class Command(BaseCommand):
             extra["is_active"] = False
         try:
             model = model_create(
-                name=opts["name"], hf_repo=opts["hf_repo"], hf_revision=opts["revision"],
-                storage_uri=opts["storage_uri"], price_input_per_mtok=_price(opts["price_in"], "--price-in"),
-                price_output_per_mtok=_price(opts["price_out"], "--price-out"), **extra,
+                name=opts["name"],
+                hf_repo=opts["hf_repo"],
+                hf_revision=opts["revision"],
+                storage_uri=opts["storage_uri"],
+                price_input_per_mtok=_price(opts["price_in"], "--price-in"),
+                price_output_per_mtok=_price(opts["price_out"], "--price-out"),
+                **extra,
             )
         except ValidationError as exc:
             details = "; ".join(f"{field}: {' '.join(msgs)}" for field, msgs in exc.message_dict.items())
             raise CommandError(f"Cannot create model '{opts['name']}': {details}") from exc
-        self.stdout.write(self.style.SUCCESS(
-            f"Created model {model.name} (id {model.pk}): ${model.price_input_per_mtok}/M in, "
-            f"${model.price_output_per_mtok}/M out, {model.accelerator}, storage {model.storage_uri or 'not set'}."
-        ))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Created model {model.name} (id {model.pk}): ${model.price_input_per_mtok}/M in, "
+                f"${model.price_output_per_mtok}/M out, {model.accelerator}, storage {model.storage_uri or 'not set'}."
+            )
+        )

@@ -68,15 +68,23 @@ class Command(BaseCommand):
 
         if bucket_missing:
             if not create:
-                self._line(False, "bucket", f"'{bucket}' does not exist: create it in the Cloudflare dashboard "
-                                            "(R2 > Create bucket), or rerun with --create-bucket.")
+                self._line(
+                    False,
+                    "bucket",
+                    f"'{bucket}' does not exist: create it in the Cloudflare dashboard "
+                    "(R2 > Create bucket), or rerun with --create-bucket.",
+                )
                 self._line(None, "write probe", "needs the bucket")
                 return 1
             try:
                 storage.create_bucket(bucket)
             except storage.StorageError as exc:
-                self._line(False, "bucket", f"'{bucket}' does not exist and could not be created: {exc} "
-                                            "(R2 bucket creation needs an Admin Read & Write token).")
+                self._line(
+                    False,
+                    "bucket",
+                    f"'{bucket}' does not exist and could not be created: {exc} "
+                    "(R2 bucket creation needs an Admin Read & Write token).",
+                )
                 self._line(None, "write probe", "needs the bucket")
                 return 1
             self._line(True, "bucket", f"'{bucket}' created")

@@ -42,9 +42,15 @@ class Command(BaseCommand):
 
             local_dir = str(Path(local_dir).resolve())
         try:
-            upload = upload_request(model=model, hf_repo=hf_repo, revision=revision, local_dir=local_dir,
-                                    prefix=opts["prefix"], keep_downloads=opts["keep_downloads"],
-                                    origin=JobOrigin.COMMAND)
+            upload = upload_request(
+                model=model,
+                hf_repo=hf_repo,
+                revision=revision,
+                local_dir=local_dir,
+                prefix=opts["prefix"],
+                keep_downloads=opts["keep_downloads"],
+                origin=JobOrigin.COMMAND,
+            )
         except UploadError as exc:
             raise CommandError(str(exc)) from exc
         source = f"{hf_repo}@{revision}" if hf_repo else local_dir
@@ -53,8 +59,9 @@ class Command(BaseCommand):
             target = str(upload.source["prefix"])
             if upload.source.get("prefix_auto"):  # the worker pins the revision to its commit
                 target = f"{target.rsplit('/', 1)[0]}/<commit of {revision}>"
-            self.stdout.write(f"Queued upload #{upload.pk} of {model.name} from {source} to {target}; "
-                              "follow it in the admin.")
+            self.stdout.write(
+                f"Queued upload #{upload.pk} of {model.name} from {source} to {target}; follow it in the admin."
+            )
             return
         self._run_here(upload.pk, source)
 
@@ -64,8 +71,10 @@ class Command(BaseCommand):
         def show(p: dict) -> None:
             pct = 100 * p["done"] / p["total"] if p["total"] else 0.0
             eta = f"ETA {int((p['total'] - p['done']) / p['rate'])}s" if p["rate"] else "ETA ?"
-            line = (f"{pct:5.1f}%  {human_bytes(p['done'])} / {human_bytes(p['total'])}  "
-                    f"{human_bytes(p['rate'])}/s  {eta}  {p['file']}")
+            line = (
+                f"{pct:5.1f}%  {human_bytes(p['done'])} / {human_bytes(p['total'])}  "
+                f"{human_bytes(p['rate'])}/s  {eta}  {p['file']}"
+            )
             self.stdout.write(line[:150].ljust(150) if tty else line, ending="\r" if tty else "\n")
             self.stdout.flush()
 
@@ -77,6 +86,8 @@ class Command(BaseCommand):
         model = upload.model
         if upload.status != UploadStatus.UPLOADED:
             raise CommandError(f"Upload {status}: {upload.error or upload.get_status_display()}")
-        self.stdout.write(self.style.SUCCESS(
-            f"Uploaded {len(model.manifest)} file(s), {human_bytes(model.total_bytes)} to {model.storage_uri}"
-        ))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"Uploaded {len(model.manifest)} file(s), {human_bytes(model.total_bytes)} to {model.storage_uri}"
+            )
+        )

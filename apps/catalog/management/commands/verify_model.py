@@ -17,8 +17,9 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("name")
-        parser.add_argument("--full", action="store_true",
-                            help="Stream every object and recompute its sha256 (reads the whole model).")
+        parser.add_argument(
+            "--full", action="store_true", help="Stream every object and recompute its sha256 (reads the whole model)."
+        )
 
     def handle(self, *args: Any, **opts: Any) -> None:
         model = get_model(opts["name"])

@@ -15,14 +15,19 @@ from apps.fleet.static_nodes import static_node_add
 
 
 class Command(BaseCommand):
-    help = ("Register an existing vLLM server (or the simulator) as a static node: probes /health once and "
-            "marks the node ready, or failed with the reason (non-zero exit).")
+    help = (
+        "Register an existing vLLM server (or the simulator) as a static node: probes /health once and "
+        "marks the node ready, or failed with the reason (non-zero exit)."
+    )
 
     def add_arguments(self, parser: ArgumentParser) -> None:
         parser.add_argument("--model", required=True, help="The catalog model's served name.")
         parser.add_argument("--endpoint", required=True, help="Base URL of the vLLM server, e.g. http://10.0.0.5:8000")
-        parser.add_argument("--api-key", default=None,
-                            help="The key the server was started with (vllm --api-key); kept for the gateway.")
+        parser.add_argument(
+            "--api-key",
+            default=None,
+            help="The key the server was started with (vllm --api-key); kept for the gateway.",
+        )
         parser.add_argument("--timeout", type=float, default=5.0, help="Health probe timeout in seconds.")
 
     def handle(self, *args: object, **opts: object) -> None:
@@ -31,8 +36,12 @@ class Command(BaseCommand):
         except ServedModel.DoesNotExist:
             raise CommandError(f"Unknown model {opts['model']!r}: add it to the catalog first.") from None
         try:
-            node = static_node_add(model=model, endpoint_url=str(opts["endpoint"]), api_key=opts["api_key"] or None,
-                                   timeout_s=float(opts["timeout"]))  # type: ignore[arg-type]
+            node = static_node_add(
+                model=model,
+                endpoint_url=str(opts["endpoint"]),
+                api_key=opts["api_key"] or None,
+                timeout_s=float(opts["timeout"]),
+            )  # type: ignore[arg-type]
         except ValidationError as exc:
             raise CommandError(f"Cannot register the node: {'; '.join(exc.messages)}") from None
         except IllegalTransition as exc:

@@ -29,13 +29,17 @@ def setting_problems() -> tuple[list[str], list[str]]:
     """(problems, warnings): what would break or leak on a real launch, from the settings alone."""
     problems, warnings = [], []
     if is_loopback(settings.CONTROL_PLANE_URL):
-        problems.append(f"CONTROL_PLANE_URL is {settings.CONTROL_PLANE_URL}, a loopback address: each GPU node "
-                        "would call itself to register. Set the control plane's public URL.")
+        problems.append(
+            f"CONTROL_PLANE_URL is {settings.CONTROL_PLANE_URL}, a loopback address: each GPU node "
+            "would call itself to register. Set the control plane's public URL."
+        )
     endpoint = settings.SKYPILOT_API_SERVER_ENDPOINT
     if endpoint and urlparse(endpoint).scheme == "http" and not is_loopback(endpoint):
         host = urlparse(endpoint).hostname or ""
-        message = (f"SKYPILOT_API_SERVER_ENDPOINT is {endpoint}: plain http to another host, and every launch "
-                   "request carries the node's secrets (R2 token, vLLM key). Put the API server behind https.")
+        message = (
+            f"SKYPILOT_API_SERVER_ENDPOINT is {endpoint}: plain http to another host, and every launch "
+            "request carries the node's secrets (R2 token, vLLM key). Put the API server behind https."
+        )
         if "." in host or ":" in host:
             problems.append(message)
         else:  # a bare service name (docker-compose's "skypilot"): a private network on this host
@@ -55,8 +59,10 @@ class Command(BaseCommand):
         if not getattr(settings, "R2_ENDPOINT_URL", ""):
             self.stderr.write("warning: R2_ENDPOINT_URL is empty: SkyPilot nodes cannot stream weights")
         if not (settings.SKYPILOT_SERVICE_ACCOUNT_TOKEN or settings.SKYPILOT_USER_ID):
-            self.stderr.write("warning: neither SKYPILOT_SERVICE_ACCOUNT_TOKEN nor SKYPILOT_USER_ID is set: each "
-                              "worker host acts as its own SkyPilot user (docs/fleet.md, 'SkyPilot identity')")
+            self.stderr.write(
+                "warning: neither SKYPILOT_SERVICE_ACCOUNT_TOKEN nor SKYPILOT_USER_ID is set: each "
+                "worker host acts as its own SkyPilot user (docs/fleet.md, 'SkyPilot identity')"
+            )
         problems, warnings = setting_problems()
         for warning in warnings:
             self.stderr.write(f"warning: {warning}")

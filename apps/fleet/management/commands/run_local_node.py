@@ -39,16 +39,35 @@ class Command(BaseCommand):
         token = os.environ.get("CROSSLOGIC_REGISTRATION_TOKEN", "")
         if not token:
             raise CommandError("CROSSLOGIC_REGISTRATION_TOKEN is not set: the launcher passes it in the environment.")
-        control_plane = (opts["control_plane"] or os.environ.get("CROSSLOGIC_CONTROL_PLANE_URL")
-                         or settings.CONTROL_PLANE_URL).rstrip("/")
+        control_plane = (
+            opts["control_plane"] or os.environ.get("CROSSLOGIC_CONTROL_PLANE_URL") or settings.CONTROL_PLANE_URL
+        ).rstrip("/")
         started_at = time.time()
-        cmd = [sys.executable, "-m", "vllm_sim", "--port", "0", "--model", opts["model"],
-               "--startup-delay-s", str(opts["startup_delay_s"]), "--vllm-version", settings.VLLM_VERSION]
+        cmd = [
+            sys.executable,
+            "-m",
+            "vllm_sim",
+            "--port",
+            "0",
+            "--model",
+            opts["model"],
+            "--startup-delay-s",
+            str(opts["startup_delay_s"]),
+            "--vllm-version",
+            settings.VLLM_VERSION,
+        ]
         if not os.environ.get("VLLM_API_KEY"):
             raise CommandError("VLLM_API_KEY is not set: the launcher passes the node's key in the environment.")
         # The simulator, like vLLM, reads VLLM_API_KEY from its environment: the key stays off `ps`.
-        sim = subprocess.Popen(cmd, cwd=settings.BASE_DIR, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               stdin=subprocess.DEVNULL, text=True, bufsize=1)
+        sim = subprocess.Popen(
+            cmd,
+            cwd=settings.BASE_DIR,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            text=True,
+            bufsize=1,
+        )
         signal.signal(signal.SIGTERM, lambda *_: self._stop(sim, 0))
         try:
             endpoint = self._wait_for_endpoint(sim, opts["timeout_s"])
@@ -112,8 +131,11 @@ class Command(BaseCommand):
         with httpx.Client(timeout=5.0) as client:
             for _ in range(60):
                 try:
-                    response = client.post(f"{control_plane}/api/v1/nodes/register", json=body,
-                                           headers={"Authorization": f"Bearer {token}"})
+                    response = client.post(
+                        f"{control_plane}/api/v1/nodes/register",
+                        json=body,
+                        headers={"Authorization": f"Bearer {token}"},
+                    )
                 except httpx.HTTPError as exc:
                     self.stderr.write(f"registration: {exc}; retrying")
                 else:

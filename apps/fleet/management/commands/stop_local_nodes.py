@@ -21,8 +21,9 @@ class Command(BaseCommand):
     help = "Terminate all local-launcher nodes now (their processes are stopped); SkyPilot nodes are left alone."
 
     def handle(self, *args: Any, **options: Any) -> None:
-        nodes = Node.objects.filter(launcher=Launcher.LOCAL,
-                                    status__in=[*LIVE_STATUSES, NodeStatus.TERMINATING, NodeStatus.FAILED])
+        nodes = Node.objects.filter(
+            launcher=Launcher.LOCAL, status__in=[*LIVE_STATUSES, NodeStatus.TERMINATING, NodeStatus.FAILED]
+        )
         stopped = 0
         for node in nodes:
             if node.status == NodeStatus.FAILED and node.launcher_state.get("torn_down"):

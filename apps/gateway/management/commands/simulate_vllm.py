@@ -13,8 +13,10 @@ from vllm_sim import cli as simulator_cli
 
 
 class Command(BaseCommand):
-    help = ("Serve a simulated vLLM OpenAI server (a dev/test instrument): /health, /metrics, /v1/models, "
-            "/v1/chat/completions, /v1/completions, /v1/embeddings and the simulator-only /sim/stats.")
+    help = (
+        "Serve a simulated vLLM OpenAI server (a dev/test instrument): /health, /metrics, /v1/models, "
+        "/v1/chat/completions, /v1/completions, /v1/embeddings and the simulator-only /sim/stats."
+    )
     requires_system_checks: list[str] = []  # starts fast; it touches no database
 
     def add_arguments(self, parser: ArgumentParser) -> None:

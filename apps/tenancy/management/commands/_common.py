@@ -53,8 +53,9 @@ def expiry_from_days(days: int | None) -> datetime | None:
 def add_limit_arguments(parser: CommandParser, *, what: str) -> None:
     parser.add_argument("--rpm", type=int, dest="requests_per_minute", help=f"Requests per minute ({what}).")
     parser.add_argument("--tpm", type=int, dest="tokens_per_minute", help=f"Tokens per minute ({what}).")
-    parser.add_argument("--concurrency", type=int, dest="max_concurrent_requests",
-                        help=f"Max concurrent requests ({what}).")
+    parser.add_argument(
+        "--concurrency", type=int, dest="max_concurrent_requests", help=f"Max concurrent requests ({what})."
+    )
 
 
 def limits_from(options: dict) -> dict[str, int]:

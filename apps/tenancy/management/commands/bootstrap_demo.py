@@ -55,10 +55,12 @@ class Command(BaseCommand):
                 )
             username, password, email = "admin", "admin", email or "admin@localhost"
             if not User.objects.filter(username=username).exists():
-                self.stderr.write(self.style.WARNING(
-                    "WARNING: creating superuser admin/admin because DEBUG is on and DJANGO_SUPERUSER_USERNAME "
-                    "is not set. Never expose this instance; set DJANGO_SUPERUSER_* for anything shared."
-                ))
+                self.stderr.write(
+                    self.style.WARNING(
+                        "WARNING: creating superuser admin/admin because DEBUG is on and DJANGO_SUPERUSER_USERNAME "
+                        "is not set. Never expose this instance; set DJANGO_SUPERUSER_* for anything shared."
+                    )
+                )
         user = User.objects.filter(username=username).first()
         if user is not None:
             # Idempotent: never reset a password someone may have changed.
@@ -111,12 +113,16 @@ class Command(BaseCommand):
                 ServedModel.objects.filter(pk=model.pk).update(min_replicas=1, max_replicas=max(1, model.max_replicas))
                 model.refresh_from_db()
             try:
-                [node] = node_request_launch(model=model, placement=Placement(launcher=Launcher.LOCAL),
-                                             actor="bootstrap_demo")
+                [node] = node_request_launch(
+                    model=model, placement=Placement(launcher=Launcher.LOCAL), actor="bootstrap_demo"
+                )
             except ValidationError as exc:
                 raise CommandError(f"could not launch the demo node: {'; '.join(exc.messages)}") from None
-        self.stdout.write(self.style.SUCCESS(
-            f"demo node: launching {node} (local simulator); ready a few seconds after the worker starts"))
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"demo node: launching {node} (local simulator); ready a few seconds after the worker starts"
+            )
+        )
 
     def _key(self, tenant: Tenant, *, new: bool) -> None:
         existing = ApiKey.objects.with_status(SecretStatus.ACTIVE).filter(tenant=tenant, name=DEMO_KEY_NAME).first()

@@ -16,8 +16,12 @@ class Command(BaseCommand):
         parser.add_argument("--name", default="", help="Display name (defaults to the slug).")
         parser.add_argument("--email", default="", help="Contact email.")
         add_limit_arguments(parser, what="tenant default")
-        parser.add_argument("--monthly-budget", type=int, dest="monthly_token_budget",
-                            help="Tokens per calendar month (default: unlimited).")
+        parser.add_argument(
+            "--monthly-budget",
+            type=int,
+            dest="monthly_token_budget",
+            help="Tokens per calendar month (default: unlimited).",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         limits = limits_from(options)
