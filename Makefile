@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast lint typecheck ci bench clean
+.PHONY: run test test-fast test-sqlite lint typecheck ci bench clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -29,6 +29,10 @@ test: $(STAMP)
 # Everything but the tests marked slow (those that start processes or servers): under 90 s.
 test-fast: $(STAMP)
 	@bash scripts/test.sh -m "not slow" $(ARGS)
+
+# The fast tier on SQLite, the embedded default of `make run` (the test database lives in memory).
+test-sqlite: $(STAMP)
+	@DATABASE_URL="sqlite:///$$(mktemp -d)/crosslogic.sqlite3" bash scripts/test.sh -m "not slow" --allow-sqlite $(ARGS)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

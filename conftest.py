@@ -26,11 +26,16 @@ def pytest_configure(config: pytest.Config) -> None:
 def pytest_report_header(config: pytest.Config) -> str:
     """Which test database and Redis database this run uses (crosslogic/settings_test.py picks them)."""
     redis_where = settings.REDIS_URL.rsplit("@", 1)[-1] or "none (REDIS_URL is unset)"
-    return f"test database: {settings.DATABASES['default']['TEST']['NAME']}; Redis: {redis_where}"
+    database = settings.DATABASES["default"]["TEST"]["NAME"] or "SQLite in memory"
+    return f"test database: {database}; Redis: {redis_where}"
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
-    parser.addoption("--allow-sqlite", action="store_true", help="Run against SQLite (not for CI).")
+    parser.addoption(
+        "--allow-sqlite",
+        action="store_true",
+        help="Run against SQLite, the embedded default of `make run` (CI runs the fast tier this way too).",
+    )
 
 
 # The fast tier (`make test-fast`, -m "not slow") stays fast only if every test that starts a

@@ -140,7 +140,10 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
 DATABASES["default"]["CONN_MAX_AGE"] = _env_or_fail("DB_CONN_MAX_AGE", int, 60)
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 # Concurrent test runs (helpers, CI) must not share one test database.
-DATABASES["default"]["TEST"] = {"NAME": "test_crosslogic" + env("TEST_DB_SUFFIX", default="")}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    DATABASES["default"]["TEST"] = {"NAME": "test_crosslogic" + env("TEST_DB_SUFFIX", default="")}
+else:  # SQLite: each test run gets a private in-memory database
+    DATABASES["default"]["TEST"] = {"NAME": None}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 # --- Redis and Celery -----------------------------------------------------------------------

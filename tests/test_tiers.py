@@ -14,6 +14,7 @@ import pytest
 import redis
 from django.conf import settings
 from django.core.exceptions import ImproperlyConfigured
+from django.db import connection
 
 from conftest import _guard
 from crosslogic.settings_test import _LOCK_KEY, _LOCK_TTL_S, claim_index
@@ -41,8 +42,9 @@ def test_an_unmarked_test_may_not_listen_on_a_socket() -> None:
 
 def test_the_suite_runs_with_the_test_settings() -> None:
     assert settings.PASSWORD_HASHERS == ["django.contrib.auth.hashers.MD5PasswordHasher"]
-    # Its own test database: the pid of this run unless TEST_DB_SUFFIX was given.
-    assert settings.DATABASES["default"]["TEST"]["NAME"] == "test_crosslogic" + os.environ["TEST_DB_SUFFIX"]
+    # Its own test database: the pid of this run unless TEST_DB_SUFFIX was given (SQLite: in memory).
+    expected = "test_crosslogic" + os.environ["TEST_DB_SUFFIX"] if connection.vendor == "postgresql" else None
+    assert settings.DATABASES["default"]["TEST"]["NAME"] == expected
 
 
 @pytest.fixture

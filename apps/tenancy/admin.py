@@ -22,6 +22,7 @@ from django.utils.html import format_html
 from apps.core.paginator import EstimatedCountPaginator
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant, TenantStatus
+from apps.tenancy.selectors import with_scope
 
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
 
@@ -66,7 +67,7 @@ class ScopeFilter(admin.SimpleListFilter):
         return list(Scope.choices)
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        return queryset.filter(scopes__contains=[self.value()]) if self.value() else queryset
+        return with_scope(queryset, self.value()) if self.value() else queryset
 
 
 # --- Tenants --------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from apps.core.api import Conflict
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, StaffToken, Tenant, TenantStatus
 from apps.tenancy.permissions import IsStaff, StaffOrCustomerScope, customer
+from apps.tenancy.selectors import with_scope
 from apps.tenancy.serializers import (
     KEY_STATUS_CHOICES,
     ApiKeyCreatedSerializer,
@@ -110,7 +111,7 @@ class ApiKeyFilterSet(django_filters.FilterSet):
         fields = ["tenant", "prefix", "name", "scope", "status"]
 
     def filter_scope(self, queryset: QuerySet, name: str, value: str) -> QuerySet:
-        return queryset.filter(scopes__contains=[value])
+        return with_scope(queryset, value)
 
 
 @extend_schema(description="Staff: every tenant's keys. A customer key with `keys:manage`: its own tenant's keys.")

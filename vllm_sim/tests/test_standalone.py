@@ -9,7 +9,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.slow  # runs python -m vllm_sim
 
 # Import every module of the package in a fresh interpreter and list what got loaded.
 PROBE = """

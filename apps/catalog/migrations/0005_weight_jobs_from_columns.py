@@ -35,12 +35,21 @@ def columns_to_rows(apps, schema_editor):
     WeightVerification.objects.bulk_create(checks, batch_size=500)
 
 
+def _latest_per_model(job_model):
+    """The newest row of each model (DISTINCT ON would do it in SQL, but SQLite has none)."""
+    seen = set()
+    for row in job_model.objects.order_by("model_id", "-id").iterator():
+        if row.model_id not in seen:
+            seen.add(row.model_id)
+            yield row
+
+
 def rows_to_columns(apps, schema_editor):
     """Backwards: the latest attempt of each kind goes back into the columns (0006 re-added them)."""
     Model = apps.get_model("catalog", "Model")
     WeightUpload = apps.get_model("catalog", "WeightUpload")
     WeightVerification = apps.get_model("catalog", "WeightVerification")
-    for upload in WeightUpload.objects.order_by("model_id", "-id").distinct("model_id"):
+    for upload in _latest_per_model(WeightUpload):
         Model.objects.filter(pk=upload.model_id).update(
             upload_status=upload.status, upload_source=upload.source, upload_error=upload.error,
             upload_bytes_done=upload.bytes_done, upload_bytes_total=upload.bytes_total,
@@ -48,7 +57,7 @@ def rows_to_columns(apps, schema_editor):
             upload_cancel_requested=upload.cancel_requested, upload_started_at=upload.started_at,
             upload_finished_at=upload.finished_at,
         )
-    for check in WeightVerification.objects.order_by("model_id", "-id").distinct("model_id"):
+    for check in _latest_per_model(WeightVerification):
         Model.objects.filter(pk=check.model_id).update(
             verify_status="" if check.status == "running" else check.status,
             verified_at=check.finished_at, verify_report=check.problems,

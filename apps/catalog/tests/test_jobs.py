@@ -13,6 +13,7 @@ from apps.catalog.verify import verify_model
 
 
 @pytest.mark.django_db
+@pytest.mark.slow  # the R2 store is a server process
 def test_every_attempt_keeps_its_own_row_and_the_model_shows_the_latest(r2, catalog_model, model_folder):
     (model_folder / "bad.pt").write_bytes(b"pickle")
     first = upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/hist")
@@ -53,6 +54,7 @@ def test_the_database_refuses_a_second_busy_attempt_even_past_the_service(catalo
 
 
 @pytest.mark.django_db
+@pytest.mark.slow  # the R2 store is a server process
 def test_a_worker_whose_attempt_was_replaced_stops_and_publishes_nothing(r2, catalog_model, model_folder):
     upload = upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/replaced")
 
@@ -69,6 +71,7 @@ def test_a_worker_whose_attempt_was_replaced_stops_and_publishes_nothing(r2, cat
 
 
 @pytest.mark.django_db
+@pytest.mark.slow  # the R2 store is a server process
 def test_each_verification_is_a_row_with_its_outcome(r2, catalog_model, model_folder, settings):
     upload = upload_request(model=catalog_model, local_dir=str(model_folder), prefix="models/checked")
     upload_execute(upload_id=upload.pk)

@@ -17,7 +17,7 @@ from apps.catalog import storage
 from apps.catalog.models import UploadStatus
 from apps.catalog.uploads import upload_execute, upload_request
 
-pytestmark = pytest.mark.django_db
+pytestmark = [pytest.mark.slow, pytest.mark.django_db]  # slow: moto behind the R2 front
 
 MIB = 1024 * 1024
 

@@ -22,6 +22,8 @@ from apps.metering.models import UsageRecord
 from apps.tenancy.services import api_key_issue, tenant_create, tenant_update
 from vllm_sim import run_simulator_process
 
+pytestmark = pytest.mark.slow  # real gateway and node servers
+
 MSG = [{"role": "user", "content": "Say something short"}]
 POISON = [{"role": "user", "content": "\ud800"}]  # a lone surrogate: crashed a node once
 

@@ -11,8 +11,21 @@ from apps.metering.models import UsageRecord
 from apps.metering.tests.factories import make_usage
 
 pytestmark = pytest.mark.django_db
+needs_postgres = pytest.mark.skipif(
+    connection.vendor != "postgresql", reason="PostgreSQL's planner estimate; on SQLite lists count exactly (below)"
+)
 
 
+@pytest.mark.skipif(connection.vendor == "postgresql", reason="the SQLite fallback")
+def test_on_sqlite_every_list_counts_exactly(tenant, monkeypatch) -> None:
+    for _ in range(4):
+        make_usage(tenant=tenant)
+    monkeypatch.setattr(paginator_module, "EXACT_COUNT_BELOW", 2)
+    assert estimated_row_count(UsageRecord) is None
+    assert EstimatedCountPaginator(UsageRecord.objects.all(), 10).count == 4
+
+
+@needs_postgres
 def test_unfiltered_count_comes_from_the_estimate_once_the_table_is_big(tenant, monkeypatch) -> None:
     for _ in range(5):
         make_usage(tenant=tenant)
@@ -29,6 +42,7 @@ def test_unfiltered_count_comes_from_the_estimate_once_the_table_is_big(tenant, 
     assert EstimatedCountPaginator(UsageRecord.objects.all(), 10).count == 6
 
 
+@needs_postgres
 def test_usage_api_count_uses_the_estimate_only_when_unfiltered(tenant, monkeypatch) -> None:
     from django.contrib.auth.models import User
     from rest_framework.test import APIClient
