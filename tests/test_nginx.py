@@ -132,6 +132,7 @@ def proxy(tmp_path_factory) -> Iterator[dict]:
     scratch = "".join(f"    {kind}_temp_path {tmp}/{kind};\n" for kind in kinds)
     conf = conf.replace("http {\n", "http {\n" + scratch, 1)
     (tmp / "nginx.conf").write_text(conf)
+    assert NGINX is not None  # the module is skipped without it
     args = [NGINX, "-p", str(tmp), "-c", str(tmp / "nginx.conf"), "-g", f"daemon off; pid {tmp}/nginx.pid;"]
     check = subprocess.run([*args[:-2], "-t"], capture_output=True, text=True)
     assert check.returncode == 0, check.stderr

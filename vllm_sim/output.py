@@ -168,21 +168,29 @@ def _schema_instance(schema: object, offset: int, depth: int) -> object:
     if kind is None and isinstance(schema.get("properties"), dict):
         kind = "object"
     if kind == "object":
-        properties = schema.get("properties") if isinstance(schema.get("properties"), dict) else {}
+        properties = schema.get("properties")
+        if not isinstance(properties, dict):
+            properties = {}
         return {
             str(name): _schema_instance(sub, offset + i + 1, depth + 1)
             for i, (name, sub) in enumerate(properties.items())
         }
     if kind == "array":
-        minimum = schema.get("minItems") if isinstance(schema.get("minItems"), int) else 1
+        minimum = schema.get("minItems")
+        if not isinstance(minimum, int):
+            minimum = 1
         # A huge minItems would only be cut by max_tokens anyway: never build more than that.
         count = min(max(minimum, 1), JSON_MAX_ITEMS)
         return [_schema_instance(schema.get("items"), offset + i, depth + 1) for i in range(count)]
     if kind == "integer":
-        low = schema.get("minimum") if isinstance(schema.get("minimum"), int) else 0
+        low = schema.get("minimum")
+        if not isinstance(low, int):
+            low = 0
         return low + offset % 10
     if kind == "number":
-        low = schema.get("minimum") if isinstance(schema.get("minimum"), int | float) else 0
+        low = schema.get("minimum")
+        if not isinstance(low, int | float):
+            low = 0
         return low + (offset % 10) + 0.5
     if kind == "boolean":
         return offset % 2 == 0

@@ -291,10 +291,12 @@ async def _paced(
     sim: SimState, request: web.Request, plan: Plan, slot: _Slot, steps: _Steps, *, first_at: float
 ) -> None:
     """Tokens on their schedule, written by the shared pacer rather than by this coroutine."""
+    transport = request.transport
+    assert transport is not None  # the caller checked it, with no await in between
     stream = PacedStream(
         pacer=sim.pacer,
-        transport=request.transport,
-        render=steps.render,  # type: ignore[arg-type]
+        transport=transport,
+        render=steps.render,
         n_steps=plan.n_steps,
         first_at=first_at,
         itl=sim.itl,

@@ -313,7 +313,7 @@ class StreamEncoder:
         )
 
     def usage_chunk(self, completion_tokens: int) -> bytes:
-        body = {
+        body: dict = {
             "id": self.id,
             "object": "chat.completion.chunk" if self.chat else "text_completion",
             "created": self.created,

@@ -7,10 +7,11 @@ a bar that refreshes itself from a small JSON endpoint (``upload-status/``) unde
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from django import forms
 from django.contrib import admin, messages
+from django.contrib.auth.models import User
 from django.db.models import QuerySet
 from django.http import HttpRequest, HttpResponse, HttpResponseRedirect, JsonResponse
 from django.shortcuts import get_object_or_404
@@ -26,6 +27,18 @@ from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStat
 from apps.catalog.selectors import models_with_counts, storage_browser, with_latest_jobs
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
+
+if TYPE_CHECKING:
+    from typing import TypedDict
+
+    from django_stubs_ext import WithAnnotations  # a dev dependency: for the checker only
+
+    class _Annotated(TypedDict):  # what selectors.models_with_counts adds to each row
+        upload_status: str
+        verify_status: str
+        live_nodes: int
+        ready_nodes: int
+        total_nodes: int
 
 
 def upload_payload(model: ServedModel) -> dict[str, Any]:
@@ -140,9 +153,12 @@ class LatestUploadFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         return list(UploadStatus.choices)
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[WithAnnotations[ServedModel, _Annotated]]
+    ) -> QuerySet[WithAnnotations[ServedModel, _Annotated]]:
         # upload_status is annotated by selectors.with_latest_jobs (the changelist's queryset)
-        return queryset.filter(upload_status=self.value()) if self.value() else queryset
+        value = self.value()
+        return queryset.filter(upload_status=value) if value else queryset
 
 
 class LatestVerificationFilter(admin.SimpleListFilter):
@@ -152,10 +168,13 @@ class LatestVerificationFilter(admin.SimpleListFilter):
     def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
         return [("never" if value == "" else value, label) for value, label in VerifyStatus.choices]
 
-    def queryset(self, request: HttpRequest, queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
-        if self.value() is None:
+    def queryset(
+        self, request: HttpRequest, queryset: QuerySet[WithAnnotations[ServedModel, _Annotated]]
+    ) -> QuerySet[WithAnnotations[ServedModel, _Annotated]]:
+        value = self.value()
+        if value is None:
             return queryset
-        return queryset.filter(verify_status="" if self.value() == "never" else self.value())
+        return queryset.filter(verify_status="" if value == "never" else value)
 
 
 HISTORY_ROWS = 20
@@ -169,7 +188,7 @@ def _change_url(obj: WeightUpload | WeightVerification) -> str:
     return reverse(f"admin:catalog_{obj._meta.model_name}_change", args=[obj.pk])
 
 
-def _changelist_url(job_model: type, model: ServedModel) -> str:
+def _changelist_url(job_model: type[WeightUpload | WeightVerification], model: ServedModel) -> str:
     return reverse(f"admin:catalog_{job_model._meta.model_name}_changelist") + f"?model__id__exact={model.pk}"
 
 
@@ -255,7 +274,7 @@ class ModelAdmin(admin.ModelAdmin):
         return f"{obj.price_input_per_mtok.normalize():f} · {obj.price_output_per_mtok.normalize():f}"
 
     @admin.display(description="nodes ready / live / all", ordering="live_nodes")
-    def nodes_column(self, obj: ServedModel) -> str:
+    def nodes_column(self, obj: WithAnnotations[ServedModel, _Annotated]) -> str:
         counts = f"{obj.ready_nodes} / {obj.live_nodes} / {obj.total_nodes}"
         try:
             url = reverse("admin:fleet_node_changelist") + f"?model__id__exact={obj.pk}"
@@ -385,6 +404,7 @@ class ModelAdmin(admin.ModelAdmin):
         models = list(queryset)
         if len(models) == 1:
             return HttpResponseRedirect(reverse("admin:catalog_servedmodel_upload", args=[models[0].pk]))
+        assert isinstance(request.user, User)  # the admin lets only a signed-in staff user through
         for model in models:
             source = model.latest_upload.source if model.latest_upload else {}
             try:
@@ -421,6 +441,7 @@ class ModelAdmin(admin.ModelAdmin):
             self._verify_one(request, model)
 
     def _verify_one(self, request: HttpRequest, model: ServedModel) -> None:
+        assert isinstance(request.user, User)  # the admin lets only a signed-in staff user through
         try:
             report = verify_model(model=model, origin=JobOrigin.ADMIN, requested_by=request.user)
         except storage.StorageError as exc:
@@ -472,6 +493,7 @@ class ModelAdmin(admin.ModelAdmin):
         form = UploadForm(request.POST or None, initial=initial)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
+            assert isinstance(request.user, User)  # the admin lets only a signed-in staff user through
             try:
                 upload = uploads.upload_request(
                     model=model,

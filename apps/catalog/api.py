@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 import django_filters
+from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
@@ -36,7 +37,9 @@ class StorageUnavailable(APIException):
 
 class WeightUploadSerializer(serializers.ModelSerializer):
     progress = serializers.FloatField(read_only=True)
-    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    requested_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True
+    )
 
     class Meta:
         model = WeightUpload
@@ -62,7 +65,9 @@ class WeightUploadSerializer(serializers.ModelSerializer):
 
 
 class WeightVerificationSerializer(serializers.ModelSerializer):
-    requested_by = serializers.SlugRelatedField(slug_field="username", read_only=True)
+    requested_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="username", read_only=True
+    )
 
     class Meta:
         model = WeightVerification
@@ -227,6 +232,7 @@ class ModelViewSet(viewsets.ModelViewSet):
         data = UploadInputSerializer(data=request.data)
         data.is_valid(raise_exception=True)
         model = self.get_object()
+        assert isinstance(request.user, User)  # IsStaff let only a signed-in staff user through
         try:
             upload = uploads.upload_request(
                 model=model, origin=JobOrigin.API, requested_by=request.user, **data.validated_data
@@ -280,6 +286,7 @@ class ModelViewSet(viewsets.ModelViewSet):
         model = self.get_object()
         if not model.storage_uri:
             raise Conflict(f"{model.name} has no storage URI: upload its weights first.")
+        assert isinstance(request.user, User)  # IsStaff let only a signed-in staff user through
         try:
             report = verify_model(
                 model=model, full=data.validated_data["full"], origin=JobOrigin.API, requested_by=request.user

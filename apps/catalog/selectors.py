@@ -35,7 +35,9 @@ def with_latest_jobs(queryset: QuerySet[ServedModel]) -> QuerySet[ServedModel]:
     prefetched for ``ServedModel.latest_upload`` / ``latest_verification``: two extra queries for a list."""
     latest_upload = WeightUpload.objects.filter(model=OuterRef("pk")).order_by("-id")
     latest_check = WeightVerification.objects.filter(model=OuterRef("pk")).order_by("-id")
-    return queryset.annotate(
+    # django-stubs takes ServedModel's declarations of the to_attr names (annotations only, nothing
+    # at runtime for the prefetch to clash with) for attributes that the prefetch would overwrite.
+    return queryset.annotate(  # type: ignore[no-redef]
         upload_status=Coalesce(Subquery(latest_upload.values("status")[:1]), Value(UploadStatus.NONE.value)),
         verify_status=Coalesce(Subquery(latest_check.values("status")[:1]), Value(VerifyStatus.NEVER.value)),
     ).prefetch_related(

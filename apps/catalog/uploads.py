@@ -21,7 +21,7 @@ from datetime import timedelta
 from pathlib import Path
 
 from django.conf import settings
-from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
@@ -99,7 +99,7 @@ def upload_request(
     prefix: str = "",
     keep_downloads: bool = False,
     origin: str = JobOrigin.ADMIN,
-    requested_by: AbstractBaseUser | None = None,
+    requested_by: User | None = None,
 ) -> WeightUpload:
     """Create a queued upload attempt of ``model``'s weights from a hub repo or a server-side folder.
 
@@ -291,7 +291,7 @@ def _download(model_id: int, source: dict, progress: RowProgress) -> Path:
     check_repo_listing(listing)
     wanted = [glob.escape(path) for path in select_paths(listing)]  # exact paths, no duplicate weights
     dest = Path(settings.UPLOAD_WORK_DIR) / f"model-{model_id}" / _slug(f"{repo.replace('/', '--')}@{revision}")
-    outcome: dict[str, object] = {}
+    outcome: dict[str, Exception] = {}
 
     def run() -> None:
         try:

@@ -15,7 +15,7 @@ import hashlib
 import json
 from dataclasses import dataclass, field
 
-from django.contrib.auth.base_user import AbstractBaseUser
+from django.contrib.auth.models import User
 from django.utils import timezone
 
 from apps.catalog import storage
@@ -87,7 +87,7 @@ def verify_model(
     model: ServedModel,
     full: bool = False,
     origin: str = JobOrigin.ADMIN,
-    requested_by: AbstractBaseUser | None = None,
+    requested_by: User | None = None,
 ) -> VerifyReport:
     """Verify ``model``'s objects against its manifest (the row's, else the bucket's); the check is
     a WeightVerification row, running until it is finished here (ok, mismatch, or error on a

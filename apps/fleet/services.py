@@ -5,6 +5,7 @@ queued work goes through apps.fleet.enqueue."""
 from __future__ import annotations
 
 from datetime import datetime
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -36,7 +37,7 @@ def node_create(
     accelerator: str = "",
     use_spot: bool = True,
     launch_profile: LaunchProfile | None = None,
-    hourly_cost: object = None,
+    hourly_cost: Decimal | float | str | None = None,
     endpoint_url: str = "",
     actor: str = "system",
 ) -> Node:

@@ -9,6 +9,7 @@ way the gateway will call it, to check the key and the served model name before 
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 from urllib.parse import urlsplit
 
 import aiohttp
@@ -47,7 +48,7 @@ async def _served_models_problem(
     try:
         async with session.get(endpoint + "/v1/models", headers=headers, allow_redirects=False) as response:
             status = response.status
-            body = await response.json(content_type=None) if status == 200 else None
+            body: Any = await response.json(content_type=None) if status == 200 else None
     except TimeoutError:
         return "GET /v1/models did not answer in time"
     except (aiohttp.ClientError, ValueError) as exc:

@@ -23,7 +23,7 @@ class IllegalTransition(Exception):  # noqa: N818 - reads as the event it report
 
 
 # Phase timestamps set the first time a node reaches a status.
-_PHASE_FIELDS = {
+_PHASE_FIELDS: dict[str, tuple[str, ...]] = {
     NodeStatus.LOADING: ("provisioned_at",),
     NodeStatus.READY: ("provisioned_at", "weights_loaded_at", "ready_at"),
     NodeStatus.TERMINATED: ("terminated_at",),

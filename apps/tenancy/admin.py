@@ -21,7 +21,7 @@ from django.utils.html import format_html
 
 from apps.core.paginator import EstimatedCountPaginator
 from apps.tenancy import services
-from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant, TenantStatus
+from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, SecretStatus, StaffToken, Tenant, TenantStatus
 from apps.tenancy.selectors import with_scope
 
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
@@ -51,11 +51,13 @@ class KeyStatusFilter(admin.SimpleListFilter):
     parameter_name = "key_status"
 
     def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(s.value, s.label) for s in (SecretStatus.ACTIVE, SecretStatus.EXPIRED, SecretStatus.REVOKED)]
+        return [(s.value, str(s.label)) for s in (SecretStatus.ACTIVE, SecretStatus.EXPIRED, SecretStatus.REVOKED)]
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        if self.value() in SecretStatus.values:
-            return queryset.with_status(self.value())
+        status = self.value()
+        if status in SecretStatus.values:
+            assert isinstance(queryset, SecretQuerySet)  # ApiKey's and StaffToken's manager
+            return queryset.with_status(status)
         return queryset
 
 

@@ -120,7 +120,7 @@ class _TLSServer(ThreadingHTTPServer):
         except (ssl.SSLError, OSError):
             return
         try:
-            self.RequestHandlerClass(tls, client_address, self)  # type: ignore[arg-type]
+            self.RequestHandlerClass(tls, client_address, self)
         finally:
             tls.close()
 

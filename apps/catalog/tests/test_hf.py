@@ -106,6 +106,7 @@ def _handler(hub: LocalHub) -> type[BaseHTTPRequestHandler]:
                 if not file.is_file():
                     self._send(404, b"not found", {"X-Error-Code": "EntryNotFound"})
                     return
+                assert sha is not None  # no commit, no file
                 body = file.read_bytes()
                 self._send(
                     200,

@@ -102,10 +102,11 @@ def calendar_date_hierarchy(cl: Any) -> dict[str, Any]:
 @register.tag(name="calendar_date_hierarchy")
 def calendar_date_hierarchy_tag(parser: template.base.Parser, token: template.base.Token) -> InclusionAdminNode:
     # django-stubs 6.1.2 gives InclusionAdminNode a leading `name` parameter; Django 5.2's has none.
+    # Keywords keep that stub quirk to the one missing argument.
     return InclusionAdminNode(  # type: ignore[call-arg]
-        parser,
-        token,
+        parser=parser,
+        token=token,
         func=calendar_date_hierarchy,
-        template_name="date_hierarchy.html",  # type: ignore[arg-type]
+        template_name="date_hierarchy.html",
         takes_context=False,
     )

@@ -230,7 +230,7 @@ class SkyPilotLauncher(Launcher):
         url, message = node.endpoint_url, ""
         if not url:
             try:
-                url = sky.endpoint(node.cluster_name, VLLM_PORT)
+                url = sky.endpoint(_cluster_name(node), VLLM_PORT)
             except sky.ClusterMissing:
                 return PollResult(Progress.GONE, message="cluster vanished right after launch")
             except ValueError as exc:  # not exposed yet (or, for 0.14.1, a cluster not found): see the job
@@ -242,7 +242,7 @@ class SkyPilotLauncher(Launcher):
     def _check_job(self, node: Node, job_id: int | None) -> None:
         """LaunchError, with the job's last log lines, once the setup/vLLM job is no longer running."""
         try:
-            status = sky.job_status(node.cluster_name, job_id)
+            status = sky.job_status(_cluster_name(node), job_id)
         except sky.ClusterNotUp:
             return  # INIT while SkyPilot repairs it, or stopped: the reconciler judges the cluster
         except sky.ClusterMissing as exc:
@@ -251,7 +251,7 @@ class SkyPilotLauncher(Launcher):
             return
         what = f"job {job_id}" if job_id is not None else "the cluster's job"
         verdict = "is not on the cluster" if status is None else status.lower().replace("_", " ")
-        log = sky.job_log_tail(node.cluster_name, job_id)
+        log = sky.job_log_tail(_cluster_name(node), job_id)
         raise LaunchError(f"vLLM is not running: {what} {verdict}. Last lines of its log:\n{log}")
 
     def terminate(self, node: Node) -> bool:

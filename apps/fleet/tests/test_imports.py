@@ -101,6 +101,7 @@ def test_no_fleet_module_imports_an_app_inside_a_function() -> None:
                         else None
                     )
                     if module and module.startswith("apps."):
+                        assert isinstance(inner, ast.Import | ast.ImportFrom)  # the only nodes with a module
                         late.append(f"{path.name}:{inner.lineno} {module}")
     assert late == []
 

@@ -114,7 +114,7 @@ def _instance(cls: type[BaseException]) -> BaseException:
             continue
         hint = str(param.annotation)
         if "Reason" in hint:
-            args.append(next(iter(cls.Reason)))
+            args.append(next(iter(cls.Reason)))  # type: ignore[attr-defined]  # the classes taking a Reason define it
             continue
         args.append(1 if "int" in hint else [] if "List" in hint or "list" in hint else f"{param.name} from the server")
     return cls(*args) if args else cls(f"{cls.__name__} from the server")

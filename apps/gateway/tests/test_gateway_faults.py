@@ -179,16 +179,18 @@ def test_models_retrieve_and_list_carry_max_model_len(gateway, api_key, tenant, 
         )
     )
     model = client.models.retrieve("llama-3-8b")
+    assert model.model_extra is not None
     assert (model.id, model.object, model.owned_by, model.model_extra["max_model_len"]) == (
         "llama-3-8b",
         "model",
         "crosslogic",
         8192,
     )
-    listed = {m.id: m.model_extra["max_model_len"] for m in client.models.list().data}
+    listed = {m.id: (m.model_extra or {})["max_model_len"] for m in client.models.list().data}
     assert listed["llama-3-8b"] == 8192
     with pytest.raises(openai.NotFoundError) as exc:
         client.models.retrieve("no-such-model")
+    assert isinstance(exc.value.body, dict)
     assert exc.value.body["code"] == "model_not_found"
     _, restricted = api_key_issue(tenant=tenant, allowed_models=["llama-3-8b"])
     hidden = httpx.get(gateway.base_url + "/models/private-model", headers={"Authorization": f"Bearer {restricted}"})

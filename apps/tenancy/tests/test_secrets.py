@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from datetime import timedelta
 
 import pytest
@@ -31,6 +32,8 @@ def _one_of_each(make) -> dict[SecretStatus, object]:
 
 @pytest.mark.parametrize("kind", ["api_key", "staff_token"])
 def test_status_in_sql_matches_status_in_python(kind, tenant) -> None:
+    model: type[ApiKey | StaffToken]
+    make: Callable[[], ApiKey | StaffToken]
     if kind == "api_key":
         model, make = ApiKey, lambda: services.api_key_issue(tenant=tenant)[0]
     else:

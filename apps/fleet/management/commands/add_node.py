@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from argparse import ArgumentParser
+from typing import Any
 
 from django.core.exceptions import ValidationError
 from django.core.management.base import BaseCommand, CommandError
@@ -30,7 +31,7 @@ class Command(BaseCommand):
         )
         parser.add_argument("--timeout", type=float, default=5.0, help="Health probe timeout in seconds.")
 
-    def handle(self, *args: object, **opts: object) -> None:
+    def handle(self, *args: Any, **opts: Any) -> None:
         try:
             model = ServedModel.objects.get(name=opts["model"])
         except ServedModel.DoesNotExist:
@@ -41,7 +42,7 @@ class Command(BaseCommand):
                 endpoint_url=str(opts["endpoint"]),
                 api_key=opts["api_key"] or None,
                 timeout_s=float(opts["timeout"]),
-            )  # type: ignore[arg-type]
+            )
         except ValidationError as exc:
             raise CommandError(f"Cannot register the node: {'; '.join(exc.messages)}") from None
         except IllegalTransition as exc:
