@@ -69,7 +69,8 @@ class ScopeFilter(admin.SimpleListFilter):
         return list(Scope.choices)
 
     def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        return with_scope(queryset, self.value()) if self.value() else queryset
+        scope = self.value()
+        return with_scope(queryset, scope) if scope else queryset
 
 
 # --- Tenants --------------------------------------------------------------------------------
