@@ -12,6 +12,7 @@ import django_filters
 from django.db.models import QuerySet
 from rest_framework import serializers, viewsets
 
+from apps.core.input import UTCIsoDateTimeFilter
 from apps.core.paginator import EstimatedCountPagination
 from apps.metering.models import UsageRecord
 from apps.tenancy.models import Scope
@@ -61,8 +62,8 @@ class UsageRecordFilterSet(django_filters.FilterSet):
     key_prefix = django_filters.CharFilter(field_name="api_key__prefix", label="API key prefix")
     model = django_filters.CharFilter(field_name="model_name", label="Served model name")
     node = django_filters.NumberFilter(field_name="node_id", label="Node id")
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
     status_code = django_filters.NumberFilter()
 
     class Meta:

@@ -21,6 +21,7 @@ from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from apps.core.api import Conflict
+from apps.core.input import UTCIsoDateTimeFilter
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, StaffToken, Tenant, TenantStatus
 from apps.tenancy.permissions import IsStaff, StaffOrCustomerScope, customer
@@ -103,8 +104,8 @@ class ApiKeyFilterSet(django_filters.FilterSet):
     name = django_filters.CharFilter(lookup_expr="icontains")
     scope = django_filters.ChoiceFilter(choices=Scope.choices, method="filter_scope", label="Holds this scope")
     status = django_filters.ChoiceFilter(choices=KEY_STATUS_CHOICES, method=_filter_key_status)
-    created_after = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
-    created_before = django_filters.IsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
+    created_after = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="gte")
+    created_before = UTCIsoDateTimeFilter(field_name="created_at", lookup_expr="lt")
 
     class Meta:
         model = ApiKey
