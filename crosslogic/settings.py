@@ -427,7 +427,8 @@ GATEWAY_USAGE_FLUSH_INTERVAL_S: float = _env_or_fail("GATEWAY_USAGE_FLUSH_INTERV
 GATEWAY_USAGE_BATCH_SIZE: int = _env_or_fail("GATEWAY_USAGE_BATCH_SIZE", int, 500)
 GATEWAY_USAGE_BUFFER_MAX: int = _env_or_fail("GATEWAY_USAGE_BUFFER_MAX", int, 200_000)
 ROUTING_REFRESH_S: float = _env_or_fail("ROUTING_REFRESH_S", float, 1.0)
-# Redis connections per gateway worker (limiter, budgets, load board). redis-py's asyncio pool
+# redis-py pool size per gateway worker, for the load board and readiness (rate limits and budgets
+# use one shared pipelined connection, apps.core.redis.Multiplexed). redis-py's asyncio pool
 # refuses beyond its size (default 100), which under load turned into fail-open admissions.
 GATEWAY_REDIS_MAX_CONNECTIONS: int = _env_or_fail("GATEWAY_REDIS_MAX_CONNECTIONS", int, 2048)
 # The HTTP edge (crosslogic/server.py): what a client may send before the application sees a

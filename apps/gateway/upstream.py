@@ -1,7 +1,8 @@
 """The one upstream HTTP client module: aiohttp, shared per worker, timeouts from settings.
 
 aiohttp over httpx because httpcore's pool is O(n²) in open connections and measured ~4x slower
-at 256 concurrent streams here (see docs/benchmarks.md and shared REFERENCE.md).
+at 256 concurrent streams here: the same raw ASGI relay kept 0.20 of direct throughput with httpx
+and 0.96-0.98 with aiohttp on this 2-core machine.
 """
 
 from __future__ import annotations

@@ -8,7 +8,7 @@ moto over plain http accepts everything botocore sends, and botocore only takes 
   "S3 API compatibility > Bucket region"); anything else is ``400 InvalidRegionName``.
 - ``aws-chunked`` bodies / ``STREAMING-*`` payload hashes / ``x-amz-trailer`` (botocore >= 1.36 over
   https with the default ``when_supported`` checksums): ``401 Unauthorized``, as R2 answered the
-  projects that hit it (amd/gaia#3029, 2026; REFERENCE.md "Cloudflare R2").
+  projects that hit it (amd/gaia#3029, 2026).
 - checksum headers R2 does not implement: ``501 NotImplemented`` "Header 'x-amz-checksum-crc32' with
   value '…' not implemented" (Cloudflare's status notice of January 2025, cloudflare-docs#19236).
   Accepted: ``x-amz-checksum-sha256`` on a single PutObject, which R2 checks (``400 BadDigest`` when it
