@@ -149,6 +149,10 @@ def test_make_run_serves_admin_and_api_and_ctrl_c_stops_every_process(tmp_path):
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             start_new_session=True,
+            # As a terminal would have it: a pytest started in the background (`cmd &` from a
+            # script) ignores SIGINT and its children inherit that, and bash cannot trap a signal
+            # ignored at entry, so Ctrl-C would never reach run.sh's cleanup.
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
         )
     try:
         deadline = time.monotonic() + 180
