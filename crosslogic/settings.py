@@ -276,6 +276,9 @@ SPECTACULAR_SETTINGS: dict[str, Any] = {
         "NodeStatusEnum": "apps.fleet.models.NodeStatus",
         "NodeEventKindEnum": "apps.fleet.models.NodeEvent.Kind",
     },
+    # The API is JSON: form parsers stay for the browsable API, but clients are told JSON only
+    # (a form cannot say null, so a schema-valid null sent as a form field was refused).
+    "PARSER_WHITELIST": ["apps.core.input.SafeJSONParser"],
     # Every operation documents its 4xx answers (one Error shape), not only its successes.
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

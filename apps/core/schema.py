@@ -38,7 +38,7 @@ _DESCRIPTIONS = {
     "403": "The credentials are valid but may not do this (staff only, a missing scope, a suspended tenant).",
     "404": "No such object (or it belongs to another tenant).",
     "409": "The request conflicts with the object's current state.",
-    "415": "The body's Content-Type is not JSON, form data or multipart.",
+    "415": "The body is not JSON (Content-Type: application/json).",
     "429": "Too many attempts; retry later.",
 }
 _UNSAFE = {"post", "put", "patch", "delete"}
