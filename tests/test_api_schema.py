@@ -129,3 +129,23 @@ def test_documented_errors_have_the_error_shape(staff, openapi):
         staff.get("/api/v1/nodes/?limit=abc"),
     ):
         _validate(openapi, "Error", response.json())
+
+
+@pytest.mark.parametrize("path", ["/api/v1/nodes/0.5/drain/", "/api/v1/no-such-thing/", "/api/v1/models/a.b/"])
+def test_an_api_url_no_route_matches_is_a_json_404(staff, openapi, path):
+    response = staff.post(path)
+    assert response.status_code == 404
+    assert response["Content-Type"].startswith("application/json")
+    _validate(openapi, "Error", response.json())
+
+
+def test_a_non_api_url_no_route_matches_keeps_the_html_404(staff):
+    response = staff.get("/no-such-page/")
+    assert response.status_code == 404 and response["Content-Type"].startswith("text/html")
+
+
+def test_request_bodies_are_documented_as_json_only(openapi):
+    for item in openapi["paths"].values():
+        for operation in item.values():
+            if "requestBody" in operation:
+                assert list(operation["requestBody"]["content"]) == ["application/json"]
