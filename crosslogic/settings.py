@@ -240,7 +240,7 @@ REST_FRAMEWORK = {
         "rest_framework.parsers.FormParser",
         "rest_framework.parsers.MultiPartParser",
     ],
-    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "DEFAULT_PAGINATION_CLASS": "apps.core.paginator.StrictLimitOffsetPagination",
     "PAGE_SIZE": 50,
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "EXCEPTION_HANDLER": "apps.core.api.exception_handler",
@@ -276,6 +276,14 @@ SPECTACULAR_SETTINGS: dict[str, Any] = {
         "NodeStatusEnum": "apps.fleet.models.NodeStatus",
         "NodeEventKindEnum": "apps.fleet.models.NodeEvent.Kind",
     },
+    # The API is JSON: form parsers stay for the browsable API, but clients are told JSON only
+    # (a form cannot say null, so a schema-valid null sent as a form field was refused).
+    "PARSER_WHITELIST": ["apps.core.input.SafeJSONParser"],
+    # Every operation documents its 4xx answers (one Error shape), not only its successes.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "apps.core.schema.document_error_responses",
+    ],
 }
 
 # --- Domain settings ------------------------------------------------------------------------

@@ -2,6 +2,9 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+# A URL under /api/ that matches no route answers JSON like every other API error.
+handler404 = "apps.core.api.not_found"
+
 urlpatterns = [
     path("admin/", admin.site.urls),
     # The management API: each domain app contributes its own api_urls under /api/v1/.

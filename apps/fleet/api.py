@@ -11,8 +11,8 @@ from typing import Any
 import django_filters
 from django.core.exceptions import ValidationError
 from django.db import transaction
-from drf_spectacular.utils import extend_schema
-from rest_framework import mixins, permissions, status, viewsets
+from drf_spectacular.utils import extend_schema, inline_serializer
+from rest_framework import mixins, permissions, serializers, status, viewsets
 from rest_framework.authentication import get_authorization_header
 from rest_framework.decorators import action
 from rest_framework.request import Request
@@ -155,7 +155,19 @@ class NodeRegisterView(APIView):
     permission_classes = [permissions.AllowAny]
     throttle_classes = [RegistrationThrottle]
 
-    @extend_schema(request=RegistrationSerializer, responses={200: NodeSerializer})
+    @extend_schema(
+        request=RegistrationSerializer,
+        responses={
+            200: inline_serializer(
+                "NodeRegistered",
+                {
+                    "node": serializers.IntegerField(),
+                    "cluster_name": serializers.CharField(allow_null=True),
+                    "status": serializers.ChoiceField(choices=NodeStatus.choices),
+                },
+            )
+        },
+    )
     def post(self, request: Request) -> Response:
         data = RegistrationSerializer(data=request.data)
         data.is_valid(raise_exception=True)

@@ -9,13 +9,23 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.catalog.models import ServedModel
-from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent
+from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+
+
+@extend_schema_field({"anyOf": [{"type": "string", "format": "uri"}, {"type": "string", "enum": [""]}]})
+class BlankOrUrlField(serializers.CharField):
+    """A read-only URLField that may be blank: a node has no endpoint until it registers, and
+    ModelSerializer drops ``allow_blank`` from read-only fields, so the schema said "uri" only."""
 
 
 class NodeSerializer(serializers.ModelSerializer):
     model: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    launch_profile: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
-    cold_start_seconds = serializers.FloatField(read_only=True)
+    # Most nodes have no launch profile, and cold start is unknown until the node is ready.
+    launch_profile: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
+        slug_field="name", read_only=True, allow_null=True
+    )
+    cold_start_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    endpoint_url = BlankOrUrlField(read_only=True)
 
     class Meta:
         model = Node
@@ -76,6 +86,11 @@ class NodeLaunchSerializer(serializers.Serializer):
 
 
 class NodeEventSerializer(serializers.ModelSerializer):
+    # Declared so the schema keeps "" (an action or info event has no transition): ModelSerializer
+    # drops allow_blank from read-only fields.
+    from_status = serializers.ChoiceField(choices=NodeStatus.choices, allow_blank=True, read_only=True)
+    to_status = serializers.ChoiceField(choices=NodeStatus.choices, allow_blank=True, read_only=True)
+
     class Meta:
         model = NodeEvent
         fields = ["id", "created_at", "kind", "from_status", "to_status", "message", "actor"]
