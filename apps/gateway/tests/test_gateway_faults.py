@@ -242,11 +242,13 @@ def test_a_poison_request_fails_alone_and_cools_no_node_down(gateway, api_key, t
 def test_a_poison_request_on_the_only_node_does_not_cool_it_down(gateway, api_key, tenant, catalog_model) -> None:
     unlimited(tenant)
     with FakeNode(poisoned) as only:
-        ready_node(catalog_model, only.url, gateway=gateway)
+        node = ready_node(catalog_model, only.url, gateway=gateway)
         gateway.app.keys.clear()
         for _ in range(5):  # the client retrying it changes nothing
             assert chat(gateway, api_key[1], POISON).status_code == 500
-        assert gateway.app.board.cooldown_until == {}
+        # (Only this node matters: the load board is shared through Redis, so an earlier test's
+        # nodes may still be listed as cooling down.)
+        assert node.pk not in gateway.app.board.cooldown_until
         assert chat(gateway, api_key[1]).status_code == 200
         assert len(only.bodies) == 6
 
