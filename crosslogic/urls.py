@@ -13,3 +13,9 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("apps.gateway.urls")),
 ]
+
+# Errors raised outside a DRF view (unknown URL, oversize body, uncaught exception): JSON under /api/.
+handler400 = "apps.core.http_errors.bad_request"
+handler403 = "apps.core.http_errors.permission_denied"
+handler404 = "apps.core.http_errors.page_not_found"
+handler500 = "apps.core.http_errors.server_error"
