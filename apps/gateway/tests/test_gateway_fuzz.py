@@ -29,7 +29,7 @@ from hypothesis import strategies as st
 from apps.gateway.tests.conftest import NODE_KEY, ready_node, running_gateway
 from apps.tenancy.services import tenant_update
 from crosslogic.server import GuardedHttpToolsProtocol
-from vllm_sim import run_simulator_process
+from vllm_sim import SimHandle, run_simulator_process
 
 pytestmark = pytest.mark.slow  # a real gateway and a simulator process
 
@@ -256,6 +256,14 @@ def encode(payload: Any, ascii_only: bool) -> bytes:
 class Target:
     address: tuple[str, int]
     key: str
+    node: SimHandle
+
+    def send(self, raw: bytes, method: str = "POST") -> None:
+        """One exchange, every response checked; the node must survive it (so hypothesis shrinks
+        to the input that killed it)."""
+        for response in exchange(self.address, raw, head_only=method == "HEAD"):
+            check(response, method)
+        assert self.node.proc.poll() is None, "the node died: " + "".join(self.node.output)[-3000:]
 
     def auth(self) -> tuple[bytes, bytes]:
         return (b"Authorization", b"Bearer " + self.key.encode())
@@ -285,11 +293,11 @@ def target(transactional_db, redis_db, api_key, tenant, catalog_model, settings)
     ):
         ready_node(catalog_model, sim.url, gateway=gateway)
         host, port = gateway.url.removeprefix("http://").rsplit(":", 1)
-        target = Target(address=(host, int(port)), key=api_key[1])
+        target = Target(address=(host, int(port)), key=api_key[1], node=sim)
         target.assert_healthy()
         yield target
+        assert sim.proc.poll() is None, "the node died: " + "".join(sim.output)[-3000:]
         target.assert_healthy()
-        assert sim.proc.poll() is None, "the node died"
 
 
 # --- the properties ---------------------------------------------------------------------------------
@@ -301,8 +309,7 @@ def test_hostile_json_bodies(target: Target) -> None:
     def hostile_json(case: tuple[str, Any], ascii_only: bool) -> None:
         path, payload = case
         headers = [target.auth(), (b"Content-Type", b"application/json")]
-        for response in exchange(target.address, request_bytes("POST", path, headers, encode(payload, ascii_only))):
-            check(response)
+        target.send(request_bytes("POST", path, headers, encode(payload, ascii_only)))
 
     hostile_json()
 
@@ -356,10 +363,7 @@ def test_hostile_headers_methods_and_paths(target: Target) -> None:
             headers.append(target.auth())
         elif auth != "none":
             headers.append((b"Authorization", auth))
-        for response in exchange(
-            target.address, request_bytes(method, path, headers, body), head_only=method == "HEAD"
-        ):
-            check(response, method)
+        target.send(request_bytes(method, path, headers, body), method)
 
     hostile_headers()
 
@@ -417,7 +421,6 @@ def test_hostile_framing(target: Target) -> None:
         else:  # two requests on one connection
             first = request_bytes("POST", "/v1/chat/completions", headers, body).replace(b"Connection: close\r\n", b"")
             raw = first + request_bytes("POST", "/v1/completions", headers, body)
-        for response in exchange(target.address, raw):
-            check(response)
+        target.send(raw)
 
     hostile_framing()
