@@ -304,7 +304,7 @@ def target(transactional_db, redis_db, api_key, tenant, catalog_model, settings)
 
 
 def test_hostile_json_bodies(target: Target) -> None:
-    @settings(FUZZ, max_examples=600)
+    @settings(FUZZ, max_examples=500)
     @given(case=payloads(), ascii_only=st.booleans())
     def hostile_json(case: tuple[str, Any], ascii_only: bool) -> None:
         path, payload = case
@@ -329,7 +329,7 @@ HEADER_VALUES = st.one_of(
 
 
 def test_hostile_headers_methods_and_paths(target: Target) -> None:
-    @settings(FUZZ, max_examples=300)
+    @settings(FUZZ, max_examples=250)
     @given(
         method=st.sampled_from(["POST", "POST", "GET", "PUT", "DELETE", "OPTIONS", "HEAD", "PATCH"]),
         path=st.one_of(
@@ -371,7 +371,7 @@ def test_hostile_headers_methods_and_paths(target: Target) -> None:
 def test_hostile_framing(target: Target) -> None:
     valid = json.dumps({"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
 
-    @settings(FUZZ, max_examples=120)
+    @settings(FUZZ, max_examples=100)
     @given(
         body=st.one_of(st.just(valid), st.binary(max_size=200), st.just(b"[" * 5000 + b"]" * 5000)),
         framing=st.sampled_from(["short", "long", "chunked", "bad-chunked", "both", "bad-length", "pipelined"]),
