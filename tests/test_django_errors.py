@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import secrets
 import socket
 import struct
 import subprocess
@@ -24,6 +26,7 @@ from crosslogic import urls as project_urls
 pytestmark = pytest.mark.django_db
 
 ROOT = Path(__file__).resolve().parent.parent
+SERVER_PEPPER = secrets.token_urlsafe(24)  # the real server runs with DEBUG off, which refuses the dev pepper
 
 
 def _boom(request):
@@ -129,6 +132,12 @@ def logged_server(django_db_setup, django_db_blocker, tmp_path_factory) -> Itera
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
         "CROSSLOGIC_ENV_FILE": "",
         "LOG_LEVEL": "INFO",
+        # Production-like: with DEBUG on, Django answers with its technical pages for developers.
+        "DEBUG": "false",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "API_KEY_PEPPER": SERVER_PEPPER,  # committed_staff_token issues its token with it
+        "ALLOWED_HOSTS": "127.0.0.1",
+        "SECURE_SSL_REDIRECT": "false",  # plain http on loopback; TLS is the reverse proxy's
     }
     with open(log_path, "wb") as log_file:
         proc = subprocess.Popen(
@@ -206,3 +215,47 @@ def test_a_client_leaving_during_the_upload_logs_one_info_line_and_no_traceback(
     with socket.create_connection(server, timeout=5) as s:  # and the server serves the next client
         s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.1 200")
+
+
+@pytest.fixture
+def committed_staff_token(transactional_db, settings) -> str:
+    """A staff token the server process can see: committed (transactional_db empties the tables after)."""
+    settings.API_KEY_PEPPER = SERVER_PEPPER
+    user = User.objects.create_user("fault-ops", password="pw-ops-1", is_staff=True)
+    return staff_token_issue(user=user, name="faults")[1]
+
+
+@pytest.mark.slow
+@pytest.mark.django_db(transaction=True)
+def test_an_oversize_body_to_the_api_is_a_json_400_from_the_real_server(logged_server, committed_staff_token):
+    from django.conf import settings
+
+    server, _ = logged_server
+    body = b'{"slug": "' + b"a" * (settings.DATA_UPLOAD_MAX_MEMORY_SIZE + 10) + b'"}'
+    with socket.create_connection(server, timeout=20) as s:
+        s.sendall(
+            b"POST /api/v1/tenants/ HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b"Authorization: Bearer " + committed_staff_token.encode() + b"\r\n"
+            b"Connection: close\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    head, _, payload = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 400 "), head[:200]
+    assert b"content-type: application/json" in head.lower()
+    error = json.loads(payload)["error"]
+    assert error["type"] == "invalid_request" and f"{settings.DATA_UPLOAD_MAX_MEMORY_SIZE} bytes" in error["message"]
+
+
+@pytest.mark.slow
+def test_an_unknown_api_url_is_a_json_404_from_the_real_server(logged_server):
+    server, _ = logged_server
+    with socket.create_connection(server, timeout=20) as s:
+        s.sendall(b"GET /api/v1/no-such-thing/ HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
+        received = b""
+        while chunk := s.recv(65536):
+            received += chunk
+    head, _, payload = received.partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 404 "), head[:200]
+    assert json.loads(payload)["error"]["type"] == "not_found"
