@@ -128,7 +128,8 @@ def logged_server(django_db_setup, django_db_blocker, tmp_path_factory) -> Itera
     port = _free_port()
     log_path = tmp_path_factory.mktemp("serve") / "server.log"
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if not k.startswith("SKYPILOT_")},  # DEBUG off refuses a half setup
+        "DJANGO_SETTINGS_MODULE": "crosslogic.settings",  # DATABASE_URL below names the test database
         "DATABASE_URL": f"postgres://{db['USER']}@{db['HOST'] or '127.0.0.1'}:{db['PORT'] or 5432}/{db['NAME']}",
         "CROSSLOGIC_ENV_FILE": "",
         "LOG_LEVEL": "INFO",
