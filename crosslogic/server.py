@@ -190,3 +190,42 @@ class UvicornWorker(_BaseUvicornWorker):
     options do not reach uvicorn's parser, which is why the limits live in the protocol."""
 
     CONFIG_KWARGS = uvicorn_config_kwargs()
+
+
+class LogBodyDisconnects:
+    """ASGI wrapper for Django's application: one INFO line when a client leaves mid-upload.
+
+    Django's ASGIHandler drops such a request silently (RequestAborted in read_body); an operator
+    looking at a failed upload should see that the client went away, without a traceback. Only
+    the Django side is wrapped (crosslogic/asgi.py): the gateway reads its own bodies.
+    """
+
+    def __init__(self, app: Any) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        received = 0
+        complete = False
+
+        async def receive_and_watch() -> dict:
+            nonlocal received, complete
+            message = await receive()
+            if message["type"] == "http.request":
+                received += len(message.get("body", b""))
+                complete = not message.get("more_body", False)
+            elif message["type"] == "http.disconnect" and not complete:
+                complete = True  # one line per request, however often the app asks again
+                client = scope.get("client")
+                logger.info(
+                    "client %s disconnected while sending the body of %s %s (%d bytes received); request dropped",
+                    f"{client[0]}:{client[1]}" if client else "?",
+                    scope.get("method", "?"),
+                    scope.get("path", "?"),
+                    received,
+                )
+            return message
+
+        await self.app(scope, receive_and_watch, send)

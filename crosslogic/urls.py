@@ -2,9 +2,6 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
-# A URL under /api/ that matches no route answers JSON like every other API error.
-handler404 = "apps.core.api.not_found"
-
 urlpatterns = [
     path("admin/", admin.site.urls),
     # The management API: each domain app contributes its own api_urls under /api/v1/.
@@ -16,3 +13,9 @@ urlpatterns = [
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("", include("apps.gateway.urls")),
 ]
+
+# Errors raised outside a DRF view (unknown URL, oversize body, uncaught exception): JSON under /api/.
+handler400 = "apps.core.http_errors.bad_request"
+handler403 = "apps.core.http_errors.permission_denied"
+handler404 = "apps.core.http_errors.page_not_found"
+handler500 = "apps.core.http_errors.server_error"

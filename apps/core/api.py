@@ -17,8 +17,6 @@ from typing import Any
 from django.core.exceptions import ValidationError as DjangoValidationError
 from django.db import IntegrityError
 from django.db.models import ProtectedError
-from django.http import Http404, HttpRequest, HttpResponse, JsonResponse
-from django.views.defaults import page_not_found
 from rest_framework import exceptions
 from rest_framework.response import Response
 from rest_framework.views import exception_handler as drf_exception_handler
@@ -89,11 +87,3 @@ def exception_handler(exc: Exception, context: dict[str, Any]) -> Response | Non
         message = data.get("detail", str(exc)) if isinstance(data, dict) else _first_message(data)
         response.data = {"error": {"message": str(message), "type": error_type}}
     return response
-
-
-def not_found(request: HttpRequest, exception: Exception | None = None) -> HttpResponse:
-    """handler404: a URL under /api/ that no route matches (``/api/v1/nodes/0.5/drain/``) answers
-    the API's JSON error, not Django's HTML page; everything else keeps the HTML page."""
-    if request.path.startswith("/api/"):
-        return JsonResponse({"error": {"message": "No such URL in the API.", "type": "not_found"}}, status=404)
-    return page_not_found(request, exception or Http404())

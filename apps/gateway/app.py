@@ -246,6 +246,9 @@ class Gateway:
         except GatewayError as err:
             extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
             await _send_json(send, err.status, err.body(), base_headers + extra)
+        except _ClientGoneError:
+            # Raising out of the app (CancelledError, as before) made uvicorn log a traceback at ERROR.
+            log.info("request %s: the client disconnected before its request body was complete", request_id)
         except (OperationalError, InterfaceError) as exc:
             # PostgreSQL away while a key (or model list) was not cached yet: say so, OpenAI-shaped.
             log.warning("request %s: database unavailable: %s: %s", request_id, type(exc).__name__, exc)
@@ -568,6 +571,10 @@ def _ping_database() -> None:
         connection.close()
 
 
+class _ClientGoneError(Exception):
+    """The client disconnected before its request body was complete: nothing to answer."""
+
+
 async def _read_body(scope: dict, receive: Any) -> bytes:
     """The whole body within GATEWAY_BODY_TIMEOUT_S (408 after, and the connection is closed)."""
     try:
@@ -595,7 +602,7 @@ async def _receive_body(scope: dict, receive: Any) -> bytes:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise asyncio.CancelledError
+            raise _ClientGoneError
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:

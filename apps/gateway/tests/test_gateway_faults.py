@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import socket
 import time
 
@@ -357,3 +358,47 @@ def test_an_unfinished_body_is_answered_408_and_the_connection_closed(
     assert received.startswith(b"HTTP/1.1 408")
     assert b'"code": "request_timeout"' in received
     assert 0.4 < elapsed < 5
+
+
+@pytest.mark.parametrize("http", ["h11", "httptools"])
+def test_a_client_leaving_mid_body_logs_one_info_line_and_no_traceback(
+    transactional_db, redis_db, api_key, http
+) -> None:
+    # Found by the fuzzer: the gateway raised CancelledError out of the application, which uvicorn
+    # logs as "Exception in ASGI application" with a traceback at ERROR (issue #11, 9).
+    class Collect(logging.Handler):
+        def __init__(self) -> None:
+            super().__init__(logging.DEBUG)
+            self.records: list[logging.LogRecord] = []
+
+        def emit(self, record: logging.LogRecord) -> None:
+            self.records.append(record)
+
+    # Own handlers rather than caplog: uvicorn's logging set-up closes the handlers it finds.
+    collect = Collect()
+    loggers = [logging.getLogger("uvicorn.error"), logging.getLogger("apps.gateway.app")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        logger.addHandler(collect)
+        logger.setLevel(logging.INFO)
+    try:
+        with running_gateway(http=http) as gateway:
+            port = int(gateway.url.rsplit(":", 1)[1])
+            with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+                s.sendall(
+                    b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                    b"Authorization: Bearer " + api_key[1].encode() + b"\r\nContent-Length: 1000\r\n\r\n{"
+                )
+                time.sleep(0.3)  # the gateway is waiting for the rest of the body
+
+            def gone() -> list[logging.LogRecord]:
+                return [r for r in collect.records if "before its request body was complete" in r.getMessage()]
+
+            assert wait_until(gone)
+            assert httpx.get(gateway.url + "/health", timeout=5).status_code == 200
+    finally:
+        for logger, level in zip(loggers, levels, strict=True):
+            logger.removeHandler(collect)
+            logger.setLevel(level)
+    assert len(gone()) == 1 and gone()[0].levelno == logging.INFO
+    assert not [r for r in collect.records if r.levelno >= logging.ERROR], [r.getMessage() for r in collect.records]
