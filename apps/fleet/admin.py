@@ -21,8 +21,10 @@ from django.urls import path, reverse
 from django.utils.html import format_html
 
 from apps.catalog.models import ServedModel
+from apps.core import formatting
 from apps.core.paginator import EstimatedCountPaginator
 from apps.fleet import services
+from apps.fleet.admin_node import NodePageMixin
 from apps.fleet.health import run_health_checks
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
@@ -139,7 +141,7 @@ class LaunchForm(forms.Form):
 
 
 @admin.register(Node)
-class NodeAdmin(admin.ModelAdmin):
+class NodeAdmin(NodePageMixin, admin.ModelAdmin):
     list_display = [
         "cluster_name",
         "model",
@@ -150,7 +152,7 @@ class NodeAdmin(admin.ModelAdmin):
         "status_badge",
         "load",
         "last_health_at",
-        "hourly_cost",
+        "cost_per_hour",
     ]
     list_filter = [LiveFilter, "status", "launcher", "model", "cloud", "use_spot"]
     search_fields = ["cluster_name", "endpoint_url", "model__name"]
@@ -175,7 +177,7 @@ class NodeAdmin(admin.ModelAdmin):
                     "region",
                     "accelerator",
                     "use_spot",
-                    "hourly_cost",
+                    "cost_per_hour",
                     "endpoint_url",
                 ]
             },
@@ -186,7 +188,7 @@ class NodeAdmin(admin.ModelAdmin):
                 "fields": [
                     "last_health_at",
                     "consecutive_failures",
-                    "health_latency_ms",
+                    "health_latency",
                     "requests_running",
                     "requests_waiting",
                     "kv_cache_usage",
@@ -222,6 +224,14 @@ class NodeAdmin(admin.ModelAdmin):
     def launcher_bookkeeping(self, obj: Node) -> str:
         # launcher_state may hold a static node's API key (gateway add_node): never render secrets.
         return json.dumps(redact(obj.launcher_state), indent=1, sort_keys=True, default=str)
+
+    @admin.display(description="Cost per hour", ordering="hourly_cost")
+    def cost_per_hour(self, obj: Node) -> str:
+        return formatting.dollars(obj.hourly_cost, per="h")
+
+    @admin.display(description="Health check latency")
+    def health_latency(self, obj: Node) -> str:
+        return formatting.milliseconds(obj.health_latency_ms)
 
     @admin.display(description="cloud/region")
     def placement(self, obj: Node) -> str:
@@ -289,13 +299,13 @@ class NodeAdmin(admin.ModelAdmin):
 
     def get_urls(self) -> list:
         custom = [path("launch/", self.admin_site.admin_view(self.launch_view), name="fleet_node_launch")]
-        return custom + super().get_urls()
+        return custom + self.node_page_urls() + super().get_urls()
 
     def launch_view(self, request: HttpRequest) -> HttpResponse:
         if not self.has_view_or_change_permission(request) or not request.user.has_perm("fleet.change_node"):
             return HttpResponseRedirect(reverse("admin:index"))
         form = LaunchForm(request.POST or None)
-        preview = ""
+        preview, replica_warning = "", ""
         if request.method == "POST" and form.is_valid():
             data = dict(form.cleaned_data)
             if "confirm" in request.POST:
@@ -311,11 +321,13 @@ class NodeAdmin(admin.ModelAdmin):
                     return HttpResponseRedirect(reverse("admin:fleet_node_changelist"))
             if form.is_valid():
                 preview = _preview(data, form)
+                replica_warning = _replica_warning(data["model"], data["count"])
         context = {
             **self.admin_site.each_context(request),
             "title": "Launch nodes",
             "form": form,
             "preview": preview,
+            "replica_warning": replica_warning,
             "opts": self.model._meta,
             "media": self.media + form.media,
         }
@@ -328,6 +340,8 @@ class NodeAdmin(admin.ModelAdmin):
         extra = dict(extra_context or {})
         if node is not None:
             extra["cold_start"] = cold_start_phases(node)
+            extra.update(self.node_buttons(request, node))
+            extra["log_url"] = reverse("admin:fleet_node_log", args=[node.pk])
         return super().change_view(request, object_id, form_url, extra)
 
 
@@ -340,6 +354,18 @@ def _placement(data: dict[str, Any]) -> Placement:
         use_spot=data["use_spot"],
         launch_profile=data["launch_profile"],
         endpoint_url=data["endpoint_url"],
+    )
+
+
+def _replica_warning(model: ServedModel, count: int) -> str:
+    """Said before confirm; the service refuses the same launch (with the row locked) on confirm."""
+    live = Node.objects.filter(model=model, status__in=LIVE_STATUSES).count()
+    if live + count <= model.max_replicas:
+        return ""
+    return (
+        f"{model.name} allows at most {model.max_replicas} live node(s) (max replicas) and has {live}: "
+        f"launching {count} more would make {live + count}, so the launch will be refused. "
+        "Raise max replicas on the model first, or launch fewer."
     )
 
 

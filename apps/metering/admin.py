@@ -6,10 +6,12 @@ from typing import Any
 
 from django.contrib import admin
 from django.db.models import QuerySet
-from django.http import HttpRequest
+from django.http import HttpRequest, HttpResponse
 
+from apps.core import formatting
 from apps.core.paginator import EstimatedCountPaginator
 from apps.metering.models import UsageRecord
+from apps.metering.selectors import usage_queryset_totals
 
 
 class StatusClassFilter(admin.SimpleListFilter):
@@ -39,14 +41,33 @@ class UsageRecordAdmin(admin.ModelAdmin):
         "model_name",
         "node",
         "status_code",
-        "prompt_tokens",
-        "completion_tokens",
+        "prompt",
+        "completion",
         "streamed",
         "estimated",
-        "ttft_ms",
-        "latency_ms",
-        "cost_micros",
+        "ttft",
+        "latency",
+        "cost",
     )
+    fields = (
+        "request_id",
+        "created_at",
+        "tenant",
+        "api_key",
+        "model",
+        "model_name",
+        "node",
+        "endpoint",
+        "status_code",
+        "prompt",
+        "completion",
+        "estimated",
+        "streamed",
+        "ttft",
+        "latency",
+        "cost",
+    )
+    readonly_fields = ("prompt", "completion", "ttft", "latency", "cost")
     list_select_related = ("tenant", "api_key", "node")
     # Only filters with fixed choices: a tenant or model sidebar would list every row's value.
     list_filter = (StatusClassFilter, "streamed", "estimated")
@@ -60,6 +81,41 @@ class UsageRecordAdmin(admin.ModelAdmin):
     list_per_page = 100
     # Raw ids: rendering a <select> of every key or node on the detail page would be slow.
     raw_id_fields = ("tenant", "api_key", "model", "node")
+
+    @admin.display(description="Prompt tokens", ordering="prompt_tokens")
+    def prompt(self, obj: UsageRecord) -> str:
+        return formatting.count(obj.prompt_tokens)
+
+    @admin.display(description="Completion tokens", ordering="completion_tokens")
+    def completion(self, obj: UsageRecord) -> str:
+        return formatting.count(obj.completion_tokens)
+
+    @admin.display(description="Time to first token", ordering="ttft_ms")
+    def ttft(self, obj: UsageRecord) -> str:
+        return formatting.milliseconds(obj.ttft_ms)
+
+    @admin.display(description="Latency", ordering="latency_ms")
+    def latency(self, obj: UsageRecord) -> str:
+        return formatting.milliseconds(obj.latency_ms)
+
+    @admin.display(description="Cost", ordering="cost_micros")
+    def cost(self, obj: UsageRecord) -> str:
+        return formatting.dollars_from_micros(obj.cost_micros)
+
+    def changelist_view(self, request: HttpRequest, extra_context: dict | None = None) -> HttpResponse:
+        response = super().changelist_view(request, extra_context)
+        context = getattr(response, "context_data", None)
+        if context and "cl" in context:
+            # The list's own filtered queryset (filters, search, date drill-down): one aggregate.
+            totals = usage_queryset_totals(context["cl"].queryset)
+            context["usage_totals"] = {
+                "requests": formatting.count(totals["requests"]),
+                "prompt_tokens": formatting.count(totals["prompt_tokens"]),
+                "completion_tokens": formatting.count(totals["completion_tokens"]),
+                "tokens": formatting.count(totals["tokens"]),
+                "cost": formatting.dollars_from_micros(totals["cost_micros"]),
+            }
+        return response
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False  # the gateway writes usage; nobody edits billing history

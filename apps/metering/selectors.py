@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import datetime, timedelta
 
 from django.core.cache import cache
-from django.db.models import Count, Q, Sum
+from django.db.models import Count, Q, QuerySet, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -23,7 +23,12 @@ def usage_totals(*, since: datetime, until: datetime | None = None, tenant_id: i
         queryset = queryset.filter(created_at__lt=until)
     if tenant_id is not None:
         queryset = queryset.filter(tenant_id=tenant_id)
-    totals = queryset.aggregate(
+    return usage_queryset_totals(queryset)
+
+
+def usage_queryset_totals(queryset: QuerySet[UsageRecord]) -> dict[str, int]:
+    """Requests, tokens and cost (micro-dollars) of any usage queryset, in one aggregate query."""
+    totals = queryset.order_by().aggregate(
         requests=Count("id"),
         prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
         completion_tokens=Coalesce(Sum("completion_tokens"), 0),

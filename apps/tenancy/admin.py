@@ -14,11 +14,12 @@ from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
-from django.http import HttpRequest
-from django.urls import reverse
+from django.http import HttpRequest, HttpResponse
+from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html
 
+from apps.core.admin_confirm import confirmation_page, object_action_view, reason_form, with_actor
 from apps.core.paginator import EstimatedCountPaginator
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, SecretStatus, StaffToken, Tenant, TenantStatus
@@ -121,6 +122,7 @@ class TenantAdmin(admin.ModelAdmin):
     )
     inlines = (ApiKeyInline,)
     actions = ("suspend", "reactivate")
+    change_form_template = "admin/crosslogic/change_form_actions.html"
     show_full_result_count = False
     paginator = EstimatedCountPaginator
 
@@ -129,6 +131,35 @@ class TenantAdmin(admin.ModelAdmin):
         # aggregate every key of every tenant before paginating.
         keys = ApiKey.objects.filter(tenant=OuterRef("pk")).order_by().values("tenant").annotate(n=Count("id"))
         return super().get_queryset(request).annotate(_key_count=Coalesce(Subquery(keys.values("n")), 0))
+
+    def get_urls(self) -> list:
+        suspend = path(
+            "<path:object_id>/suspend/", self.admin_site.admin_view(self.suspend_view), name="tenancy_tenant_suspend"
+        )
+        return [suspend, *super().get_urls()]
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        tenant = self.get_object(request, object_id)
+        actions = []
+        if tenant is not None and tenant.status == TenantStatus.ACTIVE and self.has_change_permission(request, tenant):
+            url = reverse("admin:tenancy_tenant_suspend", args=[tenant.pk])
+            actions.append({"name": "suspend", "label": "Suspend…", "url": url})
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "object_actions": actions})
+
+    def suspend_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return object_action_view(
+            self,
+            request,
+            object_id,
+            applies=lambda t: t.status == TenantStatus.ACTIVE,
+            title="Suspend tenant",
+            question="Suspend {obj}? Every API key of this tenant stops working within a second.",
+            submit_label="Yes, suspend",
+            run=lambda t, reason: services.tenant_suspend(tenant=t, reason=reason),
+            done="Suspended {obj}.",
+        )
 
     @admin.display(description="API keys")
     def issue_key(self, tenant: Tenant) -> str:
@@ -156,12 +187,28 @@ class TenantAdmin(admin.ModelAdmin):
         for tenant in queryset:
             services.tenant_delete(tenant=tenant)
 
-    @admin.action(description="Suspend selected tenants (their keys stop working)", permissions=["change"])
-    def suspend(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
-        tenants = list(queryset.filter(status=TenantStatus.ACTIVE))
+    @admin.action(description="Suspend selected tenants (their keys stop working)…", permissions=["change"])
+    def suspend(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> HttpResponse | None:
+        active = queryset.filter(status=TenantStatus.ACTIVE)
+        form = reason_form(request)
+        if not form.is_valid():
+            total = active.count()
+            return confirmation_page(
+                request,
+                model_admin=self,
+                title="Suspend tenants",
+                question=f"Suspend {total} active tenant(s)? Every API key of theirs stops working within a second.",
+                objects=list(active[:25]),
+                total=total,
+                form=form,
+                submit_label="Yes, suspend",
+                action="suspend",
+            )
+        tenants = list(active)
         for tenant in tenants:
-            services.tenant_suspend(tenant=tenant, reason=f"suspended by {request.user}")
+            services.tenant_suspend(tenant=tenant, reason=with_actor(request, form.cleaned_data["reason"]))
         self.message_user(request, f"Suspended {len(tenants)} tenant(s).", messages.SUCCESS)
+        return None
 
     @admin.action(description="Reactivate selected tenants", permissions=["change"])
     def reactivate(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
@@ -239,6 +286,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
     actions = ("revoke",)
     show_full_result_count = False
     paginator = EstimatedCountPaginator
+    change_form_template = "admin/crosslogic/change_form_actions.html"
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         limits = ("Limit overrides (empty = the tenant's)", {"fields": _LIMITS})
@@ -247,14 +295,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
         return (
             (None, {"fields": ("tenant", "prefix", "name", "status", "scopes", "allowed_models", "expires_at")}),
             limits,
-            ("Use", {"fields": ("revoked_at", "last_used_at", "created_at")}),
+            ("Use", {"fields": ("revoked_at", "revoked_reason", "last_used_at", "created_at")}),
         )
 
     def get_readonly_fields(self, request: HttpRequest, obj: ApiKey | None = None) -> tuple[str, ...]:
         if obj is None:
             return ()
         # A key never moves between tenants; its prefix and digest are fixed for its life.
-        return ("tenant", "prefix", "status", "revoked_at", "last_used_at", "created_at")
+        return ("tenant", "prefix", "status", "revoked_at", "revoked_reason", "last_used_at", "created_at")
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         return False  # revoke instead: usage records keep pointing at the key
@@ -283,12 +331,60 @@ class ApiKeyAdmin(admin.ModelAdmin):
         _copy_saved(obj, key)
         _show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)
 
-    @admin.action(description="Revoke selected keys", permissions=["change"])
-    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> None:
-        keys = list(queryset.filter(revoked_at__isnull=True))
+    @admin.action(description="Revoke selected keys…", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
+        live = queryset.filter(revoked_at__isnull=True)
+        form = reason_form(request)
+        if not form.is_valid():
+            total = live.count()
+            return confirmation_page(
+                request,
+                model_admin=self,
+                title="Revoke API keys",
+                question=(
+                    f"Revoke {total} key(s)? Requests with them are refused within a second; this cannot be undone."
+                ),
+                objects=list(live.select_related("tenant")[:25]),
+                total=total,
+                form=form,
+                submit_label="Yes, revoke",
+                action="revoke",
+            )
+        keys = list(live)
         for key in keys:
-            services.api_key_revoke(key=key)
+            services.api_key_revoke(key=key, reason=with_actor(request, form.cleaned_data["reason"]))
         self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
+        return None
+
+    def get_urls(self) -> list:
+        revoke = path(
+            "<path:object_id>/revoke/", self.admin_site.admin_view(self.revoke_view), name="tenancy_apikey_revoke"
+        )
+        return [revoke, *super().get_urls()]
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        key = self.get_object(request, object_id)
+        actions = []
+        if key is not None and key.revoked_at is None and self.has_change_permission(request, key):
+            actions.append(
+                {"name": "revoke", "label": "Revoke…", "url": reverse("admin:tenancy_apikey_revoke", args=[key.pk])}
+            )
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "object_actions": actions})
+
+    def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        return object_action_view(
+            self,
+            request,
+            object_id,
+            applies=lambda k: k.revoked_at is None,
+            title="Revoke API key",
+            question="Revoke {obj}? Requests with it are refused within a second; this cannot be undone.",
+            submit_label="Yes, revoke",
+            run=lambda k, reason: services.api_key_revoke(key=k, reason=reason),
+            done="Revoked {obj}.",
+        )
 
 
 # --- Staff tokens ---------------------------------------------------------------------------
@@ -331,7 +427,17 @@ class StaffTokenAdmin(admin.ModelAdmin):
     def get_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:
         if obj is None:
             return ("user", "name", "expires_at")
-        return ("user", "prefix", "name", "status", "expires_at", "revoked_at", "last_used_at", "created_at")
+        return (
+            "user",
+            "prefix",
+            "name",
+            "status",
+            "expires_at",
+            "revoked_at",
+            "revoked_reason",
+            "last_used_at",
+            "created_at",
+        )
 
     def get_readonly_fields(self, request: HttpRequest, obj: StaffToken | None = None) -> tuple[str, ...]:
         if obj is None:
@@ -354,9 +460,25 @@ class StaffTokenAdmin(admin.ModelAdmin):
         _copy_saved(obj, token)
         _show_once(request, f"Staff token {token.prefix}… for {token.user}", raw)
 
-    @admin.action(description="Revoke selected tokens", permissions=["change"])
-    def revoke(self, request: HttpRequest, queryset: QuerySet[StaffToken]) -> None:
-        tokens = list(queryset.filter(revoked_at__isnull=True))
+    @admin.action(description="Revoke selected tokens…", permissions=["change"])
+    def revoke(self, request: HttpRequest, queryset: QuerySet[StaffToken]) -> HttpResponse | None:
+        live = queryset.filter(revoked_at__isnull=True)
+        form = reason_form(request)
+        if not form.is_valid():
+            total = live.count()
+            return confirmation_page(
+                request,
+                model_admin=self,
+                title="Revoke staff tokens",
+                question=f"Revoke {total} staff token(s)? This cannot be undone.",
+                objects=list(live.select_related("user")[:25]),
+                total=total,
+                form=form,
+                submit_label="Yes, revoke",
+                action="revoke",
+            )
+        tokens = list(live)
         for token in tokens:
-            services.staff_token_revoke(token=token)
+            services.staff_token_revoke(token=token, reason=with_actor(request, form.cleaned_data["reason"]))
         self.message_user(request, f"Revoked {len(tokens)} token(s).", messages.SUCCESS)
+        return None

@@ -240,10 +240,12 @@ def api_keys_touch(*, last_used: Mapping[int, datetime]) -> None:
         )
 
 
-def api_key_revoke(*, key: ApiKey) -> ApiKey:
+def api_key_revoke(*, key: ApiKey, reason: str = "") -> ApiKey:
+    """Revoke now (idempotent: an already revoked key keeps its first date and reason)."""
     if key.revoked_at is None:
         key.revoked_at = timezone.now()
-        key.save(update_fields=["revoked_at"])
+        key.revoked_reason = reason[:500]
+        key.save(update_fields=["revoked_at", "revoked_reason"])
         invalidation.bump(invalidation.KEYS)
     return key
 
@@ -286,8 +288,9 @@ def staff_token_touch(*, token: StaffToken, now: datetime | None = None) -> None
     _secret_touch(token, now=now)
 
 
-def staff_token_revoke(*, token: StaffToken) -> StaffToken:
+def staff_token_revoke(*, token: StaffToken, reason: str = "") -> StaffToken:
     if token.revoked_at is None:
         token.revoked_at = timezone.now()
-        token.save(update_fields=["revoked_at"])
+        token.revoked_reason = reason[:500]
+        token.save(update_fields=["revoked_at", "revoked_reason"])
     return token

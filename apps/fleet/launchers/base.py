@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 
 from apps.fleet.models import Node
 
+LOG_TAIL_LINES = 40
+
 
 class LaunchError(Exception):
     """The launch cannot succeed; ``reason`` becomes the node's status reason."""
@@ -74,3 +76,7 @@ class Launcher(ABC):
     @abstractmethod
     def exists(self, node: Node) -> bool | None:
         """Whether the machine/process still exists; None when it cannot be known right now."""
+
+    def log_tail(self, node: Node, *, lines: int = LOG_TAIL_LINES) -> str:
+        """The node's last log lines for its admin page; text saying why when there are none."""
+        return f"No log is available for {self.name} nodes."

@@ -23,12 +23,18 @@ from apps.fleet.launchers.base import Launcher, LaunchError, Secrets
 from apps.fleet.models import Node
 
 TERM_GRACE_S = 5.0
+LOG_TAIL_BYTES = 64 * 1024
 
 
 def log_dir() -> Path:
     path = Path(settings.VAR_DIR) / "fleet"
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def log_path(node: Node) -> Path:
+    # From the node id, never from launcher_state: the page reads only our own log files.
+    return log_dir() / f"node-{node.pk}.log"
 
 
 def command(node: Node) -> list[str]:
@@ -92,7 +98,7 @@ class LocalLauncher(Launcher):
         )
 
     def launch(self, node: Node, secrets: Secrets) -> dict[str, object]:
-        log_path = log_dir() / f"node-{node.pk}.log"
+        log_file = log_path(node)
         env = {
             **os.environ,
             "CROSSLOGIC_REGISTRATION_TOKEN": secrets.registration_token,
@@ -100,7 +106,7 @@ class LocalLauncher(Launcher):
             "CROSSLOGIC_CONTROL_PLANE_URL": settings.CONTROL_PLANE_URL,
         }
         try:
-            with open(log_path, "ab") as log:
+            with open(log_file, "ab") as log:
                 proc = subprocess.Popen(
                     command(node),
                     cwd=settings.BASE_DIR,
@@ -112,7 +118,7 @@ class LocalLauncher(Launcher):
                 )
         except OSError as exc:
             raise LaunchError(f"could not start the local node: {exc}") from exc
-        return {"pid": proc.pid, "log": str(log_path)}
+        return {"pid": proc.pid, "log": str(log_file)}
 
     def terminate(self, node: Node) -> bool:
         pid = node.launcher_state.get("pid")
@@ -144,3 +150,14 @@ class LocalLauncher(Launcher):
         if not isinstance(pid, int):
             return False
         return _alive(pid, node.pk)
+
+    def log_tail(self, node: Node, *, lines: int = 40) -> str:
+        path = log_path(node)
+        try:
+            with open(path, "rb") as log:
+                log.seek(0, os.SEEK_END)
+                log.seek(max(0, log.tell() - LOG_TAIL_BYTES))
+                data = log.read()
+        except FileNotFoundError:
+            return f"No log yet ({path.name}): the node process has not started."
+        return "\n".join(data.decode(errors="replace").splitlines()[-lines:]) or "(the log is empty so far)"

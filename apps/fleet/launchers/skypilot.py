@@ -271,3 +271,12 @@ class SkyPilotLauncher(Launcher):
 
     def exists(self, node: Node) -> bool | None:
         return bool(sky.clusters(names=[_cluster_name(node)]))
+
+    def log_tail(self, node: Node, *, lines: int = 40) -> str:
+        if not node.launcher_state:
+            return "No job log yet: the cluster has not been launched."
+        job_id = node.launcher_state.get("job_id")
+        try:
+            return sky.job_log_tail(_cluster_name(node), job_id if isinstance(job_id, int) else None, lines=lines)
+        except LaunchError as exc:  # no API server configured, or it is unreachable
+            return f"(job log unavailable: {exc.reason})"

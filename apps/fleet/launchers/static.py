@@ -23,3 +23,6 @@ class StaticLauncher(Launcher):
 
     def exists(self, node: Node) -> bool | None:
         return True
+
+    def log_tail(self, node: Node, *, lines: int = 40) -> str:
+        return "Not available: a static node's vLLM runs elsewhere, and its log stays there."
