@@ -6,6 +6,7 @@ Invalid values raise ImproperlyConfigured at start rather than surprising us lat
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -390,6 +391,18 @@ R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
 R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_required")
 # A CA bundle (PEM) to verify the endpoint's certificate with; empty = the system/certifi store (real R2).
 R2_CA_BUNDLE: str = env("R2_CA_BUNDLE", default="")
+# Economics (docs/economics.md): R2's list price for standard storage, USD per GB-month (GB = 10^9 bytes).
+_r2_price = env.str("R2_STORAGE_PRICE_PER_GB_MONTH", default="0.015")
+try:
+    R2_STORAGE_PRICE_PER_GB_MONTH: Decimal = Decimal(_r2_price.strip())
+except ArithmeticError:  # decimal.InvalidOperation
+    R2_STORAGE_PRICE_PER_GB_MONTH = Decimal(-1)
+if not R2_STORAGE_PRICE_PER_GB_MONTH.is_finite() or R2_STORAGE_PRICE_PER_GB_MONTH < 0:
+    raise ImproperlyConfigured(f"R2_STORAGE_PRICE_PER_GB_MONTH is invalid: {_r2_price!r} is not a price >= 0 (USD).")
+# The staff dashboard (/admin/dashboard/) refetches its numbers this often.
+DASHBOARD_REFRESH_S: int = _env_or_fail("DASHBOARD_REFRESH_S", int, 30)
+if DASHBOARD_REFRESH_S < 5:
+    raise ImproperlyConfigured("DASHBOARD_REFRESH_S must be at least 5 (seconds).")
 if R2_ENDPOINT_URL and urlparse(R2_ENDPOINT_URL).scheme not in {"http", "https"}:
     raise ImproperlyConfigured("R2_ENDPOINT_URL must be an http(s):// URL: https://<account>.r2.cloudflarestorage.com")
 if R2_MULTIPART_CHUNK_MB < 5 or R2_MULTIPART_THRESHOLD_MB < 5 or not 1 <= R2_MAX_CONCURRENCY <= 64:
