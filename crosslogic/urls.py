@@ -3,6 +3,8 @@ from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
 urlpatterns = [
+    # The staff dashboard (charts, economics) lives under the admin but is not a ModelAdmin.
+    path("admin/dashboard/", include("apps.metering.dashboard_urls")),
     path("admin/", admin.site.urls),
     # The management API: each domain app contributes its own api_urls under /api/v1/.
     path("api/v1/", include("apps.tenancy.api_urls")),
