@@ -203,7 +203,10 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
     # Spend per day (rollups) and GPU cost per day (node spans), 30 days.
-    spend = {r.day: r.cost_micros for r in usage_summary(start=window_start, end=window_end, group_by="day", percentiles=False, now=now)}
+    spend = {
+        r.day: r.cost_micros
+        for r in usage_summary(start=window_start, end=window_end, group_by="day", percentiles=False, now=now)
+    }
     spans = economics.node_spans(since=window_start, until=window_end, now=now)
     gpu = Counter[date]()
     for row in economics.gpu_by_model_day(spans, window_start, window_end).values():
