@@ -238,3 +238,31 @@ def test_load_samples_add_up_under_repeated_upserts(fleet):
     assert (row.samples, row.busy_samples, row.running_sum, row.waiting_sum) == (4, 3, 6, 3)
     idle = NodeLoadHour.objects.get(node=node2, hour=datetime(2026, 11, 5, 7, tzinfo=UTC))
     assert (idle.samples, idle.busy_samples) == (3, 0)
+
+
+def test_usd_shows_micro_dollars_rounded_half_up_without_floats():
+    from apps.metering.admin_panels import usd
+
+    assert [usd(8_666_666), usd(-1_608_000), usd(4_999_950), usd(1_234_567_891, 2), usd(None)] == [
+        "$8.6667",
+        "-$1.6080",
+        "$5.0000",
+        "$1,234.57",
+        "–",
+    ]
+
+
+def test_the_model_page_shows_its_economics(fleet, admin_client):
+    from apps.metering.admin_panels import model_economics_panel
+
+    model_a, _, _, _ = fleet
+    ServedModel.objects.filter(pk=model_a.pk).update(created_at=datetime(2026, 10, 1, tzinfo=UTC))
+    model_a.refresh_from_db()
+    html = model_economics_panel(model_a, now=NOW)
+    # 11-02: revenue $4.20, GPU $8.666666, storage $0.008, margin -$4.474666; 11-01: -$1.608.
+    for text in ("$4.2000", "$8.6667", "$0.0080", "-$4.4747", "-$1.6080", "2,000,000", "$4.3333", "51.1 %"):
+        assert text in html, text
+    assert "$0.2400</b> a month" in html  # 16 GB at $0.015
+    assert "→ now" in html  # node 2 is still running
+    page = admin_client.get(f"/admin/catalog/servedmodel/{model_a.pk}/change/")
+    assert page.status_code == 200 and 'id="model-economics"' in page.content.decode()
