@@ -33,7 +33,7 @@ from apps.catalog.models import ServedModel
 from apps.fleet.models import LIVE_STATUSES, Node, NodeStatus
 from apps.metering import economics, histograms
 from apps.metering.models import UsageRecord
-from apps.metering.summary import usage_summary
+from apps.metering.summary import COUNTERS, UsageRow, usage_summary
 
 TOP_N = 10
 FLEET_ROWS = 200  # nodes listed one by one; the counts above the table cover all of them
@@ -149,27 +149,34 @@ def cold_starts(*, now: datetime) -> list[dict[str, Any]]:
     )
     samples: dict[tuple[str, str], list[float]] = defaultdict(list)
     for model_name, accel, requested, ready in rows:
-        samples[(model_name, accel or "none")].append((ready - requested).total_seconds())
+        if ready is not None:  # filtered on ready_at above; the checker cannot know
+            samples[(model_name, accel or "none")].append((ready - requested).total_seconds())
     return [
         {"model": m, "accelerator": a, "median_seconds": round(median(v), 1), "samples": len(v)}
         for (m, a), v in sorted(samples.items())
     ]
 
 
+def _usage_day(r: UsageRow) -> economics.UsageDay | None:
+    if r.model_id is None or r.day is None:
+        return None
+    return economics.UsageDay(r.model_id, r.day, r.requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)
+
+
 def usage_days(*, since: datetime, until: datetime, now: datetime) -> list[economics.UsageDay]:
     """Usage per model per day from the rollups (plus the live hour): economics' revenue and tokens."""
     rows = usage_summary(start=since, end=until, group_by="model,day", percentiles=False, now=now)
-    return [
-        economics.UsageDay(r.model_id, r.day, r.requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)
-        for r in rows
-        if r.model_id is not None and r.day is not None
-    ]
+    return [u for u in map(_usage_day, rows) if u is not None]
 
 
 def economics_table(
-    *, models: dict[int, ServedModel], spans: list[economics.NodeSpan], now: datetime
+    *,
+    models: dict[int, ServedModel],
+    spans: list[economics.NodeSpan],
+    usage: list[economics.UsageDay],
+    now: datetime,
 ) -> list[dict[str, Any]]:
-    """Per model over the last ECONOMICS_DAYS whole-or-current UTC days."""
+    """Per model over the last ECONOMICS_DAYS UTC days (today included, up to now)."""
     today = now.astimezone(UTC).date()
     since = datetime.combine(today - timedelta(days=ECONOMICS_DAYS - 1), datetime.min.time(), tzinfo=UTC)
     until = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
@@ -177,7 +184,7 @@ def economics_table(
         since=since,
         until=until,
         now=now,
-        usage=usage_days(since=since, until=until, now=now),
+        usage=[u for u in usage if u.day >= since.date()],
         storage={m.pk: (m.total_bytes, m.created_at.date()) for m in models.values()},
         spans=spans,
     )
@@ -195,6 +202,50 @@ def economics_table(
     return out
 
 
+def _top(rows: list[UsageRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Top tenants and top models from one tenant x model grouping (histograms merged per model)."""
+    tenants: dict[int | None, UsageRow] = {}
+    models: dict[str | None, UsageRow] = {}
+    for r in rows:
+        for key, into, fields in (
+            (r.tenant_id, tenants, {"tenant_id": r.tenant_id, "tenant": r.tenant}),
+            (r.model_name, models, {"model_name": r.model_name}),
+        ):
+            total = into.get(key)
+            if total is None:
+                total = into[key] = UsageRow(**fields)
+            for name in COUNTERS:
+                setattr(total, name, getattr(total, name) + getattr(r, name))
+            if into is models:
+                histograms.merge(total.ttft_hist, r.ttft_hist)
+                histograms.merge(total.latency_hist, r.latency_hist)
+    top_tenants = [
+        {
+            "tenant": r.tenant or f"#{r.tenant_id}",
+            "requests": r.requests,
+            "tokens": r.total_tokens,
+            "errors": r.errors,
+            "spend_micros": r.cost_micros,
+        }
+        for r in sorted(tenants.values(), key=lambda r: (-r.cost_micros, -r.requests))[:TOP_N]
+    ]
+    top_models = [
+        {
+            "model": r.model_name,
+            "requests": r.requests,
+            "tokens": r.total_tokens,
+            "errors": r.errors,
+            "spend_micros": r.cost_micros,
+            "ttft_p50_ms": histograms.quantile(r.ttft_hist, 0.5),
+            "ttft_p95_ms": histograms.quantile(r.ttft_hist, 0.95),
+            "latency_p50_ms": histograms.quantile(r.latency_hist, 0.5),
+            "latency_p95_ms": histograms.quantile(r.latency_hist, 0.95),
+        }
+        for r in sorted(models.values(), key=lambda r: (-r.requests, r.model_name or ""))[:TOP_N]
+    ]
+    return top_tenants, top_models
+
+
 def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     now = now or timezone.now()
     today = now.astimezone(UTC).date()
@@ -202,21 +253,22 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
-    # Spend per day (rollups) and GPU cost per day (node spans), 30 days.
-    spend = {
-        r.day: r.cost_micros
-        for r in usage_summary(start=window_start, end=window_end, group_by="day", percentiles=False, now=now)
-    }
+    # 30 days of usage per model per day (rollups): spend per day, and economics' revenue.
+    usage = usage_days(since=window_start, until=window_end, now=now)
+    spend = Counter[date]()
+    for u in usage:
+        spend[u.day] += u.cost_micros
+    # GPU cost per day from the nodes' billable spans.
     spans = economics.node_spans(since=window_start, until=window_end, now=now)
     gpu = Counter[date]()
     for row in economics.gpu_by_model_day(spans, window_start, window_end).values():
         gpu[row.day] += row.gpu_cost_micros
     days = _days(first_day, SPEND_DAYS)
 
-    # Last 24 h from rollups: top tenants, top models with percentiles.
-    day_ago = now - timedelta(hours=24)
-    tenants = usage_summary(start=day_ago, end=now, group_by="tenant", percentiles=False, now=now)
-    by_model = usage_summary(start=day_ago, end=now, group_by="model", percentiles=True, now=now)
+    # Last 24 h (whole hours) by tenant x model, histograms included: top tenants and models.
+    top_tenants, top_models = _top(
+        usage_summary(start=now - timedelta(hours=24), end=now, group_by="tenant,model", percentiles=True, now=now)
+    )
     models = {m.pk: m for m in ServedModel.objects.only("id", "name", "total_bytes", "created_at")}
 
     return {
@@ -227,31 +279,12 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
             "spend_micros": [spend.get(d, 0) for d in days],
             "gpu_cost_micros": [gpu.get(d, 0) for d in days],
         },
-        "top_tenants": [
-            {
-                "tenant": r.tenant or f"#{r.tenant_id}",
-                "requests": r.requests,
-                "tokens": r.total_tokens,
-                "errors": r.errors,
-                "spend_micros": r.cost_micros,
-            }
-            for r in sorted(tenants, key=lambda r: (-r.cost_micros, -r.requests))[:TOP_N]
-        ],
-        "top_models": [
-            {
-                "model": r.model_name,
-                "requests": r.requests,
-                "tokens": r.total_tokens,
-                "errors": r.errors,
-                "spend_micros": r.cost_micros,
-                "ttft_p50_ms": histograms.quantile(r.ttft_hist, 0.5),
-                "ttft_p95_ms": histograms.quantile(r.ttft_hist, 0.95),
-                "latency_p50_ms": histograms.quantile(r.latency_hist, 0.5),
-                "latency_p95_ms": histograms.quantile(r.latency_hist, 0.95),
-            }
-            for r in sorted(by_model, key=lambda r: (-r.requests, r.model_name or ""))[:TOP_N]
-        ],
+        "top_tenants": top_tenants,
+        "top_models": top_models,
         "fleet": fleet_now(now=now),
         "cold_starts": cold_starts(now=now),
-        "economics": {"days": ECONOMICS_DAYS, "rows": economics_table(models=models, spans=spans, now=now)},
+        "economics": {
+            "days": ECONOMICS_DAYS,
+            "rows": economics_table(models=models, spans=spans, usage=usage, now=now),
+        },
     }

@@ -79,9 +79,9 @@ def test_the_number_of_queries_does_not_grow_with_the_data():
     _populate(6, now)
     large = _count_queries(now)
     assert small == large
-    # Per usage_summary call (4): newest rolled hour, sums, live raw hours (+ histograms / tenant
+    # Per usage_summary call (2): newest rolled hour, sums, live raw hours (+ histograms, tenant
     # slugs where asked); then per minute, node spans, load history, fleet (2), cold starts, models.
-    assert large <= 21
+    assert large <= 15
 
 
 def test_numbers_add_up_to_the_raw_records():
