@@ -6,6 +6,7 @@ Invalid values raise ImproperlyConfigured at start rather than surprising us lat
 from __future__ import annotations
 
 import re
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -390,6 +391,18 @@ R2_MAX_CONCURRENCY: int = _env_or_fail("R2_MAX_CONCURRENCY", int, 8)
 R2_CHECKSUMS: str = env("R2_CHECKSUMS", default="when_required")
 # A CA bundle (PEM) to verify the endpoint's certificate with; empty = the system/certifi store (real R2).
 R2_CA_BUNDLE: str = env("R2_CA_BUNDLE", default="")
+# Economics (docs/economics.md): R2's list price for standard storage, USD per GB-month (GB = 10^9 bytes).
+_r2_price = env.str("R2_STORAGE_PRICE_PER_GB_MONTH", default="0.015")
+try:
+    R2_STORAGE_PRICE_PER_GB_MONTH: Decimal = Decimal(_r2_price.strip())
+except ArithmeticError:  # decimal.InvalidOperation
+    R2_STORAGE_PRICE_PER_GB_MONTH = Decimal(-1)
+if not R2_STORAGE_PRICE_PER_GB_MONTH.is_finite() or R2_STORAGE_PRICE_PER_GB_MONTH < 0:
+    raise ImproperlyConfigured(f"R2_STORAGE_PRICE_PER_GB_MONTH is invalid: {_r2_price!r} is not a price >= 0 (USD).")
+# The staff dashboard (/admin/dashboard/) refetches its numbers this often.
+DASHBOARD_REFRESH_S: int = _env_or_fail("DASHBOARD_REFRESH_S", int, 30)
+if DASHBOARD_REFRESH_S < 5:
+    raise ImproperlyConfigured("DASHBOARD_REFRESH_S must be at least 5 (seconds).")
 if R2_ENDPOINT_URL and urlparse(R2_ENDPOINT_URL).scheme not in {"http", "https"}:
     raise ImproperlyConfigured("R2_ENDPOINT_URL must be an http(s):// URL: https://<account>.r2.cloudflarestorage.com")
 if R2_MULTIPART_CHUNK_MB < 5 or R2_MULTIPART_THRESHOLD_MB < 5 or not 1 <= R2_MAX_CONCURRENCY <= 64:
@@ -418,6 +431,30 @@ SPECTACULAR_SETTINGS.setdefault("ENUM_NAME_OVERRIDES", {}).update(
         "KeyStatusEnum": "apps.tenancy.serializers.KEY_STATUS_CHOICES",
     }
 )
+
+# --- Metering: rollups, retention, Stripe (docs/metering.md) ---------------------------------
+# Raw usage records are kept this many days, then deleted in batches once their hour is rolled up.
+USAGE_RETENTION_DAYS: int = _env_or_fail("USAGE_RETENTION_DAYS", int, 90)
+USAGE_PRUNE_BATCH: int = _env_or_fail("USAGE_PRUNE_BATCH", int, 2000)  # ids per DELETE statement
+USAGE_PRUNE_MAX_ROWS: int = _env_or_fail("USAGE_PRUNE_MAX_ROWS", int, 500_000)  # per beat run
+# The hourly rollup pass rebuilds this many complete hours back (besides hours with late records).
+USAGE_ROLLUP_LOOKBACK_HOURS: int = _env_or_fail("USAGE_ROLLUP_LOOKBACK_HOURS", int, 3)
+# Hours after the newest rollup are read from raw records, at most this many (a stopped beat).
+USAGE_LIVE_MAX_HOURS: int = _env_or_fail("USAGE_LIVE_MAX_HOURS", int, 3)
+if USAGE_RETENTION_DAYS < 1 or USAGE_PRUNE_BATCH < 1 or USAGE_PRUNE_MAX_ROWS < 1:
+    raise ImproperlyConfigured("USAGE_RETENTION_DAYS, USAGE_PRUNE_BATCH and USAGE_PRUNE_MAX_ROWS must be >= 1.")
+if not 1 <= USAGE_ROLLUP_LOOKBACK_HOURS <= 168 or not 1 <= USAGE_LIVE_MAX_HOURS <= 48:
+    raise ImproperlyConfigured("USAGE_ROLLUP_LOOKBACK_HOURS must be within 1..168, USAGE_LIVE_MAX_HOURS within 1..48.")
+# Stripe Billing Meters: on only when STRIPE_API_KEY is set (a secret key, sk_... or rk_...).
+STRIPE_API_KEY: str = env("STRIPE_API_KEY", default="")
+STRIPE_API_BASE: str = env("STRIPE_API_BASE", default="")  # empty = https://api.stripe.com (tests: a local stub)
+STRIPE_TIMEOUT_S: float = _env_or_fail("STRIPE_TIMEOUT_S", float, 20.0)
+# Meter event names (the meter's event_name in Stripe); an empty name does not send that meter.
+STRIPE_METER_PROMPT_TOKENS: str = env("STRIPE_METER_PROMPT_TOKENS", default="crosslogic_prompt_tokens")
+STRIPE_METER_COMPLETION_TOKENS: str = env("STRIPE_METER_COMPLETION_TOKENS", default="crosslogic_completion_tokens")
+STRIPE_METER_COST_MICROS: str = env("STRIPE_METER_COST_MICROS", default="")
+if STRIPE_API_BASE and urlparse(STRIPE_API_BASE).scheme not in {"http", "https"}:
+    raise ImproperlyConfigured("STRIPE_API_BASE must be an http(s):// URL.")
 
 # --- Gateway --------------------------------------------------------------------------------
 # The OpenAI-compatible /v1 proxy (apps/gateway). No total timeout on upstream calls: streams

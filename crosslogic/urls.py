@@ -15,6 +15,8 @@ urlpatterns = [
     path("", RedirectView.as_view(pattern_name="admin:index", permanent=False), name="root"),
     # Browsers ask for /favicon.ico on pages that name no icon (the API docs, error pages).
     path("favicon.ico", lambda request: HttpResponseRedirect(static("favicon.svg")), name="favicon"),
+    # The staff dashboard (charts, economics) lives under the admin but is not a ModelAdmin.
+    path("admin/dashboard/", include("apps.metering.dashboard_urls")),
     path("admin/", admin.site.urls),
     # The management API: each domain app contributes its own api_urls under /api/v1/.
     path("api/v1/", include("apps.tenancy.api_urls")),

@@ -50,9 +50,14 @@ say "database $DB_DESC, Celery broker $BROKER_DESC"
 
 "$BIN/python" manage.py migrate --noinput
 
-# bootstrap_demo prints the demo login and API key; keep its output for the banner.
+# bootstrap_demo prints the demo login and API key; keep its output for the banner. In development
+# it also writes DEMO_USAGE_DAYS (default 1; 0 = none) of synthetic usage so the dashboard has charts.
+DEMO_ARGS=()
+if [[ "$DEBUG_ON" == 1 && "${DEMO_USAGE_DAYS:-1}" != 0 ]]; then
+  DEMO_ARGS=(--synthetic-usage-days "${DEMO_USAGE_DAYS:-1}")
+fi
 DEMO_OUT=""
-if DEMO_OUT=$("$BIN/python" manage.py bootstrap_demo 2>&1); then
+if DEMO_OUT=$("$BIN/python" manage.py bootstrap_demo "${DEMO_ARGS[@]}" 2>&1); then
   :
 elif grep -q "Unknown command" <<<"$DEMO_OUT"; then
   DEMO_OUT="(bootstrap_demo is not available in this checkout: create a superuser with

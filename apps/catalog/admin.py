@@ -27,6 +27,7 @@ from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStat
 from apps.catalog.selectors import models_with_counts, storage_browser, with_latest_jobs
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
+from apps.metering.admin_panels import ECONOMICS_PANEL_DAYS, model_economics_panel
 
 if TYPE_CHECKING:
     from typing import TypedDict
@@ -228,6 +229,7 @@ class ModelAdmin(admin.ModelAdmin):
         "cold_start",
         "upload_history",
         "verification_history",
+        "economics",
         "created_at",
         "updated_at",
     )
@@ -252,6 +254,7 @@ class ModelAdmin(admin.ModelAdmin):
             },
         ),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
+        (f"Economics, last {ECONOMICS_PANEL_DAYS} days (UTC)", {"fields": ("economics",)}),
         ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
         ("Weights history", {"classes": ("collapse",), "fields": ("upload_history", "verification_history")}),
         ("History", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
@@ -288,6 +291,10 @@ class ModelAdmin(admin.ModelAdmin):
         if obj.pk is None:
             return "Save the model first, then upload its weights."
         return _progress_html(obj)
+
+    @admin.display(description="revenue, GPU cost, margin")
+    def economics(self, obj: ServedModel) -> str:
+        return model_economics_panel(obj) if obj.pk is not None else "Save the model first."
 
     @admin.display(description="last verify")
     def verify_panel(self, obj: ServedModel) -> str:

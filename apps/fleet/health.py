@@ -20,6 +20,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from apps.fleet.load_history import LoadSample, node_load_record
 from apps.fleet.metrics import NodeLoad, parse_vllm_load
 from apps.fleet.models import HEALTH_CHECKED_STATUSES, Node, NodeStatus
 from apps.fleet.transitions import IllegalTransition, node_transition
@@ -155,6 +156,7 @@ def apply_results(nodes: Iterable[Node], results: Iterable[Result], summary: Sum
     now = timezone.now()
     changed: list[Node] = []
     moves: list[tuple[Node, str, str]] = []
+    samples: list[LoadSample] = []
     for result in results:
         node = by_id.get(result.node_id)
         if node is None:
@@ -170,11 +172,15 @@ def apply_results(nodes: Iterable[Node], results: Iterable[Result], summary: Sum
                 node.kv_cache_usage = result.load.kv_cache_usage
         else:
             node.consecutive_failures += 1
+        # From this check only: the row's snapshot may be stale when /metrics did not answer.
+        load = result.load if result.ok else None
+        samples.append(LoadSample(node.pk, result.ok, (load and load.running) or 0, (load and load.waiting) or 0))
         changed.append(node)
         move = _next_status(node, result)
         if move:
             moves.append((node, *move))
     write_health(changed)
+    node_load_record(samples=samples, at=now)  # utilisation's history (apps.fleet.load_history)
     for node, to, reason in moves:
         try:
             node_transition(node=node, to=to, reason=reason, actor="health-check", expected_from=node.status)

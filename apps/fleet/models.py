@@ -163,3 +163,25 @@ class NodeEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node}: {self.from_status}→{self.to_status} {self.message[:40]}"
+
+
+class NodeLoadHour(models.Model):
+    """What the health checks saw of one node's load in one UTC hour: a compact history for
+    utilisation (the Node row holds only the latest snapshot). One row per node-hour, upserted by
+    each health pass (apps.fleet.load_history), so 1,000 nodes make 24,000 rows a day."""
+
+    node = models.ForeignKey(Node, on_delete=models.CASCADE, related_name="load_hours")
+    hour = models.DateTimeField(help_text="Start of the UTC hour.")
+    samples = models.PositiveIntegerField(default=0, help_text="Health checks in this hour.")
+    busy_samples = models.PositiveIntegerField(
+        default=0, help_text="Checks that found requests running or waiting (failed checks count as not busy)."
+    )
+    running_sum = models.PositiveBigIntegerField(default=0)
+    waiting_sum = models.PositiveBigIntegerField(default=0)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["node", "hour"], name="fleet_nodeloadhour_node_hour")]
+        indexes = [models.Index(fields=["hour"])]
+
+    def __str__(self) -> str:
+        return f"{self.node_id} @ {self.hour:%Y-%m-%d %H}h: {self.busy_samples}/{self.samples}"

@@ -3,6 +3,8 @@ from __future__ import annotations
 from django.db import models
 from django.utils import timezone
 
+from apps.metering import histograms
+
 
 class UsageRecord(models.Model):
     """One row per gateway request, from vLLM's own usage numbers where it gave them."""
@@ -46,3 +48,98 @@ class UsageRecord(models.Model):
     @property
     def total_tokens(self) -> int:
         return self.prompt_tokens + self.completion_tokens
+
+
+def _empty_histogram() -> list[int]:
+    return histograms.empty()
+
+
+class UsageRollup(models.Model):
+    """One hour of one tenant's usage through one key on one model (docs/metering.md).
+
+    Rebuilt from the raw records by ``apps.metering.rollups.rollups_build``; never edited by hand.
+    The grouping is on ``api_key_prefix`` and ``model_name`` (never null: "" when the key is gone)
+    rather than the nullable foreign keys, so the unique constraint holds on every database (a
+    NULL never equals another NULL in a unique index) and deleting a key cannot make two rows
+    collide. The foreign keys are there for joins and admin links.
+
+    Status classes (from the record's HTTP status): ``errors_4xx`` = 400-499 except 429 and 499;
+    ``errors_429`` = rate-limited or over quota; ``errors_5xx`` = 500-599; ``cancelled`` = 499
+    (the client closed the request: not an error of ours, but it may have used tokens).
+    ``requests`` counts all of them, successes included.
+    """
+
+    hour = models.DateTimeField(help_text="Start of the UTC hour.")
+    tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.PROTECT, related_name="usage_rollups")
+    api_key = models.ForeignKey(
+        "tenancy.ApiKey", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_rollups"
+    )
+    api_key_prefix = models.CharField(max_length=16, blank=True, default="", help_text="'' when the key is gone.")
+    model = models.ForeignKey(
+        "catalog.ServedModel", on_delete=models.SET_NULL, null=True, blank=True, related_name="usage_rollups"
+    )
+    model_name = models.CharField(max_length=128)
+    requests = models.PositiveBigIntegerField(default=0)
+    errors_4xx = models.PositiveBigIntegerField(default=0)
+    errors_429 = models.PositiveBigIntegerField(default=0)
+    errors_5xx = models.PositiveBigIntegerField(default=0)
+    cancelled = models.PositiveBigIntegerField(default=0)
+    prompt_tokens = models.PositiveBigIntegerField(default=0)
+    completion_tokens = models.PositiveBigIntegerField(default=0)
+    estimated_requests = models.PositiveBigIntegerField(
+        default=0, help_text="Requests whose tokens the gateway counted because vLLM did not report them."
+    )
+    estimated_tokens = models.PositiveBigIntegerField(default=0, help_text="Prompt + completion tokens of those.")
+    cost_micros = models.BigIntegerField(default=0, help_text="Millionths of a US dollar.")
+    # Counts over apps.metering.histograms.BOUNDS_MS (JSON arrays: the same on PostgreSQL and SQLite).
+    ttft_hist = models.JSONField(default=_empty_histogram)
+    latency_hist = models.JSONField(default=_empty_histogram)
+    built_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-hour"]
+        constraints = [
+            models.UniqueConstraint(
+                fields=["hour", "tenant", "api_key_prefix", "model_name"], name="metering_rollup_unique_group"
+            ),
+        ]
+        indexes = [
+            models.Index(fields=["hour"]),
+            models.Index(fields=["tenant", "hour"]),
+            models.Index(fields=["model", "hour"]),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00 {self.tenant_id}/{self.api_key_prefix or '-'}/{self.model_name}"
+
+
+class UsageRollupHour(models.Model):
+    """The bookkeeping of one rolled-up hour: when it was built from how many records.
+
+    Its row is also the lock two concurrent rebuilds of the same hour take (select_for_update),
+    and the proof retention asks for before it deletes an hour's raw records.
+    """
+
+    hour = models.DateTimeField(unique=True, help_text="Start of the UTC hour.")
+    built_at = models.DateTimeField(null=True, blank=True)
+    records = models.PositiveBigIntegerField(default=0, help_text="Raw records the last build read.")
+    max_record_id = models.BigIntegerField(default=0, help_text="Highest raw record id the last build read.")
+    pruned_at = models.DateTimeField(null=True, blank=True, help_text="When its raw records were deleted.")
+
+    class Meta:
+        ordering = ["-hour"]
+
+    def __str__(self) -> str:
+        return f"{self.hour:%Y-%m-%d %H}:00"
+
+
+class RollupCursor(models.Model):
+    """How far the rollup job has looked for late records (records are scanned by id, see
+    apps.metering.rollups.rollups_catch_up)."""
+
+    name = models.CharField(max_length=32, unique=True)
+    last_record_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.last_record_id}"

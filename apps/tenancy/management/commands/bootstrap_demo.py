@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -29,6 +30,15 @@ class Command(BaseCommand):
 
     def add_arguments(self, parser: CommandParser) -> None:
         parser.add_argument("--new-key", action="store_true", help="Issue a new demo API key even if one exists.")
+        parser.add_argument(
+            "--synthetic-usage-days",
+            type=float,
+            default=0,
+            metavar="DAYS",
+            help="Development only: also write DAYS (up to 31) of synthetic usage for the demo tenants, its rollups "
+            "and a billed history node, so the dashboard's charts are not empty (apps/metering/synthetic.py). "
+            "Safe to repeat: known minutes are skipped.",
+        )
 
     def handle(self, *args: Any, **options: Any) -> None:
         with transaction.atomic():
@@ -37,6 +47,8 @@ class Command(BaseCommand):
             self._model()
             self._key(tenant, new=options["new_key"])
         self._demo_node()
+        if options["synthetic_usage_days"]:
+            self._synthetic_usage(tenant, options["synthetic_usage_days"])
 
     def _superuser(self) -> None:
         username = os.environ.get("DJANGO_SUPERUSER_USERNAME", "")
@@ -121,6 +133,43 @@ class Command(BaseCommand):
         self.stdout.write(
             self.style.SUCCESS(
                 f"demo node: launching {node} (local simulator); ready a few seconds after the worker starts"
+            )
+        )
+
+    def _synthetic_usage(self, tenant: Tenant, days: float) -> None:
+        from django.utils import timezone
+
+        from apps.catalog.models import ServedModel
+        from apps.catalog.services import model_update
+        from apps.metering.synthetic import synthetic_usage_create
+
+        if not settings.DEBUG:
+            raise CommandError("--synthetic-usage-days writes made-up usage and costs: development only (DEBUG on).")
+        if not 0 < days <= 31:
+            raise CommandError("--synthetic-usage-days takes a number of days between 0 and 31, e.g. 1 or 0.5.")
+        model = ServedModel.objects.get(name=DEMO_MODEL)
+        if not model.price_input_per_mtok and not model.price_output_per_mtok:
+            # Unpriced usage would chart as $0: give the demo model a list price first.
+            model = model_update(
+                model=model, price_input_per_mtok=Decimal("0.10"), price_output_per_mtok=Decimal("0.40")
+            )
+            self.stdout.write(f"model: {DEMO_MODEL} priced at $0.10 / $0.40 per 1M input / output tokens")
+        tenants = [tenant]
+        for slug, name in (("demo-acme", "Acme (synthetic)"), ("demo-globex", "Globex (synthetic)")):
+            other = Tenant.objects.filter(slug=slug).first()
+            if other is None:
+                with service_errors():
+                    other = tenant_create(slug=slug, name=name, contact_email=f"{slug}@example.com")
+            tenants.append(other)
+        keys = {k.tenant_id: k for k in ApiKey.objects.with_status(SecretStatus.ACTIVE).filter(tenant__in=tenants)}
+        result = synthetic_usage_create(
+            tenants=[(t, keys.get(t.pk)) for t in tenants], models=[model], days=days, now=timezone.now()
+        )
+        self.stdout.write(
+            self.style.SUCCESS(
+                f"synthetic usage: {result.records} records over {days:g} days (known ones skipped), "
+                f"{result.hours_rolled} hours rolled up, "
+                f"{result.nodes} history node(s); see /admin/dashboard/"
             )
         )
 
