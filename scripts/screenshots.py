@@ -98,7 +98,11 @@ def main(argv: list[str] | None = None) -> int:
         context.set_default_timeout(30_000)
         page = context.new_page()
         _login(page, base, args.username, args.password)
-        for path in (_dashboard(page, base, args.out), _model(page, base, args.out, args.model), _node(page, base, args.out)):
+        for path in (
+            _dashboard(page, base, args.out),
+            _model(page, base, args.out, args.model),
+            _node(page, base, args.out),
+        ):
             print(f"wrote {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path}")
         browser.close()
     return 0

@@ -2,8 +2,9 @@
 server (`python -m crosslogic.serve`) and a Celery worker on the test database.
 
 A staff member logs in from the bare host, launches a local node (the vLLM simulator) from the
-launch form and watches it become ready on its page, and revokes a key through its confirmation
-page. Every page must log no console error. Slow tier: it starts processes and a browser.
+launch form and watches it become ready on its page, revokes a key through its confirmation page,
+and opens the dashboard, where every chart must draw with data and refresh itself. Every page
+must log no console error. Slow tier: it starts processes and a browser.
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ def stack(django_db_setup, django_db_blocker, tmp_path_factory) -> Iterator[dict
         "FLEET_LAUNCH_POLL_S": "1",
         "FLEET_LOCAL_STARTUP_DELAY_S": "0.3",
         "FLEET_HEALTH_TIMEOUT_S": "2",
+        "DASHBOARD_REFRESH_S": "5",  # the shortest allowed: the test sees one refresh
     }
     with ExitStack() as stack:
         stack.enter_context(bs.server(env, port, root / "server.log"))
@@ -177,3 +179,59 @@ def test_revoke_a_key_through_its_confirmation_page(page, stack) -> None:
     assert page.locator("#object-action-revoke").count() == 0
     assert api_key_verify(raw=raw) is None
     assert ApiKey.objects.get(pk=key.pk).revoked_reason == "leaked in a CI log (staff:ops)"
+
+
+def test_the_dashboard_draws_every_chart_with_data_and_refreshes(page, stack) -> None:
+    from django.utils import timezone
+
+    from apps.catalog.services import model_create
+    from apps.fleet.models import NodeStatus
+    from apps.fleet.services import node_create
+    from apps.fleet.transitions import node_transition
+    from apps.metering.synthetic import synthetic_usage_create
+    from apps.tenancy.services import api_key_issue, tenant_create
+
+    model = model_create(
+        name="dash-llama",
+        storage_uri="s3://weights/dash-llama",
+        price_input_per_mtok="0.20",
+        price_output_per_mtok="0.60",
+        total_bytes=16_000_000_000,
+    )
+    tenants = []
+    for slug in ("dash-a", "dash-b"):
+        tenant = tenant_create(slug=slug)
+        tenants.append((tenant, api_key_issue(tenant=tenant, name="k", scopes=["inference"])[0]))
+    # Two days of usage (so the 30-day spend chart has more than one day), its rollups and a
+    # billed history node; plus one live node for the fleet panel.
+    synthetic_usage_create(tenants=tenants, models=[model], days=2, now=timezone.now(), peak_per_minute=2.0)
+    live = node_create(
+        model=model, launcher="static", endpoint_url="http://127.0.0.1:9", accelerator="L4:1", hourly_cost="0.80"
+    )
+    node_transition(node=live, to=NodeStatus.LOADING)
+    node_transition(node=live, to=NodeStatus.READY)
+
+    page.goto(str(stack["base"]) + "/admin/")
+    page.click("#dashboard-link a")
+    page.wait_for_url("**/admin/dashboard/")
+    page.wait_for_function(
+        "Array.from(document.querySelectorAll('#cl-dashboard canvas')).every(c => c.dataset.drawn === '1')"
+    )
+    drawn = page.eval_on_selector_all(
+        "#cl-dashboard canvas",
+        "els => els.map(c => ({id: c.id, points: Number(c.dataset.points), total: Number(c.dataset.total),"
+        " width: c.clientWidth, height: c.clientHeight}))",
+    )
+    assert len(drawn) >= 5, drawn
+    for chart in drawn:
+        assert chart["points"] > 0 and chart["total"] > 0, f"{chart['id']} drew no data: {chart}"
+        assert chart["width"] > 100 and chart["height"] > 100, f"{chart['id']} has no room to draw: {chart}"
+    for table in ("#table-top-tenants", "#table-top-models", "#table-economics", "#table-fleet-nodes"):
+        assert int(page.get_attribute(table, "data-rows") or 0) > 0, f"{table} is empty"
+    assert "dash-llama" in page.inner_text("#table-economics")
+
+    first = page.get_attribute("#cl-dashboard", "data-updated-at")
+    page.wait_for_function(
+        f"document.getElementById('cl-dashboard').dataset.updatedAt !== {first!r}", timeout=30_000
+    )  # refetched data.json by itself
+    assert page.locator("#dashboard-error").is_hidden()
