@@ -225,7 +225,12 @@ def test_the_dashboard_draws_every_chart_with_data_and_refreshes(page, stack) ->
     assert len(drawn) >= 5, drawn
     for chart in drawn:
         assert chart["points"] > 0 and chart["total"] > 0, f"{chart['id']} drew no data: {chart}"
-        assert chart["width"] > 100 and chart["height"] > 100, f"{chart['id']} has no room to draw: {chart}"
+        assert chart["width"] > 100 and 100 < chart["height"] <= 600, f"{chart['id']} is not sized to draw: {chart}"
+    # A responsive chart whose container takes its height from the chart grows on every resize.
+    page.set_viewport_size({"width": 1200, "height": 800})
+    page.wait_for_timeout(1000)
+    resized = page.eval_on_selector_all("#cl-dashboard canvas", "els => els.map(c => c.clientHeight)")
+    assert all(100 < h <= 600 for h in resized), f"charts changed height after a resize: {resized}"
     for table in ("#table-top-tenants", "#table-top-models", "#table-economics", "#table-fleet-nodes"):
         assert int(page.get_attribute(table, "data-rows") or 0) > 0, f"{table} is empty"
     assert "dash-llama" in page.inner_text("#table-economics")
