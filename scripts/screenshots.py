@@ -96,6 +96,8 @@ def main(argv: list[str] | None = None) -> int:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, headless=True)
         context = browser.new_context(viewport={"width": args.width, "height": 900}, device_scale_factor=1)
         context.set_default_timeout(30_000)
+        # The pictures are about the page: Django's navigation sidebar stays folded.
+        context.add_init_script("window.localStorage.setItem('django.admin.navSidebarIsOpen', 'false')")
         page = context.new_page()
         _login(page, base, args.username, args.password)
         for path in (
