@@ -25,14 +25,15 @@ from datetime import UTC, date, datetime, timedelta
 from statistics import median
 from typing import Any
 
-from django.db.models import Count, Q, Sum
+from django.core.cache import cache
+from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
 from apps.catalog.models import ServedModel
 from apps.fleet.models import LIVE_STATUSES, Node, NodeStatus
 from apps.metering import economics, histograms
-from apps.metering.models import UsageRecord
+from apps.metering.models import UsageRecord, UsageRollupHour
 from apps.metering.summary import COUNTERS, UsageRow, usage_summary
 
 TOP_N = 10
@@ -169,6 +170,30 @@ def usage_days(*, since: datetime, until: datetime, now: datetime) -> list[econo
     return [u for u in map(_usage_day, rows) if u is not None]
 
 
+CLOSED_DAYS_CACHE_S = 3600
+
+
+def usage_days_cached(*, first_day: date, now: datetime) -> list[economics.UsageDay]:
+    """``usage_days`` from ``first_day`` to now, the days before today from the cache.
+
+    Closed days change only when one of their hours is rebuilt (a late record), and a rebuild sets
+    that hour's ``built_at`` to now: the newest ``built_at`` before today is part of the cache key,
+    so a rebuilt day is never served stale. Today is always read."""
+    today = now.astimezone(UTC).date()
+    today_start = _midnight(today)
+    newest = UsageRollupHour.objects.filter(hour__lt=today_start).aggregate(built=Max("built_at"))["built"]
+    key = f"crosslogic:dashboard:usage-days:{first_day}:{today}:{newest.isoformat() if newest else '-'}"
+    closed = cache.get(key)
+    if closed is None:
+        closed = usage_days(since=_midnight(first_day), until=today_start, now=now)
+        cache.set(key, closed, CLOSED_DAYS_CACHE_S)
+    return [*closed, *usage_days(since=today_start, until=_midnight(today + timedelta(days=1)), now=now)]
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+
+
 def economics_table(
     *,
     models: dict[int, ServedModel],
@@ -254,7 +279,7 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
     # 30 days of usage per model per day (rollups): spend per day, and economics' revenue.
-    usage = usage_days(since=window_start, until=window_end, now=now)
+    usage = usage_days_cached(first_day=first_day, now=now)
     spend = Counter[date]()
     for u in usage:
         spend[u.day] += u.cost_micros

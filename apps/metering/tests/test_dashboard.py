@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
@@ -23,6 +24,14 @@ from apps.metering.tests.factories import make_usage
 from apps.tenancy.models import Tenant
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    cache.clear()  # closed days are cached across calls (and the test Redis db across tests)
+    yield
+    cache.clear()
+
 
 CHART_IDS = ("chart-traffic", "chart-tokens", "chart-spend", "chart-latency", "chart-fleet")
 TABLE_IDS = ("table-top-tenants", "table-top-models", "table-fleet-nodes", "table-cold-starts", "table-economics")
@@ -67,6 +76,7 @@ def _populate(scale: int, now: datetime) -> dict[str, int]:
 
 
 def _count_queries(now: datetime) -> int:
+    cache.clear()  # the worst case: closed days not cached yet
     with CaptureQueriesContext(connection) as queries:
         dashboard_data(now=now)
     return len(queries)
@@ -79,9 +89,23 @@ def test_the_number_of_queries_does_not_grow_with_the_data():
     _populate(6, now)
     large = _count_queries(now)
     assert small == large
-    # Per usage_summary call (2): newest rolled hour, sums, live raw hours (+ histograms, tenant
-    # slugs where asked); then per minute, node spans, load history, fleet (2), cold starts, models.
-    assert large <= 15
+    # Three usage_summary calls (closed days, today, last 24 h): newest rolled hour, sums, live raw
+    # hours (+ histograms, tenant slugs); the cache key; per minute, node spans, load history,
+    # fleet (2), cold starts, models.
+    assert large <= 18
+    with CaptureQueriesContext(connection) as warm:
+        dashboard_data(now=now)
+    assert len(warm) < large  # closed days from the cache
+
+
+def test_a_closed_day_rebuilt_for_a_late_record_is_not_served_stale_from_the_cache():
+    now = timezone.now()
+    _populate(1, now)
+    before = dashboard_data(now=now)["per_day"]["spend_micros"][-2]  # yesterday
+    late_at = (now - timedelta(days=1)).replace(minute=30)
+    make_usage(tenant=Tenant.objects.get(), model=ServedModel.objects.get(), created_at=late_at, cost_micros=5_000)
+    rollups_build_range(start=late_at, end=late_at + timedelta(minutes=1), now=now)
+    assert dashboard_data(now=now)["per_day"]["spend_micros"][-2] == before + 5_000
 
 
 def test_numbers_add_up_to_the_raw_records():
