@@ -283,6 +283,9 @@ def main(argv: list[str] | None = None) -> int:
     url = bench_database_url(args)
     ensure_database(url)
     os.environ["DATABASE_URL"] = url
+    # The dashboard caches settled minutes and closed days: an in-process cache starts empty and
+    # cannot mix with another database's numbers in a shared Redis.
+    os.environ["REDIS_URL"] = ""
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "crosslogic.settings")
     os.environ.setdefault("DEBUG", "true")
     import django

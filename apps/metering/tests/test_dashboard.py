@@ -176,3 +176,21 @@ def test_the_page_is_for_staff_only_and_names_its_charts(client):
 
 def test_the_admin_index_links_to_the_dashboard(admin_client):
     assert 'href="/admin/dashboard/"' in admin_client.get("/admin/").content.decode()
+
+
+def test_per_minute_reads_only_unsettled_minutes_once_the_day_is_cached():
+    from apps.metering.dashboard import PER_MINUTE_SETTLE, per_minute
+
+    now = timezone.now()
+    _populate(1, now)
+    first = per_minute(now=now)["totals"]["requests"]
+    tenant, model = Tenant.objects.get(), ServedModel.objects.get()
+    # A record in a recent minute is counted at once; one that lands late for a settled minute is
+    # counted when the cache expires (PER_MINUTE_CACHE_S): the documented trade-off.
+    make_usage(tenant=tenant, model=model, created_at=now - timedelta(seconds=30))
+    make_usage(tenant=tenant, model=model, created_at=now - PER_MINUTE_SETTLE - timedelta(minutes=10))
+    with CaptureQueriesContext(connection) as queries:
+        assert per_minute(now=now)["totals"]["requests"] == first + 1
+    assert len(queries) == 1
+    cache.clear()
+    assert per_minute(now=now)["totals"]["requests"] == first + 2
