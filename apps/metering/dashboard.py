@@ -256,18 +256,17 @@ def _top(rows: list[UsageRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any
     tenants: dict[int | None, UsageRow] = {}
     models: dict[str | None, UsageRow] = {}
     for r in rows:
-        for key, into, fields in (
-            (r.tenant_id, tenants, {"tenant_id": r.tenant_id, "tenant": r.tenant}),
-            (r.model_name, models, {"model_name": r.model_name}),
-        ):
-            total = into.get(key)
-            if total is None:
-                total = into[key] = UsageRow(**fields)
+        tenant = tenants.get(r.tenant_id)
+        if tenant is None:
+            tenant = tenants[r.tenant_id] = UsageRow(tenant_id=r.tenant_id, tenant=r.tenant)
+        model = models.get(r.model_name)
+        if model is None:
+            model = models[r.model_name] = UsageRow(model_name=r.model_name)
+        for total in (tenant, model):
             for name in COUNTERS:
                 setattr(total, name, getattr(total, name) + getattr(r, name))
-            if into is models:
-                histograms.merge(total.ttft_hist, r.ttft_hist)
-                histograms.merge(total.latency_hist, r.latency_hist)
+        histograms.merge(model.ttft_hist, r.ttft_hist)
+        histograms.merge(model.latency_hist, r.latency_hist)
     top_tenants = [
         {
             "tenant": r.tenant or f"#{r.tenant_id}",
