@@ -1,7 +1,7 @@
 """GET /v1/usage: a tenant's own usage, aggregated, for keys with the ``usage:read`` scope.
 
     GET /v1/usage?start=2026-11-01&end=2026-12-01&group_by=model
-    GET /v1/usage?start=1764547200&group_by=day,model
+    GET /v1/usage?start=1796083200&group_by=day,model
 
 ``start``/``end``: ISO 8601 dates or date-times (UTC when no offset) or Unix seconds; the range is
 whole UTC hours (start floored, end rounded up); default: the last 7 days up to the end of the

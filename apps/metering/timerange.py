@@ -1,7 +1,7 @@
 """Reading a time range from user input (the usage APIs, the management commands).
 
 Accepted: an ISO 8601 date (``2026-11-30``: midnight UTC) or date-time (``2026-11-30T10:00Z``,
-``+02:00`` offsets; no offset means UTC), or Unix seconds (``1764496800``, like OpenAI's usage API).
+``+02:00`` offsets; no offset means UTC), or Unix seconds (``1796032800``, like OpenAI's usage API).
 Every error is a ValueError whose message names the parameter, for a 400 or a CommandError.
 """
 
