@@ -24,7 +24,7 @@ from django.db import InterfaceError, OperationalError
 
 from apps.core import invalidation
 from apps.core import redis as redis_lib
-from apps.gateway import payloads, relay, upstream
+from apps.gateway import payloads, relay, upstream, usage_api
 from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.errors import GatewayError, bad_request
 from apps.gateway.limits import Budget, Limit, RateLimiter
@@ -238,6 +238,10 @@ class Gateway:
                 self._require_method(scope, "GET")
                 entry = await self.keys.authenticate(_header(scope, b"authorization"))
                 await _send_json(send, 200, self._model_body(entry, path[len("/v1/models/") :]), base_headers)
+            elif path == "/v1/usage":
+                self._require_method(scope, "GET")
+                entry = await self.keys.authenticate(_header(scope, b"authorization"))
+                await _send_json(send, 200, await usage_api.usage_body(scope, entry), base_headers)
             elif path in ROUTES:
                 self._require_method(scope, "POST")
                 await self._inference(scope, receive, send, ROUTES[path], request_id, base_headers)

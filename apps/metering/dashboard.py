@@ -25,14 +25,15 @@ from datetime import UTC, date, datetime, timedelta
 from statistics import median
 from typing import Any
 
-from django.db.models import Count, Q, Sum
+from django.core.cache import cache
+from django.db.models import Count, Max, Q, Sum
 from django.db.models.functions import Coalesce, TruncMinute
 from django.utils import timezone
 
 from apps.catalog.models import ServedModel
 from apps.fleet.models import LIVE_STATUSES, Node, NodeStatus
 from apps.metering import economics, histograms
-from apps.metering.models import UsageRecord
+from apps.metering.models import UsageRecord, UsageRollupHour
 from apps.metering.summary import COUNTERS, UsageRow, usage_summary
 
 TOP_N = 10
@@ -45,10 +46,13 @@ def _iso(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def per_minute(*, now: datetime) -> dict[str, Any]:
-    """Requests, tokens and errors per minute over the last 24 h, zeros filled: one query."""
-    end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
-    start = end - timedelta(hours=24)
+PER_MINUTE_KEY = "crosslogic:dashboard:per-minute"
+PER_MINUTE_SETTLE = timedelta(minutes=5)  # younger minutes are always read again (records arrive in batches)
+PER_MINUTE_CACHE_S = 3600  # the whole day is recounted at least this often (late records older than SETTLE)
+
+
+def _minute_counts(start: datetime, end: datetime) -> dict[datetime, tuple[int, int, int]]:
+    """(requests, tokens, errors) per minute in [start, end): one aggregate over the created_at index."""
     rows = (
         UsageRecord.objects.filter(created_at__gte=start, created_at__lt=end)
         .annotate(minute=TruncMinute("created_at", tzinfo=UTC))
@@ -60,15 +64,36 @@ def per_minute(*, now: datetime) -> dict[str, Any]:
             tokens=Coalesce(Sum("prompt_tokens"), 0) + Coalesce(Sum("completion_tokens"), 0),
         )
     )
-    by_minute = {r["minute"]: r for r in rows}
+    return {r["minute"]: (r["requests"], r["tokens"], r["errors"]) for r in rows}
+
+
+def per_minute(*, now: datetime) -> dict[str, Any]:
+    """Requests, tokens and errors per minute over the last 24 h, zeros filled: one query.
+
+    Minutes older than PER_MINUTE_SETTLE are kept in the cache, so a refresh reads only the
+    minutes since the last settled one (a few thousand rows at 1M records a day) instead of the
+    whole day; the cache lives PER_MINUTE_CACHE_S, after which the day is counted again."""
+    end = now.replace(second=0, microsecond=0) + timedelta(minutes=1)
+    start = end - timedelta(hours=24)
+    settled = end - timedelta(minutes=1) - PER_MINUTE_SETTLE
+    cached = cache.get(PER_MINUTE_KEY)
+    if cached is not None and start <= cached["until"] <= end:
+        counts = {m: v for m, v in cached["counts"].items() if m >= start}
+        read_from = cached["until"]
+    else:
+        counts, read_from = {}, start
+    counts.update(_minute_counts(read_from, end))
+    if cached is None or settled > cached["until"]:
+        keep = {m: v for m, v in counts.items() if m < settled}
+        cache.set(PER_MINUTE_KEY, {"until": max(settled, start), "counts": keep}, PER_MINUTE_CACHE_S)
     labels, requests, tokens, errors = [], [], [], []
     minute = start
     while minute < end:
-        row = by_minute.get(minute)
+        req, tok, err = counts.get(minute, (0, 0, 0))
         labels.append(minute.strftime("%H:%M"))
-        requests.append(row["requests"] if row else 0)
-        tokens.append(row["tokens"] if row else 0)
-        errors.append(row["errors"] if row else 0)
+        requests.append(req)
+        tokens.append(tok)
+        errors.append(err)
         minute += timedelta(minutes=1)
     return {
         "start": _iso(start),
@@ -169,6 +194,30 @@ def usage_days(*, since: datetime, until: datetime, now: datetime) -> list[econo
     return [u for u in map(_usage_day, rows) if u is not None]
 
 
+CLOSED_DAYS_CACHE_S = 3600
+
+
+def usage_days_cached(*, first_day: date, now: datetime) -> list[economics.UsageDay]:
+    """``usage_days`` from ``first_day`` to now, the days before today from the cache.
+
+    Closed days change only when one of their hours is rebuilt (a late record), and a rebuild sets
+    that hour's ``built_at`` to now: the newest ``built_at`` before today is part of the cache key,
+    so a rebuilt day is never served stale. Today is always read."""
+    today = now.astimezone(UTC).date()
+    today_start = _midnight(today)
+    newest = UsageRollupHour.objects.filter(hour__lt=today_start).aggregate(built=Max("built_at"))["built"]
+    key = f"crosslogic:dashboard:usage-days:{first_day}:{today}:{newest.isoformat() if newest else '-'}"
+    closed = cache.get(key)
+    if closed is None:
+        closed = usage_days(since=_midnight(first_day), until=today_start, now=now)
+        cache.set(key, closed, CLOSED_DAYS_CACHE_S)
+    return [*closed, *usage_days(since=today_start, until=_midnight(today + timedelta(days=1)), now=now)]
+
+
+def _midnight(day: date) -> datetime:
+    return datetime.combine(day, datetime.min.time(), tzinfo=UTC)
+
+
 def economics_table(
     *,
     models: dict[int, ServedModel],
@@ -207,18 +256,17 @@ def _top(rows: list[UsageRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any
     tenants: dict[int | None, UsageRow] = {}
     models: dict[str | None, UsageRow] = {}
     for r in rows:
-        for key, into, fields in (
-            (r.tenant_id, tenants, {"tenant_id": r.tenant_id, "tenant": r.tenant}),
-            (r.model_name, models, {"model_name": r.model_name}),
-        ):
-            total = into.get(key)
-            if total is None:
-                total = into[key] = UsageRow(**fields)
+        tenant = tenants.get(r.tenant_id)
+        if tenant is None:
+            tenant = tenants[r.tenant_id] = UsageRow(tenant_id=r.tenant_id, tenant=r.tenant)
+        model = models.get(r.model_name)
+        if model is None:
+            model = models[r.model_name] = UsageRow(model_name=r.model_name)
+        for total in (tenant, model):
             for name in COUNTERS:
                 setattr(total, name, getattr(total, name) + getattr(r, name))
-            if into is models:
-                histograms.merge(total.ttft_hist, r.ttft_hist)
-                histograms.merge(total.latency_hist, r.latency_hist)
+        histograms.merge(model.ttft_hist, r.ttft_hist)
+        histograms.merge(model.latency_hist, r.latency_hist)
     top_tenants = [
         {
             "tenant": r.tenant or f"#{r.tenant_id}",
@@ -254,7 +302,7 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
     # 30 days of usage per model per day (rollups): spend per day, and economics' revenue.
-    usage = usage_days(since=window_start, until=window_end, now=now)
+    usage = usage_days_cached(first_day=first_day, now=now)
     spend = Counter[date]()
     for u in usage:
         spend[u.day] += u.cost_micros

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from django.core.validators import RegexValidator
 from django.db import models
 from django.utils import timezone
 
@@ -143,3 +144,61 @@ class RollupCursor(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name}: {self.last_record_id}"
+
+
+class StripeCustomer(models.Model):
+    """Which Stripe customer a tenant's usage is billed to (kept here, not on Tenant: billing is
+    metering's concern and a tenant without one is simply not sent to Stripe)."""
+
+    tenant = models.OneToOneField("tenancy.Tenant", on_delete=models.CASCADE, related_name="stripe_customer")
+    customer_id = models.CharField(
+        "Stripe customer id",
+        max_length=255,
+        unique=True,
+        validators=[RegexValidator(r"^cus_[A-Za-z0-9]+$", "A Stripe customer id looks like cus_NffrFeUfNV2Hib.")],
+    )
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+
+    class Meta:
+        ordering = ["tenant__slug"]
+
+    def __str__(self) -> str:
+        return f"{self.tenant} -> {self.customer_id}"
+
+
+class MeterEventStatus(models.TextChoices):
+    PENDING = "pending", "Pending"
+    SENT = "sent", "Sent"
+    FAILED = "failed", "Failed (will be resent)"
+
+
+class StripeMeterEvent(models.Model):
+    """One Billing Meter event for one tenant-hour-meter: frozen (value, identifier) before it is
+    sent, so a resend after a failure or a crash repeats exactly the same request and Stripe's
+    identifier and Idempotency-Key deduplicate it. Records that reach a sent hour later add a
+    revision carrying the difference."""
+
+    tenant = models.ForeignKey("tenancy.Tenant", on_delete=models.PROTECT, related_name="stripe_meter_events")
+    hour = models.DateTimeField(help_text="Start of the UTC hour of usage (the event's timestamp).")
+    meter = models.CharField(max_length=32, help_text="prompt_tokens, completion_tokens or cost_micros.")
+    revision = models.PositiveIntegerField(default=0)
+    event_name = models.CharField(max_length=100)
+    customer_id = models.CharField(max_length=255)
+    value = models.BigIntegerField()
+    identifier = models.CharField(max_length=100, unique=True)
+    status = models.CharField(max_length=16, choices=MeterEventStatus.choices, default=MeterEventStatus.PENDING)
+    attempts = models.PositiveIntegerField(default=0)
+    last_error = models.CharField(max_length=500, blank=True)
+    next_attempt_at = models.DateTimeField(default=timezone.now)
+    created_at = models.DateTimeField(default=timezone.now, editable=False)
+    sent_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-hour", "tenant_id", "meter", "revision"]
+        constraints = [
+            models.UniqueConstraint(fields=["tenant", "hour", "meter", "revision"], name="metering_meter_event_unique"),
+        ]
+        indexes = [models.Index(fields=["status", "next_attempt_at"])]
+
+    def __str__(self) -> str:
+        return self.identifier

@@ -17,6 +17,7 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 from django.conf import settings
@@ -102,10 +103,16 @@ class UsageRow:
             out["model"] = self.model_name
         out.update({name: getattr(self, name) for name in COUNTERS})
         out["errors"] = self.errors
+        out["cost_usd"] = micros_to_usd(self.cost_micros)
         out["total_tokens"] = self.total_tokens
         out["ttft_ms"] = histograms.percentiles(self.ttft_hist)
         out["latency_ms"] = histograms.percentiles(self.latency_hist)
         return out
+
+
+def micros_to_usd(micros: int) -> str:
+    """Exact decimal dollars as a string ("1.234567"): no float ever touches money."""
+    return str((Decimal(micros) / 1_000_000).quantize(Decimal("0.000001")))
 
 
 def parse_group_by(group_by: str | Iterable[str] | None) -> tuple[str, ...]:
@@ -241,7 +248,7 @@ def _sort_key(key: tuple) -> tuple:
     return tuple((value is None, value if value is not None else 0) for value in key)
 
 
-def totals(rows: Iterable[UsageRow]) -> UsageRow:
+def usage_totals_row(rows: Iterable[UsageRow]) -> UsageRow:
     """All rows added up (their histograms merged): the footer of a grouped table."""
     total = UsageRow()
     for row in rows:

@@ -9,6 +9,7 @@ from decimal import Decimal
 
 import pytest
 from django.contrib.auth.models import User
+from django.core.cache import cache
 from django.db import connection
 from django.db.models import Sum
 from django.test.utils import CaptureQueriesContext
@@ -23,6 +24,14 @@ from apps.metering.tests.factories import make_usage
 from apps.tenancy.models import Tenant
 
 pytestmark = pytest.mark.django_db
+
+
+@pytest.fixture(autouse=True)
+def _empty_cache():
+    cache.clear()  # closed days are cached across calls (and the test Redis db across tests)
+    yield
+    cache.clear()
+
 
 CHART_IDS = ("chart-traffic", "chart-tokens", "chart-spend", "chart-latency", "chart-fleet")
 TABLE_IDS = ("table-top-tenants", "table-top-models", "table-fleet-nodes", "table-cold-starts", "table-economics")
@@ -67,6 +76,7 @@ def _populate(scale: int, now: datetime) -> dict[str, int]:
 
 
 def _count_queries(now: datetime) -> int:
+    cache.clear()  # the worst case: closed days not cached yet
     with CaptureQueriesContext(connection) as queries:
         dashboard_data(now=now)
     return len(queries)
@@ -79,9 +89,23 @@ def test_the_number_of_queries_does_not_grow_with_the_data():
     _populate(6, now)
     large = _count_queries(now)
     assert small == large
-    # Per usage_summary call (2): newest rolled hour, sums, live raw hours (+ histograms, tenant
-    # slugs where asked); then per minute, node spans, load history, fleet (2), cold starts, models.
-    assert large <= 15
+    # Three usage_summary calls (closed days, today, last 24 h): newest rolled hour, sums, live raw
+    # hours (+ histograms, tenant slugs); the cache key; per minute, node spans, load history,
+    # fleet (2), cold starts, models.
+    assert large <= 18
+    with CaptureQueriesContext(connection) as warm:
+        dashboard_data(now=now)
+    assert len(warm) < large  # closed days from the cache
+
+
+def test_a_closed_day_rebuilt_for_a_late_record_is_not_served_stale_from_the_cache():
+    now = timezone.now()
+    _populate(1, now)
+    before = dashboard_data(now=now)["per_day"]["spend_micros"][-2]  # yesterday
+    late_at = (now - timedelta(days=1)).replace(minute=30)
+    make_usage(tenant=Tenant.objects.get(), model=ServedModel.objects.get(), created_at=late_at, cost_micros=5_000)
+    rollups_build_range(start=late_at, end=late_at + timedelta(minutes=1), now=now)
+    assert dashboard_data(now=now)["per_day"]["spend_micros"][-2] == before + 5_000
 
 
 def test_numbers_add_up_to_the_raw_records():
@@ -152,3 +176,21 @@ def test_the_page_is_for_staff_only_and_names_its_charts(client):
 
 def test_the_admin_index_links_to_the_dashboard(admin_client):
     assert 'href="/admin/dashboard/"' in admin_client.get("/admin/").content.decode()
+
+
+def test_per_minute_reads_only_unsettled_minutes_once_the_day_is_cached():
+    from apps.metering.dashboard import PER_MINUTE_SETTLE, per_minute
+
+    now = timezone.now()
+    _populate(1, now)
+    first = per_minute(now=now)["totals"]["requests"]
+    tenant, model = Tenant.objects.get(), ServedModel.objects.get()
+    # A record in a recent minute is counted at once; one that lands late for a settled minute is
+    # counted when the cache expires (PER_MINUTE_CACHE_S): the documented trade-off.
+    make_usage(tenant=tenant, model=model, created_at=now - timedelta(seconds=30))
+    make_usage(tenant=tenant, model=model, created_at=now - PER_MINUTE_SETTLE - timedelta(minutes=10))
+    with CaptureQueriesContext(connection) as queries:
+        assert per_minute(now=now)["totals"]["requests"] == first + 1
+    assert len(queries) == 1
+    cache.clear()
+    assert per_minute(now=now)["totals"]["requests"] == first + 2

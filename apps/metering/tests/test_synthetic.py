@@ -7,6 +7,7 @@ from io import StringIO
 from itertools import pairwise
 
 import pytest
+from django.core.cache import cache
 from django.core.management import call_command
 from django.core.management.base import CommandError
 from django.db.models import Sum
@@ -21,6 +22,7 @@ HOUR = timedelta(hours=1)
 
 @pytest.fixture
 def development(settings, monkeypatch):
+    cache.clear()  # the dashboard caches closed days
     settings.DEBUG = True
     settings.FLEET_DEFAULT_LAUNCHER = "skypilot"  # no demo node launch in this test
     monkeypatch.setenv("DJANGO_SUPERUSER_USERNAME", "root")

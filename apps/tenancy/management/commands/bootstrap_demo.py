@@ -167,7 +167,7 @@ class Command(BaseCommand):
         )
         self.stdout.write(
             self.style.SUCCESS(
-                f"synthetic usage: {result.records} records over {days:g} days (known ones skipped), "
+                f"synthetic usage: {result.records} records over {days:g} day(s) (known ones skipped), "
                 f"{result.hours_rolled} hours rolled up, "
                 f"{result.nodes} history node(s); see /admin/dashboard/"
             )
