@@ -197,12 +197,12 @@ def usage_days(*, since: datetime, until: datetime, now: datetime) -> list[econo
 CLOSED_DAYS_CACHE_S = 3600
 
 
-def usage_days_cached(*, first_day: date, now: datetime) -> list[economics.UsageDay]:
-    """``usage_days`` from ``first_day`` to now, the days before today from the cache.
+def closed_usage_days(*, first_day: date, now: datetime) -> list[economics.UsageDay]:
+    """``usage_days`` from ``first_day`` to the start of today, from the cache when it can be.
 
     Closed days change only when one of their hours is rebuilt (a late record), and a rebuild sets
     that hour's ``built_at`` to now: the newest ``built_at`` before today is part of the cache key,
-    so a rebuilt day is never served stale. Today is always read."""
+    so a rebuilt day is never served stale. (Today comes from the 24 h read in dashboard_data.)"""
     today = now.astimezone(UTC).date()
     today_start = _midnight(today)
     newest = UsageRollupHour.objects.filter(hour__lt=today_start).aggregate(built=Max("built_at"))["built"]
@@ -211,7 +211,20 @@ def usage_days_cached(*, first_day: date, now: datetime) -> list[economics.Usage
     if closed is None:
         closed = usage_days(since=_midnight(first_day), until=today_start, now=now)
         cache.set(key, closed, CLOSED_DAYS_CACHE_S)
-    return [*closed, *usage_days(since=today_start, until=_midnight(today + timedelta(days=1)), now=now)]
+    return list(closed)
+
+
+def _today_usage(rows: list[UsageRow], today_start: datetime) -> list[economics.UsageDay]:
+    """Today's usage per model from the last-24-h rows grouped by hour (today is inside them)."""
+    by_model: dict[int, list[int]] = {}
+    for r in rows:
+        if r.hour is None or r.hour < today_start or r.model_id is None:
+            continue
+        totals = by_model.setdefault(r.model_id, [0, 0, 0, 0])
+        for i, value in enumerate((r.requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)):
+            totals[i] += value
+    day = today_start.date()
+    return [economics.UsageDay(mid, day, *totals) for mid, totals in by_model.items()]
 
 
 def _midnight(day: date) -> datetime:
@@ -301,8 +314,15 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
-    # 30 days of usage per model per day (rollups): spend per day, and economics' revenue.
-    usage = usage_days_cached(first_day=first_day, now=now)
+    # The last 24 h (whole hours, the current one read live) by hour x tenant x model, histograms
+    # included: top tenants and models, and today's usage (today lies inside those 24 h). One
+    # usage_summary call, so the current hour's raw records are read once.
+    last_24h = usage_summary(
+        start=now - timedelta(hours=24), end=now, group_by="hour,tenant,model", percentiles=True, now=now
+    )
+    top_tenants, top_models = _top(last_24h)
+    # 30 days of usage per model per day: spend per day, and economics' revenue.
+    usage = [*closed_usage_days(first_day=first_day, now=now), *_today_usage(last_24h, _midnight(today))]
     spend = Counter[date]()
     for u in usage:
         spend[u.day] += u.cost_micros
@@ -313,10 +333,6 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
         gpu[row.day] += row.gpu_cost_micros
     days = _days(first_day, SPEND_DAYS)
 
-    # Last 24 h (whole hours) by tenant x model, histograms included: top tenants and models.
-    top_tenants, top_models = _top(
-        usage_summary(start=now - timedelta(hours=24), end=now, group_by="tenant,model", percentiles=True, now=now)
-    )
     models = {m.pk: m for m in ServedModel.objects.only("id", "name", "total_bytes", "created_at")}
 
     return {

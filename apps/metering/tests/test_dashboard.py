@@ -89,10 +89,10 @@ def test_the_number_of_queries_does_not_grow_with_the_data():
     _populate(6, now)
     large = _count_queries(now)
     assert small == large
-    # Three usage_summary calls (closed days, today, last 24 h): newest rolled hour, sums, live raw
-    # hours (+ histograms, tenant slugs); the cache key; per minute, node spans, load history,
-    # fleet (2), cold starts, models.
-    assert large <= 18
+    # usage_summary for the last 24 h (newest rolled hour, sums, histograms, the current hour's raw
+    # records, tenant slugs) and for the closed days (newest rolled hour, sums); the closed days'
+    # cache key; per minute; node spans; load history; fleet (2); cold starts; models.
+    assert large <= 15
     with CaptureQueriesContext(connection) as warm:
         dashboard_data(now=now)
     assert len(warm) < large  # closed days from the cache
