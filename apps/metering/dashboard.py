@@ -1,18 +1,19 @@
 """The staff dashboard's numbers (/admin/dashboard/ and its JSON): one function, a fixed number of
-queries whatever the data size (tests/test_dashboard.py counts them; bench/dashboard_bench.py times
-them over 1M raw records and a year of rollups).
+queries whatever the data size (apps/metering/tests/test_dashboard.py counts them;
+bench/dashboard_bench.py times them over 1M raw records and a year of rollups).
 
 Where each number comes from (docs/economics.md has the details):
 
-- **per minute, last 24 h** (requests, tokens, errors): one aggregate over the raw usage records
-  of the last 24 h (the ``-created_at`` index bounds it), grouped by minute. Rollups are hourly,
-  too coarse for this chart; a per-minute counter table would add a write to the gateway's hot
-  path for a chart staff look at now and then.
-- **per day, last 30 days** (spend, GPU cost): spend from the hourly rollups
-  (``summary.usage_summary``, which reads the current not-yet-rolled hour from raw records), GPU
-  cost from the nodes' billable spans (apps.metering.economics).
+- **per minute, last 24 h** (requests, tokens, errors): the raw usage records, one aggregate grouped
+  by minute over the ``created_at`` index; settled minutes are cached, so a refresh reads only the
+  last few minutes. Rollups are hourly, too coarse for this chart; a per-minute counter table would
+  add a write to the gateway's hot path for a chart staff look at now and then.
+- **per day, last 30 days** (spend, GPU cost): spend from the hourly rollups (closed days cached),
+  GPU cost from the nodes' billable spans (apps.metering.economics).
 - **top tenants / models, TTFT and latency p50/p95**: rollups over the last 24 h; percentiles from
-  the merged fixed-bucket histograms (an upper bound within one bucket, ≤ 26 %).
+  the merged fixed-bucket histograms (an upper bound within one bucket, at most 26 % above).
+- Everything but the per-minute charts reads rollups only: the hour in progress shows once the
+  rollup job has built it (``rollups_until`` in the JSON).
 - **fleet now**: the Node rows (status, accelerator, cloud/region, hourly cost, the last health
   check's KV-cache and queue) and cold-start medians over nodes that became ready in 30 days.
 - **economics**: per model over the last 7 days (apps.metering.economics.model_days).
@@ -188,9 +189,10 @@ def _usage_day(r: UsageRow) -> economics.UsageDay | None:
     return economics.UsageDay(r.model_id, r.day, r.requests, r.prompt_tokens, r.completion_tokens, r.cost_micros)
 
 
-def usage_days(*, since: datetime, until: datetime, now: datetime) -> list[economics.UsageDay]:
-    """Usage per model per day from the rollups (plus the live hour): economics' revenue and tokens."""
-    rows = usage_summary(start=since, end=until, group_by="model,day", percentiles=False, now=now)
+def usage_days(*, since: datetime, until: datetime, now: datetime, live: bool = True) -> list[economics.UsageDay]:
+    """Usage per model per day from the rollups (``live``: plus the hours not rolled up yet, from raw
+    records): economics' revenue and tokens."""
+    rows = usage_summary(start=since, end=until, group_by="model,day", percentiles=False, now=now, live=live)
     return [u for u in map(_usage_day, rows) if u is not None]
 
 
@@ -209,7 +211,7 @@ def closed_usage_days(*, first_day: date, now: datetime) -> list[economics.Usage
     key = f"crosslogic:dashboard:usage-days:{first_day}:{today}:{newest.isoformat() if newest else '-'}"
     closed = cache.get(key)
     if closed is None:
-        closed = usage_days(since=_midnight(first_day), until=today_start, now=now)
+        closed = usage_days(since=_midnight(first_day), until=today_start, now=now, live=False)
         cache.set(key, closed, CLOSED_DAYS_CACHE_S)
     return list(closed)
 
@@ -314,12 +316,14 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
     window_start = datetime.combine(first_day, datetime.min.time(), tzinfo=UTC)
     window_end = datetime.combine(today + timedelta(days=1), datetime.min.time(), tzinfo=UTC)
 
-    # The last 24 h (whole hours, the current one read live) by hour x tenant x model, histograms
-    # included: top tenants and models, and today's usage (today lies inside those 24 h). One
-    # usage_summary call, so the current hour's raw records are read once.
+    # The last 24 h of rollups by hour x tenant x model, histograms included: top tenants and
+    # models, and today's usage (today lies inside those 24 h). Rollups only (live=False): the
+    # hour in progress is not rolled up yet and shows in the per-minute charts; reading it from raw
+    # records here would make the page's cost grow with the traffic of that hour.
     last_24h = usage_summary(
-        start=now - timedelta(hours=24), end=now, group_by="hour,tenant,model", percentiles=True, now=now
+        start=now - timedelta(hours=24), end=now, group_by="hour,tenant,model", percentiles=True, now=now, live=False
     )
+    newest = UsageRollupHour.objects.filter(built_at__isnull=False).aggregate(hour=Max("hour"))["hour"]
     top_tenants, top_models = _top(last_24h)
     # 30 days of usage per model per day: spend per day, and economics' revenue.
     usage = [*closed_usage_days(first_day=first_day, now=now), *_today_usage(last_24h, _midnight(today))]
@@ -337,6 +341,7 @@ def dashboard_data(*, now: datetime | None = None) -> dict[str, Any]:
 
     return {
         "generated_at": _iso(now),
+        "rollups_until": _iso(newest + timedelta(hours=1)) if newest else None,
         "per_minute": per_minute(now=now),
         "per_day": {
             "labels": [d.isoformat() for d in days],
