@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections import Counter, defaultdict
 from datetime import UTC, date, datetime, timedelta
+from operator import add
 from statistics import median
 from typing import Any
 
@@ -280,8 +281,10 @@ def _top(rows: list[UsageRow]) -> tuple[list[dict[str, Any]], list[dict[str, Any
         for total in (tenant, model):
             for name in COUNTERS:
                 setattr(total, name, getattr(total, name) + getattr(r, name))
-        histograms.merge(model.ttft_hist, r.ttft_hist)
-        histograms.merge(model.latency_hist, r.latency_hist)
+        # Element-wise sums with map(): histograms.merge's Python loop, per row, was the page's
+        # biggest CPU cost with a thousand rollup rows.
+        model.ttft_hist = list(map(add, model.ttft_hist, r.ttft_hist))
+        model.latency_hist = list(map(add, model.latency_hist, r.latency_hist))
     top_tenants = [
         {
             "tenant": r.tenant or f"#{r.tenant_id}",
