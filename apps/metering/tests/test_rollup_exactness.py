@@ -183,3 +183,40 @@ def test_rollup_totals_equal_the_raw_records_under_concurrent_writes() -> None:
         true_p95 = values[-(-len(values) * 95 // 100) - 1]
         p95 = histograms.quantile(summary.latency_hist, 0.95)
         assert p95 is not None and true_p95 <= p95 < true_p95 * 1.26  # within one bucket, never below
+
+
+def test_concurrent_builds_of_one_hour_queue_and_agree() -> None:
+    now = timezone.now()
+    hour = floor_hour(now) - HOUR * 2
+    tenant = tenant_create(slug="same-hour")
+    rng = random.Random(3)
+    rows = [
+        _record(rng, n=f"same-{i}", start=hour, tenants=[tenant], keys={tenant.pk: []}, models=["m"])
+        for i in range(2000)
+    ]
+    for row in rows:
+        row["created_at"] = hour + (row["created_at"] - hour) / HOURS  # all inside the one hour
+    usage_records_create(rows=rows)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(4)
+
+    def build() -> None:
+        try:
+            barrier.wait(10)
+            for _ in range(3):
+                rollups_build_range(start=hour, end=hour + HOUR, now=now)
+        except BaseException as exc:
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=build) for _ in range(4)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(120)
+
+    assert not errors, errors
+    [row] = UsageRollup.objects.filter(hour=hour)
+    assert row.requests == 2000
+    assert row.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
