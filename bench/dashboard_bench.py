@@ -219,7 +219,7 @@ def generate(args: argparse.Namespace) -> dict[str, float]:
     return timings
 
 
-def counts() -> dict[str, int]:
+def counts() -> dict[str, float]:
     from django.db import connection
 
     with connection.cursor() as cur:
@@ -227,6 +227,8 @@ def counts() -> dict[str, int]:
         for table in ("metering_usagerecord", "metering_usagerollup", "fleet_node"):
             cur.execute(f"SELECT count(*) FROM {table}")
             out[table] = cur.fetchone()[0]
+        cur.execute("SELECT EXTRACT(EPOCH FROM max(created_at) - min(created_at)) FROM metering_usagerecord")
+        out["record_days"] = float(cur.fetchone()[0] or 0) / 86400
     return out
 
 
@@ -303,7 +305,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         sizes = counts()
         print(
-            f"data: {sizes['metering_usagerecord']:,} raw records over {args.days:g} days, "
+            f"data: {sizes['metering_usagerecord']:,} raw records over {sizes['record_days']:.1f} days, "
             f"{sizes['metering_usagerollup']:,} rollup rows, {sizes['fleet_node']:,} nodes"
         )
         load = os.getloadavg()

@@ -78,7 +78,17 @@ def _launch_profile() -> DjangoModel:
 
 def _factories() -> dict[str, Callable[[], DjangoModel]]:
     """Models the fixtures do not create and the generic builder cannot fill in validly."""
-    return {**_celery_beat_factories(), "fleet.LaunchProfile": _launch_profile}
+    return {
+        **_celery_beat_factories(),
+        "fleet.LaunchProfile": _launch_profile,
+        "metering.StripeCustomer": _stripe_customer,
+    }
+
+
+def _stripe_customer() -> DjangoModel:
+    from apps.metering.models import StripeCustomer
+
+    return StripeCustomer.objects.create(tenant=tenant_create(slug="stripe-admin-test"), customer_id="cus_AdminTest1")
 
 
 _SIMPLE_VALUES: list[tuple[type[models.Field], Any]] = [

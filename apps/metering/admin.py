@@ -125,3 +125,7 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
         return False
+
+
+# The rollup and Stripe pages live in their own module (registered on import).
+from apps.metering import admin_rollups  # noqa: E402, F401

@@ -23,6 +23,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.db import transaction
 from django.db.models import Max, Min
+from django.db.models.functions import TruncHour
 from django.utils import timezone
 
 from apps.metering import histograms
@@ -249,14 +250,18 @@ def rollups_catch_up(*, now: datetime | None = None) -> list[BuildResult]:
     newest_id = UsageRecord.objects.aggregate(newest=Max("id"))["newest"] or 0
     hours = {current - HOUR * back for back in range(1, settings.USAGE_ROLLUP_LOOKBACK_HOURS + 1)}
     if newest_id > cursor.last_record_id:
+        # The distinct hours in SQL: on the first pass (cursor 0) this is every hour with records,
+        # which is how existing usage gets its rollups after an upgrade.
         late = (
             UsageRecord.objects.filter(
                 id__gt=cursor.last_record_id, id__lte=newest_id, created_at__lt=min(hours, default=current)
             )
+            .annotate(record_hour=TruncHour("created_at", tzinfo=UTC))
             .order_by()
-            .values_list("created_at", flat=True)
+            .values_list("record_hour", flat=True)
+            .distinct()
         )
-        hours.update(floor_hour(moment) for moment in late.iterator(chunk_size=5000))
+        hours.update(floor_hour(moment) for moment in late)
     results = [rollups_build(hour=hour, now=now) for hour in sorted(hours) if hour < current]
     RollupCursor.objects.filter(name=CATCH_UP_CURSOR).update(last_record_id=newest_id)
     return results

@@ -123,7 +123,8 @@ def parse_group_by(group_by: str | Iterable[str] | None) -> tuple[str, ...]:
     dimensions = tuple(dict.fromkeys(item for item in items if item))
     unknown = [item for item in dimensions if item not in GROUP_BY_CHOICES]
     if unknown:
-        raise ValueError(f"group_by: unknown {', '.join(unknown)} (choose from {', '.join(GROUP_BY_CHOICES)})")
+        named = ", ".join(repr(item[:40]) if len(item) > 40 else item for item in unknown[:3])
+        raise ValueError(f"group_by: unknown {named} (choose from {', '.join(GROUP_BY_CHOICES)})")
     if "hour" in dimensions and "day" in dimensions:
         raise ValueError("group_by: hour and day together make no sense; choose one")
     return dimensions

@@ -9,6 +9,7 @@ import io
 from datetime import timedelta
 from typing import Any
 
+from django.http import Http404
 from django.utils import timezone
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, OpenApiResponse, extend_schema
@@ -113,6 +114,13 @@ class UsageSummaryView(APIView):
 
     permission_classes = [IsStaff]
     renderer_classes = [renderers.JSONRenderer, renderers.BrowsableAPIRenderer, CSVRenderer]
+
+    def perform_content_negotiation(self, request: Request, force: bool = False) -> Any:
+        # DRF answers an unknown ?format= with 404; it is a bad parameter, so a 400 naming it.
+        try:
+            return super().perform_content_negotiation(request, force)
+        except Http404:
+            raise ValidationError({"format": ["Choose json or csv."]}) from None
 
     def handle_exception(self, exc: Exception) -> Response:
         # Errors are JSON whatever format was asked for (the CSV renderer only draws rows).

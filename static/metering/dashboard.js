@@ -159,6 +159,7 @@
       [hours(e.gpu_hours), "num"], [hours(e.idle_gpu_hours), "num"], [usd(e.storage_month_micros), "num"],
     ]);
     document.getElementById("dashboard-updated").textContent = data.generated_at;
+    document.getElementById("dashboard-rollups-until").textContent = data.rollups_until || "(none yet)";
     root.dataset.updatedAt = data.generated_at;
   }
 

@@ -55,7 +55,9 @@ def test_usage_endpoint_returns_own_tenant_totals_only(gateway, tenant, catalog_
     hour = floor_hour(timezone.now()) - timedelta(hours=2)
     reader, raw = api_key_issue(tenant=tenant, name="usage", scopes=["usage:read"])
     make_usage(tenant=tenant, api_key=reader, model=catalog_model, created_at=hour, cost_micros=10)
-    make_usage(tenant=tenant, api_key=reader, model=catalog_model, created_at=hour + timedelta(minutes=9), cost_micros=5)
+    make_usage(
+        tenant=tenant, api_key=reader, model=catalog_model, created_at=hour + timedelta(minutes=9), cost_micros=5
+    )
     other = tenant_create(slug="other")
     make_usage(tenant=other, model=catalog_model, created_at=hour, cost_micros=1000)
     rollups_build(hour=hour)

@@ -89,10 +89,10 @@ def test_the_number_of_queries_does_not_grow_with_the_data():
     _populate(6, now)
     large = _count_queries(now)
     assert small == large
-    # Three usage_summary calls (closed days, today, last 24 h): newest rolled hour, sums, live raw
-    # hours (+ histograms, tenant slugs); the cache key; per minute, node spans, load history,
-    # fleet (2), cold starts, models.
-    assert large <= 18
+    # Rollups of the last 24 h (sums, histograms, tenant slugs) and of the closed days (sums), the
+    # newest rolled hour and the closed days' cache key; per minute; node spans; load history;
+    # fleet (2); cold starts; models.
+    assert large <= 13
     with CaptureQueriesContext(connection) as warm:
         dashboard_data(now=now)
     assert len(warm) < large  # closed days from the cache
@@ -122,7 +122,12 @@ def test_numbers_add_up_to_the_raw_records():
     }
     assert data["per_minute"]["totals"]["requests"] > 0
     assert len(data["per_minute"]["labels"]) == 24 * 60
-    assert sum(data["per_day"]["spend_micros"]) == facts["cost"]  # 3 days inside the 30
+    # Rollups only: everything up to the hour in progress (3 days, inside the 30).
+    current_hour = now.replace(minute=0, second=0, microsecond=0)
+    rolled = UsageRecord.objects.filter(created_at__lt=current_hour).aggregate(c=Sum("cost_micros"))["c"]
+    assert sum(data["per_day"]["spend_micros"]) == rolled > 0
+    assert rolled <= facts["cost"]
+    assert data["rollups_until"] == current_hour.isoformat().replace("+00:00", "Z")
     assert len(data["per_day"]["labels"]) == 30
     assert sum(data["per_day"]["gpu_cost_micros"]) > 0
     assert data["fleet"]["live"] == 3 and data["fleet"]["cost_per_hour_micros"] == 1_500_000
@@ -142,9 +147,9 @@ def test_every_tenant_spend_on_the_dashboard_equals_its_raw_records():
     data = dashboard_data(now=now)
     day_ago = now - timedelta(hours=24)
     for row in data["top_tenants"]:
-        # Rollups cover whole hours: from the hour holding now - 24 h to the end of the current one.
+        # Rollups cover whole hours: from the hour holding now - 24 h to the hour in progress.
         start = day_ago.replace(minute=0, second=0, microsecond=0)
-        end = now.replace(minute=0, second=0, microsecond=0) + timedelta(hours=1)
+        end = now.replace(minute=0, second=0, microsecond=0)
         expected = UsageRecord.objects.filter(
             tenant__slug=row["tenant"], created_at__gte=start, created_at__lt=end
         ).aggregate(s=Sum("cost_micros"))["s"]

@@ -94,6 +94,7 @@ def test_csv_export_has_one_line_per_group(staff_api, usage, catalog_model) -> N
         ({"start": "2020-01-01", "end": "2026-01-01"}, "start", "at most 400 days"),
         ({"group_by": "hour", "start": "2026-01-01", "end": "2026-03-01"}, "group_by", "at most 31 days"),
         ({"tenant": "nobody"}, "tenant", "No tenant"),
+        ({"format": "xml"}, "format", "json or csv"),
     ],
 )
 def test_bad_parameters_are_json_400s_naming_the_field(staff_api, params, field, message) -> None:
