@@ -136,7 +136,7 @@ class Gateway:
                     self.usage.run(),
                     self._listen_invalidations(),
                     self._sync_load(),
-                    self._publish_metrics(),
+                    metrics.publish_forever(self.redis, self.metrics),
                 )
             ]
             self._started = True
@@ -222,24 +222,6 @@ class Gateway:
                 if failures == 1:
                     log.warning("gateway: cannot share load through Redis (%s)", exc)
                 await asyncio.sleep(min(5.0, failures * 0.5))
-
-    async def _publish_metrics(self) -> None:
-        """This worker's counters to Redis, where any worker's /metrics finds them."""
-        if self.redis is None or not settings.METRICS_ENABLED:
-            return
-        interval = settings.METRICS_PUBLISH_INTERVAL_S
-        failures = 0
-        while True:
-            try:
-                await asyncio.wait_for(metrics.publish(self.redis, self.metrics, ttl_s=interval * 3), timeout=2.0)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                if failures == 1:
-                    log.warning("gateway: cannot publish metrics through Redis (%s)", exc)
-            await asyncio.sleep(interval)
 
     async def _seed_budget(self, budget: Budget) -> int:
         """A month's usage so far for a budget counter Redis lacks: the database, plus this
@@ -354,37 +336,12 @@ class Gateway:
 
     async def _metrics(self, scope: dict, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         """Prometheus text format, for a staff token only (docs/monitoring.md)."""
-        if not settings.METRICS_ENABLED:
-            raise GatewayError(404, "Unknown path /metrics.", code="unknown_url")
         self._require_method(scope, "GET")
-        authorization = _header(scope, b"authorization") or ""
-        scheme, _, raw = authorization.partition(" ")
-        if scheme.lower() != "bearer" or not raw.strip():
-            raise GatewayError(
-                401,
-                "Send a staff token: 'Authorization: Bearer cls_…'.",
-                type="authentication_error",
-                code="invalid_api_key",
-                headers={"www-authenticate": "Bearer"},
-            )
-        if not await sync_to_async(metrics.staff_token_ok, thread_sensitive=False)(raw.strip()):
-            raise GatewayError(
-                401, "Invalid, expired or revoked staff token.", type="authentication_error", code="invalid_api_key"
-            )
-        snapshots = await metrics.gather(self.redis, self.metrics)
-        try:
-            fleet = await sync_to_async(metrics.fleet_gauges, thread_sensitive=False)()
-        except Exception as exc:  # the gateway's own counters are still worth a scrape
-            log.warning("metrics: fleet gauges unavailable (%s)", exc)
-            fleet = None
-        body = metrics.render(snapshots, fleet)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": [(b"content-type", b"text/plain; version=0.0.4; charset=utf-8"), *headers],
-            }
+        body = await metrics.scrape(
+            authorization=_header(scope, b"authorization"), redis=self.redis, counters=self.metrics
         )
+        start = {"type": "http.response.start", "status": 200, "headers": [metrics.CONTENT_TYPE, *headers]}
+        await send(start)
         await send({"type": "http.response.body", "body": body})
 
     def _models_body(self, entry: KeyEntry) -> bytes:

@@ -18,6 +18,7 @@ METRICS_TENANT_LABEL is on (then requests and tokens carry ``tenant`` = the tena
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import os
@@ -27,10 +28,14 @@ from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
+from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections, connection
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import generate_latest
 from prometheus_client.registry import Collector, CollectorRegistry
+
+from apps.gateway.errors import GatewayError
 
 log = logging.getLogger(__name__)
 
@@ -135,6 +140,52 @@ class GatewayMetrics:
 
 # The process's counters (one per gateway worker process).
 METRICS = GatewayMetrics()
+CONTENT_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
+
+
+async def scrape(*, authorization: str | None, redis: Any, counters: GatewayMetrics) -> bytes:
+    """The /metrics body for a valid staff token (GatewayError 401/404 otherwise)."""
+    if not settings.METRICS_ENABLED:
+        raise GatewayError(404, "Unknown path /metrics.", code="unknown_url")
+    scheme, _, raw = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not raw.strip():
+        raise GatewayError(
+            401,
+            "Send a staff token: 'Authorization: Bearer cls_…'.",
+            type="authentication_error",
+            code="invalid_api_key",
+            headers={"www-authenticate": "Bearer"},
+        )
+    if not await sync_to_async(staff_token_ok, thread_sensitive=False)(raw.strip()):
+        raise GatewayError(
+            401, "Invalid, expired or revoked staff token.", type="authentication_error", code="invalid_api_key"
+        )
+    snapshots = await gather(redis, counters)
+    try:
+        fleet = await sync_to_async(fleet_gauges, thread_sensitive=False)()
+    except Exception as exc:  # the gateway's own counters are still worth a scrape
+        log.warning("metrics: fleet gauges unavailable (%s)", exc)
+        fleet = None
+    return render(snapshots, fleet)
+
+
+async def publish_forever(redis: Any, counters: GatewayMetrics) -> None:
+    """A worker's background task: its counters to Redis, where any worker's /metrics finds them."""
+    if redis is None or not settings.METRICS_ENABLED:
+        return
+    interval = settings.METRICS_PUBLISH_INTERVAL_S
+    failures = 0
+    while True:
+        try:
+            await asyncio.wait_for(publish(redis, counters, ttl_s=interval * 3), timeout=2.0)
+            failures = 0
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            failures += 1
+            if failures == 1:
+                log.warning("metrics: cannot publish this worker's counters through Redis (%s)", exc)
+        await asyncio.sleep(interval)
 
 
 async def publish(redis: Any, metrics: GatewayMetrics, *, ttl_s: float) -> None:
