@@ -6,7 +6,7 @@ from collections.abc import Iterable
 from datetime import UTC, datetime, timedelta
 
 from django.core.cache import cache
-from django.db.models import Count, F, Q, Sum
+from django.db.models import Count, F, OuterRef, Q, Subquery, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
@@ -119,3 +119,11 @@ def month_spend(*, tenant_ids: Iterable[int] = (), key_ids: Iterable[int] = (), 
         ):
             spend[f"key:{key_id}"] = int(total or 0)
     return spend
+
+
+def month_spend_subquery(*, owner_field: str) -> Subquery:
+    """This month's micro-dollars of the outer row (a Tenant for owner_field "tenant", an ApiKey
+    for "api_key"), as a correlated subquery: computed only for the rows a page shows."""
+    start, end = month_bounds(month_key())
+    rows = UsageRecord.objects.filter(**{owner_field: OuterRef("pk")}, created_at__gte=start, created_at__lt=end)
+    return Subquery(rows.order_by().values(owner_field).annotate(s=Sum("cost_micros")).values("s"))
