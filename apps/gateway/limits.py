@@ -387,6 +387,7 @@ class RateLimiter:
         self._key_cache: dict[str, list[str]] = {}
         self._down_until = 0.0
         self._last_warning = 0.0
+        self._last_seed_warning = -1e9
         self._suppressed = 0
 
     def _keys(self, subject: str) -> list[str]:
@@ -526,7 +527,11 @@ class RateLimiter:
             try:
                 used = max(0, int(await self.seeder(budget)))
             except Exception as exc:
-                log.warning("rate limiter: could not seed budget %s (%s); not enforced for now", budget.key, exc)
+                # Every request retries while the database is away: warn at most every 30 s.
+                now = time.monotonic()
+                if now - self._last_seed_warning >= 30.0:
+                    log.warning("rate limiter: could not seed budget %s (%s); not enforced for now", budget.key, exc)
+                    self._last_seed_warning = now
                 continue
             await self.redis.execute("SET", budget.key, used, "NX", "PX", BUDGET_TTL_MS, timeout_s=self.timeout_s)
             done.append(budget)
