@@ -66,22 +66,51 @@ def worker_id() -> str:
     return f"{socket.gethostname()}:{os.getpid()}"
 
 
+class _Counts:
+    __slots__ = ("completion", "prompt", "statuses")
+
+    def __init__(self) -> None:
+        self.statuses: dict[int, int] = {}
+        self.prompt = 0
+        self.completion = 0
+
+
+class _ModelSeries(_Counts):
+    """One model's counters: one dict lookup per request finds them all."""
+
+    __slots__ = ("latency", "tenants", "ttft")
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.ttft = _Histogram(TTFT_BUCKETS)
+        self.latency = _Histogram(LATENCY_BUCKETS)
+        self.tenants: dict[int, _Counts] = {}  # with METRICS_TENANT_LABEL only
+
+
 class GatewayMetrics:
     """One worker's counters. Every method is a few dict operations: safe on the request path."""
 
     def __init__(self, *, tenant_label: bool = False) -> None:
         self.tenant_label = tenant_label
         self.worker = worker_id()
-        self.requests: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self.tokens: defaultdict[tuple[str, ...], int] = defaultdict(int)
-        self.ttft: dict[str, _Histogram] = {}
-        self.latency: dict[str, _Histogram] = {}
-        self.upstream_errors: defaultdict[tuple[str, str], int] = defaultdict(int)
+        self.models: dict[str, _ModelSeries] = {}
+        self.upstream_errors: defaultdict[tuple[int, str], int] = defaultdict(int)
         self.rate_limited: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.budget_denials: defaultdict[tuple[str, str], int] = defaultdict(int)
 
     def reset(self) -> None:
         self.__init__(tenant_label=self.tenant_label)  # type: ignore[misc]  # tests start from zero
+
+    def _counts(self, model: str, tenant_id: int) -> tuple[_ModelSeries, _Counts]:
+        series = self.models.get(model)
+        if series is None:
+            series = self.models[model] = _ModelSeries()
+        if not self.tenant_label:
+            return series, series
+        counts = series.tenants.get(tenant_id)
+        if counts is None:
+            counts = series.tenants[tenant_id] = _Counts()
+        return series, counts
 
     # --- the request path ------------------------------------------------------------------
     def request_done(
@@ -95,44 +124,51 @@ class GatewayMetrics:
         ttft_ms: float | None,
         latency_ms: float,
     ) -> None:
-        key: tuple[str, ...] = (model, str(status), str(tenant_id)) if self.tenant_label else (model, str(status))
-        self.requests[key] += 1
-        base = (model, str(tenant_id)) if self.tenant_label else (model,)
-        if prompt_tokens:
-            self.tokens[(*base, "prompt")] += prompt_tokens
-        if completion_tokens:
-            self.tokens[(*base, "completion")] += completion_tokens
+        series, counts = self._counts(model, tenant_id)
+        statuses = counts.statuses
+        statuses[status] = statuses.get(status, 0) + 1
+        counts.prompt += prompt_tokens
+        counts.completion += completion_tokens
         if ttft_ms is not None:
-            hist = self.ttft.get(model)
-            if hist is None:
-                hist = self.ttft[model] = _Histogram(TTFT_BUCKETS)
-            hist.observe(ttft_ms / 1000)
-        hist = self.latency.get(model)
-        if hist is None:
-            hist = self.latency[model] = _Histogram(LATENCY_BUCKETS)
-        hist.observe(latency_ms / 1000)
+            series.ttft.observe(ttft_ms / 1000)
+        series.latency.observe(latency_ms / 1000)
 
     def refused(self, *, model: str, status: int, tenant_id: int, reason: str, budget: str | None = None) -> None:
         """A request refused before it reached a node: a rate limit (reason) or a budget."""
-        key: tuple[str, ...] = (model, str(status), str(tenant_id)) if self.tenant_label else (model, str(status))
-        self.requests[key] += 1
+        statuses = self._counts(model, tenant_id)[1].statuses
+        statuses[status] = statuses.get(status, 0) + 1
         if reason == "budget":
             self.budget_denials[(model, budget or "unknown")] += 1
         else:
             self.rate_limited[(model, reason)] += 1
 
     def upstream_error(self, *, node_id: int, kind: str) -> None:
-        self.upstream_errors[(str(node_id), kind)] += 1
+        self.upstream_errors[(node_id, kind)] += 1
 
     # --- publishing ------------------------------------------------------------------------
     def snapshot(self) -> dict[str, Any]:
+        """Plain JSON: label values (strings) then the value, per series."""
+        requests: list[list[Any]] = []
+        tokens: list[list[Any]] = []
+        for model, series in self.models.items():
+            owners = (
+                [((model, str(tenant)), counts) for tenant, counts in series.tenants.items()]
+                if self.tenant_label
+                else [((model,), series)]
+            )
+            for labels, counts in owners:
+                requests += [[labels[0], str(status), *labels[1:], n] for status, n in counts.statuses.items()]
+                if counts.prompt:
+                    tokens.append([*labels, "prompt", counts.prompt])
+                if counts.completion:
+                    tokens.append([*labels, "completion", counts.completion])
         return {
             "tenant_label": self.tenant_label,
-            "requests": [[*k, v] for k, v in self.requests.items()],
-            "tokens": [[*k, v] for k, v in self.tokens.items()],
-            "ttft": {m: h.dump() for m, h in self.ttft.items()},
-            "latency": {m: h.dump() for m, h in self.latency.items()},
-            "upstream_errors": [[*k, v] for k, v in self.upstream_errors.items()],
+            "requests": requests,
+            "tokens": tokens,
+            "ttft": {m: s.ttft.dump() for m, s in self.models.items() if any(s.ttft.counts)},
+            "latency": {m: s.latency.dump() for m, s in self.models.items() if any(s.latency.counts)},
+            "upstream_errors": [[str(node), kind, n] for (node, kind), n in self.upstream_errors.items()],
             "rate_limited": [[*k, v] for k, v in self.rate_limited.items()],
             "budget_denials": [[*k, v] for k, v in self.budget_denials.items()],
         }
