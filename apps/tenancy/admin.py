@@ -121,6 +121,14 @@ class ApiKeyInline(admin.TabularInline):
 
 
 class TenantForm(SpendLimitInDollars):
+    budget_webhook_url = forms.URLField(
+        label="Budget webhook URL",
+        max_length=500,
+        required=False,
+        assume_scheme="https",
+        help_text="Optional: budget alerts are POSTed here as JSON (besides an email to the contact address).",
+    )
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         # Left empty: the model's default threshold (a tenant form from before budgets still saves).
