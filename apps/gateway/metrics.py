@@ -176,6 +176,9 @@ class GatewayMetrics:
 
 # The process's counters (one per gateway worker process).
 METRICS = GatewayMetrics()
+# A worker forked after import (gunicorn --preload) starts from zero under its own id, not as a
+# copy of its parent's series.
+os.register_at_fork(after_in_child=METRICS.reset)
 CONTENT_TYPE = (b"content-type", b"text/plain; version=0.0.4; charset=utf-8")
 
 

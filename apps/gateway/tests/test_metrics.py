@@ -262,3 +262,20 @@ def _up(url: str) -> bool:
 
 def _requests(text: str) -> float:
     return value(samples(text), "crosslogic_gateway_requests_total", model="llama-3-8b", status="200")
+
+
+def test_a_forked_worker_starts_from_zero_under_its_own_id():
+    metrics.METRICS.refused(model="m", status=429, tenant_id=1, reason="tokens")
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: report what it inherited, then leave without running any cleanup
+        os.close(read)
+        os.write(write, f"{metrics.METRICS.worker}|{len(metrics.METRICS.models)}".encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as pipe:
+        worker, models = pipe.read().split("|")
+    os.waitpid(pid, 0)
+
+    assert worker == f"{socket.gethostname()}:{pid}" and models == "0"
+    assert metrics.METRICS.worker.endswith(f":{os.getpid()}") and "m" in metrics.METRICS.models
