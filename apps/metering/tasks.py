@@ -1,5 +1,6 @@
 """Celery beat's metering passes (scheduled in django-celery-beat's tables, migration 0004):
-the hourly rollup, raw-record retention and the Stripe meter events. Each is thin (the work is in
+the hourly rollup, raw-record retention and the Stripe meter events; and the budget alert
+notification (one task per alert, claimed before it notifies). Each is thin (the work is in
 apps.metering.rollups and apps.metering.billing), safe to run twice, and never overlaps itself.
 """
 
@@ -13,6 +14,8 @@ from django.utils import timezone
 
 from apps.core import redis as redis_lib
 from apps.metering import billing, rollups, stripe_billing
+from apps.metering.models import BudgetAlert
+from apps.metering.notify import budget_alert_notify
 
 log = logging.getLogger(__name__)
 
@@ -72,3 +75,12 @@ def stripe_meter_events_hourly() -> None:
         log.info("stripe: %d meter events sent, %d failed", result.sent, result.failed)
     finally:
         _release("stripe")
+
+
+@shared_task(ignore_result=True)
+def budget_alert_notify_task(alert_id: int) -> None:
+    # Claim first: a re-delivered task (acks_late) or a second worker does not notify twice.
+    claimed = BudgetAlert.objects.filter(pk=alert_id, notified_at__isnull=True).update(notified_at=timezone.now())
+    if claimed != 1:
+        return
+    budget_alert_notify(alert=BudgetAlert.objects.select_related("tenant", "api_key").get(pk=alert_id))

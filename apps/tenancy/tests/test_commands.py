@@ -52,6 +52,20 @@ def test_create_tenant_with_name_email_and_limits() -> None:
     assert "Created tenant globex" in out
 
 
+def test_create_tenant_with_a_spend_limit_in_dollars() -> None:
+    out, _ = run("create_tenant", "initech", "--spend-limit", "25.5")
+
+    assert Tenant.objects.get(slug="initech").monthly_spend_limit_micros == 25_500_000
+    assert "monthly spend limit $25.50" in out
+
+
+@pytest.mark.parametrize("amount", ["-1", "abc", "NaN"])
+def test_create_tenant_refuses_a_spend_limit_that_is_not_dollars(amount: str) -> None:
+    with pytest.raises(CommandError, match="not an amount of US dollars"):
+        run("create_tenant", "initech", "--spend-limit", amount)
+    assert not Tenant.objects.filter(slug="initech").exists()
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
