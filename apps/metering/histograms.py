@@ -12,6 +12,7 @@ bounds. A different layout needs new columns (or a version field) and a rebuild 
 from __future__ import annotations
 
 import math
+import operator
 from bisect import bisect_left
 from collections.abc import Iterable, Sequence
 
@@ -50,8 +51,7 @@ def merge(into: list[int], other: Sequence[int] | None) -> list[int]:
         return into
     if len(other) != BUCKETS:
         raise ValueError(f"histogram has {len(other)} buckets, expected {BUCKETS}")
-    for index, count in enumerate(other):
-        into[index] += count
+    into[:] = map(operator.add, into, other)  # ~3x a Python loop over the 60 buckets
     return into
 
 

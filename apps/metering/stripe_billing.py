@@ -60,17 +60,11 @@ def meter_event_create(*, event_name: str, customer_id: str, value: int, identif
             },
             options={"idempotency_key": identifier},
         )
-    except stripe.AuthenticationError as exc:
-        raise _error(exc, retry=False) from exc
-    except stripe.IdempotencyError as exc:
-        raise _error(exc, retry=False) from exc
+    except (stripe.AuthenticationError, stripe.PermissionError, stripe.IdempotencyError) as exc:
+        raise _error(exc, retry=False) from exc  # the same request fails the same way
     except stripe.InvalidRequestError as exc:
-        raise _error(exc, retry=False) from exc
-    except stripe.PermissionError as exc:
-        raise _error(exc, retry=False) from exc
-    except (stripe.RateLimitError, stripe.APIConnectionError, stripe.APIError) as exc:
-        raise _error(exc, retry=True) from exc
-    except stripe.StripeError as exc:
+        raise _error(exc, retry=False) from exc  # a bad parameter, an unknown meter: staff must look
+    except stripe.StripeError as exc:  # rate limits, connection errors, Stripe's 5xx
         raise _error(exc, retry=True) from exc
     return str(event.identifier or identifier)
 
@@ -78,7 +72,7 @@ def meter_event_create(*, event_name: str, customer_id: str, value: int, identif
 def _error(exc: stripe.StripeError, *, retry: bool) -> StripeSendError:
     # user_message/_message never include the API key; the key is only ever in a header.
     return StripeSendError(
-        message=str(exc.user_message or exc._message or type(exc).__name__),
+        message=str(exc.user_message or str(exc) or type(exc).__name__),
         retry=retry,
         status=exc.http_status,
         code=exc.code,

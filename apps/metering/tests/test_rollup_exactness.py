@@ -217,6 +217,6 @@ def test_concurrent_builds_of_one_hour_queue_and_agree() -> None:
         thread.join(120)
 
     assert not errors, errors
-    [row] = UsageRollup.objects.filter(hour=hour)
-    assert row.requests == 2000
-    assert row.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
+    [built] = UsageRollup.objects.filter(hour=hour)
+    assert built.requests == 2000
+    assert built.prompt_tokens == sum(r["prompt_tokens"] for r in rows)
