@@ -322,3 +322,52 @@ def test_a_static_node_counts_but_is_never_scaled_away(served_model, redis_db) -
 
     assert decision.desired == 0 and decision.drained == [str(launched)]
     assert Node.objects.get(pk=static.pk).status == S.READY
+
+
+# --- admin and management API ----------------------------------------------------------------
+
+
+def test_the_admin_shows_desired_vs_actual_replicas_with_the_reason(admin_client, served_model, redis_db) -> None:
+    from django.urls import reverse
+
+    _policy(served_model, min_replicas=1, max_replicas=6)
+    _ready(served_model, running=20, waiting=21)
+    autoscale_run()
+
+    listing = admin_client.get(reverse("admin:catalog_servedmodel_changelist")).content.decode()
+    assert "Replicas: desired / ready (min–max)" in listing
+    assert "5 / 1 (1–6)" in listing and "41 running, 21 waiting" not in listing  # the reason is the tooltip
+    assert 'title="desired 5 (scale up' in listing
+    page = admin_client.get(reverse("admin:catalog_servedmodel_change", args=[served_model.pk])).content.decode()
+    assert "<b>desired 5</b> · ready 1 · starting 0" in page and "21 waiting, 20 running" in page
+    assert "1 → 5" in page  # the history of changes
+    for field in ("target_ongoing_requests", "scale_down_window_s", "idle_to_zero_s", "spot_fallback", "warm_pool"):
+        assert f'name="{field}"' in page
+
+
+def test_the_api_exposes_the_policy_and_the_decision_and_refuses_bad_values(staff_client, served_model, redis_db):
+    url = f"/api/v1/models/{served_model.pk}/"
+    for bad, field in [
+        ({"target_kv_cache_usage": 1.5}, "target_kv_cache_usage"),
+        ({"target_ongoing_requests": 0}, "target_ongoing_requests"),
+        ({"spot_fallback_preemptions": 0}, "spot_fallback_preemptions"),
+        ({"spot_fallback_window_s": 10}, "spot_fallback_window_s"),
+        ({"scale_down_window_s": -1}, "scale_down_window_s"),
+        ({"target_queue_wait_s": "soon"}, "target_queue_wait_s"),
+        ({"min_replicas": 0, "max_replicas": 0}, "max_replicas"),
+    ]:
+        response = staff_client.patch(url, bad, format="json")
+        assert response.status_code == 400 and field in response.json()["error"]["fields"], (bad, response.content)
+
+    ok = staff_client.patch(
+        url,
+        {"min_replicas": 0, "target_ongoing_requests": 8, "target_queue_wait_s": 1.5, "warm_pool": False},
+        format="json",
+    )
+    assert ok.status_code == 200, ok.content
+    body = ok.json()
+    assert (body["target_ongoing_requests"], body["target_queue_wait_s"], body["warm_pool"]) == (8, 1.5, False)
+    assert body["autoscale"] is None  # no decision yet
+    autoscale_run()
+    decided = staff_client.get(url).json()["autoscale"]
+    assert decided["desired"] == 0 and decided["reason"].startswith("desired 0")
