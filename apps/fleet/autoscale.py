@@ -36,7 +36,8 @@ from django.utils import timezone
 
 from apps.catalog.models import ServedModel
 from apps.core import redis as redis_lib
-from apps.fleet import demand, replicas
+from apps.fleet import demand, reconcile, replicas
+from apps.fleet.enqueue import enqueue_health_check
 from apps.fleet.models import LIVE_STATUSES, WARM_STATUSES, Launcher, ModelScale, Node, NodeStatus, ScaleDecision
 from apps.metering.models import UsageRecord
 
@@ -297,6 +298,7 @@ def _run(model_id: int | None, client) -> list[Decision]:
     by_model: defaultdict[int, list[Node]] = defaultdict(list)
     for node in Node.objects.filter(status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"):
         by_model[node.model_id].append(node)
+    _finish_drains([n for nodes in by_model.values() for n in nodes if n.status == S.DRAINING], inflight)
     decisions = []
     for model in models:
         try:
@@ -305,6 +307,26 @@ def _run(model_id: int | None, client) -> list[Decision]:
             log.exception("autoscale: %s failed", model)
             decisions.append(Decision(model.pk, model.name, 0, 0, 0, "", error=f"{type(exc).__name__}: {exc}"))
     return decisions
+
+
+def _finish_drains(draining: list[Node], inflight: dict[int, int]) -> None:
+    """Scale-down finishes here too, not only at the reconciler's next pass (every minute): a
+    drained node is stopped or torn down, and one not checked since its drain began gets a check."""
+    if not draining:
+        return
+    report = reconcile.Report()
+    now = timezone.now()
+    unchecked = []
+    for node in Node.objects.filter(pk__in=[n.pk for n in draining], status=S.DRAINING).select_related(
+        "model", "launch_profile"
+    ):
+        reconcile.finish_drain(node, now, inflight, report, actor="autoscaler")
+        if node.status == S.DRAINING and (node.last_health_at is None or node.last_health_at <= node.status_changed_at):
+            unchecked.append(node.pk)
+    if unchecked:
+        enqueue_health_check(node_ids=unchecked)
+    for error in report.errors:
+        log.warning("autoscale: %s", error)
 
 
 def _decide_model(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int], held: int) -> Decision:
