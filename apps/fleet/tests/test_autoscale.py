@@ -371,3 +371,36 @@ def test_the_api_exposes_the_policy_and_the_decision_and_refuses_bad_values(staf
     autoscale_run()
     decided = staff_client.get(url).json()["autoscale"]
     assert decided["desired"] == 0 and decided["reason"].startswith("desired 0")
+
+
+def test_a_triggered_pass_that_meets_a_running_one_tries_again_a_second_later(redis_db, monkeypatch) -> None:
+    from apps.fleet import autoscale
+
+    later: list[tuple[list, int]] = []
+    monkeypatch.setattr(
+        periodic.fleet_autoscale, "apply_async", lambda args, countdown: later.append((args, countdown))
+    )
+    redis_lib.client().set(autoscale._lock_key(), "a beat pass", ex=30)
+
+    periodic.fleet_autoscale(5)
+    periodic.fleet_autoscale(5, 3)  # the last attempt gives up: the beat tick follows anyway
+
+    assert later == [([5, 1], 1)]
+
+
+def test_a_paused_local_node_that_died_is_failed_and_replaced_in_the_same_pass(served_model, redis_db) -> None:
+    _policy(served_model, min_replicas=0, max_replicas=2, spot_fallback=False)
+    node = _ready(served_model, launcher="local")
+    Node.objects.filter(pk=node.pk).update(launcher_state={"pid": 2**22 + 7})  # no such process
+    node = Node.objects.get(pk=node.pk)
+    node_transition(node=node, to=S.DRAINING)
+    node_transition(node=node, to=S.STOPPING)
+    node_transition(node=node, to=S.STOPPED, stopped_at=timezone.now())
+    ModelScale.objects.create(model=served_model, desired=0)
+    _report_held(served_model.pk, 1)
+
+    (decision,) = autoscale_run()
+
+    assert decision.restarted == [] and len(decision.launched) == 1
+    assert "warm restart failed: the paused local node process is gone" in decision.error
+    assert Node.objects.get(pk=node.pk).status == S.FAILED
