@@ -53,6 +53,17 @@ def _check_health(model) -> None:
     connection.close()  # the check ran asyncio in this thread; start the next query afresh
 
 
+def _checked_ready(model) -> list[Node]:
+    """Health-check the model's nodes (as beat would), then its ready nodes."""
+    _check_health(model)
+    return _ready_nodes(model)
+
+
+def _checked_running(node: Node) -> int:
+    _check_health(node.model)
+    return Node.objects.get(pk=node.pk).requests_running
+
+
 class Load:
     """``n`` long streaming requests straight to a node's simulator, each in its own thread."""
 
@@ -101,14 +112,14 @@ def test_scale_up_under_load_then_down_after_the_window_into_the_warm_pool_and_b
     model.scale_down_window_s, model.spot_fallback, model.warm_pool = 2, False, True
     model.save()
     (first,) = node_request_launch(model=model, placement=Placement(launcher="local", use_spot=False))
-    _wait("the first node to be ready", lambda: _ready_nodes(model), log=autoscale_worker)
+    _wait("the first node to be ready", lambda: _checked_ready(model), log=autoscale_worker)
     first.refresh_from_db()
 
     # 1. Six long streams on one node (target 2 per node): the autoscaler asks for 3 and launches 2.
     load = Load(first, 6)
     _wait(
         "vLLM to report the 6 running requests",
-        lambda: (_check_health(model), first.__class__.objects.get(pk=first.pk).requests_running)[1] >= 6,
+        lambda: _checked_running(first) >= 6,
         timeout_s=20,
     )
     _autoscale_until("desired 3", lambda: ModelScale.objects.filter(model=model, desired=3).exists(), autoscale_worker)
@@ -116,8 +127,7 @@ def test_scale_up_under_load_then_down_after_the_window_into_the_warm_pool_and_b
     assert "6 running" in scale.reason and "scale up" in scale.reason, scale.reason
 
     def three_ready() -> bool:
-        _check_health(model)
-        return len(_ready_nodes(model)) == 3
+        return len(_checked_ready(model)) == 3
 
     _wait("three ready nodes", three_ready, timeout_s=90, log=autoscale_worker)
     assert all(code == 200 for code in load.join())  # the streams were never cut
@@ -147,7 +157,7 @@ def test_scale_up_under_load_then_down_after_the_window_into_the_warm_pool_and_b
     load = Load(serving, 6)
     _wait(
         "vLLM to report the new load",
-        lambda: (_check_health(model), Node.objects.get(pk=serving.pk).requests_running)[1] >= 6,
+        lambda: _checked_running(serving) >= 6,
         timeout_s=20,
     )
     _autoscale_until(
@@ -175,7 +185,7 @@ def test_a_held_request_scales_from_zero_to_a_ready_node(autoscale_worker: Path)
     asyncio.run(hold())
     assert triggers.enqueue_autoscale(model_id=model.pk) is True
 
-    _wait("a node from zero", lambda: _check_health(model) or _ready_nodes(model), timeout_s=60, log=autoscale_worker)
+    _wait("a node from zero", lambda: _checked_ready(model), timeout_s=60, log=autoscale_worker)
     assert ModelScale.objects.get(model=model).reason.startswith("desired 1 (scale from zero")
 
 
@@ -187,7 +197,7 @@ def test_a_preempted_spot_node_is_replaced_on_demand_under_spot_fallback(autosca
     model.spot_fallback, model.spot_fallback_preemptions = True, 1
     model.save()
     (spot,) = node_request_launch(model=model, placement=Placement(launcher="local", use_spot=True))
-    _wait("the spot node to be ready", lambda: _check_health(model) or _ready_nodes(model), log=autoscale_worker)
+    _wait("the spot node to be ready", lambda: _checked_ready(model), log=autoscale_worker)
     spot.refresh_from_db()
 
     os.killpg(spot.launcher_state["pid"], signal.SIGKILL)  # the cloud took the machine back
@@ -205,4 +215,4 @@ def test_a_preempted_spot_node_is_replaced_on_demand_under_spot_fallback(autosca
         timeout_s=10,
         log=autoscale_worker,
     )
-    _wait("the on-demand node to be ready", lambda: _check_health(model) or _ready_nodes(model), log=autoscale_worker)
+    _wait("the on-demand node to be ready", lambda: _checked_ready(model), log=autoscale_worker)
