@@ -333,15 +333,23 @@ def _decide_model(model: ServedModel, nodes: list[Node], *, inflight: dict[int, 
     now = timezone.now()
     load = read_load(model, nodes, inflight=inflight, held=held, now=now)
     with transaction.atomic():
+        usable = sum(n.status in replicas.USABLE for n in nodes)
+        # The idle clock starts with the first decision, not at the epoch: a model seen for the
+        # first time is not "idle for ever".
         scale, _ = ModelScale.objects.get_or_create(
-            model=model, defaults={"desired": max(model.min_replicas, load.ready + load.starting)}
+            model=model, defaults={"desired": max(model.min_replicas, usable), "last_busy_at": now}
         )
         scale = ModelScale.objects.select_for_update().get(pk=scale.pk)
+        previous = scale.desired
+        if usable > scale.desired:
+            # Nodes someone launched by hand (the autoscaler's own scale-down leaves fewer usable
+            # nodes at once): adopted, then judged by the scale-down window like any other.
+            scale.desired = min(usable, max(model.max_replicas, model.min_replicas))
+            log.info("autoscale %s: adopted %d node(s) launched by hand", model.name, usable - previous)
         rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand)
         load = replace(load, trend_per_s=rate)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)
-        previous = scale.desired
         scale.desired, scale.reason = desired, reason
         scale.ready, scale.starting, scale.stopped = load.ready, load.starting, load.stopped
         scale.above_since, scale.below_since = memory.above_since, memory.below_since

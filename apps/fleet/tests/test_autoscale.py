@@ -404,3 +404,28 @@ def test_a_paused_local_node_that_died_is_failed_and_replaced_in_the_same_pass(s
     assert decision.restarted == [] and len(decision.launched) == 1
     assert "warm restart failed: the paused local node process is gone" in decision.error
     assert Node.objects.get(pk=node.pk).status == S.FAILED
+
+
+def test_a_node_launched_by_hand_is_adopted_not_drained_at_once(served_model, redis_db) -> None:
+    from apps.fleet.placement import Placement
+    from apps.fleet.services import node_request_launch
+
+    _policy(served_model, min_replicas=1, max_replicas=3, scale_down_window_s=300)
+    _ready(served_model)
+    assert autoscale_run()[0].desired == 1
+    (extra,) = node_request_launch(model=served_model, placement=Placement(launcher="local"), actor="ops")
+
+    (decision,) = autoscale_run()
+
+    assert decision.desired == 2 and decision.drained == [] and "down to 1 in 300 s" in decision.reason
+    assert Node.objects.get(pk=extra.pk).status == S.PENDING
+
+
+def test_a_model_seen_for_the_first_time_is_not_idle_for_ever(served_model, redis_db) -> None:
+    _policy(served_model, min_replicas=0, idle_to_zero_s=600)
+    node = _ready(served_model)  # launched by hand before the autoscaler ever looked
+
+    (decision,) = autoscale_run()
+
+    assert decision.desired == 1 and "until idle 600 s" in decision.reason
+    assert Node.objects.get(pk=node.pk).status == S.READY
