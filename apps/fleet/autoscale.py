@@ -203,19 +203,19 @@ def trend(samples: list[list[float]], *, now: float, demand: int) -> tuple[float
 # --- Reading the fleet ----------------------------------------------------------------------------
 
 
-def cold_start_p50(accelerator: str, *, default: float | None = None) -> float:
+def cold_start_p50(accelerator: str, *, model_id: int | None = None) -> float:
     """Median launch-to-ready time of the last launched nodes on this accelerator (warm restarts
-    excluded); FLEET_DEFAULT_COLD_START_S until one was measured."""
-    rows = (
-        Node.objects.filter(accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=True)
-        .exclude(launcher=Launcher.STATIC)
-        .order_by("-ready_at")
-        .values_list("requested_at", "ready_at")[:COLD_START_SAMPLE]
-    )
-    seconds = [(ready - requested).total_seconds() for requested, ready in rows if ready and ready >= requested]
-    if not seconds:
-        return default if default is not None else settings.FLEET_DEFAULT_COLD_START_S
-    return float(statistics.median(seconds))
+    excluded): the model's own on it when it has some (its weights' size matters), else any
+    model's; FLEET_DEFAULT_COLD_START_S until one was measured."""
+    launched = Node.objects.filter(
+        accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=True
+    ).exclude(launcher=Launcher.STATIC)
+    for rows in (launched.filter(model_id=model_id) if model_id is not None else launched.none(), launched):
+        pairs = rows.order_by("-ready_at").values_list("requested_at", "ready_at")[:COLD_START_SAMPLE]
+        seconds = [(ready - requested).total_seconds() for requested, ready in pairs if ready and ready >= requested]
+        if seconds:
+            return float(statistics.median(seconds))
+    return settings.FLEET_DEFAULT_COLD_START_S
 
 
 def _queue_wait(model_id: int, now: datetime) -> float | None:
@@ -237,7 +237,7 @@ def read_load(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int]
         kv_mean=sum(kv) / len(kv) if kv else None,
         inflight=sum(inflight.get(n.pk, 0) for n in nodes),
         held=held,
-        cold_start_s=cold_start_p50(model.accelerator),
+        cold_start_s=cold_start_p50(model.accelerator, model_id=model.pk),
         queue_wait_s=_queue_wait(model.pk, now) if model.target_queue_wait_s else None,
     )
 

@@ -429,3 +429,24 @@ def test_a_model_seen_for_the_first_time_is_not_idle_for_ever(served_model, redi
 
     assert decision.desired == 1 and "until idle 600 s" in decision.reason
     assert Node.objects.get(pk=node.pk).status == S.READY
+
+
+def test_the_cold_start_is_the_median_of_the_models_own_launches_on_the_accelerator(served_model, settings) -> None:
+    from apps.catalog.services import model_create
+    from apps.fleet.autoscale import cold_start_p50
+
+    settings.FLEET_DEFAULT_COLD_START_S = 60.0
+    assert cold_start_p50("L4:1", model_id=served_model.pk) == 60.0  # nothing measured yet
+    other = model_create(name="other-model")
+    now = timezone.now()
+    for model, seconds in [(other, 20), (served_model, 40), (served_model, 50), (served_model, 90)]:
+        node = node_create(model=model, launcher="local", accelerator="L4:1")
+        Node.objects.filter(pk=node.pk).update(requested_at=now - timedelta(seconds=seconds), ready_at=now)
+    warm = node_create(model=served_model, launcher="local", accelerator="L4:1")
+    Node.objects.filter(pk=warm.pk).update(
+        requested_at=now - timedelta(hours=2), ready_at=now, restart_requested_at=now
+    )
+
+    assert cold_start_p50("L4:1", model_id=served_model.pk) == pytest.approx(50, abs=0.5)  # warm restart left out
+    assert cold_start_p50("L4:1", model_id=other.pk) == pytest.approx(20, abs=0.5)
+    assert cold_start_p50("L4:1", model_id=12345) == pytest.approx(45, abs=0.5)  # any model's: 20 40 50 90
