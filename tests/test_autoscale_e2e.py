@@ -67,7 +67,7 @@ def _checked_running(node: Node) -> int:
 class Load:
     """``n`` long streaming requests straight to a node's simulator, each in its own thread."""
 
-    def __init__(self, node: Node, n: int, tokens: int = 400) -> None:
+    def __init__(self, node: Node, n: int, tokens: int = 1000) -> None:
         self.done: list[int] = []
         body = {
             "model": node.model.name,
@@ -129,7 +129,7 @@ def test_scale_up_under_load_then_down_after_the_window_into_the_warm_pool_and_b
     def three_ready() -> bool:
         return len(_checked_ready(model)) == 3
 
-    _wait("three ready nodes", three_ready, timeout_s=90, log=autoscale_worker)
+    _wait("three ready nodes", three_ready, timeout_s=120, log=autoscale_worker)
     assert all(code == 200 for code in load.join())  # the streams were never cut
     new = [n for n in _ready_nodes(model) if n.pk != first.pk]
     assert all(
@@ -144,7 +144,7 @@ def test_scale_up_under_load_then_down_after_the_window_into_the_warm_pool_and_b
         time.sleep(0.5)
         return Node.objects.filter(model=model, status=S.STOPPED).count() == 2
 
-    _wait("two nodes drained into the warm pool", two_stopped, timeout_s=60, log=autoscale_worker)
+    _wait("two nodes drained into the warm pool", two_stopped, timeout_s=90, log=autoscale_worker)
     assert ModelScale.objects.get(model=model).desired == 1
     stopped = list(Node.objects.filter(model=model, status=S.STOPPED))
     for node in stopped:
