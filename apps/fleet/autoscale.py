@@ -25,7 +25,6 @@ import math
 import statistics
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -295,14 +294,11 @@ def _run(model_id: int | None, client) -> list[Decision]:
     models = ServedModel.objects.filter(is_active=True)
     if model_id is not None:
         models = models.filter(pk=model_id)
-    by_model: defaultdict[int, list[Node]] = defaultdict(list)
-    for node in Node.objects.filter(status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"):
-        by_model[node.model_id].append(node)
-    _finish_drains([n for nodes in by_model.values() for n in nodes if n.status == S.DRAINING], inflight)
+    _finish_drains(list(Node.objects.filter(status=S.DRAINING)), inflight)
     decisions = []
     for model in models:
         try:
-            decisions.append(_decide_model(model, by_model[model.pk], inflight=inflight, held=held.get(model.pk, 0)))
+            decisions.append(_decide_model(model, inflight=inflight, held=held.get(model.pk, 0)))
         except Exception as exc:  # one model's problem must not stop the others
             log.exception("autoscale: %s failed", model)
             decisions.append(Decision(model.pk, model.name, 0, 0, 0, "", error=f"{type(exc).__name__}: {exc}"))
@@ -329,17 +325,21 @@ def _finish_drains(draining: list[Node], inflight: dict[int, int]) -> None:
         log.warning("autoscale: %s", error)
 
 
-def _decide_model(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int], held: int) -> Decision:
+def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) -> Decision:
     now = timezone.now()
-    load = read_load(model, nodes, inflight=inflight, held=held, now=now)
     with transaction.atomic():
-        usable = sum(n.status in replicas.USABLE for n in nodes)
         # The idle clock starts with the first decision, not at the epoch: a model seen for the
         # first time is not "idle for ever".
-        scale, _ = ModelScale.objects.get_or_create(
-            model=model, defaults={"desired": max(model.min_replicas, usable), "last_busy_at": now}
+        scale, created = ModelScale.objects.get_or_create(
+            model=model, defaults={"desired": model.min_replicas, "last_busy_at": now}
         )
         scale = ModelScale.objects.select_for_update().get(pk=scale.pk)
+        # Read under the row lock: a pass that waited for another one sees what that one did.
+        nodes = list(Node.objects.filter(model=model, status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"))
+        load = read_load(model, nodes, inflight=inflight, held=held, now=now)
+        usable = sum(n.status in replicas.USABLE for n in nodes)
+        if created:  # the first decision starts from what there is
+            scale.desired = max(model.min_replicas, min(usable, model.max_replicas))
         previous = scale.desired
         if usable > scale.desired:
             # Nodes someone launched by hand (the autoscaler's own scale-down leaves fewer usable
