@@ -10,7 +10,7 @@ from typing import Any
 
 import django_filters
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status, viewsets
@@ -93,6 +93,10 @@ class ModelSerializer(serializers.ModelSerializer):
     latest_upload = WeightUploadSerializer(
         read_only=True, allow_null=True, help_text="The latest upload attempt (history: GET …/uploads/)."
     )
+    autoscale = serializers.SerializerMethodField(
+        help_text="The autoscaler's last decision: desired and actual (ready, starting, stopped) nodes, why, when; "
+        "null before the first."
+    )
     latest_verification = WeightVerificationSerializer(
         read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/)."
     )
@@ -119,6 +123,17 @@ class ModelSerializer(serializers.ModelSerializer):
             "price_output_per_mtok",
             "min_replicas",
             "max_replicas",
+            "target_ongoing_requests",
+            "target_kv_cache_usage",
+            "target_queue_wait_s",
+            "scale_up_window_s",
+            "scale_down_window_s",
+            "idle_to_zero_s",
+            "spot_fallback",
+            "spot_fallback_preemptions",
+            "spot_fallback_window_s",
+            "warm_pool",
+            "autoscale",
             "total_bytes",
             "manifest",
             "upload_status",
@@ -129,6 +144,20 @@ class ModelSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["total_bytes", "manifest", "created_at", "updated_at"]
+
+    def get_autoscale(self, obj: ServedModel) -> dict[str, Any] | None:
+        try:
+            scale = obj.scale
+        except ObjectDoesNotExist:
+            return None
+        return {
+            "desired": scale.desired,
+            "ready": scale.ready,
+            "starting": scale.starting,
+            "stopped": scale.stopped,
+            "reason": scale.reason,
+            "decided_at": scale.decided_at,
+        }
 
     def get_upload_status(self, obj: ServedModel) -> str:
         return obj.latest_upload.status if obj.latest_upload else UploadStatus.NONE.value
@@ -141,6 +170,11 @@ class ModelSerializer(serializers.ModelSerializer):
         hi = attrs.get("max_replicas", getattr(self.instance, "max_replicas", 1))
         if hi < lo:
             raise serializers.ValidationError({"max_replicas": "Must be at least min_replicas."})
+        active = attrs.get("is_active", getattr(self.instance, "is_active", True))
+        if hi < 1 and active:
+            raise serializers.ValidationError(
+                {"max_replicas": "An active model needs at least 1 (set min_replicas 0 to scale to zero)."}
+            )
         return attrs
 
 
@@ -204,7 +238,7 @@ def _upload_error_to_api(exc: uploads.UploadError) -> APIException:
 
 
 class ModelViewSet(viewsets.ModelViewSet):
-    queryset = with_latest_jobs(ServedModel.objects.all())
+    queryset = with_latest_jobs(ServedModel.objects.select_related("scale"))
     serializer_class = ModelSerializer
     permission_classes = [IsStaff]
     filterset_class = ModelFilterSet

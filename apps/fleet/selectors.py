@@ -8,14 +8,15 @@ from statistics import median
 
 from django.db.models import Count, Sum
 
-from apps.fleet.models import Node, NodeStatus
+from apps.fleet.models import Node, NodeStatus, ScaleDecision
 
 
 def model_cold_start_medians(*, model_id: int) -> list[dict[str, object]]:
     """Median seconds from request to ready, per accelerator, over nodes that got there."""
-    rows = Node.objects.filter(model_id=model_id, ready_at__isnull=False).values_list(
-        "accelerator", "requested_at", "ready_at"
-    )
+    # A warm restart's ready_at measures the restart, not a cold start.
+    rows = Node.objects.filter(
+        model_id=model_id, ready_at__isnull=False, restart_requested_at__isnull=True
+    ).values_list("accelerator", "requested_at", "ready_at")
     by_accel: dict[str, list[float]] = defaultdict(list)
     for accel, requested, ready in rows:
         assert ready is not None  # filtered on ready_at__isnull=False above
@@ -40,3 +41,8 @@ def billable_cost_per_hour() -> Decimal:
     """US$ per hour of every node being paid for now (the sum of their hourly_cost)."""
     total = Node.objects.exclude(status__in=UNBILLED_STATUSES).aggregate(total=Sum("hourly_cost"))["total"]
     return total or Decimal(0)
+
+
+def model_scale_history(*, model_id: int, limit: int = 10) -> list[ScaleDecision]:
+    """The model's last changes of desired replicas, newest first."""
+    return list(ScaleDecision.objects.filter(model_id=model_id)[:limit])
