@@ -11,7 +11,7 @@ from datetime import UTC, datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
-from django.utils.safestring import SafeString
+from django.utils.safestring import SafeString, mark_safe
 
 from apps.catalog.display import human_bytes
 from apps.catalog.models import ServedModel
@@ -120,7 +120,7 @@ def model_economics_panel(model: ServedModel, *, now: datetime | None = None) ->
             node_rows,
         )
         if spans
-        else format_html("<p>No node was billed in these days.</p>")
+        else mark_safe("<p>No node was billed in these days.</p>")
     )
     return format_html(
         '<div id="model-economics">{}<table id="model-economics-days"><thead><tr>{}</tr></thead>'

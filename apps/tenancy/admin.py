@@ -18,6 +18,7 @@ from django.http import HttpRequest, HttpResponse
 from django.urls import path, reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
+from django.utils.safestring import mark_safe
 
 from apps.core.admin_confirm import confirmation_page, object_action_view, reason_form, with_actor
 from apps.core.paginator import EstimatedCountPaginator
@@ -233,7 +234,7 @@ class TenantAdmin(admin.ModelAdmin):
         if not alerts:
             return "none"
         return format_html_join(
-            format_html("<br>"),
+            mark_safe("<br>"),
             "{}: {} ({}; webhook {}, email {})",
             (
                 (
