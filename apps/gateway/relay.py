@@ -8,13 +8,13 @@ Per chunk the work is byte operations: events are split on the blank line, forwa
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import orjson
 from django.conf import settings
 
 from apps.gateway import upstream
@@ -218,7 +218,7 @@ async def relay_json(
         ex.prompt_tokens = ex.completion_tokens = 0
     elif resp.status == 200:
         try:
-            usage = json.loads(body).get("usage") or {}
+            usage = orjson.loads(body).get("usage") or {}
             ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
             ex.completion_tokens = int(usage.get("completion_tokens") or 0)
         except (ValueError, AttributeError, TypeError):
@@ -231,7 +231,7 @@ async def relay_json(
 
 def _read_usage(event: bytes, ex: Exchange) -> None:
     try:
-        usage = json.loads(event[5:])["usage"]
+        usage = orjson.loads(event[5:])["usage"]
         ex.prompt_tokens = int(usage.get("prompt_tokens") or 0)
         ex.completion_tokens = int(usage.get("completion_tokens") or 0)
     except (ValueError, KeyError, TypeError, AttributeError):
