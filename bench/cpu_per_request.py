@@ -21,6 +21,7 @@ Rounds alternate nothing by themselves: run the two commands one after the other
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
@@ -33,6 +34,8 @@ from urllib.parse import urlparse, urlunparse
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from bench._gateway_extra import private_redis  # noqa: E402
 
 MODEL = "bench-model"
 NODE_KEY = "bench-node-key"
@@ -64,6 +67,43 @@ def _round(url: str, key: str, *, stream: bool, max_tokens: int, concurrency: in
         [sys.executable, str(LOADGEN), json.dumps(spec)], cwd=ROOT, capture_output=True, text=True, check=True
     )
     return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+SERVERS = {
+    # The same application under other ASGI servers, for the comparison in docs/benchmarks.md.
+    "granian": "-m granian --interface asgi --http 1 --no-ws --workers 1 --loop uvloop --backlog 4096 "
+    "--log-level warning --host 127.0.0.1 --port {port} crosslogic.asgi:application",
+    "hypercorn": "-m hypercorn --worker-class uvloop --workers 1 --backlog 4096 --log-level warning "
+    "--bind 127.0.0.1:{port} crosslogic.asgi:application",
+}
+
+
+def _start_server(kind: str, env: dict, procs, tree: Path):
+    import httpx
+
+    port = _free_port()
+    cmd = [sys.executable, *SERVERS[kind].format(port=port).split()]
+    proc = subprocess.Popen(cmd, cwd=tree, env=env, start_new_session=True, stdin=subprocess.DEVNULL)
+    procs.items.append(proc)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            if httpx.get(url + "/health", timeout=1).status_code == 200:
+                return proc, url
+        except httpx.HTTPError:
+            pass
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise RuntimeError(f"{kind} did not start: {' '.join(cmd)}")
+        time.sleep(0.2)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _user_system(pid: int) -> tuple[float, float]:
@@ -155,6 +195,9 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=ROOT, help="checkout whose gateway runs (default: this one)")
     parser.add_argument("--database", default="crosslogic_perf", help="PostgreSQL database name (created)")
     parser.add_argument("--redis-db", type=int, default=10, help="Redis database (flushed)")
+    parser.add_argument(
+        "--private-redis", action="store_true", help="a throwaway redis-server of its own instead of REDIS_URL's"
+    )
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--seconds", type=float, default=5.0)
     parser.add_argument("--rounds", type=int, default=3)
@@ -162,25 +205,37 @@ def main() -> None:
     parser.add_argument("--json", action="store_true", help="one JSON line instead of text")
     parser.add_argument("--profile", action="store_true", help="cProfile the gateway (one process)")
     parser.add_argument(
+        "--server",
+        default="uvicorn",
+        choices=["uvicorn", *SERVERS],
+        help="the ASGI server (default: the tree's own start_gateway, uvicorn; others must be importable)",
+    )
+    parser.add_argument(
         "--callgrind",
         action="store_true",
         help="count instructions under valgrind's callgrind instead (slow, independent of the load)",
     )
     args = parser.parse_args()
 
+    with contextlib.ExitStack() as stack:
+        own = stack.enter_context(private_redis()) if args.private_redis else None
+        measure(args, own)
+
+
+def measure(args: argparse.Namespace, own_redis: str | None) -> None:
     tree = args.tree.resolve()
     procs_mod = _procs_module(tree)
     base = urlparse(os.environ.get("DATABASE_URL") or "postgres://postgres@127.0.0.1:5432/postgres")
     db_url = urlunparse(base._replace(path=f"/{args.database}"))
     redis_base = urlparse(os.environ.get("REDIS_URL") or "redis://127.0.0.1:6379")
-    redis_url = urlunparse(redis_base._replace(path=f"/{args.redis_db}"))
+    redis_url = own_redis or urlunparse(redis_base._replace(path=f"/{args.redis_db}"))
     env = {
         **os.environ,
         "DATABASE_URL": db_url,
         "REDIS_URL": redis_url,
         "LOG_LEVEL": "WARNING",
         "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
-        "PYTHONPATH": str(tree),
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(tree), os.environ.get("PYTHONPATH")])),
         "GATEWAY_TENANT_INFLIGHT_PER_NODE": "100000",
     }
     env.pop("VLLM_API_KEY", None)
@@ -199,6 +254,8 @@ def main() -> None:
         profile_to = ROOT / "var" / "bench" / f"cpu-{args.database}.prof" if args.profile else None
         if profile_to:
             gw, gw_url = _start_profiled(procs_mod, env, procs, profile_to)
+        elif args.server != "uvicorn":
+            gw, gw_url = _start_server(args.server, env, procs, tree)
         else:
             gw, gw_url = procs_mod.start_gateway(env, 1, procs)
         procs_mod.wait_routed(gw_url, key, MODEL)
@@ -240,7 +297,7 @@ def main() -> None:
     if args.json:
         print(json.dumps({"tree": str(tree), "median": summary, "rounds": results}))
     else:
-        print(f"{tree}: " + ", ".join(f"{k} {v}" for k, v in summary.items()))
+        print(f"{tree} ({args.server}): " + ", ".join(f"{k} {v}" for k, v in summary.items()))
         for k, v in results.items():
             print(f"  {k}: " + ", ".join(f"{x:.1f}" for x in v))
 
