@@ -464,6 +464,28 @@ GATEWAY_NODE_FAILURE_WINDOW_S: float = _env_or_fail("GATEWAY_NODE_FAILURE_WINDOW
 # Fairness: one tenant's requests in flight on one model, per ready node of it (0 = no cap), so
 # one tenant's flood leaves room for the others (vLLM batches 256 sequences per node by default).
 GATEWAY_TENANT_INFLIGHT_PER_NODE: int = _env_or_fail("GATEWAY_TENANT_INFLIGHT_PER_NODE", int, 128)
+# Prometheus (docs/monitoring.md): /metrics for a staff token. Each worker publishes its counters
+# to Redis this often; a tenant label on requests and tokens only if turned on (cardinality).
+METRICS_ENABLED: bool = _env_or_fail("METRICS_ENABLED", bool, True)
+METRICS_PUBLISH_INTERVAL_S: float = _env_or_fail("METRICS_PUBLISH_INTERVAL_S", float, 5.0)
+METRICS_TENANT_LABEL: bool = _env_or_fail("METRICS_TENANT_LABEL", bool, False)
+if METRICS_PUBLISH_INTERVAL_S <= 0:
+    raise ImproperlyConfigured("METRICS_PUBLISH_INTERVAL_S must be a positive number of seconds.")
+# Budgets in dollars (docs/metering.md): how often beat looks for crossed thresholds, and how long a
+# tenant's webhook may take. Alert emails go through Django's email settings below.
+BUDGET_ALERT_INTERVAL_S: int = _env_or_fail("BUDGET_ALERT_INTERVAL_S", int, 60)
+BUDGET_WEBHOOK_TIMEOUT_S: float = _env_or_fail("BUDGET_WEBHOOK_TIMEOUT_S", float, 5.0)
+if BUDGET_ALERT_INTERVAL_S < 1 or BUDGET_WEBHOOK_TIMEOUT_S <= 0:
+    raise ImproperlyConfigured("BUDGET_ALERT_INTERVAL_S must be >= 1 and BUDGET_WEBHOOK_TIMEOUT_S positive.")
+_MAIL = "django.core.mail.backends."
+EMAIL_BACKEND: str = env("EMAIL_BACKEND", default=_MAIL + ("console.EmailBackend" if DEBUG else "smtp.EmailBackend"))
+EMAIL_HOST: str = env("EMAIL_HOST", default="localhost")
+EMAIL_PORT: int = _env_or_fail("EMAIL_PORT", int, 25)
+EMAIL_HOST_USER: str = env("EMAIL_HOST_USER", default="")
+EMAIL_HOST_PASSWORD: str = env("EMAIL_HOST_PASSWORD", default="")
+EMAIL_USE_TLS: bool = _env_or_fail("EMAIL_USE_TLS", bool, False)
+EMAIL_TIMEOUT: int = _env_or_fail("EMAIL_TIMEOUT", int, 10)
+DEFAULT_FROM_EMAIL: str = env("DEFAULT_FROM_EMAIL", default="CrossLogic <noreply@localhost>")
 if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
     raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
 if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections import defaultdict
+from decimal import Decimal
 from statistics import median
 
-from django.db.models import Count
+from django.db.models import Count, Sum
 
 from apps.fleet.models import Node, NodeStatus
 
@@ -29,3 +30,13 @@ def fleet_summary() -> dict[str, int]:
     """Node count per status (every status present, zero included)."""
     counts = dict(Node.objects.values_list("status").annotate(n=Count("id")).values_list("status", "n"))
     return {status: counts.get(status, 0) for status in NodeStatus.values}
+
+
+# Nodes we pay for: a machine may exist from the request on, until it is terminated (or failed).
+UNBILLED_STATUSES = (NodeStatus.TERMINATED, NodeStatus.FAILED)
+
+
+def billable_cost_per_hour() -> Decimal:
+    """US$ per hour of every node being paid for now (the sum of their hourly_cost)."""
+    total = Node.objects.exclude(status__in=UNBILLED_STATUSES).aggregate(total=Sum("hourly_cost"))["total"]
+    return total or Decimal(0)

@@ -24,10 +24,11 @@ from django.db import InterfaceError, OperationalError
 
 from apps.core import invalidation
 from apps.core import redis as redis_lib
-from apps.gateway import payloads, relay, upstream
+from apps.gateway import metrics, payloads, relay, spend, upstream
 from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.errors import GatewayError, bad_request
 from apps.gateway.limits import Budget, Limit, RateLimiter
+from apps.gateway.metrics import METRICS
 from apps.gateway.routing import (
     LOADBOARD_PERIOD_S,
     LoadBoard,
@@ -38,7 +39,6 @@ from apps.gateway.routing import (
     anode_mark_unhealthy,
 )
 from apps.gateway.usage import UsageRecorder
-from apps.metering.services import cost_micros
 
 log = logging.getLogger(__name__)
 
@@ -94,6 +94,8 @@ class Gateway:
         self.redis: Any = None
         self.hot_redis: redis_lib.Multiplexed | None = None
         self.limiter = RateLimiter(None, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
+        self.metrics = METRICS
+        self.metrics.tenant_label = settings.METRICS_TENANT_LABEL
         self._tasks: list[asyncio.Task] = []
         self._started = False
         self._start_lock: asyncio.Lock | None = None
@@ -119,7 +121,9 @@ class Gateway:
             # Limits get their own shared, pipelined connection: two script calls per request, and
             # a pool checkout per call cost as much as the call itself (docs/gateway.md).
             self.hot_redis = redis_lib.multiplexed()
-            self.limiter = RateLimiter(self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
+            self.limiter = RateLimiter(
+                self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN, seeder=self._seed_budget
+            )
             self._routing_dirty = asyncio.Event()
             try:
                 self.table = await aload_table()
@@ -127,7 +131,13 @@ class Gateway:
                 log.exception("gateway: could not load the routing table at start")
             self._tasks = [
                 asyncio.ensure_future(c)
-                for c in (self._refresh_routing(), self.usage.run(), self._listen_invalidations(), self._sync_load())
+                for c in (
+                    self._refresh_routing(),
+                    self.usage.run(),
+                    self._listen_invalidations(),
+                    self._sync_load(),
+                    metrics.publish_forever(self.redis, self.metrics),
+                )
             ]
             self._started = True
 
@@ -143,6 +153,8 @@ class Gateway:
         if self.session is not None:
             await self.session.close()
         if self.redis is not None:
+            with contextlib.suppress(Exception):
+                await metrics.unpublish(self.redis, self.metrics)
             await self.redis.aclose()
         if self.hot_redis is not None:
             await self.hot_redis.aclose()
@@ -211,6 +223,12 @@ class Gateway:
                     log.warning("gateway: cannot share load through Redis (%s)", exc)
                 await asyncio.sleep(min(5.0, failures * 0.5))
 
+    async def _seed_budget(self, budget: Budget) -> int:
+        """A month's usage so far for a budget counter Redis lacks: the database, plus this
+        worker's usage records still waiting to be written."""
+        used = await sync_to_async(spend.month_usage, thread_sensitive=False)(budget.owner, budget.month, budget.unit)
+        return used + self.usage.pending(owner=budget.owner, month=budget.month, unit=budget.unit)
+
     # --- ASGI ------------------------------------------------------------------------------
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         kind = scope["type"]
@@ -218,7 +236,7 @@ class Gateway:
             await self._lifespan(receive, send)
             return
         path = scope.get("path", "")
-        if kind != "http" or not (path.startswith("/v1/") or path in ("/health", "/ready")):
+        if kind != "http" or not (path.startswith("/v1/") or path in ("/health", "/ready", "/metrics")):
             await self.django_app(scope, receive, send)
             return
         if not self._started:
@@ -230,6 +248,8 @@ class Gateway:
                 await _send_json(send, 200, b'{"status":"ok"}', base_headers)
             elif path == "/ready":
                 await self._ready(send, base_headers)
+            elif path == "/metrics":
+                await self._metrics(scope, send, base_headers)
             elif path == "/v1/models":
                 self._require_method(scope, "GET")
                 entry = await self.keys.authenticate(_header(scope, b"authorization"))
@@ -314,6 +334,16 @@ class Gateway:
         body = json.dumps({"status": "ready" if ok else "not ready", "checks": checks}).encode()
         await _send_json(send, 200 if ok else 503, body, headers)
 
+    async def _metrics(self, scope: dict, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
+        """Prometheus text format, for a staff token only (docs/monitoring.md)."""
+        self._require_method(scope, "GET")
+        body = await metrics.scrape(
+            authorization=_header(scope, b"authorization"), redis=self.redis, counters=self.metrics
+        )
+        start = {"type": "http.response.start", "status": 200, "headers": [metrics.CONTENT_TYPE, *headers]}
+        await send(start)
+        await send({"type": "http.response.body", "body": body})
+
     def _models_body(self, entry: KeyEntry) -> bytes:
         data = [_model_object(route) for name, route in sorted(self.table.models.items()) if entry.allows_model(name)]
         return json.dumps({"object": "list", "data": data}).encode()
@@ -381,10 +411,9 @@ class Gateway:
                 param="model",
                 code="model_not_allowed",
             )
-        budget = (
-            None
-            if entry.monthly_token_budget is None
-            else Budget.monthly(tenant_id=entry.tenant_id, limit=entry.monthly_token_budget)
+        reserve = payloads.reserve_tokens(payload, len(body))
+        budgets, reserve_micros = (
+            spend.request_budgets(entry, route, payload, reserve, len(body)) if entry.has_budgets else ((), 0)
         )
         limits = [entry.key_limit, entry.tenant_limit]
         per_node = settings.GATEWAY_TENANT_INFLIGHT_PER_NODE
@@ -400,20 +429,24 @@ class Gateway:
             )
         admission = await self.limiter.admit(
             limits=limits,
-            reserve_tokens=payloads.reserve_tokens(payload, len(body)),
+            reserve_tokens=reserve,
             request_id=request_id,
-            budget=budget,
+            budgets=budgets,
+            reserve_micros=reserve_micros,
         )
         limit_headers = [(k.encode(), v.encode()) for k, v in admission.headers.items()]
         if not admission.allowed:
             retry = str(max(1, int(-(-(admission.retry_after_s or 1) // 1))))
             if admission.reason == "budget":
-                raise GatewayError(
-                    429,
-                    "You exceeded your monthly token budget; contact us to raise it.",
-                    type="insufficient_quota",
-                    code="insufficient_quota",
-                )
+                kind, message = spend.refusal(admission.budget)
+                self.metrics.refused(model=name, status=429, tenant_id=entry.tenant_id, reason="budget", budget=kind)
+                raise GatewayError(429, message, type="insufficient_quota", code="insufficient_quota")
+            self.metrics.refused(
+                model=name,
+                status=503 if admission.reason == "unavailable" else 429,
+                tenant_id=entry.tenant_id,
+                reason=admission.reason or "unknown",
+            )
             if admission.reason == "unavailable":
                 raise GatewayError(
                     503,
@@ -469,12 +502,12 @@ class Gateway:
                 ex.status = 499  # client closed the request (nginx's convention)
         except GatewayError as err:
             ex.status = err.status
-            self._meter(ex, entry, route)
+            self._meter(ex, entry, route, spend.billed(ex, route))
             raise
         finally:
-            prompt, completion, _ = ex.tokens()
-            await self.limiter.settle(admission, used_tokens=prompt + completion)
-        self._meter(ex, entry, route)
+            billed = spend.billed(ex, route)
+            await self.limiter.settle(admission, used_tokens=billed[0] + billed[1], used_micros=billed[3])
+        self._meter(ex, entry, route, billed)
 
     async def _forward(
         self,
@@ -511,11 +544,18 @@ class Gateway:
                 resp.close()
             self.board.release(node.node_id)
 
-    def _meter(self, ex: relay.Exchange, entry: KeyEntry, route: Any) -> None:
-        prompt, completion, estimated = ex.tokens()
-        if ex.node_id is None:
-            prompt = completion = 0
-            estimated = False
+    def _meter(self, ex: relay.Exchange, entry: KeyEntry, route: Any, billed: tuple[int, int, bool, int]) -> None:
+        prompt, completion, estimated, cost = billed
+        latency_ms = (time.monotonic() - ex.started) * 1000
+        self.metrics.request_done(
+            model=route.name,
+            status=ex.status,
+            tenant_id=entry.tenant_id,
+            prompt_tokens=prompt,
+            completion_tokens=completion,
+            ttft_ms=ex.ttft_ms,
+            latency_ms=latency_ms,
+        )
         self.usage.record(
             {
                 "request_id": ex.request_id,
@@ -531,13 +571,8 @@ class Gateway:
                 "streamed": ex.stream,
                 "status_code": ex.status,
                 "ttft_ms": ex.ttft_ms,
-                "latency_ms": (time.monotonic() - ex.started) * 1000,
-                "cost_micros": cost_micros(
-                    prompt_tokens=prompt,
-                    completion_tokens=completion,
-                    price_in=route.price_in,
-                    price_out=route.price_out,
-                ),
+                "latency_ms": latency_ms,
+                "cost_micros": cost,
             }
         )
 

@@ -36,6 +36,16 @@ class KeyEntry:
     key_limit: Limit
     tenant_limit: Limit
     monthly_token_budget: int | None = None
+    tenant_spend_limit_micros: int | None = None
+    key_spend_limit_micros: int | None = None
+
+    @property
+    def has_budgets(self) -> bool:
+        return (
+            self.monthly_token_budget is not None
+            or self.tenant_spend_limit_micros is not None
+            or self.key_spend_limit_micros is not None
+        )
 
     def allows_model(self, name: str) -> bool:
         return not self.allowed_models or name in self.allowed_models
@@ -78,6 +88,8 @@ def _load(prefix: str) -> KeyEntry | None:
             max_concurrent=tenant.max_concurrent_requests,
         ),
         monthly_token_budget=tenant.monthly_token_budget,
+        tenant_spend_limit_micros=tenant.monthly_spend_limit_micros,
+        key_spend_limit_micros=key.monthly_spend_limit_micros,
     )
 
 

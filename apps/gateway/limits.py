@@ -20,10 +20,16 @@ Algorithm (why it is exact under concurrency):
   one sorted set of open requests (request_id → deadline), settle applies only if it removed the
   entry. So Redis holds one entry per request *in flight*, not a key per request for minutes
   after it (at 1k req/s a 15-minute marker per request was ~900k keys).
-- A monthly token budget (per tenant) rides in the same two calls: admit refuses once the
-  month's counter (used + reserved) has reached the budget and otherwise adds the reservation;
-  settle adds the difference to the real usage. Reserving makes it exact under concurrency too:
-  fifty simultaneous requests against a budget of ten reservations admit exactly ten.
+- Monthly budgets ride in the same two calls: a tenant's tokens, and a tenant's or a key's
+  micro-dollars (US$ 1e-6). Admit refuses once a month's counter (used + reserved) has reached
+  its limit and otherwise adds the request's reservation (tokens: ``reserve_tokens``; dollars:
+  ``reserve_micros``, the worst-case cost); settle adds the difference to the real usage.
+  Reserving makes it exact under concurrency: fifty simultaneous requests against a budget of
+  ten reservations admit exactly ten, and the overshoot is at most the reservations in flight.
+- A month's counter that Redis does not have (a new month, a flushed or restarted Redis) is
+  seeded before it is used: admit reports it missing, the limiter asks its ``seeder`` (the
+  gateway sums the month's usage records in PostgreSQL) and sets it with SET NX (so workers
+  racing to seed agree), then admits again. Without a seeder a missing counter starts at 0.
 - Redis down, slow (``timeout_s``) or absent: never an exception to the caller. ``fail_open``
   admits (warning logged at most every 30 s), otherwise refuses with reason "unavailable".
   After a failure Redis is not retried for ``backoff_s``, so an outage adds no latency per request.
@@ -36,6 +42,7 @@ import hashlib
 import logging
 import math
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
@@ -49,13 +56,16 @@ log = logging.getLogger(__name__)
 WINDOW_MS = 60_000
 _NO_LIMIT = -1
 _REASONS = {1: "requests", 2: "tokens", 3: "concurrency", 4: "budget"}
+_MISSING = 5  # admit's answer when a budget counter must be seeded first
 BUDGET_TTL_MS = 40 * 86_400_000  # a month's counter outlives its month, then goes
 
-# KEYS: the open-requests set, per subject [rpm, tpm, conc], then the budget counter if there is
-# a budget. ARGV: request_id, reserve, conc_ttl_ms, then per subject [rpm_limit, tpm_limit,
-# conc_limit] (-1 = unlimited), conc_retry_ms, budget_limit (-1 = none), budget_ttl_ms,
-# settle_window_ms. Returns {allowed, reason, retry_ms, per subject: rpm_remaining, rpm_reset_ms,
-# tpm_remaining, tpm_reset_ms}.
+# KEYS: the open-requests set, per subject [rpm, tpm, conc], then one counter per budget.
+# ARGV: request_id, reserve_tokens, conc_ttl_ms, n_subjects, conc_retry_ms, budget_ttl_ms,
+# settle_window_ms, then per subject [rpm_limit, tpm_limit, conc_limit] (-1 = unlimited), then per
+# budget [limit, reserve, seed] (seed 1: a missing counter is reported, not taken as 0).
+# Returns {allowed, reason, retry_ms, per subject: rpm_remaining, rpm_reset_ms, tpm_remaining,
+# tpm_reset_ms}; for reason 4 (budget) retry_ms is the refusing budget's index; for reason 5
+# (counters to seed) the indexes of the missing budgets follow the first three values.
 _ADMIT = """
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
@@ -63,7 +73,15 @@ local window = 60000
 local rid = ARGV[1]
 local reserve = tonumber(ARGV[2])
 local conc_ttl = tonumber(ARGV[3])
-local n = math.floor((#KEYS - 1) / 3)
+local n = tonumber(ARGV[4])
+local m = #KEYS - 1 - n * 3
+local missing = {0, 5, 0}
+for j = 0, m - 1 do
+  if ARGV[10 + n * 3 + j * 3] == '1' and redis.call('EXISTS', KEYS[2 + n * 3 + j]) == 0 then
+    table.insert(missing, j)
+  end
+end
+if #missing > 3 then return missing end
 local out = {1, 0, 0}
 local before = {0, 0, 0}  -- what the headers say if nothing is charged
 local writes = {}
@@ -73,7 +91,7 @@ local function report(pre_rem, pre_reset, post_rem, post_reset)
   table.insert(out, post_rem); table.insert(out, post_reset)
 end
 for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[4 + i * 3]), tonumber(ARGV[5 + i * 3]), tonumber(ARGV[6 + i * 3])
+  local rpm, tpm, conc = tonumber(ARGV[8 + i * 3]), tonumber(ARGV[9 + i * 3]), tonumber(ARGV[10 + i * 3])
   for d = 1, 2 do
     local limit = (d == 1) and rpm or tpm
     if limit < 0 then
@@ -106,19 +124,19 @@ for i = 0, n - 1 do
     local key = KEYS[2 + i * 3 + 2]
     redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
     if redis.call('ZSCORE', key, rid) == false and redis.call('ZCARD', key) >= conc then
-      if worst_reason == 0 then worst_reason = 3; worst_retry = tonumber(ARGV[4 + n * 3]) end
+      if worst_reason == 0 then worst_reason = 3; worst_retry = tonumber(ARGV[5]) end
     else
       table.insert(writes, {key, 'z'})
     end
   end
 end
-local budget = tonumber(ARGV[5 + n * 3])
-if budget >= 0 then
-  local bkey = KEYS[n * 3 + 2]
-  if tonumber(redis.call('GET', bkey) or '0') >= budget then
-    worst_reason = 4; worst_retry = 0
+for j = 0, m - 1 do
+  local bkey = KEYS[2 + n * 3 + j]
+  local limit = tonumber(ARGV[8 + n * 3 + j * 3])
+  if tonumber(redis.call('GET', bkey) or '0') >= limit then
+    if worst_reason ~= 4 then worst_reason = 4; worst_retry = j end
   else
-    table.insert(writes, {bkey, 'b'})
+    table.insert(writes, {bkey, 'b', tonumber(ARGV[9 + n * 3 + j * 3])})
   end
 end
 if worst_reason ~= 0 then
@@ -130,30 +148,30 @@ for _, w in ipairs(writes) do
     redis.call('ZADD', w[1], now + conc_ttl, rid)
     redis.call('PEXPIRE', w[1], math.ceil(conc_ttl) + 1000)
   elseif w[2] == 'b' then
-    redis.call('INCRBY', w[1], reserve)
-    redis.call('PEXPIRE', w[1], tonumber(ARGV[6 + n * 3]))
+    redis.call('INCRBY', w[1], w[3])
+    redis.call('PEXPIRE', w[1], tonumber(ARGV[6]))
   else
     redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', math.ceil(w[2] - now) + 1000)
   end
 end
-local settle_window = tonumber(ARGV[7 + n * 3])
+local settle_window = tonumber(ARGV[7])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 redis.call('ZADD', KEYS[1], now + settle_window, rid)
 redis.call('PEXPIRE', KEYS[1], math.ceil(settle_window) + 1000)
 return out
 """
 
-# KEYS: the open-requests set, then per subject [tpm, conc], then the budget counter if any.
-# ARGV: request_id, unused, then per subject [tpm_limit (-1 = none), token difference, has_conc
-# (0/1)], then budget difference and budget_ttl_ms. Returns 1, or 0 if already settled (or
-# admitted so long ago that the request's entry expired).
+# KEYS: the open-requests set, then per subject [tpm, conc], then one counter per budget.
+# ARGV: request_id, n_subjects, budget_ttl_ms, then per subject [tpm_limit (-1 = none), token
+# difference, has_conc (0/1)], then per budget its difference (used - reserved). Returns 1, or 0
+# if already settled (or admitted so long ago that the request's entry expired).
 _SETTLE = """
 if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local n = math.floor((#KEYS - 1) / 2)
+local n = tonumber(ARGV[2])
 for i = 0, n - 1 do
-  local limit, diff, has_conc = tonumber(ARGV[3 + i * 3]), tonumber(ARGV[4 + i * 3]), ARGV[5 + i * 3]
+  local limit, diff, has_conc = tonumber(ARGV[4 + i * 3]), tonumber(ARGV[5 + i * 3]), ARGV[6 + i * 3]
   local tkey, ckey = KEYS[2 + i * 2], KEYS[3 + i * 2]
   if limit > 0 and diff ~= 0 then
     local tat = tonumber(redis.call('GET', tkey) or now)
@@ -167,10 +185,10 @@ for i = 0, n - 1 do
   end
   if has_conc == '1' then redis.call('ZREM', ckey, ARGV[1]) end
 end
-if #KEYS > 1 + n * 2 then
-  local bkey, diff = KEYS[#KEYS], tonumber(ARGV[3 + n * 3])
+for j = 0, #KEYS - 2 - n * 2 do
+  local bkey, diff = KEYS[2 + n * 2 + j], tonumber(ARGV[4 + n * 3 + j])
   if diff ~= 0 then redis.call('INCRBY', bkey, diff) end
-  redis.call('PEXPIRE', bkey, tonumber(ARGV[4 + n * 3]))
+  redis.call('PEXPIRE', bkey, tonumber(ARGV[3]))
 end
 return 1
 """
@@ -215,19 +233,67 @@ class Limit:
         return self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent is None
 
 
-@dataclass(frozen=True)
+TOKENS, MICROS = "tokens", "micros"  # the units a budget counts
+
+
+def month_of(now: float | None = None) -> str:
+    """The calendar month (UTC) a counter belongs to: "2026-11"."""
+    return time.strftime("%Y-%m", time.gmtime(now))
+
+
+@dataclass(frozen=True, slots=True)
 class Budget:
-    """A tenant's token budget for the current calendar month (UTC)."""
+    """A monthly counter with a limit: a tenant's tokens, or a tenant's or a key's micro-dollars.
+
+    ``owner`` ("tenant:3", "key:12") and ``month`` say what the seeder must sum when Redis has
+    no counter; ``unit`` says which reservation and which usage the counter is charged with."""
 
     key: str
     limit: int
+    unit: str = TOKENS
+    owner: str = ""
+    month: str = ""
 
     @classmethod
     def monthly(
-        cls, *, tenant_id: int, limit: int, prefix: str = "crosslogic:budget:", now: float | None = None
+        cls,
+        *,
+        tenant_id: int,
+        limit: int,
+        prefix: str = "crosslogic:budget:",
+        now: float | None = None,
+        month: str | None = None,
     ) -> Budget:
-        month = time.strftime("%Y-%m", time.gmtime(now))
-        return cls(key=f"{prefix}{tenant_id}:{month}", limit=max(0, int(limit)))
+        """A tenant's token budget (the key format predates the dollar budgets and is kept)."""
+        month = month or month_of(now)
+        return cls(
+            key=f"{prefix}{tenant_id}:{month}",
+            limit=max(0, int(limit)),
+            unit=TOKENS,
+            owner=f"tenant:{tenant_id}",
+            month=month,
+        )
+
+    @classmethod
+    def dollars(
+        cls,
+        *,
+        owner: str,
+        limit_micros: int,
+        prefix: str = "crosslogic:budget:usd:",
+        now: float | None = None,
+        month: str | None = None,
+    ) -> Budget:
+        """A monthly spend limit in micro-dollars of ``owner`` ("tenant:<id>" or "key:<id>")."""
+        month = month or month_of(now)
+        return cls(
+            key=f"{prefix}{owner}:{month}", limit=max(0, int(limit_micros)), unit=MICROS, owner=owner, month=month
+        )
+
+
+# What the limiter calls for a counter Redis does not have: the month's usage so far, in the
+# budget's unit. May raise; the limiter then admits without that budget for this request.
+Seeder = Callable[[Budget], Awaitable[int]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,17 +303,19 @@ class Handle:
     request_id: str
     reserve: int
     limits: tuple[Limit, ...]
-    budget_key: str | None
+    budgets: tuple[Budget, ...] = ()
+    reserve_micros: int = 0
 
 
 @dataclass
 class Admission:
     allowed: bool
     retry_after_s: float | None  # when refused
-    reason: str | None  # "requests" | "tokens" | "concurrency" | "unavailable"
+    reason: str | None  # "requests" | "tokens" | "concurrency" | "budget" | "unavailable"
     headers: dict[str, str]  # OpenAI's x-ratelimit-*, for the most constraining subject
     token: Handle | None  # for settle(); None when there is nothing to settle
     settled: bool = field(default=False, compare=False)
+    budget: Budget | None = None  # the budget that refused, for reason "budget"
 
 
 def format_duration(ms: float) -> str:
@@ -302,8 +370,10 @@ class RateLimiter:
         backoff_s: float = 1.0,
         unavailable_retry_s: float = 1.0,
         settle_window_s: float = 6 * 3600.0,
+        seeder: Seeder | None = None,
     ) -> None:
         self.redis = redis
+        self.seeder = seeder
         self.fail_open = fail_open
         self.prefix = key_prefix
         self.concurrency_ttl_ms = int(concurrency_ttl_s * 1000)
@@ -317,6 +387,7 @@ class RateLimiter:
         self._key_cache: dict[str, list[str]] = {}
         self._down_until = 0.0
         self._last_warning = 0.0
+        self._last_seed_warning = -1e9
         self._suppressed = 0
 
     def _keys(self, subject: str) -> list[str]:
@@ -365,55 +436,116 @@ class RateLimiter:
 
     # --- the interface -------------------------------------------------------------------
     async def admit(
-        self, *, limits: list[Limit], reserve_tokens: int, request_id: str, budget: Budget | None = None
+        self,
+        *,
+        limits: list[Limit],
+        reserve_tokens: int,
+        request_id: str,
+        budgets: Sequence[Budget] = (),
+        reserve_micros: int = 0,
     ) -> Admission:
+        """Check and charge every limit and budget at once. ``reserve_tokens`` is charged to the
+        tokens/min buckets and token budgets, ``reserve_micros`` (the worst-case cost) to the
+        dollar budgets."""
         limits = [lim for lim in limits if not lim.unlimited]
-        if not limits and budget is None:
+        if not limits and not budgets:
             return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
         if not self._redis_usable():
             if self.redis is None:
                 self._failed(None)
             return self._unavailable()
         reserve = max(0, int(reserve_tokens))
-        keys: list[str] = [self.open_key]
-        args: list[object] = [request_id, reserve, self.concurrency_ttl_ms]
-        for lim in limits:
-            keys += self._keys(lim.subject)
-            args += [_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent)]
-        args.append(self.concurrency_retry_ms)
-        if budget is not None:
-            keys.append(budget.key)
-            args += [budget.limit, BUDGET_TTL_MS]
-        else:
-            args += [_NO_LIMIT, 0]
-        args.append(self.settle_window_ms)
+        micros = max(0, int(reserve_micros))
+        budgets = tuple(budgets)
         try:
-            result = await self._call(_ADMIT_SCRIPT, keys, args)
+            result = await self._admit(limits, budgets, reserve, micros, request_id, seeded=())
+            if result[1] == _MISSING:
+                missing = [budgets[i] for i in result[3:]]
+                usable = await self._seed(missing)
+                # A counter that could not be seeded (database away) is left out of this request.
+                budgets = tuple(b for b in budgets if b not in missing or b in usable)
+                result = await self._admit(limits, budgets, reserve, micros, request_id, seeded=budgets)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)
             return self._unavailable()
-        allowed, reason, retry_ms, *values = (int(v) for v in cast("list[int]", result))  # the script returns integers
+        allowed, reason, retry_ms, *values = result
         headers = _headers(limits, values)
         if not allowed:
+            if reason == 4:
+                return Admission(
+                    allowed=False,
+                    retry_after_s=None,
+                    reason="budget",
+                    headers=headers,
+                    token=None,
+                    budget=budgets[retry_ms],
+                )
             return Admission(
                 allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers, token=None
             )
         handle = Handle(
-            request_id=request_id,
-            reserve=reserve,
-            limits=tuple(limits),
-            budget_key=None if budget is None else budget.key,
+            request_id=request_id, reserve=reserve, limits=tuple(limits), budgets=budgets, reserve_micros=micros
         )
         return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
 
-    async def settle(self, admission: Admission, *, used_tokens: int) -> None:
-        """Charge the real usage instead of the reservation and free the concurrency slot. Idempotent."""
+    async def _admit(
+        self,
+        limits: list[Limit],
+        budgets: tuple[Budget, ...],
+        reserve: int,
+        micros: int,
+        request_id: str,
+        *,
+        seeded: tuple[Budget, ...],
+    ) -> list[int]:
+        keys: list[str] = [self.open_key]
+        args: list[object] = [
+            request_id,
+            reserve,
+            self.concurrency_ttl_ms,
+            len(limits),
+            self.concurrency_retry_ms,
+            BUDGET_TTL_MS,
+            self.settle_window_ms,
+        ]
+        for lim in limits:
+            keys += self._keys(lim.subject)
+            args += [_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent)]
+        # Seeding is asked for once: a counter gone again by the second call counts from 0.
+        seed = 0 if self.seeder is None or seeded else 1
+        for budget in budgets:
+            keys.append(budget.key)
+            args += [budget.limit, micros if budget.unit == MICROS else reserve, seed]
+        result = await self._call(_ADMIT_SCRIPT, keys, args)
+        return [int(v) for v in cast("list[int]", result)]  # the script returns integers
+
+    async def _seed(self, budgets: list[Budget]) -> list[Budget]:
+        """Set each missing counter to the month's usage so far (SET NX: the first seeder wins)."""
+        assert self.seeder is not None and self.redis is not None  # admit asks only then
+        done = []
+        for budget in budgets:
+            try:
+                used = max(0, int(await self.seeder(budget)))
+            except Exception as exc:
+                # Every request retries while the database is away: warn at most every 30 s.
+                now = time.monotonic()
+                if now - self._last_seed_warning >= 30.0:
+                    log.warning("rate limiter: could not seed budget %s (%s); not enforced for now", budget.key, exc)
+                    self._last_seed_warning = now
+                continue
+            await self.redis.execute("SET", budget.key, used, "NX", "PX", BUDGET_TTL_MS, timeout_s=self.timeout_s)
+            done.append(budget)
+        return done
+
+    async def settle(self, admission: Admission, *, used_tokens: int, used_micros: int = 0) -> None:
+        """Charge the real usage (tokens, and cost in micro-dollars) instead of the reservation,
+        and free the concurrency slot. Idempotent."""
         if admission.settled or not admission.allowed or not admission.token:
             return
         admission.settled = True
         handle = admission.token
         keys = [self.open_key]
-        args: list[object] = [handle.request_id, 0]
+        args: list[object] = [handle.request_id, len(handle.limits), BUDGET_TTL_MS]
         used = max(0, int(used_tokens))
         for lim in handle.limits:
             _rpm_key, tpm_key, conc_key = self._keys(lim.subject)
@@ -421,9 +553,10 @@ class RateLimiter:
             tpm = lim.tokens_per_minute
             charged = min(handle.reserve, tpm) if tpm else 0
             args += [_arg(tpm), used - charged if tpm else 0, 0 if lim.max_concurrent is None else 1]
-        if handle.budget_key is not None:
-            keys.append(handle.budget_key)
-            args += [used - handle.reserve, BUDGET_TTL_MS]
+        cost = max(0, int(used_micros))
+        for budget in handle.budgets:
+            keys.append(budget.key)
+            args.append(cost - handle.reserve_micros if budget.unit == MICROS else used - handle.reserve)
         if self.redis is None:
             return
         try:

@@ -19,6 +19,7 @@ from django.conf import settings
 
 from apps.gateway import upstream
 from apps.gateway.errors import GatewayError, error_body
+from apps.gateway.metrics import METRICS
 from apps.gateway.payloads import CHAT
 from apps.gateway.routing import LoadBoard, ModelRoute, NodeRoute
 
@@ -117,6 +118,7 @@ async def open_upstream(
             )
         except (upstream.ClientError, TimeoutError) as exc:
             board.release(node.node_id)
+            METRICS.upstream_error(node_id=node.node_id, kind="unreachable")
             last = f"node {node.node_id} unreachable: {type(exc).__name__}: {exc}"
             if first_try and upstream.is_broken_connection(exc):
                 second_chances.append(node)
@@ -131,6 +133,7 @@ async def open_upstream(
             resp.close()
             board.release(node.node_id)
             board.cool_down(node.node_id, settings.GATEWAY_NODE_COOLDOWN_S)
+            METRICS.upstream_error(node_id=node.node_id, kind="auth")
             last = f"node {node.node_id} refused the gateway's node key (HTTP {status})"
             log.error("request %s: %s; failing over", ex.request_id, last)
             if on_node_fault is not None:
@@ -140,6 +143,7 @@ async def open_upstream(
         if status >= 500:
             resp.close()
             board.release(node.node_id)
+            METRICS.upstream_error(node_id=node.node_id, kind="5xx")
             if failed_answer is not None:
                 log.warning(
                     "request %s: node %s answered %s as node %s did: the request fails, no node is cooled down",

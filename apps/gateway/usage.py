@@ -62,6 +62,19 @@ class UsageRecorder:
         if len(self.buffer) >= settings.GATEWAY_USAGE_BATCH_SIZE:
             self._wake.set()
 
+    def pending(self, *, owner: str, month: str, unit: str) -> int:
+        """What buffered records (not yet written) of ``owner`` ("tenant:<id>" / "key:<id>") used in
+        ``month`` ("YYYY-MM"): cost in micro-dollars for unit "micros", else tokens. Read only when a
+        budget counter is seeded, so a scan of the buffer is fine."""
+        kind, _, ident = owner.partition(":")
+        field = "tenant_id" if kind == "tenant" else "api_key_id"
+        wanted = int(ident)
+        total = 0
+        for row in self.buffer:
+            if row.get(field) == wanted and row["created_at"].strftime("%Y-%m") == month:
+                total += row["cost_micros"] if unit == "micros" else row["prompt_tokens"] + row["completion_tokens"]
+        return total
+
     async def flush(self) -> int:
         """Write everything buffered now; returns how many records were written."""
         written = 0

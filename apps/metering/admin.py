@@ -9,7 +9,8 @@ from django.db.models import QuerySet
 from django.http import HttpRequest
 
 from apps.core.paginator import EstimatedCountPaginator
-from apps.metering.models import UsageRecord
+from apps.metering.display import dollars
+from apps.metering.models import BudgetAlert, UsageRecord
 
 
 class StatusClassFilter(admin.SimpleListFilter):
@@ -68,4 +69,30 @@ class UsageRecordAdmin(admin.ModelAdmin):
         return False
 
     def has_delete_permission(self, request: HttpRequest, obj: UsageRecord | None = None) -> bool:
+        return False
+
+
+@admin.register(BudgetAlert)
+class BudgetAlertAdmin(admin.ModelAdmin):
+    """Budget alerts as raised by beat (apps.metering.services.budget_alerts_raise): read-only."""
+
+    list_display = ("created_at", "owner", "tenant", "api_key", "month", "level", "spend", "limit", "notified_at")
+    list_select_related = ("tenant", "api_key")
+    list_filter = ("level", "month")
+    search_fields = ("=tenant__slug", "=api_key__prefix", "=owner")
+    ordering = ("-created_at",)
+    raw_id_fields = ("tenant", "api_key")
+
+    @admin.display(description="spend", ordering="spend_micros")
+    def spend(self, alert: BudgetAlert) -> str:
+        return dollars(alert.spend_micros)
+
+    @admin.display(description="limit", ordering="limit_micros")
+    def limit(self, alert: BudgetAlert) -> str:
+        return dollars(alert.limit_micros)
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: BudgetAlert | None = None) -> bool:
         return False

@@ -17,14 +17,38 @@ from django.db.models.functions import Coalesce
 from django.http import HttpRequest
 from django.urls import reverse
 from django.utils import timezone
-from django.utils.html import format_html
+from django.utils.html import format_html, format_html_join
 
 from apps.core.paginator import EstimatedCountPaginator
+from apps.metering.display import budget_bar, dollars_to_micros, micros_to_dollars
+from apps.metering.selectors import month_key, month_spend_subquery
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, SecretStatus, StaffToken, Tenant, TenantStatus
 from apps.tenancy.selectors import with_scope
 
 _LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
+_SPEND = "monthly_spend_limit_micros"
+
+
+class SpendLimitInDollars(forms.ModelForm):
+    """Staff type the monthly spend limit in US$; it is stored in micro-dollars."""
+
+    monthly_spend_limit_micros = forms.DecimalField(
+        label="Monthly spend limit (US$)",
+        required=False,
+        min_value=0,
+        max_digits=16,
+        decimal_places=6,
+        help_text="Per calendar month (UTC); requests get 429 insufficient_quota once it is spent. Empty: no limit.",
+    )
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        if self.instance.pk is not None:
+            self.initial[_SPEND] = micros_to_dollars(getattr(self.instance, _SPEND))
+
+    def clean_monthly_spend_limit_micros(self) -> int | None:
+        return dollars_to_micros(self.cleaned_data.get(_SPEND))
 
 
 def _copy_saved(target: Any, saved: Any) -> None:
@@ -96,8 +120,34 @@ class ApiKeyInline(admin.TabularInline):
         return key.status
 
 
+class TenantForm(SpendLimitInDollars):
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        # Left empty: the model's default threshold (a tenant form from before budgets still saves).
+        if "budget_alert_percent" in self.fields:
+            self.fields["budget_alert_percent"].required = False
+
+    def clean_budget_alert_percent(self) -> int:
+        value = self.cleaned_data.get("budget_alert_percent")
+        return Tenant._meta.get_field("budget_alert_percent").get_default() if value is None else value
+
+    class Meta:
+        model = Tenant
+        fields = (
+            "slug",
+            "name",
+            "contact_email",
+            *_LIMITS,
+            "monthly_token_budget",
+            _SPEND,
+            "budget_alert_percent",
+            "budget_webhook_url",
+        )
+
+
 @admin.register(Tenant)
 class TenantAdmin(admin.ModelAdmin):
+    form = TenantForm
     list_display = (
         "slug",
         "name",
@@ -107,16 +157,29 @@ class TenantAdmin(admin.ModelAdmin):
         "tokens_per_minute",
         "max_concurrent_requests",
         "monthly_token_budget",
+        "budget_used",
         "key_count",
         "created_at",
     )
     list_filter = ("status", "created_at")
     search_fields = ("slug", "name", "contact_email")
     ordering = ("slug",)
-    readonly_fields = ("status", "status_reason", "issue_key", "created_at", "updated_at")
+    readonly_fields = (
+        "status",
+        "status_reason",
+        "issue_key",
+        "budget_used",
+        "budget_alerts",
+        "created_at",
+        "updated_at",
+    )
     fieldsets = (
         (None, {"fields": ("slug", "name", "contact_email", "status", "status_reason", "issue_key")}),
         ("Limits", {"fields": (*_LIMITS, "monthly_token_budget")}),
+        (
+            "Spend (US$ per calendar month)",
+            {"fields": (_SPEND, "budget_alert_percent", "budget_webhook_url", "budget_used", "budget_alerts")},
+        ),
         ("Dates", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
     inlines = (ApiKeyInline,)
@@ -128,7 +191,51 @@ class TenantAdmin(admin.ModelAdmin):
         # A correlated subquery runs only for the rows on the page, where a JOIN + GROUP BY would
         # aggregate every key of every tenant before paginating.
         keys = ApiKey.objects.filter(tenant=OuterRef("pk")).order_by().values("tenant").annotate(n=Count("id"))
-        return super().get_queryset(request).annotate(_key_count=Coalesce(Subquery(keys.values("n")), 0))
+        return (
+            super()
+            .get_queryset(request)
+            .annotate(
+                _key_count=Coalesce(Subquery(keys.values("n")), 0),
+                _spend_month=Coalesce(month_spend_subquery(owner_field="tenant"), 0),
+            )
+        )
+
+    @admin.display(description="spend this month")
+    def budget_used(self, tenant: Tenant) -> str:
+        if tenant.pk is None:
+            return "-"
+        spent = getattr(tenant, "_spend_month", 0)  # annotated by get_queryset
+        return budget_bar(
+            spent_micros=spent,
+            limit_micros=tenant.monthly_spend_limit_micros,
+            alert_percent=tenant.budget_alert_percent,
+        )
+
+    @admin.display(description="alerts this month")
+    def budget_alerts(self, tenant: Tenant) -> str:
+        from apps.metering.models import BudgetAlert
+        from apps.metering.selectors import month_bounds
+
+        if tenant.pk is None:
+            return "-"
+        first_day = month_bounds(month_key())[0].date()
+        alerts = list(BudgetAlert.objects.filter(tenant=tenant, month=first_day).select_related("api_key")[:20])
+        if not alerts:
+            return "none"
+        return format_html_join(
+            format_html("<br>"),
+            "{}: {} ({}; webhook {}, email {})",
+            (
+                (
+                    f"key {a.api_key.prefix}…" if a.api_key else "tenant",
+                    a.get_level_display(),
+                    a.created_at.strftime("%Y-%m-%d %H:%M UTC"),
+                    a.webhook_result or "-",
+                    a.email_result or "-",
+                )
+                for a in alerts
+            ),
+        )
 
     @admin.display(description="API keys")
     def issue_key(self, tenant: Tenant) -> str:
@@ -180,7 +287,7 @@ def _model_choices() -> list[tuple[str, str]]:
     return [(name, name) for name in ServedModel.objects.order_by("name").values_list("name", flat=True)]
 
 
-class ApiKeyForm(forms.ModelForm):
+class ApiKeyForm(SpendLimitInDollars):
     scopes = forms.MultipleChoiceField(
         choices=Scope.choices, widget=forms.CheckboxSelectMultiple, initial=[Scope.INFERENCE]
     )
@@ -193,7 +300,7 @@ class ApiKeyForm(forms.ModelForm):
 
     class Meta:
         model = ApiKey
-        fields = ("tenant", "name", "scopes", "allowed_models", *_LIMITS, "expires_at")
+        fields = ("tenant", "name", "scopes", "allowed_models", *_LIMITS, _SPEND, "expires_at")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -242,11 +349,14 @@ class ApiKeyAdmin(admin.ModelAdmin):
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
         limits = ("Limit overrides (empty = the tenant's)", {"fields": _LIMITS})
+        spend_fields: tuple[str, ...] = (_SPEND,) if obj is None else (_SPEND, "budget_used")
+        spend = ("Spend (US$ per calendar month, besides the tenant's)", {"fields": spend_fields})
         if obj is None:
-            return ((None, {"fields": ("tenant", "name", "scopes", "allowed_models", "expires_at")}), limits)
+            return ((None, {"fields": ("tenant", "name", "scopes", "allowed_models", "expires_at")}), limits, spend)
         return (
             (None, {"fields": ("tenant", "prefix", "name", "status", "scopes", "allowed_models", "expires_at")}),
             limits,
+            spend,
             ("Use", {"fields": ("revoked_at", "last_used_at", "created_at")}),
         )
 
@@ -254,7 +364,18 @@ class ApiKeyAdmin(admin.ModelAdmin):
         if obj is None:
             return ()
         # A key never moves between tenants; its prefix and digest are fixed for its life.
-        return ("tenant", "prefix", "status", "revoked_at", "last_used_at", "created_at")
+        return ("tenant", "prefix", "status", "budget_used", "revoked_at", "last_used_at", "created_at")
+
+    @admin.display(description="spend this month")
+    def budget_used(self, key: ApiKey) -> str:
+        from apps.metering.selectors import month_spend
+
+        spent = month_spend(key_ids=[key.pk], month=month_key()).get(f"key:{key.pk}", 0)
+        return budget_bar(
+            spent_micros=spent,
+            limit_micros=key.monthly_spend_limit_micros,
+            alert_percent=key.tenant.budget_alert_percent,
+        )
 
     def has_delete_permission(self, request: HttpRequest, obj: ApiKey | None = None) -> bool:
         return False  # revoke instead: usage records keep pointing at the key
@@ -279,6 +400,7 @@ class ApiKeyAdmin(admin.ModelAdmin):
             allowed_models=data["allowed_models"],
             expires_at=data["expires_at"],
             **{name: data[name] for name in _LIMITS},
+            monthly_spend_limit_micros=data.get(_SPEND),
         )
         _copy_saved(obj, key)
         _show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)

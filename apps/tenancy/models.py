@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.core.validators import MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -24,6 +24,23 @@ class Tenant(models.Model):
     max_concurrent_requests = models.PositiveIntegerField(default=32, validators=[MinValueValidator(1)])
     monthly_token_budget = models.PositiveBigIntegerField(
         null=True, blank=True, help_text="Tokens per calendar month; empty means unlimited."
+    )
+    monthly_spend_limit_micros = models.PositiveBigIntegerField(
+        "monthly spend limit (micro-US$)",
+        null=True,
+        blank=True,
+        help_text="US$ per calendar month (UTC), in millionths: 25000000 = $25. Empty means no limit.",
+    )
+    budget_alert_percent = models.PositiveSmallIntegerField(
+        default=80,
+        validators=[MinValueValidator(1), MaxValueValidator(100)],
+        help_text="Soft threshold: at this percent of a spend limit (the tenant's or a key's) staff see a "
+        "flag and the tenant is told, once a month.",
+    )
+    budget_webhook_url = models.URLField(
+        max_length=500,
+        blank=True,
+        help_text="Optional: budget alerts are POSTed here as JSON (besides an email to the contact address).",
     )
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
@@ -116,6 +133,12 @@ class ApiKey(Secret):
     requests_per_minute = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     tokens_per_minute = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
     max_concurrent_requests = models.PositiveIntegerField(null=True, blank=True, validators=[MinValueValidator(1)])
+    monthly_spend_limit_micros = models.PositiveBigIntegerField(
+        "monthly spend limit (micro-US$)",
+        null=True,
+        blank=True,
+        help_text="This key's own US$ per calendar month, in millionths (besides the tenant's). Empty: none.",
+    )
 
     class Meta(Secret.Meta):
         verbose_name = "API key"

@@ -29,6 +29,9 @@ class TenantSerializer(serializers.ModelSerializer):
             "tokens_per_minute",
             "max_concurrent_requests",
             "monthly_token_budget",
+            "monthly_spend_limit_micros",
+            "budget_alert_percent",
+            "budget_webhook_url",
             "created_at",
             "updated_at",
         ]
@@ -61,6 +64,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
             "requests_per_minute",
             "tokens_per_minute",
             "max_concurrent_requests",
+            "monthly_spend_limit_micros",
             "expires_at",
             "revoked_at",
             "last_used_at",
@@ -105,8 +109,18 @@ class _KeyFieldsMixin(serializers.Serializer):
         return value
 
 
+_SPEND_LIMIT_KWARGS: dict[str, Any] = {
+    "required": False,
+    "allow_null": True,
+    "min_value": 0,
+    "help_text": "This key's own US$ per calendar month, in millionths (25000000 = $25); null: none.",
+}
+
+
 class ApiKeyCreateSerializer(_KeyFieldsMixin):
     """Staff: any tenant."""
+
+    monthly_spend_limit_micros = serializers.IntegerField(**_SPEND_LIMIT_KWARGS)
 
     tenant = serializers.SlugRelatedField(slug_field="slug", queryset=Tenant.objects.all())
 
@@ -127,6 +141,8 @@ class CustomerApiKeyCreateSerializer(_KeyFieldsMixin):
 
 class ApiKeyUpdateSerializer(_KeyFieldsMixin):
     """Staff: change what a key may do. Tenant, prefix and secret never change."""
+
+    monthly_spend_limit_micros = serializers.IntegerField(**_SPEND_LIMIT_KWARGS)
 
 
 class StaffTokenSerializer(serializers.ModelSerializer):

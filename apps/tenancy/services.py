@@ -20,16 +20,17 @@ from apps.tenancy.models import ApiKey, Scope, Secret, StaffToken, Tenant, Tenan
 STAFF_TOKEN_PREFIX = "cls_"  # noqa: S105 - a public prefix, not a secret
 _LIMIT_FIELDS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
 # What tenant_update may change; status goes through suspend/reactivate so it is always logged.
-_TENANT_EDITABLE = ("slug", "name", "contact_email", *_LIMIT_FIELDS, "monthly_token_budget")
+_BUDGET_FIELDS = ("monthly_token_budget", "monthly_spend_limit_micros", "budget_alert_percent", "budget_webhook_url")
+_TENANT_EDITABLE = ("slug", "name", "contact_email", *_LIMIT_FIELDS, *_BUDGET_FIELDS)
 # What api_key_update may change; prefix, digest and tenant are fixed for a key's life.
-_KEY_EDITABLE = ("name", "scopes", "allowed_models", *_LIMIT_FIELDS, "expires_at")
+_KEY_EDITABLE = ("name", "scopes", "allowed_models", *_LIMIT_FIELDS, "monthly_spend_limit_micros", "expires_at")
 _S = TypeVar("_S", bound=Secret)
 
 
-def tenant_create(*, slug: str, name: str = "", contact_email: str = "", **limits: int | None) -> Tenant:
+def tenant_create(*, slug: str, name: str = "", contact_email: str = "", **limits: int | str | None) -> Tenant:
     tenant = Tenant(slug=slug, name=name or slug, contact_email=contact_email)
     for field, value in limits.items():
-        if field not in (*_LIMIT_FIELDS, "monthly_token_budget"):
+        if field not in (*_LIMIT_FIELDS, *_BUDGET_FIELDS):
             raise ValidationError({field: "Unknown tenant limit."})
         if value is not None:
             setattr(tenant, field, value)
@@ -116,6 +117,7 @@ def api_key_issue(
     requests_per_minute: int | None = None,
     tokens_per_minute: int | None = None,
     max_concurrent_requests: int | None = None,
+    monthly_spend_limit_micros: int | None = None,
 ) -> tuple[ApiKey, str]:
     """Create a key; return it with the raw secret, which is never stored or shown again."""
     if expires_at is not None and expires_at <= timezone.now():
@@ -132,6 +134,7 @@ def api_key_issue(
         requests_per_minute=requests_per_minute,
         tokens_per_minute=tokens_per_minute,
         max_concurrent_requests=max_concurrent_requests,
+        monthly_spend_limit_micros=monthly_spend_limit_micros,
     )
     key.full_clean(exclude=["tenant"])
     key.save()

@@ -154,7 +154,7 @@ async def test_settled_requests_leave_no_key_behind_in_redis(limiter, redis_db):
     }
 
     for i in range(300):
-        admission = await limiter.admit(limits=limits, reserve_tokens=10, request_id=f"req-{i}", budget=budget)
+        admission = await limiter.admit(limits=limits, reserve_tokens=10, request_id=f"req-{i}", budgets=[budget])
         await limiter.settle(admission, used_tokens=5)
 
     # Memory follows the requests in flight, not the requests served (no marker per request).
@@ -219,7 +219,10 @@ async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_
     budget = Budget(key="crosslogic:budget:1:2026-11", limit=1000)
 
     results = await asyncio.gather(
-        *(workers[i % 5].admit(limits=[], reserve_tokens=100, request_id=f"req-{i}", budget=budget) for i in range(50))
+        *(
+            workers[i % 5].admit(limits=[], reserve_tokens=100, request_id=f"req-{i}", budgets=[budget])
+            for i in range(50)
+        )
     )
 
     assert sum(a.allowed for a in results) == 10
@@ -230,8 +233,8 @@ async def test_fifty_simultaneous_requests_against_a_budget_of_ten_reservations_
 async def test_settle_charges_the_budget_what_was_used_and_a_refused_request_charges_nothing(limiter, redis_db):
     budget = Budget(key="crosslogic:budget:1:2026-11", limit=100)
     tpm = Limit("key:1", None, 10, None)  # a tokens/min refusal must leave the budget alone
-    first = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="a", budget=budget)
-    refused = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="b", budget=budget)
+    first = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="a", budgets=[budget])
+    refused = await limiter.admit(limits=[tpm], reserve_tokens=8, request_id="b", budgets=[budget])
     assert first.allowed and not refused.allowed and refused.reason == "tokens"
     assert int(redis_db.get(budget.key)) == 8
 
@@ -240,7 +243,7 @@ async def test_settle_charges_the_budget_what_was_used_and_a_refused_request_cha
 
     assert int(redis_db.get(budget.key)) == 130
     assert 0 < redis_db.pttl(budget.key) <= 40 * 86_400_000
-    late = await limiter.admit(limits=[], reserve_tokens=1, request_id="c", budget=budget)
+    late = await limiter.admit(limits=[], reserve_tokens=1, request_id="c", budgets=[budget])
     assert not late.allowed and late.reason == "budget"
 
 
@@ -249,6 +252,105 @@ def test_monthly_budget_keys_change_with_the_utc_month():
     dec = Budget.monthly(tenant_id=7, limit=5, now=1_796_000_000 + 5 * 86_400)
 
     assert nov.key == "crosslogic:budget:7:2026-11" and dec.key == "crosslogic:budget:7:2026-12"
+
+
+async def test_fifty_simultaneous_requests_against_a_dollar_budget_overshoot_by_at_most_the_reservations(
+    clients, redis_db
+):
+    # $0.001 a month; each request may cost at most $0.00007 (its reservation) and really costs $0.00003.
+    workers = [RateLimiter(c) for c in clients]
+    budget = Budget.dollars(owner="tenant:1", limit_micros=1000, month="2026-11")
+
+    results = await asyncio.gather(
+        *(
+            workers[i % 5].admit(
+                limits=[], reserve_tokens=100, reserve_micros=70, request_id=f"req-{i}", budgets=[budget]
+            )
+            for i in range(50)
+        )
+    )
+    admitted = [a for a in results if a.allowed]
+
+    # Admitted while used + reserved < $0.001: 15 reservations (0 .. 980), so 1050 at most.
+    assert len(admitted) == 15
+    assert {a.reason for a in results if not a.allowed} == {"budget"}
+    assert {a.budget for a in results if not a.allowed} == {budget}
+    assert int(redis_db.get(budget.key)) == 15 * 70
+    await asyncio.gather(*(workers[0].settle(a, used_tokens=50, used_micros=30) for a in admitted))
+    assert int(redis_db.get(budget.key)) == 15 * 30  # exactly the real spend once all are settled
+    more = await asyncio.gather(
+        *(
+            workers[i % 5].admit(
+                limits=[], reserve_tokens=100, reserve_micros=70, request_id=f"more-{i}", budgets=[budget]
+            )
+            for i in range(50)
+        )
+    )
+    assert sum(a.allowed for a in more) == 8  # 450 + 8 * 70 = 1010: the next one finds it spent
+
+
+async def test_a_dollar_refusal_charges_no_token_budget_and_names_the_budget(limiter, redis_db):
+    tokens = Budget.monthly(tenant_id=1, limit=10**6, month="2026-11")
+    tenant_usd = Budget.dollars(owner="tenant:1", limit_micros=10**6, month="2026-11")
+    key_usd = Budget.dollars(owner="key:7", limit_micros=100, month="2026-11")
+    budgets = [tokens, tenant_usd, key_usd]
+    first = await limiter.admit(limits=[], reserve_tokens=10, reserve_micros=100, request_id="a", budgets=budgets)
+
+    refused = await limiter.admit(limits=[], reserve_tokens=10, reserve_micros=100, request_id="b", budgets=budgets)
+
+    assert first.allowed and not refused.allowed and refused.reason == "budget" and refused.budget == key_usd
+    assert [int(redis_db.get(b.key)) for b in budgets] == [10, 100, 100]
+    await limiter.settle(first, used_tokens=4, used_micros=40)
+    assert [int(redis_db.get(b.key)) for b in budgets] == [4, 40, 40]
+
+
+async def test_a_missing_counter_is_seeded_once_from_the_seeder_then_enforced(clients, redis_db):
+    calls = []
+
+    async def seeder(budget):
+        calls.append(budget.key)
+        await asyncio.sleep(0.01)  # a database query: the other workers' admits overtake it
+        return 950
+
+    workers = [RateLimiter(c, seeder=seeder) for c in clients]
+    budget = Budget.dollars(owner="key:3", limit_micros=1000, month="2026-11")
+
+    results = await asyncio.gather(
+        *(
+            workers[i % 5].admit(limits=[], reserve_tokens=0, reserve_micros=10, request_id=f"r{i}", budgets=[budget])
+            for i in range(50)
+        )
+    )
+
+    assert sum(a.allowed for a in results) == 5  # 950 seeded, then 5 reservations of 10
+    assert int(redis_db.get(budget.key)) == 1000
+    calls_after_seeding = len(calls)
+    assert 1 <= calls_after_seeding <= 50  # workers racing to seed agree through SET NX
+    await workers[0].admit(limits=[], reserve_tokens=0, reserve_micros=10, request_id="later", budgets=[budget])
+    assert len(calls) == calls_after_seeding  # a counter Redis has is never seeded again
+
+
+async def test_a_seeder_that_fails_leaves_the_budget_out_and_the_request_admitted(clients, redis_db, caplog):
+    async def broken(budget):
+        raise OSError("database unavailable")
+
+    limiter = RateLimiter(clients[0], seeder=broken)
+    budget = Budget.dollars(owner="tenant:9", limit_micros=0, month="2026-11")
+
+    with caplog.at_level(logging.WARNING, logger="apps.gateway.limits"):
+        admitted = await limiter.admit(limits=[], reserve_tokens=0, reserve_micros=10, request_id="r", budgets=[budget])
+    await limiter.settle(admitted, used_tokens=1, used_micros=5)
+
+    assert admitted.allowed and redis_db.get(budget.key) is None
+    assert "could not seed" in caplog.text
+
+
+def test_dollar_budget_keys_are_per_owner_and_utc_month():
+    nov = Budget.dollars(owner="key:12", limit_micros=5, now=1_796_000_000)
+    dec = Budget.dollars(owner="tenant:12", limit_micros=5, now=1_796_000_000 + 5 * 86_400)
+
+    assert nov.key == "crosslogic:budget:usd:key:12:2026-11" and nov.unit == "micros"
+    assert dec.key == "crosslogic:budget:usd:tenant:12:2026-12" and dec.month == "2026-12"
 
 
 # --- edges --------------------------------------------------------------------------------------
