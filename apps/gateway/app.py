@@ -146,6 +146,7 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.limiter.drain()
         try:
             await self.usage.flush()
         except Exception:
