@@ -35,7 +35,7 @@ from urllib.parse import urlparse, urlunparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from bench._gateway_extra import private_redis  # noqa: E402
+from bench._gateway_extra import calls_delta, command_calls, private_redis  # noqa: E402
 
 MODEL = "bench-model"
 NODE_KEY = "bench-node-key"
@@ -266,6 +266,7 @@ def measure(args: argparse.Namespace, own_redis: str | None) -> None:
             for mode in modes:
                 stream = mode == "stream"
                 max_tokens = 128 if stream else 16
+                calls0 = command_calls(own_redis)
                 cpu0 = procs_mod.cpu_seconds(gw.pid)
                 us0 = _user_system(gw.pid)
                 out = _round(
@@ -287,6 +288,10 @@ def measure(args: argparse.Namespace, own_redis: str | None) -> None:
                 else:
                     results.setdefault("nonstream_ms_per_1k_requests", []).append(cpu * 1e6 / out["requests"])
                 results.setdefault(f"{mode}_req_per_s", []).append(out["window_requests"] / args.seconds)
+                if own_redis:
+                    calls = calls_delta(calls0, command_calls(own_redis))
+                    scripts = calls.get("evalsha", 0) + calls.get("eval", 0)
+                    results.setdefault(f"{mode}_redis_scripts_per_request", []).append(scripts / out["requests"])
         procs_mod.stop(gw, sig=2)  # SIGINT: uvicorn exits cleanly, so cProfile writes its file
     if profile_to:
         import pstats
