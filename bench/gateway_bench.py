@@ -23,6 +23,7 @@ Redis database of REDIS_URL's server (--redis-db, default 14).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -35,6 +36,7 @@ from urllib.parse import urlparse, urlunparse
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench import _gateway_extra as costs  # noqa: E402
 from bench import _gateway_report as report  # noqa: E402
 from bench._gateway_procs import (  # noqa: E402
     Procs,
@@ -63,10 +65,15 @@ def drive(
     max_tokens: int,
     procs: int,
     watch: dict[str, int],
+    redis_url: str | None = None,
 ) -> dict:
     """One round: ``procs`` load generator processes share the slots; CPU of the watched pids is read
-    before and after. Returns the merged result."""
+    before and after, and with ``redis_url`` the commands Redis ran (INFO commandstats); the
+    gateway's RSS is sampled. Returns the merged result."""
     procs = max(1, min(procs, concurrency))
+    calls0 = costs.command_calls(redis_url) if redis_url else {}
+    rss0 = costs.rss_bytes(watch["gateway"]) if "gateway" in watch else 0
+    rss = costs.RssPeak(watch["gateway"]) if "gateway" in watch else contextlib.nullcontext()
     start_at = time.monotonic() + 0.5 + 0.1 * procs  # room for the interpreters to start
     cpu0 = {name: cpu_seconds(pid) for name, pid in watch.items()}
     busy0, wall0 = machine_busy(), time.monotonic()
@@ -97,11 +104,12 @@ def drive(
         )
     outs = []
     try:
-        for child in children:
-            stdout, _ = child.communicate(timeout=seconds + 2 * ramp_s + 60)
-            if child.returncode != 0:
-                raise RuntimeError(f"load generator failed with {child.returncode}")
-            outs.append(json.loads(stdout.strip().splitlines()[-1]))
+        with rss:
+            for child in children:
+                stdout, _ = child.communicate(timeout=seconds + 2 * ramp_s + 60)
+                if child.returncode != 0:
+                    raise RuntimeError(f"load generator failed with {child.returncode}")
+                outs.append(json.loads(stdout.strip().splitlines()[-1]))
     finally:
         for child in children:
             if child.poll() is None:
@@ -121,6 +129,9 @@ def drive(
     merged["cpu"]["loadgen"] = merged.pop("cpu_s")
     merged["machine_busy_s"] = busy1 - busy0
     merged["wall_s"] = wall1 - wall0
+    merged["redis_calls"] = costs.calls_delta(calls0, costs.command_calls(redis_url)) if redis_url else None
+    merged["rss_before"] = rss0
+    merged["rss_peak"] = rss.peak if isinstance(rss, costs.RssPeak) else 0
     return merged
 
 
@@ -158,7 +169,8 @@ def compare_one_answer(sim_url: str, gw_url: str, key: str, max_tokens: int) -> 
 def run(args: argparse.Namespace, env: dict) -> dict:
     from vllm_sim import run_simulator_process
 
-    results: dict = {"levels": {}, "flat": {}}
+    results: dict = {"levels": {}, "flat": {}, "burst": {}, "scale": {}}
+    redis_url = env["REDIS_URL"] if args.private_redis else None
     seconds, rounds = args.seconds, args.rounds
     stream_ramp = 0.05 + 0.02 * args.max_tokens  # one request's duration: arrivals spread over it
     sim_opts = dict(model=MODEL, api_key=NODE_KEY, light=True, max_num_seqs=4096, kv_cache_tokens=100_000_000)
@@ -185,10 +197,29 @@ def run(args: argparse.Namespace, env: dict) -> dict:
                     concurrency=level,
                     **common,
                     watch={"sim": sim.proc.pid, "gateway": gw.pid},
+                    redis_url=redis_url,
                 )
                 pairs.append((d, g))
                 print("  " + report.round_line(f"{level} streams", d, g), flush=True)
             results["levels"][level] = pairs
+        # Lockstep: every client starts at the same instant and, its streams being as long as the
+        # others', starts its next request with them: a burst of `level` admissions at once.
+        for level in args.burst_levels:
+            pairs = []
+            for _ in range(rounds):
+                lockstep = {**common, "ramp_s": 0.0}
+                d = drive(base_url=sim.url, key=NODE_KEY, concurrency=level, **lockstep, watch={"sim": sim.proc.pid})
+                g = drive(
+                    base_url=gw_url,
+                    key=key,
+                    concurrency=level,
+                    **lockstep,
+                    watch={"sim": sim.proc.pid, "gateway": gw.pid},
+                    redis_url=redis_url,
+                )
+                pairs.append((d, g))
+                print("  " + report.round_line(f"{level} lockstep", d, g), flush=True)
+            results["burst"][level] = pairs
         stop(gw)
 
     with Procs() as procs, run_simulator_process(itl_ms=0, ttft_ms=0, **sim_opts) as fast:
@@ -207,11 +238,48 @@ def run(args: argparse.Namespace, env: dict) -> dict:
                     procs=args.loadgen_procs,
                 )
                 d = drive(base_url=fast.url, key=NODE_KEY, **common, watch={"sim": fast.proc.pid})
-                g = drive(base_url=gw_url, key=key, **common, watch={"sim": fast.proc.pid, "gateway": gw.pid})
+                g = drive(
+                    base_url=gw_url,
+                    key=key,
+                    **common,
+                    watch={"sim": fast.proc.pid, "gateway": gw.pid},
+                    redis_url=redis_url,
+                )
                 pairs.append((d, g))
                 print("  " + report.round_line(f"{name} ({args.flat_concurrency} clients)", d, g), flush=True)
             results["flat"][name] = pairs
         stop(gw)
+
+    if args.scale_level:
+        # Many open streams through one worker: a fresh gateway, so its RSS before the round is
+        # the warmed-up process and the peak during it is what the open streams hold.
+        itl = args.scale_itl_ms
+        with Procs() as procs, run_simulator_process(itl_ms=itl, ttft_ms=50, **sim_opts) as slow:
+            key = seed(env, slow.url, model=MODEL, node_key=NODE_KEY)
+            gw, gw_url = start_gateway(env, args.workers, procs)
+            wait_routed(gw_url, key, MODEL)
+            warm = dict(seconds=1, ramp_s=0.2, stream=True, max_tokens=8, procs=args.loadgen_procs, watch={})
+            drive(base_url=gw_url, key=key, concurrency=16, **warm)
+            common = dict(
+                seconds=seconds,
+                ramp_s=(50 + itl * args.max_tokens) / 1000,
+                stream=True,
+                max_tokens=args.max_tokens,
+                procs=args.loadgen_procs,
+            )
+            level = args.scale_level
+            d = drive(base_url=slow.url, key=NODE_KEY, concurrency=level, **common, watch={"sim": slow.proc.pid})
+            g = drive(
+                base_url=gw_url,
+                key=key,
+                concurrency=level,
+                **common,
+                watch={"sim": slow.proc.pid, "gateway": gw.pid},
+                redis_url=redis_url,
+            )
+            print("  " + report.round_line(f"{level} streams at {itl:g} ms/token", d, g), flush=True)
+            results["scale"][level] = [(d, g)]
+            stop(gw)
     return results
 
 
@@ -278,6 +346,18 @@ def main() -> None:
         "--database-url", default=None, help="default: DATABASE_URL's server, database crosslogic_bench"
     )
     parser.add_argument("--redis-db", type=int, default=14, help="Redis database of REDIS_URL's server (flushed)")
+    parser.add_argument(
+        "--burst", default=None, help="comma-separated lockstep levels, all clients at once (default 256, quick 64)"
+    )
+    parser.add_argument(
+        "--scale-level", type=int, default=None, help="streams at --scale-itl-ms (default 1024, quick 0: skipped)"
+    )
+    parser.add_argument("--scale-itl-ms", type=float, default=50.0)
+    parser.add_argument(
+        "--shared-redis",
+        action="store_true",
+        help="use REDIS_URL's server instead of a redis-server of the bench's own (no command counts then)",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/benchmarks.md alone")
     parser.add_argument("--profile-only", action="store_true", help="cProfile one worker at the top level instead")
     args = parser.parse_args()
@@ -286,6 +366,9 @@ def main() -> None:
     args.flat_seconds = 3.0 if args.quick else 6.0
     args.flat_rounds = 1 if args.quick else 2
     args.levels = [int(c) for c in (args.concurrency or ("16,64" if args.quick else "16,64,256")).split(",")]
+    args.burst_levels = [int(c) for c in (args.burst or ("64" if args.quick else "256")).split(",") if c]
+    if args.scale_level is None:
+        args.scale_level = 0 if args.quick else 1024
 
     source = os.environ.get("DATABASE_URL") or f"sqlite:///{ROOT / 'var' / 'db.sqlite3'}"
     db_url = args.database_url or bench_database_url(source)
@@ -312,14 +395,20 @@ def main() -> None:
     signal.signal(signal.SIGTERM, lambda *_: (_ for _ in ()).throw(KeyboardInterrupt()))
     started = time.monotonic()
     load_before = os.getloadavg()
-    prepare_database(db_url, env, redis_url)
-    if args.profile_only:
-        profile(args, env)
-        return
-    results = run(args, env)
+    with contextlib.ExitStack() as stack:
+        own = None if args.shared_redis else stack.enter_context(costs.private_redis())
+        args.private_redis = own is not None
+        if own is not None:
+            redis_url = env["REDIS_URL"] = own
+            print(f"bench: Redis of its own at {own} (counts the gateway's commands)", flush=True)
+        prepare_database(db_url, env, redis_url)
+        if args.profile_only:
+            profile(args, env)
+            return
+        results = run(args, env)
     results["elapsed_s"] = time.monotonic() - started
     results["loadavg"] = (load_before, os.getloadavg())
-    table = report.render(results, args=args, argv=sys.argv[1:])
+    table = report.render(results, args=args, argv=sys.argv[1:]) + "\n" + costs.render(results)
     print()
     print(table)
     if not args.no_write:

@@ -81,6 +81,10 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._any_bytes = False
         self._refusal = 400
+        # The head in progress must be complete by this loop time (None: no head in progress).
+        # One timer per connection checks it, re-armed lazily when it fires, so a request on a
+        # kept-alive connection sets a number instead of scheduling and cancelling a timer.
+        self._head_deadline: float | None = None
         self._head_timer: asyncio.TimerHandle | None = None
 
     # -- connection --
@@ -90,6 +94,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -104,7 +111,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             self._head_bytes += len(data)
             if self._head_bytes > self._max_head:
                 self._refuse(431)
-        elif self._head_timer is None and self.timeout_keep_alive_task is None and self._idle():
+        elif self._head_deadline is None and self.timeout_keep_alive_task is None and self._idle():
             # Bytes that began no request (stray CRLFs) cancelled the keep-alive timer: keep a deadline.
             self._arm_head_timer()
 
@@ -155,16 +162,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self.transport.close()
 
     def _arm_head_timer(self) -> None:
-        if self._head_timer is None:
-            self._head_timer = self.loop.call_later(self._head_timeout, self._head_timed_out)
+        if self._head_deadline is None:
+            self._head_deadline = self.loop.time() + self._head_timeout
+            if self._head_timer is None:
+                self._head_timer = self.loop.call_at(self._head_deadline, self._head_timer_fired)
 
     def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        # The timer stays scheduled; when it fires with no deadline it simply stops.
+        self._head_deadline = None
+
+    def _head_timer_fired(self) -> None:
+        self._head_timer = None
+        deadline = self._head_deadline
+        if deadline is None:
+            return
+        if self.loop.time() < deadline:  # a later head's deadline: wait for it
+            self._head_timer = self.loop.call_at(deadline, self._head_timer_fired)
+            return
+        self._head_deadline = None
+        self._head_timed_out()
 
     def _head_timed_out(self) -> None:
-        self._head_timer = None
         if self.transport.is_closing():
             return
         if not self._idle():

@@ -43,8 +43,54 @@ class RedisReplyError(Exception):
 class _Protocol(asyncio.Protocol):
     def __init__(self) -> None:
         self.reader = hiredis.Reader()
-        self.pending: deque[asyncio.Future] = deque()
+        # Commands awaiting their reply, in the order sent, each with its deadline (loop time).
+        self.pending: deque[tuple[asyncio.Future, float]] = deque()
         self.transport: asyncio.Transport | None = None
+        # One timer per connection watches every deadline, instead of an asyncio.timeout() (a
+        # timer scheduled and cancelled) per command: ~7 µs less per call, two calls per request.
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_at = 0.0
+        # Commands issued during one pass of the event loop leave in one write (see write()).
+        self._outgoing: list[bytes] = []
+
+    def write(self, packed: bytes) -> None:
+        """Queue a command; the queue is written at the end of this loop pass, in order.
+
+        Under load many requests issue their script call in the same pass: one write (one
+        syscall, one wake-up of Redis) for all of them instead of one each.
+        """
+        if not self._outgoing:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._outgoing.append(packed)
+
+    def expect(self, future: asyncio.Future, deadline: float) -> None:
+        self.pending.append((future, deadline))
+        if self._timer is None or deadline < self._timer_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer_at = when
+        self._timer = asyncio.get_running_loop().call_at(when, self._check_deadlines)
+
+    def _check_deadlines(self) -> None:
+        self._timer = None
+        # A caller that gave up (cancelled) has no deadline any more; its reply is still awaited.
+        waiting = [deadline for future, deadline in self.pending if not future.done()]
+        if not waiting:
+            return
+        earliest = min(waiting)
+        if earliest <= asyncio.get_running_loop().time():
+            # A Redis that does not answer in time is not trusted with what is queued behind.
+            self.fail(TimeoutError("Redis did not answer in time"))
+        else:
+            self._arm(earliest)
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, []
+        if self.transport is not None and outgoing:
+            self.transport.write(b"".join(outgoing) if len(outgoing) > 1 else outgoing[0])
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # asyncio passes the Transport it made for create_connection; the base signature says BaseTransport.
@@ -54,8 +100,8 @@ class _Protocol(asyncio.Protocol):
         self.reader.feed(data)
         try:
             while (reply := self.reader.gets()) is not False:
-                future = self.pending.popleft()
-                if future.done():  # its caller timed out; the reply is dropped, in order
+                future, _ = self.pending.popleft()
+                if future.done():  # its caller gave up; the reply is dropped, in order
                     continue
                 if isinstance(reply, hiredis.ReplyError):
                     future.set_exception(RedisReplyError(str(reply)))
@@ -68,11 +114,15 @@ class _Protocol(asyncio.Protocol):
         self.fail(ConnectionError(f"Redis connection lost: {exc or 'closed by the server'}"))
 
     def fail(self, error: Exception) -> None:
+        self._outgoing = []
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         if self.transport is not None:
             self.transport.abort()
             self.transport = None
         while self.pending:
-            future = self.pending.popleft()
+            future, _ = self.pending.popleft()
             if not future.done():
                 future.set_exception(error)
 
@@ -129,7 +179,7 @@ class Multiplexed:
                     setup.append(("SELECT", self.db))
                 try:
                     for command in setup:
-                        await self._send(protocol, command)
+                        await self._send(protocol, command, self.connect_timeout_s)
                 except BaseException:
                     protocol.fail(ConnectionError("Redis connection set-up failed"))
                     raise
@@ -137,25 +187,23 @@ class Multiplexed:
             return protocol
 
     @staticmethod
-    def _send(protocol: _Protocol, command: tuple[object, ...]) -> asyncio.Future:
+    def _send(protocol: _Protocol, command: tuple[object, ...], timeout_s: float) -> asyncio.Future:
         if protocol.transport is None:
             raise ConnectionError("Redis connection lost")
-        future = asyncio.get_running_loop().create_future()
-        protocol.pending.append(future)
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        protocol.expect(future, loop.time() + timeout_s)
         # hiredis's stub types the command as a 1-tuple; pack_command takes any number of parts.
-        protocol.transport.write(hiredis.pack_command(command))  # type: ignore[arg-type]
+        protocol.write(hiredis.pack_command(command))  # type: ignore[arg-type]
         return future
 
     async def execute(self, *command: object, timeout_s: float) -> object:
-        """Send one command and return its reply; raises ConnectionError, TimeoutError or RedisReplyError."""
+        """Send one command and return its reply; raises ConnectionError, TimeoutError or RedisReplyError.
+
+        No reply within ``timeout_s`` fails this command and every other in flight on the connection
+        with TimeoutError (the next command reconnects)."""
         protocol = await self._connection()
-        try:
-            async with asyncio.timeout(timeout_s):
-                return await self._send(protocol, command)
-        except TimeoutError:
-            # A Redis that does not answer in time is not trusted with what is queued behind.
-            protocol.fail(TimeoutError("Redis did not answer in time"))
-            raise
+        return await self._send(protocol, command, timeout_s)
 
     async def aclose(self) -> None:
         if self._protocol is not None:

@@ -47,6 +47,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from apps.core.redis import RedisReplyError
+from apps.gateway.batching import SettleBatch
 
 if TYPE_CHECKING:
     from apps.core.redis import Multiplexed
@@ -161,36 +162,51 @@ redis.call('PEXPIRE', KEYS[1], math.ceil(settle_window) + 1000)
 return out
 """
 
-# KEYS: the open-requests set, then per subject [tpm, conc], then one counter per budget.
-# ARGV: request_id, n_subjects, budget_ttl_ms, then per subject [tpm_limit (-1 = none), token
-# difference, has_conc (0/1)], then per budget its difference (used - reserved). Returns 1, or 0
-# if already settled (or admitted so long ago that the request's entry expired).
+# Settles of many requests in one call: all settles issued in one pass of the event loop (see
+# RateLimiter.settle). KEYS: every entry's keys, in order. ARGV: count, then per entry [n_keys,
+# n_args], then every entry's args, in order. One entry's KEYS: the open-requests set, then per
+# subject [tpm, conc], then one counter per budget; its ARGV: request_id, n_subjects,
+# budget_ttl_ms, then per subject [tpm_limit (-1 = none), token difference, has_conc (0/1)], then
+# per budget its difference (used - reserved). Returns per entry 1, or 0 if already settled (or
+# admitted so long ago that the request's entry expired).
 _SETTLE = """
-if redis.call('ZREM', KEYS[1], ARGV[1]) == 0 then return 0 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local n = tonumber(ARGV[2])
-for i = 0, n - 1 do
-  local limit, diff, has_conc = tonumber(ARGV[4 + i * 3]), tonumber(ARGV[5 + i * 3]), ARGV[6 + i * 3]
-  local tkey, ckey = KEYS[2 + i * 2], KEYS[3 + i * 2]
-  if limit > 0 and diff ~= 0 then
-    local tat = tonumber(redis.call('GET', tkey) or now)
-    if tat < now then tat = now end
-    tat = tat + diff * 60000 / limit
-    if tat <= now then
-      redis.call('DEL', tkey)
-    else
-      redis.call('SET', tkey, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+local function settle(k, a, nk)
+  if redis.call('ZREM', KEYS[k + 1], ARGV[a + 1]) == 0 then return 0 end
+  local n = tonumber(ARGV[a + 2])
+  for i = 0, n - 1 do
+    local limit, diff, has_conc = tonumber(ARGV[a + 4 + i * 3]), tonumber(ARGV[a + 5 + i * 3]), ARGV[a + 6 + i * 3]
+    local tkey, ckey = KEYS[k + 2 + i * 2], KEYS[k + 3 + i * 2]
+    if limit > 0 and diff ~= 0 then
+      local tat = tonumber(redis.call('GET', tkey) or now)
+      if tat < now then tat = now end
+      tat = tat + diff * 60000 / limit
+      if tat <= now then
+        redis.call('DEL', tkey)
+      else
+        redis.call('SET', tkey, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
+      end
     end
+    if has_conc == '1' then redis.call('ZREM', ckey, ARGV[a + 1]) end
   end
-  if has_conc == '1' then redis.call('ZREM', ckey, ARGV[1]) end
+  for j = 0, nk - 2 - n * 2 do
+    local bkey, diff = KEYS[k + 2 + n * 2 + j], tonumber(ARGV[a + 4 + n * 3 + j])
+    if diff ~= 0 then redis.call('INCRBY', bkey, diff) end
+    redis.call('PEXPIRE', bkey, tonumber(ARGV[a + 3]))
+  end
+  return 1
 end
-for j = 0, #KEYS - 2 - n * 2 do
-  local bkey, diff = KEYS[2 + n * 2 + j], tonumber(ARGV[4 + n * 3 + j])
-  if diff ~= 0 then redis.call('INCRBY', bkey, diff) end
-  redis.call('PEXPIRE', bkey, tonumber(ARGV[3]))
+local count = tonumber(ARGV[1])
+local k, a = 0, 1 + 2 * count
+local out = {}
+for e = 1, count do
+  local nk, na = tonumber(ARGV[2 * e]), tonumber(ARGV[2 * e + 1])
+  out[e] = settle(k, a, nk)
+  k = k + nk
+  a = a + na
 end
-return 1
+return out
 """
 
 # KEYS: per subject conc key. ARGV: request_id, ttl_ms. Extends live entries only (XX).
@@ -374,6 +390,7 @@ class RateLimiter:
     ) -> None:
         self.redis = redis
         self.seeder = seeder
+        self._settles = SettleBatch(self._call_settle)
         self.fail_open = fail_open
         self.prefix = key_prefix
         self.concurrency_ttl_ms = int(concurrency_ttl_s * 1000)
@@ -560,10 +577,17 @@ class RateLimiter:
         if self.redis is None:
             return
         try:
-            await self._call(_SETTLE_SCRIPT, keys, args)
+            await self._settles.submit(keys, args)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             # The reservation stands and the slot expires by itself after concurrency_ttl_s.
             self._failed(exc)
+
+    async def drain(self) -> None:
+        """Send the settles still queued (shutdown)."""
+        await self._settles.drain()
+
+    async def _call_settle(self, keys: list[str], args: list[object]) -> object:
+        return await self._call(_SETTLE_SCRIPT, keys, args)
 
     async def refresh(self, admission: Admission) -> None:
         """Extend a long-running request's concurrency slot by another ``concurrency_ttl_s``."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
+import orjson
 from django.conf import settings
 
 from apps.gateway.errors import bad_request
@@ -14,11 +15,26 @@ CHAT, COMPLETIONS, EMBEDDINGS = "chat.completions", "completions", "embeddings"
 _REQUIRED = {CHAT: "messages", COMPLETIONS: "prompt", EMBEDDINGS: "input"}
 
 
+def loads(body: bytes) -> Any:
+    """A request body as Python, accepting exactly what ``json.loads`` accepts.
+
+    orjson first: on our bodies it parses a small chat request in ~1 µs instead of ~10 µs and
+    1,000 messages in about two thirds of the time (docs/benchmarks.md). What orjson refuses and
+    the standard library takes (NaN and Infinity, an escaped lone surrogate such as ``"\\ud800"``,
+    UTF-16/32 bodies, a UTF-8 byte-order mark) goes to ``json.loads``, so the gateway's answer to
+    those bodies is the one it gave before; only an integer beyond 64 bits differs (a float here).
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body)
+
+
 def parse(body: bytes, endpoint: str) -> dict[str, Any]:
     if not body.strip():
         raise bad_request("The request body is empty; send a JSON object.")
     try:
-        payload = json.loads(body)
+        payload = loads(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"The request body is not valid JSON: {exc}.") from None
     except RecursionError:

@@ -59,6 +59,34 @@ async def test_a_killed_connection_fails_what_was_in_flight_and_the_next_command
     assert await conn.execute("PING", timeout_s=2) == b"PONG"
 
 
+async def test_a_command_past_its_deadline_fails_with_what_queued_behind_it_and_the_next_reconnects(conn):
+    loop = asyncio.get_running_loop()
+    await conn.execute("PING", timeout_s=2)
+    started = loop.time()
+    stuck = asyncio.ensure_future(conn.execute("BLPOP", "never", 5, timeout_s=0.3))
+    behind = asyncio.ensure_future(conn.execute("PING", timeout_s=10))  # answered only after BLPOP
+
+    with pytest.raises(TimeoutError):
+        await stuck
+    assert 0.25 <= loop.time() - started < 3
+    with pytest.raises(TimeoutError):
+        await behind
+    assert await conn.execute("PING", timeout_s=2) == b"PONG"
+
+
+async def test_a_shorter_deadline_behind_a_longer_one_is_kept(conn):
+    loop = asyncio.get_running_loop()
+    await conn.execute("PING", timeout_s=2)
+    long_wait = asyncio.ensure_future(conn.execute("BLPOP", "never", 5, timeout_s=30))
+    await asyncio.sleep(0.05)
+    started = loop.time()
+    with pytest.raises(TimeoutError):
+        await conn.execute("PING", timeout_s=0.3)
+    assert loop.time() - started < 3  # not the 30 s of the command in front
+    with pytest.raises(TimeoutError):
+        await long_wait
+
+
 async def test_a_password_in_the_url_is_used(redis_db):
     user, password = f"mux-{uuid.uuid4().hex[:8]}", "s3cret/pw"
     redis_db.execute_command("ACL", "SETUSER", user, "on", f">{password}", "~*", "+@all")

@@ -282,3 +282,14 @@ def test_monthly_token_budget_is_enforced(gateway, api_key, tenant, catalog_mode
         client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=20)
     body = exc.value.body  # typed object by the SDK; the gateway sends a JSON object
     assert isinstance(body, dict) and body["code"] == "insufficient_quota"
+
+
+def test_startup_freezes_what_lives_as_long_as_the_worker_and_shutdown_unfreezes(transactional_db, redis_db) -> None:
+    import gc
+
+    from apps.gateway.tests.conftest import running_gateway
+
+    with running_gateway() as running:
+        assert running.app._started
+        assert gc.get_freeze_count() > 10_000  # Django and the apps, out of the collector's walks
+    assert gc.get_freeze_count() == 0

@@ -188,6 +188,43 @@ async def test_settle_releases_the_concurrency_slot(limiter, redis_db):
     assert (await limiter.admit(limits=[limit], reserve_tokens=0, request_id="next")).allowed
 
 
+async def test_settles_in_one_loop_pass_share_one_script_call_and_each_is_applied(limiter, redis_db):
+    limits = [Limit("key:1", None, 6_000, 40), Limit("tenant:1", None, None, 40)]
+    admitted = [
+        await limiter.admit(limits=limits, reserve_tokens=100, request_id=f"batch-{i}", budgets=[budget])
+        for i, budget in enumerate([Budget.monthly(tenant_id=1, limit=1_000_000)] * 30)
+    ]
+    assert all(a.allowed for a in admitted)
+    tokens_only = Limit("key:1", None, 6_000, None)  # the same bucket, probed without taking a slot
+    before = await remaining_tokens(limiter, tokens_only)
+
+    await asyncio.gather(*(limiter.settle(a, used_tokens=40) for a in admitted))
+
+    assert limiter._settles.calls == 1 and limiter._settles.entries == 30
+    assert redis_db.zcard(f"{PREFIX}conc:key:1") == redis_db.zcard(f"{PREFIX}conc:tenant:1") == 0
+    # Each refunded 100 - 40; the bucket also refills 100 tokens a second meanwhile.
+    assert 0 <= await remaining_tokens(limiter, tokens_only) - (before + 30 * 60) <= 100
+    assert int(redis_db.get(Budget.monthly(tenant_id=1, limit=1).key)) == 30 * 40
+    await asyncio.gather(*(limiter.settle(a, used_tokens=40) for a in admitted))  # idempotent
+    assert int(redis_db.get(Budget.monthly(tenant_id=1, limit=1).key)) == 30 * 40
+
+
+async def test_a_failed_batch_fails_no_request_and_the_slots_expire(clients, redis_db):
+    limiter = RateLimiter(clients[0], concurrency_ttl_s=0.3)
+    limit = Limit("key:1", None, None, 5)
+    admitted = [await limiter.admit(limits=[limit], reserve_tokens=0, request_id=f"f-{i}") for i in range(5)]
+    await clients[0].aclose()
+    limiter.redis = redis_lib.Multiplexed(f"redis://127.0.0.1:{closed_port()}/0")
+
+    await asyncio.gather(*(limiter.settle(a, used_tokens=0) for a in admitted))  # never raises
+
+    await asyncio.sleep(0.4)
+    assert redis_db.zcard(f"{PREFIX}conc:key:1") == 5  # not settled: they expire by deadline instead
+    fresh = RateLimiter(redis_lib.multiplexed())
+    assert (await fresh.admit(limits=[limit], reserve_tokens=0, request_id="after-expiry")).allowed
+    await fresh.redis.aclose()
+
+
 async def test_a_crashed_workers_slots_expire_by_themselves(clients):
     limiter = RateLimiter(clients[0], concurrency_ttl_s=0.2)
     limit = Limit("key:1", None, None, 1)

@@ -102,3 +102,25 @@ def test_a_cut_chat_streams_estimate_leaves_out_each_choices_role_chunk(choices:
     ex = Exchange(request_id="r", endpoint=CHAT, stream=True, estimated_prompt=12, chunks=10, choices=choices)
 
     assert ex.tokens() == (12, expected, True)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"model": "m", "messages": [{"role": "user", "content": "\\ud800"}]}',  # escaped lone surrogate
+        b'{"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": NaN}',
+        b'\xef\xbb\xbf{"model": "m", "messages": [{"role": "user", "content": "x"}]}',  # UTF-8 byte-order mark
+        '{"model": "m", "messages": [{"role": "user", "content": "x"}]}'.encode("utf-16"),
+    ],
+)
+def test_bodies_orjson_refuses_parse_as_the_standard_library_parses_them(body: bytes) -> None:
+    import json
+
+    assert parse(body, CHAT) == json.loads(body)
+
+
+def test_invalid_json_is_a_400_naming_the_problem() -> None:
+    with pytest.raises(GatewayError) as err:
+        parse(b'{"model": "m", "messages": [', CHAT)
+
+    assert err.value.status == 400 and "not valid JSON" in err.value.message
