@@ -30,3 +30,7 @@ def throwaway_redis() -> Iterator[ThrowawayRedis]:
         pytest.skip(f"fault suite: {exc} (see scripts/services.sh)")
     with server:
         yield server
+
+
+# The catalog's R2 fixtures (moto behind the R2-faithful front), for the worker-killed upload.
+from apps.catalog.tests.conftest import moto_endpoint, r2, r2_front, r2_front_server  # noqa: E402, F401
