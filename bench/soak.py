@@ -13,7 +13,8 @@ Sampled once a minute: each gateway worker's RSS and open file descriptors (/pro
 ``used_memory`` and key count, p50/p99 TTFT of the streams started in that minute, requests,
 errors. Pass/fail, baseline = the first full minute after ``--warmup-minutes`` (1):
 - RSS growth of every worker < 5 % (last minute against the baseline);
-- open fds flat: the last minute at most baseline + 16 (64 client streams come and go);
+- open fds flat: summed over the workers, the last minute at most baseline + 16 (64 client
+  streams come and go, and move between workers);
 - Redis memory flat: the last minute at most max(baseline * 1.05, baseline + 1 MiB);
 - p99 TTFT stable: the median p99 of the last 5 minutes at most 2x the first 5 minutes'
   (the machine may be shared: the table says how busy it was);
@@ -266,10 +267,10 @@ def verdict(run: Run, db_url: str, args: argparse.Namespace) -> list[tuple[str, 
             ),
         )
     )
-    fd_ok = all(last["fds"].get(pid, 10**9) <= n + 16 for pid, n in base["fds"].items())
-    checks.append(
-        ("open fds flat (≤ baseline + 16)", fd_ok, f"{list(base['fds'].values())} → {list(last['fds'].values())}")
-    )
+    # Summed over the workers: the kernel hands new connections to either worker, so one worker's
+    # count moves while the total holds.
+    fds0, fds1 = sum(base["fds"].values()), sum(last["fds"].values())
+    checks.append(("open fds flat (all workers, <= baseline + 16)", fds1 <= fds0 + 16, f"{fds0} -> {fds1}"))
     limit = max(base["redis_used"] * 1.05, base["redis_used"] + 2**20)
     checks.append(
         (
@@ -326,6 +327,7 @@ def main() -> int:
     if args.minutes < 5:
         print("soak: note: with fewer than 5 minutes the TTFT comparison uses overlapping windows", flush=True)
 
+    from tests.faults.deployment import production_env
     from tests.faults.servers import ThrowawayPostgres, ThrowawayRedis
     from vllm_sim import run_simulator_process
 
@@ -335,17 +337,13 @@ def main() -> int:
     started = time.time()
     with ThrowawayPostgres() as pg, ThrowawayRedis() as rds, Procs() as procs:
         db_url = pg.url_for("crosslogic_soak")
-        env = {
-            **os.environ,
-            "DATABASE_URL": db_url,
-            "REDIS_URL": rds.url(0),
-            "CELERY_BROKER_URL": rds.url(0),
-            "LOG_LEVEL": "WARNING",
-            "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
-            "PYTHONPATH": str(ROOT),
-            "GATEWAY_TENANT_INFLIGHT_PER_NODE": "100000",  # one tenant drives every stream
-        }
-        env.pop("VLLM_API_KEY", None)
+        # Production-like: DEBUG off (Django keeps no query log), secrets made up for the run.
+        env = production_env(
+            DATABASE_URL=db_url,
+            REDIS_URL=rds.url(0),
+            CELERY_BROKER_URL=rds.url(0),
+            GATEWAY_TENANT_INFLIGHT_PER_NODE="100000",  # one tenant drives every stream
+        )
         prepare_database(db_url, env, rds.url(0))
         with run_simulator_process(
             model=MODEL, api_key=NODE_KEY, light=True, itl_ms=20, ttft_ms=50, max_num_seqs=4096,

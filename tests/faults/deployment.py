@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import secrets
 import subprocess
 import sys
 import time
@@ -52,11 +53,33 @@ print(json.dumps({"keys": keys, "nodes": nodes}))
 """
 
 
+def production_env(**overrides: str) -> dict[str, str]:
+    """The environment of a production-like server process: DEBUG off (with the secrets it then
+    requires, made up per run), plain http on loopback (TLS is the reverse proxy's), no .env file,
+    none of a developer's SkyPilot settings, no test-run variables."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SKYPILOT_")}
+    for name in ("TEST_REDIS_DB", "TEST_DB_SUFFIX", "VLLM_API_KEY"):
+        env.pop(name, None)
+    return {
+        **env,
+        "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
+        "CROSSLOGIC_ENV_FILE": "",
+        "PYTHONPATH": str(ROOT),
+        "DEBUG": "false",
+        "SECRET_KEY": secrets.token_urlsafe(48),
+        "API_KEY_PEPPER": secrets.token_urlsafe(24),
+        "ALLOWED_HOSTS": "127.0.0.1,localhost",
+        "SECURE_SSL_REDIRECT": "false",
+        "LOG_LEVEL": "WARNING",
+        **overrides,
+    }
+
+
 def migrate_template(pg: ThrowawayPostgres) -> None:
     """Migrate one database once a session; each test copies it (CREATE DATABASE … TEMPLATE: fast)."""
     with psycopg.connect(pg.url, autocommit=True) as conn:
         conn.execute(f'CREATE DATABASE "{TEMPLATE}"')
-    env = {**os.environ, "DATABASE_URL": pg.url_for(TEMPLATE), "DJANGO_SETTINGS_MODULE": "crosslogic.settings"}
+    env = production_env(DATABASE_URL=pg.url_for(TEMPLATE))
     env.pop("REDIS_URL", None)
     subprocess.run(
         [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=env, check=True, timeout=300
@@ -138,20 +161,14 @@ def deployment(pg: ThrowawayPostgres, redis: ThrowawayRedis, **settings: str) ->
     client = redis_py.Redis.from_url(redis.url(0))
     client.flushall()
     client.close()
-    env = {
-        **os.environ,
-        "DATABASE_URL": pg.url_for(database),
-        "REDIS_URL": redis.url(0),
-        "CELERY_BROKER_URL": redis.url(0),
-        "DJANGO_SETTINGS_MODULE": "crosslogic.settings",
-        "PYTHONPATH": str(ROOT),
-        "LOG_LEVEL": "WARNING",
-        "GATEWAY_USAGE_FLUSH_INTERVAL_S": "0.2",
-        "ROUTING_REFRESH_S": "1",
+    env = production_env(
+        DATABASE_URL=pg.url_for(database),
+        REDIS_URL=redis.url(0),
+        CELERY_BROKER_URL=redis.url(0),
+        GATEWAY_USAGE_FLUSH_INTERVAL_S="0.2",
+        ROUTING_REFRESH_S="1",
         **settings,
-    }
-    for name in ("TEST_REDIS_DB", "TEST_DB_SUFFIX", "VLLM_API_KEY"):
-        env.pop(name, None)
+    )
     with Procs() as procs:
         yield Deployment(pg=pg, redis=redis, database=database, procs=procs, env=env)
 
