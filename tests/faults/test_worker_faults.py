@@ -219,7 +219,8 @@ def test_beat_started_twice_sends_each_pass_once(live_server, redis_db, tmp_path
 
     every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
     for task in PeriodicTask.objects.filter(name__startswith="fleet: "):
-        task.interval, task.expire_seconds = every, 1
+        # Expiry above the interval: on a loaded machine a worker may pick a task up seconds late.
+        task.interval, task.expire_seconds = every, 10
         task.save()  # save(), not update(): beat notices schedule changes through the save signal
     counter = HealthCounter()
     watched = model_create(name="faults-watched")
@@ -255,7 +256,7 @@ def test_beat_started_twice_sends_each_pass_once(live_server, redis_db, tmp_path
             leader_log, standby_log = (
                 (logs["beat-1"], logs["beat-2"]) if first_leads else (logs["beat-2"], logs["beat-1"])
             )
-            _wait("a health pass", lambda: counter.hits["/health"] > 0, timeout_s=30, logs=list(logs.values()))
+            _wait("a health pass", lambda: counter.hits["/health"] > 0, timeout_s=60, logs=list(logs.values()))
             sent0, hits0, t0 = _sent(leader_log), counter.hits["/health"], time.monotonic()
             time.sleep(8)
             sent1, hits1, elapsed = _sent(leader_log), counter.hits["/health"], time.monotonic() - t0
@@ -263,8 +264,7 @@ def test_beat_started_twice_sends_each_pass_once(live_server, redis_db, tmp_path
             health_sent = sent1["fleet: health checks"] - sent0["fleet: health checks"]
             # Once a second, from one beat: not twice as often (two beats would send ~2 x elapsed).
             assert health_sent <= elapsed + 2, (health_sent, elapsed)
-            assert hits1 - hits0 <= health_sent + 1, (hits1 - hits0, health_sent)
-            assert hits1 - hits0 >= 2
+            assert hits1 - hits0 >= 2  # and the passes ran
 
             # The leader dies: the standby takes over within the lease.
             os.killpg(leader.pid, signal.SIGKILL)
@@ -276,6 +276,9 @@ def test_beat_started_twice_sends_each_pass_once(live_server, redis_db, tmp_path
                 logs=list(logs.values()),
             )
             nodes = list(Node.objects.filter(model=launched))
+            # Each pass checks the node once: never more checks than passes sent, by both beats together.
+            sends = _sent(logs["beat-1"])["fleet: health checks"] + _sent(logs["beat-2"])["fleet: health checks"]
+            assert counter.hits["/health"] <= sends, (counter.hits["/health"], sends)
     finally:
         counter.close()
         for node in Node.objects.filter(model=launched):  # never leave a node process behind
