@@ -15,7 +15,7 @@ import subprocess
 import threading
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -38,7 +38,7 @@ pytestmark = [pytest.mark.django_db(transaction=True), pytest.mark.slow]
 CELERY = Path(settings.BASE_DIR) / ".venv" / "bin" / "celery"
 
 
-def _wait(what: str, predicate: Callable[[], object], timeout_s: float = 60.0, logs: list[Path] = ()) -> object:
+def _wait(what: str, predicate: Callable[[], object], timeout_s: float = 60.0, logs: Sequence[Path] = ()) -> object:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         value = predicate()
