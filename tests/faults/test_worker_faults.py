@@ -217,11 +217,16 @@ def test_beat_started_twice_sends_each_pass_once(live_server, redis_db, tmp_path
 
     from apps.gateway.tests.conftest import ready_node
 
-    every = IntervalSchedule.objects.create(every=1, period=IntervalSchedule.SECONDS)
-    for task in PeriodicTask.objects.filter(name__startswith="fleet: "):
-        # Expiry above the interval: on a loaded machine a worker may pick a task up seconds late.
-        task.interval, task.expire_seconds = every, 10
-        task.save()  # save(), not update(): beat notices schedule changes through the save signal
+    every, _ = IntervalSchedule.objects.get_or_create(every=1, period=IntervalSchedule.SECONDS)
+    # The rows migration fleet.0003 creates, every second (an earlier transactional test may have
+    # emptied the table). Expiry above the interval: a loaded machine's worker may be seconds late.
+    for name, task in (
+        ("fleet: health checks", "apps.fleet.periodic.fleet_health_check"),
+        ("fleet: reconcile", "apps.fleet.periodic.fleet_reconcile"),
+    ):
+        PeriodicTask.objects.update_or_create(
+            name=name, defaults={"task": task, "interval": every, "expire_seconds": 10, "enabled": True}
+        )
     counter = HealthCounter()
     watched = model_create(name="faults-watched")
     ready_node(watched, counter.url)
