@@ -32,6 +32,10 @@ def staff() -> APIClient:
         ("/api/v1/tenants/?status=", "status"),
         ("/api/v1/nodes/?status=", "status"),
         ("/api/v1/models/?upload_status=", "upload_status"),
+        ("/api/v1/keys/?created_before=", "created_before"),
+        ("/api/v1/usage/?status_code=1.5", "status_code"),
+        ("/api/v1/usage/?node=3.0", "node"),
+        ("/api/v1/usage/?api_key=", "api_key"),
     ],
 )
 def test_a_filter_value_outside_the_schema_is_a_json_400_naming_it(staff, url, param) -> None:
@@ -52,6 +56,8 @@ def test_a_filter_value_outside_the_schema_is_a_json_400_naming_it(staff, url, p
         "/api/v1/keys/?scope=inference",
         "/api/v1/tenants/?status=active",
         "/api/v1/models/",
+        "/api/v1/usage/?status_code=200&node=3&api_key=-1",
+        "/api/v1/keys/?name=&search=",
     ],
 )
 def test_values_the_schema_allows_still_filter(staff, url) -> None:
