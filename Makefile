@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-sqlite lint typecheck ci bench clean
+.PHONY: run test test-fast test-sqlite lint typecheck ci bench soak clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -47,6 +47,11 @@ ci:
 bench: $(STAMP)
 	@test -f scripts/bench.sh || { echo "make bench: scripts/bench.sh is not in this checkout (see docs/benchmarks.md)"; exit 1; }
 	@bash scripts/bench.sh
+
+# Not CI: 30 minutes at 64 streams plus bad input; RSS, fds, Redis memory and p99 TTFT per minute
+# (bench/soak.py; its own throwaway PostgreSQL and Redis). Shorter: make soak SOAK_ARGS="--minutes 5"
+soak: $(STAMP)
+	$(BIN)/python bench/soak.py $(SOAK_ARGS)
 
 clean:
 	rm -rf $(VENV) var staticfiles

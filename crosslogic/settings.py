@@ -182,7 +182,11 @@ CELERY_TASK_IGNORE_RESULT = True
 CELERY_TASK_ACKS_LATE = True
 CELERY_WORKER_PREFETCH_MULTIPLIER = 1
 CELERY_TASK_ALWAYS_EAGER: bool = _env_or_fail("CELERY_TASK_ALWAYS_EAGER", bool, False)
-CELERY_BEAT_SCHEDULER = "django_celery_beat.schedulers:DatabaseScheduler"
+# django-celery-beat's DatabaseScheduler that sends only while it holds a lease in Redis: a second
+# beat stands by instead of doubling every periodic pass (apps/core/beat.py).
+CELERY_BEAT_SCHEDULER = "apps.core.beat:SingleBeatScheduler"
+# How long the beat lease lives without a refresh: a standby beat takes over within this.
+BEAT_LEASE_S: float = _env_or_fail("BEAT_LEASE_S", float, 30.0)
 CELERY_TIMEZONE = "UTC"
 
 # --- Internationalisation and static --------------------------------------------------------

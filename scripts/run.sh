@@ -117,7 +117,7 @@ trap 'cleanup $?' EXIT
 start "$BIN/python" -m crosslogic.serve --host "$HOST" --port "$PORT" --workers "${WEB_CONCURRENCY:-1}"
 start "$BIN/celery" -A crosslogic worker --loglevel INFO --concurrency "${CELERY_CONCURRENCY:-2}" \
   --hostname "crosslogic-dev@%h"
-start "$BIN/celery" -A crosslogic beat --loglevel INFO --scheduler django_celery_beat.schedulers:DatabaseScheduler
+start "$BIN/celery" -A crosslogic beat --loglevel INFO --scheduler apps.core.beat:SingleBeatScheduler
 
 # Wait for the web server before printing where to go.
 for _ in $(seq 1 150); do

@@ -26,6 +26,8 @@ from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStat
 from apps.catalog.selectors import with_latest_jobs
 from apps.catalog.verify import verify_model
 from apps.core.api import Conflict
+from apps.core.fields import StrictCharField, StrictModelSerializer
+from apps.core.filters import StrictFilterSet
 from apps.tenancy.permissions import IsStaff
 
 
@@ -35,7 +37,7 @@ class StorageUnavailable(APIException):
     default_code = "storage_error"
 
 
-class WeightUploadSerializer(serializers.ModelSerializer):
+class WeightUploadSerializer(StrictModelSerializer):
     progress = serializers.FloatField(read_only=True)
     requested_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="username", read_only=True
@@ -64,7 +66,7 @@ class WeightUploadSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class WeightVerificationSerializer(serializers.ModelSerializer):
+class WeightVerificationSerializer(StrictModelSerializer):
     requested_by: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
         slug_field="username", read_only=True
     )
@@ -87,7 +89,7 @@ class WeightVerificationSerializer(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class ModelSerializer(serializers.ModelSerializer):
+class ModelSerializer(StrictModelSerializer):
     upload_status = serializers.SerializerMethodField(help_text="The latest upload's status, or none.")
     verify_status = serializers.SerializerMethodField(help_text="The latest verification's status, or ''.")
     latest_upload = WeightUploadSerializer(
@@ -179,14 +181,14 @@ class ModelSerializer(serializers.ModelSerializer):
 
 
 class UploadInputSerializer(serializers.Serializer):
-    hf_repo = serializers.CharField(
+    hf_repo = StrictCharField(
         required=False, allow_blank=True, default="", help_text="Hugging Face repo id, optionally with @revision."
     )
-    revision = serializers.CharField(required=False, allow_blank=True, default="")
-    local_dir = serializers.CharField(
+    revision = StrictCharField(required=False, allow_blank=True, default="")
+    local_dir = StrictCharField(
         required=False, allow_blank=True, default="", help_text="An absolute folder path on the worker machine."
     )
-    prefix = serializers.CharField(
+    prefix = StrictCharField(
         required=False,
         allow_blank=True,
         default="",
@@ -207,15 +209,15 @@ class VerifyInputSerializer(serializers.Serializer):
 
 
 class VerifyReportSerializer(serializers.Serializer):
-    uri = serializers.CharField()
+    uri = StrictCharField()
     ok = serializers.BooleanField()
     checked = serializers.IntegerField()
     full = serializers.BooleanField()
-    problems = serializers.ListField(child=serializers.CharField())
-    summary = serializers.CharField()
+    problems = serializers.ListField(child=StrictCharField())
+    summary = StrictCharField()
 
 
-class ModelFilterSet(django_filters.FilterSet):
+class ModelFilterSet(StrictFilterSet):
     name = django_filters.CharFilter(lookup_expr="icontains")
     is_active = django_filters.BooleanFilter()
     active = django_filters.BooleanFilter(field_name="is_active")

@@ -21,6 +21,8 @@ from rest_framework.throttling import SimpleRateThrottle
 from rest_framework.views import APIView
 
 from apps.core.api import Conflict
+from apps.core.fields import StrictCharField
+from apps.core.filters import StrictFilterSet
 from apps.fleet import services
 from apps.fleet.health import run_health_checks
 from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeStatus
@@ -37,7 +39,7 @@ from apps.tenancy.permissions import IsStaff
 log = logging.getLogger(__name__)
 
 
-class NodeFilterSet(django_filters.FilterSet):
+class NodeFilterSet(StrictFilterSet):
     model = django_filters.CharFilter(field_name="model__name")
     status = django_filters.MultipleChoiceFilter(choices=NodeStatus.choices)
     launcher = django_filters.ChoiceFilter(choices=Launcher.choices)
@@ -162,7 +164,7 @@ class NodeRegisterView(APIView):
                 "NodeRegistered",
                 {
                     "node": serializers.IntegerField(),
-                    "cluster_name": serializers.CharField(allow_null=True),
+                    "cluster_name": StrictCharField(allow_null=True),
                     "status": serializers.ChoiceField(choices=NodeStatus.choices),
                 },
             )

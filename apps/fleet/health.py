@@ -1,7 +1,10 @@
 """Health checks: every node with an endpoint, concurrently (asyncio + aiohttp), then one bulk write.
 
 For each node: GET /health (200 = healthy; vLLM answers 503 when its engine died and nothing at
-all while loading), then GET /metrics for its load. Status changes go through node_transition
+all while loading), then GET /v1/models with the node key the gateway presents (vLLM's
+--api-key guards only /v1/*: a node that refuses our key answers /health 200 yet every request
+401, so without this check a node the gateway marked unhealthy for it flapped back to ready), then
+GET /metrics for its load. Status changes go through node_transition
 (which bumps the gateway's routing version); metrics-only updates are one bulk_update, which the
 gateway picks up on its next periodic refresh.
 """
@@ -20,6 +23,7 @@ from django.conf import settings
 from django.db import connection
 from django.utils import timezone
 
+from apps.fleet.keys import presented_key
 from apps.fleet.load_history import LoadSample, node_load_record
 from apps.fleet.metrics import NodeLoad, parse_vllm_load
 from apps.fleet.models import HEALTH_CHECKED_STATUSES, Node, NodeStatus
@@ -43,6 +47,7 @@ HEALTH_FIELDS = [
 class Target:
     node_id: int
     url: str
+    api_key: str | None = None  # what the gateway presents; None: the key is not checked
 
 
 @dataclass(frozen=True)
@@ -74,6 +79,10 @@ async def _check_one(session: aiohttp.ClientSession, sem: asyncio.Semaphore, tar
                 latency = (time.perf_counter() - started) * 1000
                 if status != 200:
                     return Result(target.node_id, False, latency, error=f"/health answered {status}")
+                if target.api_key is not None:
+                    refused = await _key_refused(session, base, target.api_key)
+                    if refused:
+                        return Result(target.node_id, False, latency, error=refused)
                 try:
                     async with session.get(base + "/metrics") as metrics:
                         text = await metrics.text(errors="replace")
@@ -85,6 +94,18 @@ async def _check_one(session: aiohttp.ClientSession, sem: asyncio.Semaphore, tar
             return Result(target.node_id, False, error=f"no answer within {limit_s:g}s")
         except (aiohttp.ClientError, ValueError) as exc:
             return Result(target.node_id, False, error=f"{type(exc).__name__}: {exc}"[:300])
+
+
+async def _key_refused(session: aiohttp.ClientSession, base: str, api_key: str) -> str:
+    """Why the node's authenticated API does not take our key ('' when it does): /v1/models is the
+    cheapest route vLLM guards with --api-key (no generation, no tokenizer)."""
+    async with session.get(base + "/v1/models", headers={"Authorization": f"Bearer {api_key}"}) as response:
+        await response.read()
+        if response.status in (401, 403):
+            return f"the node refused the gateway's node key (HTTP {response.status} on /v1/models)"
+        if response.status != 200:
+            return f"/v1/models answered {response.status}"
+    return ""
 
 
 async def check_targets(
@@ -205,12 +226,15 @@ def run_health_checks(node_ids: Sequence[int] | None = None) -> Summary:
             "provisioned_at",
             "weights_loaded_at",
             "ready_at",
+            "launcher",
+            "launcher_state",
             *HEALTH_FIELDS,
         )
     )
     summary = Summary(checked=len(nodes))
     if nodes:
-        results = asyncio.run(check_targets([Target(n.pk, n.endpoint_url) for n in nodes]))
+        targets = [Target(n.pk, n.endpoint_url, presented_key(n.pk, n.launcher, n.launcher_state or {})) for n in nodes]
+        results = asyncio.run(check_targets(targets))
         apply_results(nodes, results, summary)
     summary.seconds = time.perf_counter() - started
     return summary

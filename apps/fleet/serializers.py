@@ -9,6 +9,7 @@ from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
 from apps.catalog.models import ServedModel
+from apps.core.fields import StrictCharField, StrictModelSerializer
 from apps.fleet.models import Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
 
 
@@ -18,7 +19,7 @@ class BlankOrUrlField(serializers.CharField):
     ModelSerializer drops ``allow_blank`` from read-only fields, so the schema said "uri" only."""
 
 
-class NodeSerializer(serializers.ModelSerializer):
+class NodeSerializer(StrictModelSerializer):
     model: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="name", read_only=True)
     # Most nodes have no launch profile, and cold start is unknown until the node is ready.
     launch_profile: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(
@@ -71,9 +72,9 @@ class NodeSerializer(serializers.ModelSerializer):
 class NodeLaunchSerializer(serializers.Serializer):
     model = serializers.SlugRelatedField(slug_field="name", queryset=ServedModel.objects.all())
     launcher = serializers.ChoiceField(choices=Launcher.choices, required=False, allow_blank=True, default="")
-    cloud = serializers.CharField(max_length=32, required=False, allow_blank=True, default="")
-    region = serializers.CharField(max_length=64, required=False, allow_blank=True, default="")
-    accelerator = serializers.CharField(max_length=32, required=False, allow_blank=True, default="")
+    cloud = StrictCharField(max_length=32, required=False, allow_blank=True, default="")
+    region = StrictCharField(max_length=64, required=False, allow_blank=True, default="")
+    accelerator = StrictCharField(max_length=32, required=False, allow_blank=True, default="")
     use_spot = serializers.BooleanField(required=False, default=True)
     launch_profile = serializers.SlugRelatedField(
         slug_field="name",
@@ -91,7 +92,7 @@ class NodeLaunchSerializer(serializers.Serializer):
     )
 
 
-class NodeEventSerializer(serializers.ModelSerializer):
+class NodeEventSerializer(StrictModelSerializer):
     # Declared so the schema keeps "" (an action or info event has no transition): ModelSerializer
     # drops allow_blank from read-only fields.
     from_status = serializers.ChoiceField(choices=NodeStatus.choices, allow_blank=True, read_only=True)
@@ -126,7 +127,7 @@ class FlexibleTimestamp(serializers.Field):
 
 
 class RegistrationSerializer(serializers.Serializer):
-    token = serializers.CharField(
+    token = StrictCharField(
         required=False, allow_blank=True, default="", help_text="Or send it as 'Authorization: Bearer clr_…'."
     )
     endpoint_url = serializers.URLField(max_length=300, required=False, allow_blank=True, default="")

@@ -12,6 +12,8 @@ import django_filters
 from django.db.models import QuerySet
 from rest_framework import serializers, viewsets
 
+from apps.core.fields import StrictCharField, StrictModelSerializer
+from apps.core.filters import StrictFilterSet
 from apps.core.input import UTCIsoDateTimeFilter
 from apps.core.paginator import EstimatedCountPagination
 from apps.metering.models import UsageRecord
@@ -19,9 +21,9 @@ from apps.tenancy.models import Scope
 from apps.tenancy.permissions import StaffOrCustomerScope, customer
 
 
-class UsageRecordSerializer(serializers.ModelSerializer):
+class UsageRecordSerializer(StrictModelSerializer):
     tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
-    api_key_prefix = serializers.CharField(source="api_key.prefix", read_only=True, allow_null=True, default=None)
+    api_key_prefix = StrictCharField(source="api_key.prefix", read_only=True, allow_null=True, default=None)
     total_tokens = serializers.IntegerField(read_only=True)
 
     class Meta:
@@ -56,7 +58,7 @@ class StaffUsageRecordSerializer(UsageRecordSerializer):
         read_only_fields = fields
 
 
-class UsageRecordFilterSet(django_filters.FilterSet):
+class UsageRecordFilterSet(StrictFilterSet):
     tenant = django_filters.CharFilter(field_name="tenant__slug", label="Tenant slug")
     api_key = django_filters.NumberFilter(field_name="api_key_id", label="API key id")
     key_prefix = django_filters.CharFilter(field_name="api_key__prefix", label="API key prefix")

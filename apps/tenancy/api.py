@@ -21,6 +21,8 @@ from rest_framework.response import Response
 from rest_framework.serializers import BaseSerializer
 
 from apps.core.api import Conflict
+from apps.core.fields import StrictCharField
+from apps.core.filters import StrictFilterSet
 from apps.core.input import UTCIsoDateTimeFilter
 from apps.tenancy import services
 from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, StaffToken, Tenant, TenantStatus
@@ -46,7 +48,7 @@ def _filter_key_status(queryset: SecretQuerySet, name: str, value: str) -> Query
 # --- Tenants --------------------------------------------------------------------------------
 
 
-class TenantFilterSet(django_filters.FilterSet):
+class TenantFilterSet(StrictFilterSet):
     status = django_filters.ChoiceFilter(choices=TenantStatus.choices)
     slug = django_filters.CharFilter()
     name = django_filters.CharFilter(lookup_expr="icontains")
@@ -98,7 +100,7 @@ class TenantViewSet(viewsets.ModelViewSet):
 # --- API keys -------------------------------------------------------------------------------
 
 
-class ApiKeyFilterSet(django_filters.FilterSet):
+class ApiKeyFilterSet(StrictFilterSet):
     tenant = django_filters.CharFilter(field_name="tenant__slug", label="Tenant slug")
     prefix = django_filters.CharFilter()
     name = django_filters.CharFilter(lookup_expr="icontains")
@@ -187,12 +189,12 @@ class ApiKeyViewSet(
 
 
 class StaffTokenCreateSerializer(serializers.Serializer):
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True, default="")
+    name = StrictCharField(max_length=100, required=False, allow_blank=True, default="")
     expires_at = serializers.DateTimeField(required=False, allow_null=True, default=None)
 
 
 class StaffTokenCreatedSerializer(StaffTokenSerializer):
-    key = serializers.CharField(read_only=True, help_text="The raw token. Shown only in this response.")
+    key = StrictCharField(read_only=True, help_text="The raw token. Shown only in this response.")
 
     class Meta(StaffTokenSerializer.Meta):
         fields = [*StaffTokenSerializer.Meta.fields, "key"]

@@ -8,6 +8,7 @@ from django.utils import timezone
 from drf_spectacular.utils import extend_schema_field
 from rest_framework import serializers
 
+from apps.core.fields import StrictCharField, StrictModelSerializer
 from apps.tenancy.models import ApiKey, Scope, SecretStatus, StaffToken, Tenant
 
 _LIMIT_KWARGS: dict[str, Any] = {"required": False, "allow_null": True, "min_value": 1}
@@ -15,7 +16,7 @@ _LIMIT_KWARGS: dict[str, Any] = {"required": False, "allow_null": True, "min_val
 KEY_STATUS_CHOICES = SecretStatus.choices
 
 
-class TenantSerializer(serializers.ModelSerializer):
+class TenantSerializer(StrictModelSerializer):
     class Meta:
         model = Tenant
         fields = [
@@ -42,10 +43,10 @@ class TenantSerializer(serializers.ModelSerializer):
 
 
 class TenantSuspendSerializer(serializers.Serializer):
-    reason = serializers.CharField(max_length=500, required=False, allow_blank=True, default="")
+    reason = StrictCharField(max_length=500, required=False, allow_blank=True, default="")
 
 
-class ApiKeySerializer(serializers.ModelSerializer):
+class ApiKeySerializer(StrictModelSerializer):
     """A key as anyone may see it again: the prefix identifies it; the secret is gone."""
 
     tenant: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="slug", read_only=True)
@@ -78,7 +79,7 @@ class ApiKeySerializer(serializers.ModelSerializer):
 
 
 class ApiKeyCreatedSerializer(ApiKeySerializer):
-    key = serializers.CharField(read_only=True, help_text="The raw key. Shown only in this response; store it now.")
+    key = StrictCharField(read_only=True, help_text="The raw key. Shown only in this response; store it now.")
 
     class Meta(ApiKeySerializer.Meta):
         fields = [*ApiKeySerializer.Meta.fields, "key"]
@@ -86,7 +87,7 @@ class ApiKeyCreatedSerializer(ApiKeySerializer):
 
 
 class _KeyFieldsMixin(serializers.Serializer):
-    name = serializers.CharField(max_length=100, required=False, allow_blank=True)
+    name = StrictCharField(max_length=100, required=False, allow_blank=True)
     scopes = serializers.ListField(
         child=serializers.ChoiceField(choices=Scope.choices),
         required=False,
@@ -94,7 +95,7 @@ class _KeyFieldsMixin(serializers.Serializer):
         help_text=f"Any of: {', '.join(Scope.values)}. Default: inference.",
     )
     allowed_models = serializers.ListField(
-        child=serializers.CharField(max_length=128),
+        child=StrictCharField(max_length=128),
         required=False,
         help_text="Served model names this key may call; empty means all.",
     )
@@ -128,9 +129,7 @@ class ApiKeyCreateSerializer(_KeyFieldsMixin):
 class CustomerApiKeyCreateSerializer(_KeyFieldsMixin):
     """A customer key creating a key: always for its own tenant."""
 
-    tenant = serializers.CharField(
-        required=False, help_text="Optional; if given it must be the calling key's own tenant."
-    )
+    tenant = StrictCharField(required=False, help_text="Optional; if given it must be the calling key's own tenant.")
 
     def validate_tenant(self, value: str) -> str:
         own = self.context["request"].user.tenant.slug
@@ -145,7 +144,7 @@ class ApiKeyUpdateSerializer(_KeyFieldsMixin):
     monthly_spend_limit_micros = serializers.IntegerField(**_SPEND_LIMIT_KWARGS)
 
 
-class StaffTokenSerializer(serializers.ModelSerializer):
+class StaffTokenSerializer(StrictModelSerializer):
     user: serializers.SlugRelatedField[Any] = serializers.SlugRelatedField(slug_field="username", read_only=True)
     status = serializers.SerializerMethodField()
 

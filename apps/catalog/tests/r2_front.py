@@ -60,6 +60,9 @@ class R2Front:
         self.list_uploads_page = 1000  # R2's (and S3's) cap on ListMultipartUploads' max-uploads
         self.sha256_checked: list[str] = []  # paths of single PUTs whose x-amz-checksum-sha256 matched
         self._parts: dict[str, dict[int, int]] = {}  # upload id -> part number -> size
+        # Object paths (/bucket/key) written since reset: PUTs (whole or part) and completions that
+        # moto accepted. A resumed upload must not write again what had landed.
+        self.writes: Counter[str] = Counter()
         self._lock = threading.Lock()
         ca = trustme.CA()
         self.ca_file = workdir / "r2-front-ca.pem"
@@ -74,6 +77,7 @@ class R2Front:
         with self._lock:
             self.refusals.clear()
             self.sha256_checked.clear()
+            self.writes.clear()
         self.list_uploads_page = 1000
 
     def __enter__(self) -> R2Front:
@@ -283,6 +287,9 @@ def _handler(front: R2Front) -> type[BaseHTTPRequestHandler]:
                 front.record_part(query["uploadId"][0], int(query["partNumber"][0]), len(body))
             if self.command in {"POST", "DELETE"} and "uploadId" in query and status in {200, 204}:
                 front.forget(query["uploadId"][0])
+            if status == 200 and (self.command == "PUT" or (self.command == "POST" and "uploadId" in query)):
+                with front._lock:
+                    front.writes[urlparse(self.path).path] += 1
             self._send(status, data, headers)
 
         def _complete_refusal(self, upload_id: str, body: bytes) -> tuple[int, str, str] | None:

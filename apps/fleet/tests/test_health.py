@@ -9,6 +9,7 @@ import pytest
 
 from apps.core import invalidation
 from apps.fleet.health import run_health_checks
+from apps.fleet.keys import SEALED_STATIC_KEY, seal_static_key
 from apps.fleet.models import Node, NodeStatus
 from apps.fleet.services import node_create
 from apps.fleet.transitions import node_transition
@@ -118,3 +119,43 @@ def test_a_503_engine_dead_answer_counts_as_a_failure_and_200_recovers(served_mo
         run_health_checks()
     node.refresh_from_db()
     assert node.status == NodeStatus.READY
+
+
+def _static_node(model, url: str, key: str) -> Node:
+    """A ready static node whose sealed key (what the gateway presents) is ``key``."""
+    node = _node(model, url, "ready")
+    Node.objects.filter(pk=node.pk).update(launcher_state={SEALED_STATIC_KEY: seal_static_key(key)})
+    return Node.objects.get(pk=node.pk)
+
+
+def test_a_node_that_refused_our_key_does_not_flap_back_to_ready(served_model, settings) -> None:
+    """The gateway marks a node unhealthy when it refuses the node key; /health needs no key, so
+    the health check must try the key too, or the node came back at the next pass (issue #11)."""
+    with run_simulator_process(model=served_model.name, api_key="rotated-key") as sim:
+        node = _static_node(served_model, sim.url, "the-key-we-present")
+        node_transition(
+            node=node, to=NodeStatus.UNHEALTHY, reason="the node refused the gateway's node key", actor="gateway"
+        )
+        for _ in range(settings.FLEET_UNHEALTHY_AFTER + 1):
+            summary = run_health_checks()
+            node.refresh_from_db()
+            assert node.status == NodeStatus.UNHEALTHY and summary.healthy == 0
+        assert node.consecutive_failures == settings.FLEET_UNHEALTHY_AFTER + 1
+        assert node.health_latency_ms is not None  # /health answered; the key did not pass
+
+        # The same key presented as the node expects: it recovers.
+        Node.objects.filter(pk=node.pk).update(launcher_state={SEALED_STATIC_KEY: seal_static_key("rotated-key")})
+        run_health_checks()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.READY and node.consecutive_failures == 0
+
+
+def test_a_ready_node_refusing_our_key_becomes_unhealthy_with_the_reason(served_model, settings) -> None:
+    with run_simulator_process(model=served_model.name, api_key="rotated-key") as sim:
+        node = _static_node(served_model, sim.url, "the-key-we-present")
+        for _ in range(settings.FLEET_UNHEALTHY_AFTER):
+            run_health_checks()
+    node.refresh_from_db()
+    assert node.status == NodeStatus.UNHEALTHY
+    assert "refused the gateway's node key (HTTP 401 on /v1/models)" in node.status_reason
+    assert "the-key-we-present" not in node.status_reason and "rotated-key" not in node.status_reason

@@ -128,6 +128,33 @@ def test_a_request_the_node_rejects_is_recorded_with_zero_tokens(gateway, api_ke
     assert (record.prompt_tokens, record.completion_tokens, record.estimated, record.cost_micros) == (0, 0, False, 0)
 
 
+def test_a_node_400_passes_through_with_its_integer_code(gateway, api_key, tenant, catalog_model) -> None:
+    """vLLM's ErrorResponse carries the HTTP status as an integer ``code``; the gateway passes the
+    node's error through untouched (stream or not), so clients see what vLLM and OpenAI send."""
+    unlimited(tenant)
+    with run_simulator_process(model="llama-3-8b", api_key=NODE_KEY, light=True) as sim:
+        ready_node(catalog_model, sim.url, gateway=gateway)
+        direct = httpx.post(
+            sim.base_url + "/chat/completions",
+            json={"model": "llama-3-8b", "messages": MSG, "max_tokens": 100_000},
+            headers={"Authorization": f"Bearer {NODE_KEY}"},
+        )
+        answers = [chat(gateway, api_key[1], max_tokens=100_000, stream=stream) for stream in (False, True)]
+        client = openai.OpenAI(base_url=gateway.base_url, api_key=api_key[1], max_retries=0)
+        with pytest.raises(openai.BadRequestError) as exc:
+            client.chat.completions.create(model="llama-3-8b", messages=MSG, max_tokens=100_000)
+
+    assert direct.status_code == 400
+    for r in answers:
+        assert r.status_code == 400 and r.headers["content-type"].startswith("application/json")
+        assert r.json() == direct.json()
+        err = error_of(r)
+        assert err["code"] == 400 and type(err["code"]) is int and err["type"] == "BadRequestError"
+    # The SDK keeps the body as sent; its ``.code`` attribute is typed Optional[str] and reads "400".
+    assert isinstance(exc.value.body, dict) and exc.value.body["code"] == 400
+    assert exc.value.code == "400" and "maximum context length" in exc.value.message
+
+
 # --- stream_options (issue #10, 16) ---------------------------------------------------------------
 
 
