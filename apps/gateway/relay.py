@@ -194,9 +194,11 @@ async def open_upstream(
 
 
 def _request_failed(status: int, *, nodes: int) -> GatewayError:
+    # 502, whatever the engine said: the gateway never answers a 500 of its own making, and a 500
+    # passed through would read as a CrossLogic fault to the client and to anyone counting 5xx.
     where = "two model servers" if nodes > 1 else "the model server"
     return GatewayError(
-        status,
+        502,
         f"The request failed on {where} (HTTP {status}); it was not retried further.",
         type="server_error",
         code="upstream_error",
