@@ -464,6 +464,14 @@ GATEWAY_NODE_FAILURE_WINDOW_S: float = _env_or_fail("GATEWAY_NODE_FAILURE_WINDOW
 # Fairness: one tenant's requests in flight on one model, per ready node of it (0 = no cap), so
 # one tenant's flood leaves room for the others (vLLM batches 256 sequences per node by default).
 GATEWAY_TENANT_INFLIGHT_PER_NODE: int = _env_or_fail("GATEWAY_TENANT_INFLIGHT_PER_NODE", int, 128)
+# Scale from zero (apps/gateway/coldstart.py): requests for a model whose first node is starting
+# are held, at most this many per model per gateway worker, for at most this long; then 503.
+GATEWAY_COLD_QUEUE_MAX: int = _env_or_fail("GATEWAY_COLD_QUEUE_MAX", int, 256)
+GATEWAY_COLD_WAIT_S: float = _env_or_fail("GATEWAY_COLD_WAIT_S", float, 120.0)
+if GATEWAY_COLD_QUEUE_MAX < 0 or GATEWAY_COLD_WAIT_S <= 0:
+    raise ImproperlyConfigured(
+        "GATEWAY_COLD_QUEUE_MAX must be >= 0 (0: hold nothing) and GATEWAY_COLD_WAIT_S positive."
+    )
 if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
     raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
 if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:

@@ -26,6 +26,7 @@ from apps.core import invalidation
 from apps.core import redis as redis_lib
 from apps.gateway import payloads, relay, upstream
 from apps.gateway.auth import KeyCache, KeyEntry
+from apps.gateway.coldstart import ColdStart
 from apps.gateway.errors import GatewayError, bad_request
 from apps.gateway.limits import Budget, Limit, RateLimiter
 from apps.gateway.routing import (
@@ -90,6 +91,7 @@ class Gateway:
         self.board = LoadBoard()
         self.table = RoutingTable()
         self.usage = UsageRecorder()
+        self.cold = ColdStart(lambda: self.table, self.board.worker_id)
         self.session: Any = None
         self.redis: Any = None
         self.hot_redis: redis_lib.Multiplexed | None = None
@@ -121,13 +123,20 @@ class Gateway:
             self.hot_redis = redis_lib.multiplexed()
             self.limiter = RateLimiter(self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN)
             self._routing_dirty = asyncio.Event()
+            self.cold.start(self.redis)
             try:
                 self.table = await aload_table()
             except Exception:
                 log.exception("gateway: could not load the routing table at start")
             self._tasks = [
                 asyncio.ensure_future(c)
-                for c in (self._refresh_routing(), self.usage.run(), self._listen_invalidations(), self._sync_load())
+                for c in (
+                    self._refresh_routing(),
+                    self.usage.run(),
+                    self._listen_invalidations(),
+                    self._sync_load(),
+                    self.cold.run(),
+                )
             ]
             self._started = True
 
@@ -136,6 +145,7 @@ class Gateway:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self.cold.close()
         try:
             await self.usage.flush()
         except Exception:
@@ -156,6 +166,7 @@ class Gateway:
             self._routing_dirty.clear()
             try:
                 self.table = await aload_table()
+                self.cold.table_changed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -487,6 +498,8 @@ class Gateway:
         client_wants_usage: bool,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        # A model scaled to zero: wait here for its first node (cancelled if the client leaves).
+        route = await self.cold.wait_ready(route)
         node, resp = await relay.open_upstream(
             session=self.session,
             board=self.board,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 import uuid
 from collections import defaultdict, deque
@@ -29,6 +30,10 @@ log = logging.getLogger(__name__)
 LOADBOARD_PERIOD_S = 0.2
 _WORKERS_KEY = "crosslogic:inflight:workers"
 _COOLDOWN_KEY = "crosslogic:cooldowns"
+# The measured cold start: the median over a model's last 20 nodes that became ready, read from
+# the newest 500 such nodes of the whole fleet (one indexed query per table load).
+COLD_START_PER_MODEL = 20
+COLD_START_SAMPLE = 500
 
 
 @dataclass(frozen=True)
@@ -48,6 +53,14 @@ class ModelRoute:
     price_out: Decimal
     nodes: tuple[NodeRoute, ...] = ()
     max_model_len: int | None = None
+    # Scale from zero (apps/gateway/coldstart.py): nodes on their way up, whether the policy lets
+    # one start (min_replicas 0, max_replicas > 0), since when the oldest has been starting (wall
+    # clock), and the measured cold start (median ready_at - requested_at) for this model, else for
+    # its accelerator; None when nothing was ever measured.
+    starting: int = 0
+    may_start: bool = False
+    starting_since: float | None = None
+    cold_start_s: float | None = None
 
 
 @dataclass
@@ -61,6 +74,7 @@ def load_table() -> RoutingTable:
     from apps.fleet.keys import presented_key
     from apps.fleet.models import Node, NodeStatus
 
+    starting_statuses = (NodeStatus.PENDING, NodeStatus.PROVISIONING, NodeStatus.LOADING)
     close_old_connections()
     try:
         models = list(
@@ -72,7 +86,18 @@ def load_table() -> RoutingTable:
                 "price_output_per_mtok",
                 "max_model_len",
                 "context_length",
+                "accelerator",
+                "min_replicas",
+                "max_replicas",
             )
+        )
+        starting = list(
+            Node.objects.filter(status__in=starting_statuses, model__is_active=True).values("model_id", "requested_at")
+        )
+        measured = list(
+            Node.objects.filter(ready_at__isnull=False)
+            .order_by("-ready_at")
+            .values("model_id", "accelerator", "model__accelerator", "requested_at", "ready_at")[:COLD_START_SAMPLE]
         )
         nodes = list(
             Node.objects.filter(status=NodeStatus.READY, model__is_active=True)
@@ -94,8 +119,13 @@ def load_table() -> RoutingTable:
                 waiting=n["requests_waiting"] or 0,
             )
         )
+    starting_by_model: dict[int, list[float]] = defaultdict(list)
+    for n in starting:
+        starting_by_model[n["model_id"]].append(n["requested_at"].timestamp())
+    cold_by_model, cold_by_accelerator = _cold_starts(measured)
     table = RoutingTable(loaded_at=time.monotonic())
     for m in models:
+        since = starting_by_model.get(m["id"], [])
         table.models[m["name"]] = ModelRoute(
             model_id=m["id"],
             name=m["name"],
@@ -105,8 +135,29 @@ def load_table() -> RoutingTable:
             nodes=tuple(by_model.get(m["id"], ())),
             # What vLLM serves: --max-model-len when the catalog sets it, else the model's own context.
             max_model_len=m["max_model_len"] or m["context_length"],
+            starting=len(since),
+            may_start=m["min_replicas"] == 0 and m["max_replicas"] > 0,
+            starting_since=min(since) if since else None,
+            cold_start_s=cold_by_model.get(m["id"], cold_by_accelerator.get(m["accelerator"])),
         )
     return table
+
+
+def _cold_starts(rows: list[dict]) -> tuple[dict[int, float], dict[str, float]]:
+    """Median cold start per model (its last COLD_START_PER_MODEL nodes) and per accelerator."""
+    per_model: dict[int, list[float]] = defaultdict(list)
+    per_accelerator: dict[str, list[float]] = defaultdict(list)
+    for row in rows:  # newest first
+        seconds = (row["ready_at"] - row["requested_at"]).total_seconds()
+        if seconds < 0:
+            continue
+        if len(per_model[row["model_id"]]) < COLD_START_PER_MODEL:
+            per_model[row["model_id"]].append(seconds)
+        per_accelerator[row["accelerator"] or row["model__accelerator"]].append(seconds)
+    return (
+        {k: statistics.median(v) for k, v in per_model.items() if v},
+        {k: statistics.median(v) for k, v in per_accelerator.items() if v},
+    )
 
 
 def node_mark_unhealthy(*, node_id: int, reason: str) -> bool:
