@@ -6,6 +6,7 @@ Invalid values raise ImproperlyConfigured at start rather than surprising us lat
 from __future__ import annotations
 
 import re
+import shlex
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
@@ -362,6 +363,13 @@ if min(FLEET_RELAUNCH_MAX_FAILURES, FLEET_RELAUNCH_FAILURE_WINDOW_S) < 1 or FLEE
     )
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
+# Local launcher: more `python -m vllm_sim` flags for its nodes, e.g. "--max-num-seqs 4 --itl-ms 40"
+# (docs/simulator.md lists them; bench/autoscale_bench.py bounds each node's capacity with them).
+FLEET_LOCAL_SIM_ARGS: str = env("FLEET_LOCAL_SIM_ARGS", default="")
+try:
+    shlex.split(FLEET_LOCAL_SIM_ARGS)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"FLEET_LOCAL_SIM_ARGS: {exc} (write it as a shell command line).") from None
 if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_SKY_STATUS_TIMEOUT_S must be a positive number of seconds.")
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:

@@ -498,8 +498,12 @@ class Gateway:
         client_wants_usage: bool,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
-        # A model scaled to zero: wait here for its first node (cancelled if the client leaves).
-        route = await self.cold.wait_ready(route)
+        if not route.nodes:
+            # A model scaled to zero: wait here for its first node (cancelled if the client leaves).
+            waited = time.monotonic()
+            route = await self.cold.wait_ready(route)
+            held_ms = int((time.monotonic() - waited) * 1000)
+            headers = [*headers, (b"x-cold-start-wait-ms", str(held_ms).encode())]
         node, resp = await relay.open_upstream(
             session=self.session,
             board=self.board,
