@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-sqlite lint typecheck ci bench clean
+.PHONY: run test test-fast test-sqlite lint typecheck ci bench bench-autoscale clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -47,6 +47,11 @@ ci:
 bench: $(STAMP)
 	@test -f scripts/bench.sh || { echo "make bench: scripts/bench.sh is not in this checkout (see docs/benchmarks.md)"; exit 1; }
 	@bash scripts/bench.sh
+
+# The autoscaling replay (bench/autoscale_bench.py): a bursty day in 10 minutes per policy, three
+# policies (~35 minutes). make bench-autoscale ARGS="--quick" for a smoke run.
+bench-autoscale: $(STAMP)
+	@bash scripts/bench.sh --autoscale $(ARGS)
 
 clean:
 	rm -rf $(VENV) var staticfiles
