@@ -79,9 +79,7 @@ def render(out: dict[str, Any], argv: list[str]) -> str:
     for name, r in out["results"].items():
         s = r["summary"]
         share = f"{s['node_seconds'] / static_ns:.0%}" if static_ns else "–"
-        held = (
-            f"{s['held']} ({_ms(s['held_wait_p50_ms'])} / {_ms(s['held_wait_max_ms'])})" if s["held"] else "0"
-        )
+        held = f"{s['held']} ({_ms(s['held_wait_p50_ms'])} / {_ms(s['held_wait_max_ms'])})" if s["held"] else "0"
         failed = f"{s['failed']}" + (
             " (" + ", ".join(f"{k}: {v}" for k, v in sorted(s["failures"].items())[:3]) + ")" if s["failures"] else ""
         )
@@ -109,15 +107,30 @@ def chart(out: dict[str, Any], path: Path) -> None:
         ax.step(hours, [s["ready"] for s in samples], where="post", label="nodes ready", color="tab:green")
         if any(s.get("desired") is not None for s in samples):
             ax.step(
-                hours, [s.get("desired") or 0 for s in samples], where="post", label="desired", color="tab:gray",
+                hours,
+                [s.get("desired") or 0 for s in samples],
+                where="post",
+                label="desired",
+                color="tab:gray",
                 linestyle=":",
             )
         ax.set_ylabel("nodes")
         queue = ax.twinx()
-        queue.plot(hours, [s["held"] + s["waiting"] for s in samples], color="tab:red", alpha=0.7,
-                   label="queue (held + vLLM waiting)")
-        queue.plot(hours, [s["offered_rps"] for s in samples], color="tab:orange", alpha=0.5, linestyle="--",
-                   label="offered req/s")
+        queue.plot(
+            hours,
+            [s["held"] + s["waiting"] for s in samples],
+            color="tab:red",
+            alpha=0.7,
+            label="queue (held + vLLM waiting)",
+        )
+        queue.plot(
+            hours,
+            [s["offered_rps"] for s in samples],
+            color="tab:orange",
+            alpha=0.5,
+            linestyle="--",
+            label="offered req/s",
+        )
         queue.set_ylabel("requests, req/s")
         s = r["summary"]
         ax.set_title(

@@ -88,9 +88,7 @@ def prepare_template(env: dict) -> None:
     template = _db_name(db_url) + "_tpl"
     _sql(db_url, f'DROP DATABASE IF EXISTS "{template}" WITH (FORCE)', f'CREATE DATABASE "{template}"')
     tpl_env = {**env, "DATABASE_URL": urlunparse(urlparse(db_url)._replace(path=f"/{template}"))}
-    subprocess.run(
-        [sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=tpl_env, check=True
-    )
+    subprocess.run([sys.executable, "manage.py", "migrate", "--noinput", "-v", "0"], cwd=ROOT, env=tpl_env, check=True)
 
 
 def fresh_database(env: dict) -> None:
@@ -126,7 +124,12 @@ class ControlPlane:
     def _start(self, name: str, cmd: list[str]) -> None:
         log = open(self.logs / f"{name}.log", "ab")  # noqa: SIM115  # closed with the process's life
         self.procs[name] = subprocess.Popen(
-            cmd, cwd=ROOT, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            cmd,
+            cwd=ROOT,
+            env=self.env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             start_new_session=True,
         )
 
@@ -134,15 +137,33 @@ class ControlPlane:
         py = sys.executable
         self._start(
             "gateway",
-            [py, "-m", "crosslogic.serve", "--host", "127.0.0.1", "--port", str(self.port), "--no-access-log",
-             "--log-level", "warning"],
+            [
+                py,
+                "-m",
+                "crosslogic.serve",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.port),
+                "--no-access-log",
+                "--log-level",
+                "warning",
+            ],
         )
         celery = str(Path(py).with_name("celery"))
         self._start("worker", [celery, "-A", "crosslogic", "worker", "--loglevel", "WARNING", "--concurrency", "3"])
         self._start(
             "beat",
-            [celery, "-A", "crosslogic", "beat", "--loglevel", "WARNING",
-             "--scheduler", "django_celery_beat.schedulers:DatabaseScheduler"],
+            [
+                celery,
+                "-A",
+                "crosslogic",
+                "beat",
+                "--loglevel",
+                "WARNING",
+                "--scheduler",
+                "django_celery_beat.schedulers:DatabaseScheduler",
+            ],
         )
         import httpx
 
@@ -280,9 +301,11 @@ class QpsDriver(threading.Thread):
         from apps.fleet.models import Node, NodeStatus
         from apps.fleet.services import node_drain, node_terminate
 
-        S = NodeStatus
+        S = NodeStatus  # noqa: N806  # short alias, as in apps.fleet.models
         serving = list(
-            Node.objects.filter(model=self.model, status__in=[S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY])
+            Node.objects.filter(
+                model=self.model, status__in=[S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY]
+            )
         )
         if len(serving) < target:
             launch(self.model, target - len(serving))
@@ -326,13 +349,14 @@ class Sampler(threading.Thread):
 
         from apps.fleet.models import Node, NodeStatus
 
-        S = NodeStatus
+        S = NodeStatus  # noqa: N806  # short alias, as in apps.fleet.models
         counts = dict(
-            Node.objects.filter(model=self.model).values_list("status").annotate(n=Count("id")).values_list("status", "n")
+            Node.objects.filter(model=self.model)
+            .values_list("status")
+            .annotate(n=Count("id"))
+            .values_list("status", "n")
         )
-        waiting = (
-            Node.objects.filter(model=self.model, status=S.READY).aggregate(w=Sum("requests_waiting"))["w"] or 0
-        )
+        waiting = Node.objects.filter(model=self.model, status=S.READY).aggregate(w=Sum("requests_waiting"))["w"] or 0
         live = sum(counts.get(s, 0) for s in (S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING))
         live += counts.get("stopping", 0)
         held = desired = None
@@ -398,7 +422,13 @@ async def _one(session: Any, url: str, body: bytes, headers: dict, o: Outcome, t
 
 
 async def replay(
-    url: str, key: str, trace: list[float], max_tokens: int, t0: float, sent: list[float], in_flight: list[int],
+    url: str,
+    key: str,
+    trace: list[float],
+    max_tokens: int,
+    t0: float,
+    sent: list[float],
+    in_flight: list[int],
     timeout_s: float,
 ) -> list[Outcome]:
     import json
@@ -406,8 +436,12 @@ async def replay(
     import aiohttp
 
     body = json.dumps(
-        {"model": MODEL, "messages": [{"role": "user", "content": "Tell me a story"}], "max_tokens": max_tokens,
-         "stream": True}
+        {
+            "model": MODEL,
+            "messages": [{"role": "user", "content": "Tell me a story"}],
+            "max_tokens": max_tokens,
+            "stream": True,
+        }
     ).encode()
     headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json"}
     outcomes = [Outcome(at=t) for t in trace]
@@ -419,7 +453,9 @@ async def replay(
             if delay > 0:
                 await asyncio.sleep(delay)
             sent.append(time.monotonic() - t0)
-            tasks.append(asyncio.ensure_future(_one(session, url + "/v1/chat/completions", body, headers, o, t0, in_flight)))
+            tasks.append(
+                asyncio.ensure_future(_one(session, url + "/v1/chat/completions", body, headers, o, t0, in_flight))
+            )
         await asyncio.gather(*tasks)
     return outcomes
 
@@ -429,7 +465,7 @@ async def replay(
 
 def node_capacity_rps(args: Any) -> float:
     """Requests per second one node serves at the policies' target load (target ongoing requests,
-    each taking TTFT + (max_tokens - 1) × ITL)."""
+    each taking TTFT + (max_tokens - 1) x ITL)."""
     seconds = 0.05 + (args.max_tokens - 1) * args.itl_ms / 1000
     return args.target_ongoing / seconds
 
@@ -442,7 +478,10 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
     cold = scale.delay(45.0)
     with ControlPlane(env) as cp:
         key, model = seed(
-            policy=policy, static_nodes=static_nodes, max_nodes=max_nodes, target_ongoing=args.target_ongoing,
+            policy=policy,
+            static_nodes=static_nodes,
+            max_nodes=max_nodes,
+            target_ongoing=args.target_ongoing,
             scale=scale,
         )
         if policy == "static":
@@ -464,9 +503,7 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
             driver = QpsDriver(model, qps, scale, sent, t0)
             driver.start()
         timeout_s = float(env["GATEWAY_COLD_WAIT_S"]) + 60
-        outcomes = asyncio.run(
-            replay(cp.url, key, trace, args.max_tokens, t0, sent, in_flight, timeout_s)
-        )
+        outcomes = asyncio.run(replay(cp.url, key, trace, args.max_tokens, t0, sent, in_flight, timeout_s))
         sampler.stop.set()
         sampler.join(10)
         if driver is not None:

@@ -1,12 +1,12 @@
 """The bursty day of bench/autoscale_bench.py, the time scales, the SkyServe-style QPS policy's
 decision rule, and the summary statistics. Pure functions: no Django, no processes. Not a test.
 
-The day (hours 0–24, compressed into ``duration`` seconds):
+The day (hours 0-24, compressed into ``duration`` seconds):
 - a diurnal ramp: lowest at 04:00 (8% of the day's peak), highest at 16:00;
-- a quiet hour, 03:00–04:00, with no request at all;
-- two bursts of 5× the diurnal rate, 10:00–11:00 and 15:00–16:00 (the second is the day's peak).
+- a quiet hour, 03:00-04:00, with no request at all;
+- two bursts of 5x the diurnal rate, 10:00-11:00 and 15:00-16:00 (the second is the day's peak).
 
-Two clocks: the day is compressed by 86400 / duration (144× for 10 minutes), while every
+Two clocks: the day is compressed by 86400 / duration (144x for 10 minutes), while every
 infrastructure and control-plane delay (cold start 45 s, warm start 7 s, SkyServe's 300 s / 1200 s
 delays, our windows) is divided by ``infra`` (7.5 for 10 minutes: a 6 s cold start). Local nodes
 cannot start faster than a few seconds here, so relative to the traffic the infrastructure is
@@ -191,9 +191,7 @@ class Summary:
     warm_starts_s: list[float] = field(default_factory=list)
 
 
-def summarize(
-    policy: str, scale: Scale, outcomes: list[Outcome], samples: list[Sample], period_s: float
-) -> Summary:
+def summarize(policy: str, scale: Scale, outcomes: list[Outcome], samples: list[Sample], period_s: float) -> Summary:
     first_burst = (scale.at_hour(BURSTS[0][0]), scale.at_hour(BURSTS[0][1]))
     ttft = [o.ttft_ms for o in outcomes if o.ttft_ms is not None and not o.failed]
     outside = [

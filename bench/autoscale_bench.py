@@ -1,7 +1,7 @@
 """Replay a bursty day against the local fleet and compare three ways of provisioning it.
 
 ``make bench-autoscale`` (``bench/autoscale_bench.py``): the day of bench/_autoscale_trace.py
-(diurnal ramp, a quiet hour, two 5× bursts) compressed into ``--duration`` seconds (600 by
+(diurnal ramp, a quiet hour, two 5x bursts) compressed into ``--duration`` seconds (600 by
 default) is replayed as streaming chat requests through the real gateway, in front of a real
 fleet: the local launcher starting simulator nodes (``python -m vllm_sim`` with a cold start, a
 bounded batch ``--max-num-seqs`` and KV cache), a Celery worker, beat with the health checks and
@@ -36,7 +36,7 @@ from urllib.parse import urlparse, urlunparse
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from _autoscale_trace import COLD_START_S, WARM_START_S, Scale, arrivals  # noqa: E402
+from _autoscale_trace import COLD_START_S, WARM_START_S, Scale, arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("static", "qps", "ours")
@@ -103,7 +103,7 @@ def main() -> None:
         "GATEWAY_COLD_WAIT_S": str(max(30.0, 4 * cold)),
         "GATEWAY_TENANT_INFLIGHT_PER_NODE": "100000",
     }
-    import _autoscale_run as run  # noqa: E402  # after sys.path; it imports Django with this env
+    import _autoscale_run as run  # after sys.path; it imports Django with this env
 
     print(
         f"bench-autoscale: {args.duration:.0f} s day (1 s = {scale.day_factor / 60:.1f} min of the day), "
@@ -123,12 +123,15 @@ def main() -> None:
         "args": vars(args),
         "scale": {"duration_s": scale.duration_s, "infra": scale.infra, "day_factor": scale.day_factor},
         "requests": len(trace),
-        "results": {name: {"summary": asdict(r.summary), "samples": [asdict(s) for s in r.samples]} for name, r in results.items()},
+        "results": {
+            name: {"summary": asdict(r.summary), "samples": [asdict(s) for s in r.samples]}
+            for name, r in results.items()
+        },
         "loadavg": os.getloadavg(),
     }
     path = var / time.strftime("autoscale-%Y%m%d-%H%M%S.json", time.gmtime(started))
     path.write_text(json.dumps(out))
-    import _autoscale_report as report  # noqa: E402
+    import _autoscale_report as report
 
     table = report.render(out, argv=sys.argv[1:])
     print()
