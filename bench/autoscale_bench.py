@@ -90,10 +90,9 @@ def main() -> None:
         "LOG_LEVEL": "WARNING",
         "FLEET_DEFAULT_LAUNCHER": "local",
         "FLEET_LOCAL_STARTUP_DELAY_S": f"{cold:.2f}",
-        "FLEET_LOCAL_WARM_START_DELAY_S": f"{scale.delay(WARM_START_S):.2f}",
         "FLEET_LOCAL_SIM_ARGS": (
             f"--max-num-seqs {args.max_num_seqs} --itl-ms {args.itl_ms:g} --ttft-ms 50 "
-            f"--kv-cache-tokens {args.max_num_seqs * 512}"
+            f"--kv-cache-tokens {args.max_num_seqs * 512} --warm-start-delay-s {scale.delay(WARM_START_S):.2f}"
         ),
         "FLEET_HEALTH_INTERVAL_S": "1",
         "FLEET_RECONCILE_INTERVAL_S": "2",

@@ -370,6 +370,19 @@ try:
     shlex.split(FLEET_LOCAL_SIM_ARGS)
 except ValueError as exc:
     raise ImproperlyConfigured(f"FLEET_LOCAL_SIM_ARGS: {exc} (write it as a shell command line).") from None
+# Autoscaler (apps.fleet.autoscale): how often beat runs it, how long a drained node may stay
+# stopped (warm pool) before it is torn down, and what a stopped node's disk costs.
+FLEET_AUTOSCALE_INTERVAL_S: int = _env_or_fail("FLEET_AUTOSCALE_INTERVAL_S", int, 5)
+WARM_POOL_TTL_S: int = _env_or_fail("WARM_POOL_TTL_S", int, 3600)
+WARM_POOL_DISK_USD_PER_GB_MONTH: float = _env_or_fail("WARM_POOL_DISK_USD_PER_GB_MONTH", float, 0.10)
+# Cold start assumed for an accelerator with no measured launch yet (seconds).
+FLEET_DEFAULT_COLD_START_S: float = _env_or_fail("FLEET_DEFAULT_COLD_START_S", float, 60.0)
+if FLEET_AUTOSCALE_INTERVAL_S < 1 or WARM_POOL_TTL_S < 0 or WARM_POOL_DISK_USD_PER_GB_MONTH < 0:
+    raise ImproperlyConfigured(
+        "FLEET_AUTOSCALE_INTERVAL_S must be positive; WARM_POOL_TTL_S and WARM_POOL_DISK_USD_PER_GB_MONTH 0 or more."
+    )
+if FLEET_DEFAULT_COLD_START_S <= 0:
+    raise ImproperlyConfigured("FLEET_DEFAULT_COLD_START_S must be a positive number of seconds.")
 if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_SKY_STATUS_TIMEOUT_S must be a positive number of seconds.")
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:

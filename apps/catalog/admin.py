@@ -110,6 +110,16 @@ class ModelAdminForm(forms.ModelForm):
             "price_output_per_mtok",
             "min_replicas",
             "max_replicas",
+            "target_ongoing_requests",
+            "target_kv_cache_usage",
+            "target_queue_wait_s",
+            "scale_up_window_s",
+            "scale_down_window_s",
+            "idle_to_zero_s",
+            "spot_fallback",
+            "spot_fallback_preemptions",
+            "spot_fallback_window_s",
+            "warm_pool",
         )
         widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
 
@@ -253,6 +263,18 @@ class ModelAdmin(admin.ModelAdmin):
         ),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
         ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
+        (
+            "Autoscaling",
+            {
+                "description": "How the autoscaler follows demand (docs/fleet.md, “Autoscaling”).",
+                "fields": (
+                    ("target_ongoing_requests", "target_kv_cache_usage", "target_queue_wait_s"),
+                    ("scale_up_window_s", "scale_down_window_s", "idle_to_zero_s"),
+                    ("spot_fallback", "spot_fallback_preemptions", "spot_fallback_window_s"),
+                    "warm_pool",
+                ),
+            },
+        ),
         ("Weights history", {"classes": ("collapse",), "fields": ("upload_history", "verification_history")}),
         ("History", {"classes": ("collapse",), "fields": ("created_at", "updated_at")}),
     )

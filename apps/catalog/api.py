@@ -119,6 +119,16 @@ class ModelSerializer(serializers.ModelSerializer):
             "price_output_per_mtok",
             "min_replicas",
             "max_replicas",
+            "target_ongoing_requests",
+            "target_kv_cache_usage",
+            "target_queue_wait_s",
+            "scale_up_window_s",
+            "scale_down_window_s",
+            "idle_to_zero_s",
+            "spot_fallback",
+            "spot_fallback_preemptions",
+            "spot_fallback_window_s",
+            "warm_pool",
             "total_bytes",
             "manifest",
             "upload_status",
@@ -141,6 +151,11 @@ class ModelSerializer(serializers.ModelSerializer):
         hi = attrs.get("max_replicas", getattr(self.instance, "max_replicas", 1))
         if hi < lo:
             raise serializers.ValidationError({"max_replicas": "Must be at least min_replicas."})
+        active = attrs.get("is_active", getattr(self.instance, "is_active", True))
+        if hi < 1 and active:
+            raise serializers.ValidationError(
+                {"max_replicas": "An active model needs at least 1 (set min_replicas 0 to scale to zero)."}
+            )
         return attrs
 
 

@@ -125,8 +125,73 @@ class ServedModel(models.Model):
         default=Decimal("0"),
         validators=[MinValueValidator(Decimal("0"))],
     )
-    min_replicas = models.PositiveSmallIntegerField(default=0)
+    min_replicas = models.PositiveSmallIntegerField(default=0, help_text="0 lets the model scale to zero when idle.")
     max_replicas = models.PositiveSmallIntegerField(default=1)
+    # The autoscaler's policy (apps.fleet.autoscale; docs/fleet.md explains the formula).
+    target_ongoing_requests = models.PositiveSmallIntegerField(
+        "target ongoing requests per node",
+        default=16,
+        validators=[MinValueValidator(1)],
+        help_text="Running + waiting requests one node should carry; more demand adds nodes.",
+    )
+    target_kv_cache_usage = models.FloatField(
+        "target KV-cache use",
+        null=True,
+        blank=True,
+        default=0.8,
+        validators=[MinValueValidator(0.05), MaxValueValidator(1.0)],
+        help_text="0.05–1: mean KV-cache use of the ready nodes above this adds nodes. Empty: not used.",
+    )
+    target_queue_wait_s = models.FloatField(
+        "target queue wait (s)",
+        null=True,
+        blank=True,
+        validators=[MinValueValidator(0.05)],
+        help_text="Estimated wait in vLLM's queue above this adds nodes. Empty: not used.",
+    )
+    scale_up_window_s = models.PositiveIntegerField(
+        "scale-up window (s)",
+        default=0,
+        validators=[MaxValueValidator(3600)],
+        help_text="Demand must stay above capacity this long before nodes are added (0: at once).",
+    )
+    scale_down_window_s = models.PositiveIntegerField(
+        "scale-down window (s)",
+        default=300,
+        validators=[MaxValueValidator(86400)],
+        help_text="Demand must stay below capacity this long before a node is drained.",
+    )
+    idle_to_zero_s = models.PositiveIntegerField(
+        "idle before zero (s)",
+        default=900,
+        validators=[MaxValueValidator(7 * 86400)],
+        help_text="With min replicas 0: no request at all for this long drains the last node.",
+    )
+    spot_fallback = models.BooleanField(
+        "spot with on-demand fallback",
+        default=True,
+        help_text="Launch on-demand when a spot launch fails for capacity or spot nodes were preempted "
+        "too often; back to spot on a later scale-up once the window has passed.",
+    )
+    spot_fallback_preemptions = models.PositiveSmallIntegerField(
+        "preemptions before fallback",
+        default=2,
+        validators=[MinValueValidator(1)],
+        help_text="N: this many spot preemptions of the model within the window switch new launches to on-demand.",
+    )
+    spot_fallback_window_s = models.PositiveIntegerField(
+        "preemption window (s)",
+        default=1800,
+        validators=[MinValueValidator(60), MaxValueValidator(7 * 86400)],
+        help_text="W: preemptions and capacity failures are counted over this window; also the cool-off "
+        "before spot is tried again.",
+    )
+    warm_pool = models.BooleanField(
+        "keep drained nodes stopped",
+        default=True,
+        help_text="A scaled-down on-demand node is stopped (disk kept) for WARM_POOL_TTL_S instead of "
+        "terminated, so the next scale-up restarts it in seconds. Spot nodes are always terminated.",
+    )
     is_active = models.BooleanField("active", default=True)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
@@ -144,6 +209,8 @@ class ServedModel(models.Model):
         errors: dict[str, str] = {}
         if self.max_replicas < self.min_replicas:
             errors["max_replicas"] = "Must be at least min replicas."
+        if self.max_replicas < 1 and self.is_active:
+            errors["max_replicas"] = "An active model needs at least 1 (set min replicas 0 to scale to zero)."
         if not isinstance(self.extra_vllm_args, list) or not all(isinstance(a, str) for a in self.extra_vllm_args):
             errors["extra_vllm_args"] = "Must be a list of strings."
         elif set(self.extra_vllm_args) & PARSER_FLAGS:

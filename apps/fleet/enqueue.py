@@ -6,7 +6,13 @@ from __future__ import annotations
 
 from django.db import transaction
 
-from apps.fleet.tasks import node_check_health_task, node_launch_poll_task, node_launch_task, node_teardown_task
+from apps.fleet.tasks import (
+    node_check_health_task,
+    node_launch_poll_task,
+    node_launch_task,
+    node_stop_task,
+    node_teardown_task,
+)
 
 
 def enqueue_node_launch(*, node_id: int) -> None:
@@ -20,6 +26,11 @@ def enqueue_node_poll(*, node_id: int) -> None:
 
 def enqueue_node_teardown(*, node_id: int) -> None:
     transaction.on_commit(lambda: node_teardown_task.delay(node_id))
+
+
+def enqueue_node_stop(*, node_id: int) -> None:
+    """Stop a drained node's machine for the warm pool (apps.fleet.warm)."""
+    transaction.on_commit(lambda: node_stop_task.delay(node_id))
 
 
 def enqueue_health_check(*, node_ids: list[int]) -> None:

@@ -11,6 +11,7 @@ import contextlib
 import logging
 import time
 from dataclasses import dataclass
+from decimal import Decimal
 
 from django.conf import settings
 from django.db import transaction
@@ -19,11 +20,13 @@ from django.utils import timezone
 from apps.fleet.keys import node_api_key, registration_token_issue
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError, Progress, RetryableLaunchError, Secrets
+from apps.fleet.launchers.skypilot import disk_size_gb
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.fleet.transitions import IllegalTransition, node_event, node_fail, node_transition
 
 log = logging.getLogger(__name__)
 MAX_API_RETRIES = 5
+HOURS_PER_MONTH = Decimal("730")
 
 
 @dataclass
@@ -138,7 +141,7 @@ def poll_launch(node_id: int) -> Step:
     if node.launcher_state.get("poll_api_retries"):
         _save_state(node, poll_api_retries=0)  # the server answered again: the next outage starts afresh
     if result.progress is Progress.WAITING:
-        if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+        if (timezone.now() - node.launch_started_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
             return _failed(node, f"launch did not finish within {settings.FLEET_LAUNCH_TIMEOUT_S}s")
         return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
     if result.progress is Progress.GONE:
@@ -173,7 +176,7 @@ def _failed(node: Node, reason: str) -> Step:
 
 
 def _again_unless_late(node: Node) -> Step:
-    if (timezone.now() - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
+    if (timezone.now() - node.launch_started_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S:
         why = "not ready" if node.endpoint_url else "the node's endpoint never became known"
         return _failed(node, f"{why} within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch")
     return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="poll")
@@ -219,3 +222,58 @@ def teardown_node(node_id: int) -> Step:
     else:
         node_event(node=node, message="machine torn down after failure")
     return Step()
+
+
+def stopped_hourly_cost(node: Node) -> Decimal:
+    """What the stopped node's disk costs per hour (the disk SkyPilot gives it)."""
+    profile = node.launch_profile
+    gb = (profile.disk_size_gb if profile and profile.disk_size_gb else None) or disk_size_gb(node.model.total_bytes)
+    rate = Decimal(str(settings.WARM_POOL_DISK_USD_PER_GB_MONTH))
+    return (Decimal(gb) * rate / HOURS_PER_MONTH).quantize(Decimal("0.0001"))
+
+
+def stop_node(node_id: int) -> Step:
+    """stopping → (launcher stop) → stopped, its disk cost recorded. A machine that cannot be
+    stopped is torn down instead: the warm pool is an optimisation, never a leak."""
+    node = Node.objects.select_related("model", "launch_profile").get(pk=node_id)
+    if node.status != NodeStatus.STOPPING:
+        return Step()
+    launcher = get_launcher(node.launcher)
+    try:
+        done = launcher.stop(node)
+    except RetryableLaunchError as exc:
+        try:
+            return Step(again_in=_api_retry(node, exc, what="stop").again_in, then="stop")
+        except LaunchError as final:
+            return _stop_failed(node, final.reason)
+    except LaunchError as exc:
+        return _stop_failed(node, exc.reason)
+    except Exception as exc:
+        log.exception("stop of node %s failed", node)
+        return _stop_failed(node, f"unexpected error while stopping: {type(exc).__name__}: {exc}")
+    _save_state(node)  # stop() may have recorded a stop request id
+    if not done:
+        return Step(again_in=settings.FLEET_LAUNCH_POLL_S, then="stop")
+    with contextlib.suppress(IllegalTransition):
+        node_transition(
+            node=node,
+            to=NodeStatus.STOPPED,
+            expected_from=NodeStatus.STOPPING,
+            reason="stopped (warm pool)",
+            stopped_at=timezone.now(),
+            stopped_hourly_cost=stopped_hourly_cost(node),
+        )
+    return Step()
+
+
+def _stop_failed(node: Node, reason: str) -> Step:
+    try:
+        node_transition(
+            node=node,
+            to=NodeStatus.TERMINATING,
+            expected_from=NodeStatus.STOPPING,
+            reason=f"could not stop ({reason}); tearing down instead",
+        )
+    except IllegalTransition:
+        return Step()
+    return Step(again_in=1, then="teardown")

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+from datetime import datetime
 from decimal import Decimal
 
 from django.db import models
@@ -19,6 +20,8 @@ class NodeStatus(models.TextChoices):
     READY = "ready", "Ready"
     UNHEALTHY = "unhealthy", "Unhealthy"
     DRAINING = "draining", "Draining"
+    STOPPING = "stopping", "Stopping (warm pool)"
+    STOPPED = "stopped", "Stopped (warm pool)"
     TERMINATING = "terminating", "Terminating"
     TERMINATED = "terminated", "Terminated"
     FAILED = "failed", "Failed"
@@ -32,13 +35,22 @@ TRANSITIONS: dict[str, frozenset[str]] = {
     S.LOADING: frozenset({S.READY, S.UNHEALTHY, S.TERMINATING, S.FAILED}),
     S.READY: frozenset({S.UNHEALTHY, S.DRAINING, S.TERMINATING, S.FAILED}),
     S.UNHEALTHY: frozenset({S.READY, S.DRAINING, S.TERMINATING, S.FAILED}),
-    S.DRAINING: frozenset({S.TERMINATING, S.FAILED}),
+    S.DRAINING: frozenset({S.STOPPING, S.TERMINATING, S.FAILED}),
+    # The warm pool: a drained node's machine is stopped (its disk kept) instead of torn down, and a
+    # later scale-up restarts it: SkyPilot relaunches onto the stopped cluster (→ provisioning, the
+    # node registers again); a paused local process resumes as it was (→ loading, then the health
+    # check). A stopped node whose machine vanished is terminated; one kept past WARM_POOL_TTL_S is
+    # torn down.
+    S.STOPPING: frozenset({S.STOPPED, S.TERMINATING, S.FAILED}),
+    S.STOPPED: frozenset({S.PROVISIONING, S.LOADING, S.TERMINATING, S.TERMINATED, S.FAILED}),
     S.TERMINATING: frozenset({S.TERMINATED, S.FAILED}),
     S.FAILED: frozenset({S.TERMINATING, S.TERMINATED}),
     S.TERMINATED: frozenset(),
 }
-# Nodes that occupy (or will occupy) a machine.
-LIVE_STATUSES = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING})
+# Nodes that occupy (or will occupy) a GPU machine: what max_replicas bounds.
+LIVE_STATUSES = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING, S.STOPPING})
+# Nodes whose machine exists but is stopped or stopping: no GPU billed, their disk is.
+WARM_STATUSES = frozenset({S.STOPPING, S.STOPPED})
 HEALTH_CHECKED_STATUSES = frozenset({S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
 
 
@@ -111,6 +123,15 @@ class Node(models.Model):
     weights_loaded_at = models.DateTimeField(null=True, blank=True)
     ready_at = models.DateTimeField(null=True, blank=True)
     terminated_at = models.DateTimeField(null=True, blank=True)
+    # Warm pool: when the machine was last stopped, when its last restart was asked for (its ready_at
+    # then measures the warm start), how often it was restarted, and what it costs while stopped
+    # (its disk: WARM_POOL_DISK_USD_PER_GB_MONTH times its size), for the economics.
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    restart_requested_at = models.DateTimeField(null=True, blank=True)
+    warm_starts = models.PositiveIntegerField(default=0)
+    stopped_hourly_cost = models.DecimalField(
+        max_digits=10, decimal_places=4, default=Decimal("0"), help_text="USD per hour while stopped (disk)."
+    )
 
     last_health_at = models.DateTimeField(null=True, blank=True)
     consecutive_failures = models.PositiveIntegerField(default=0)
@@ -134,10 +155,21 @@ class Node(models.Model):
         return self.cluster_name or f"node-{self.pk}"
 
     @property
+    def launch_started_at(self) -> datetime:
+        """When the current launch began: the first launch, or the last warm restart."""
+        return self.restart_requested_at or self.requested_at
+
+    @property
     def cold_start_seconds(self) -> float | None:
-        if self.ready_at is None:
+        if self.ready_at is None or self.restart_requested_at is not None:
             return None
         return (self.ready_at - self.requested_at).total_seconds()
+
+    @property
+    def warm_start_seconds(self) -> float | None:
+        if self.ready_at is None or self.restart_requested_at is None or self.ready_at < self.restart_requested_at:
+            return None
+        return (self.ready_at - self.restart_requested_at).total_seconds()
 
 
 class NodeEvent(models.Model):
@@ -163,3 +195,50 @@ class NodeEvent(models.Model):
 
     def __str__(self) -> str:
         return f"{self.node}: {self.from_status}→{self.to_status} {self.message[:40]}"
+
+
+class ModelScale(models.Model):
+    """The autoscaler's state for one model: what it wants (desired), what there is, why, and the
+    hysteresis it carries from one run to the next. Written only by apps.fleet.autoscale."""
+
+    model = models.OneToOneField("catalog.ServedModel", on_delete=models.CASCADE, related_name="scale")
+    desired = models.PositiveSmallIntegerField(default=0)
+    ready = models.PositiveSmallIntegerField(default=0, help_text="Ready nodes at the last decision.")
+    starting = models.PositiveSmallIntegerField(default=0, help_text="Pending/provisioning/loading nodes.")
+    stopped = models.PositiveSmallIntegerField(default=0, help_text="Warm pool: stopped nodes.")
+    reason = models.TextField(blank=True)
+    inputs = models.JSONField(default=dict, blank=True, help_text="What the last decision saw.")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    changed_at = models.DateTimeField(null=True, blank=True, help_text="When desired last changed.")
+    # Hysteresis: since when demand has wanted more (or fewer) nodes than desired, and the most it
+    # wanted meanwhile (a scale-down goes to the peak of its window, not to the last sample).
+    above_since = models.DateTimeField(null=True, blank=True)
+    below_since = models.DateTimeField(null=True, blank=True)
+    below_peak = models.PositiveSmallIntegerField(default=0)
+    last_busy_at = models.DateTimeField(null=True, blank=True, help_text="Last time any request was seen.")
+    # Recent demand samples [[unix_ts, demand], …] for the trend that launches ahead of a cold start.
+    samples = models.JSONField(default=list, blank=True)
+
+    class Meta:
+        verbose_name = "model scale"
+
+    def __str__(self) -> str:
+        return f"{self.model_id}: desired {self.desired}"
+
+
+class ScaleDecision(models.Model):
+    """Append-only: each change of a model's desired replicas, with the inputs that made it."""
+
+    model = models.ForeignKey("catalog.ServedModel", on_delete=models.CASCADE, related_name="scale_decisions")
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    previous = models.PositiveSmallIntegerField()
+    desired = models.PositiveSmallIntegerField()
+    reason = models.TextField()
+    inputs = models.JSONField(default=dict, blank=True)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [models.Index(fields=["model", "-created_at"])]
+
+    def __str__(self) -> str:
+        return f"{self.model_id}: {self.previous} → {self.desired}"

@@ -14,7 +14,7 @@ from celery import shared_task
 from django.conf import settings
 
 from apps.core import redis as redis_lib
-from apps.fleet import health, reconcile
+from apps.fleet import autoscale, health, reconcile
 
 log = logging.getLogger(__name__)
 
@@ -66,3 +66,12 @@ def fleet_reconcile() -> None:
             log.warning("reconcile: %s", error)
     finally:
         _release("reconcile")
+
+
+@shared_task(ignore_result=True)
+def fleet_autoscale(model_id: int | None = None) -> None:
+    """One autoscaler pass (beat: every FLEET_AUTOSCALE_INTERVAL_S; the gateway: enqueue_autoscale).
+    The pass holds its own single-flight lock (autoscale.autoscale_run)."""
+    for decision in autoscale.autoscale_run(model_id=model_id):
+        if decision.error:
+            log.warning("autoscale: %s: %s", decision.model_name, decision.error)

@@ -3,10 +3,12 @@
 One pass (every 60 s from Celery beat):
 1. nodes whose machine vanished (spot preemption, a dead local process) → terminated, reason
    ``preempted``; nodes unhealthy for too long → terminating;
-2. draining nodes whose in-flight requests reached 0 (or whose drain timed out) → terminating;
+2. draining nodes whose in-flight requests reached 0 (or whose drain timed out) → stopping (the
+   warm pool, apps.fleet.warm) or terminating; stopped nodes past WARM_POOL_TTL_S → terminating;
 3. terminating nodes and not yet cleaned-up failed nodes get their (idempotent) teardown task;
-4. each active model gets back to ``min_replicas`` usable nodes, never above ``max_replicas`` live,
-   copying the placement of the node it replaces;
+4. each active model gets back to max(``min_replicas``, the autoscaler's desired count) usable
+   nodes, never above ``max_replicas`` live (apps.fleet.replicas: warm nodes first, then launches
+   copying the placement of the node it replaces);
 5. SkyPilot clusters with our prefix but no live node (orphans) are torn down after a grace period.
 """
 
@@ -15,28 +17,25 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections import defaultdict
 from dataclasses import dataclass, field
-from datetime import timedelta
 
 from django.conf import settings
-from django.db.models import Max, Q
+from django.db.models import Q
 from django.utils import timezone
 
 from apps.catalog.models import ServedModel
-from apps.fleet import sky
+from apps.core import redis as redis_lib
+from apps.fleet import demand, replicas, sky, warm
 from apps.fleet.enqueue import enqueue_node_poll, enqueue_node_teardown
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
-from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeEvent, NodeStatus
-from apps.fleet.placement import Placement
-from apps.fleet.services import node_request_launch
+from apps.fleet.models import LIVE_STATUSES, WARM_STATUSES, Launcher, ModelScale, Node, NodeEvent, NodeStatus
+from apps.fleet.services import node_terminate
 from apps.fleet.transitions import IllegalTransition, node_event, node_transition
 
 log = logging.getLogger(__name__)
 S = NodeStatus
-# Nodes that serve or will serve soon: they count towards min_replicas.
-USABLE = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
+USABLE = replicas.USABLE
 # Past provisioning the machine must exist; a provisioning node counts once its launch finished.
 MACHINE_EXPECTED = frozenset({S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING})
 
@@ -48,6 +47,9 @@ class Report:
     drained: list[str] = field(default_factory=list)
     teardowns: list[int] = field(default_factory=list)
     launched: list[str] = field(default_factory=list)
+    restarted: list[str] = field(default_factory=list)
+    stopped: list[str] = field(default_factory=list)
+    expired: list[str] = field(default_factory=list)
     orphans: list[str] = field(default_factory=list)
     resumed_polls: list[int] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -77,7 +79,7 @@ def _sky_clusters(report: Report) -> dict[str, sky.ClusterRecord] | None:
 
 
 def _vanished(node: Node, clusters: dict[str, sky.ClusterRecord] | None) -> bool:
-    expected = node.status in MACHINE_EXPECTED or (
+    expected = node.status in MACHINE_EXPECTED | {S.STOPPED} or (
         node.status == S.PROVISIONING and node.launcher_state.get("launched")
     )
     if not expected:
@@ -89,9 +91,20 @@ def _vanished(node: Node, clusters: dict[str, sky.ClusterRecord] | None) -> bool
     return False
 
 
-def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) -> None:
+def heal_nodes(
+    report: Report, clusters: dict[str, sky.ClusterRecord] | None, inflight: dict[int, int] | None = None
+) -> None:
     now = timezone.now()
-    for node in Node.objects.filter(status__in=MACHINE_EXPECTED | {S.PROVISIONING}).select_related("model"):
+    inflight = inflight or {}
+    for node in Node.objects.filter(status__in=MACHINE_EXPECTED | {S.PROVISIONING, S.STOPPED}).select_related(
+        "model", "launch_profile"
+    ):
+        if node.status == S.STOPPED:
+            if _vanished(node, clusters) and _move(node, S.TERMINATED, "the stopped machine vanished", report):
+                if node.launcher == Launcher.LOCAL:
+                    get_launcher(node.launcher).terminate(node)
+                report.preempted.append(str(node))
+            continue
         if _vanished(node, clusters):
             if _move(node, S.TERMINATING, "preempted: the machine vanished", report) and _move(
                 node, S.TERMINATED, "preempted", report
@@ -102,7 +115,7 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
             continue
         if (
             node.status in {S.PROVISIONING, S.LOADING}
-            and (now - node.requested_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S
+            and (now - node.launch_started_at).total_seconds() > settings.FLEET_LAUNCH_TIMEOUT_S
         ):
             # Stuck (lost launch, a node that never registered, weights that never loaded).
             _move(node, S.FAILED, f"not ready within {settings.FLEET_LAUNCH_TIMEOUT_S}s of launch", report)
@@ -125,21 +138,37 @@ def heal_nodes(report: Report, clusters: dict[str, sky.ClusterRecord] | None) ->
         ):
             report.replaced_unhealthy.append(str(node))
         if node.status == S.DRAINING:
-            waited = (now - node.status_changed_at).total_seconds()
-            idle = (
-                node.last_health_at is not None
-                and node.last_health_at > node.status_changed_at
-                and node.requests_running == 0
+            finish_drain(node, now, inflight, report)
+
+
+def finish_drain(node: Node, now, inflight: dict[int, int], report: Report, actor: str = "reconciler") -> None:
+    """A draining node with nothing left in flight: stopped for the warm pool, or torn down."""
+    finished = replicas.drain_finished(node, now, inflight)
+    if finished is None:
+        return
+    _, why = finished
+    not_warm = replicas.why_not_warm(node)
+    if not_warm is None:
+        try:
+            warm.node_stop(node=node, actor=actor, reason=why)
+        except IllegalTransition as exc:
+            report.errors.append(str(exc))
+            return
+        report.stopped.append(str(node))
+    elif _move(node, S.TERMINATING, f"{why}; {not_warm}", report):
+        report.drained.append(str(node))
+
+
+def expire_warm_pool(report: Report) -> None:
+    for node in warm.expired():
+        try:
+            node_terminate(
+                node=node, actor="reconciler", reason=f"stopped for over WARM_POOL_TTL_S={settings.WARM_POOL_TTL_S}s"
             )
-            if idle or waited > settings.FLEET_DRAIN_TIMEOUT_S:
-                why = (
-                    "drained: no requests in flight"
-                    if idle
-                    else f"drain timed out after {settings.FLEET_DRAIN_TIMEOUT_S}s "
-                    f"with {node.requests_running} in flight"
-                )
-                if _move(node, S.TERMINATING, why, report):
-                    report.drained.append(str(node))
+        except IllegalTransition as exc:
+            report.errors.append(str(exc))
+            continue
+        report.expired.append(str(node))
 
 
 def queue_teardowns(report: Report) -> None:
@@ -175,72 +204,22 @@ def resume_polls(report: Report) -> None:
             enqueue_node_poll(node_id=node_id)
 
 
-def _template(model: ServedModel) -> Node | None:
-    """The most recent node of the model, whose placement a replacement copies."""
-    return Node.objects.filter(model=model).exclude(launcher=Launcher.STATIC).order_by("-id").first()
-
-
-def _relaunch_brake(model: ServedModel, now) -> str | None:
-    """Why not to replace the model's nodes right now, or None. Failed launches are counted per
-    model over FLEET_RELAUNCH_FAILURE_WINDOW_S (hours: a failure shows only when its job dies,
-    which can be an hour after the launch), since the model last had a ready node; each one
-    doubles the wait before the next attempt, and FLEET_RELAUNCH_MAX_FAILURES stop it."""
-    since = now - timedelta(seconds=settings.FLEET_RELAUNCH_FAILURE_WINDOW_S)
-    last_ready = Node.objects.filter(model=model, ready_at__isnull=False).aggregate(t=Max("ready_at"))["t"]
-    if last_ready is not None and last_ready > since:
-        since = last_ready  # it worked since: older failures say nothing about the next launch
-    failed_at = list(
-        Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since)
-        .order_by("-status_changed_at")
-        .values_list("status_changed_at", flat=True)
-    )
-    if not failed_at:
-        return None
-    window_h = settings.FLEET_RELAUNCH_FAILURE_WINDOW_S / 3600
-    if len(failed_at) >= settings.FLEET_RELAUNCH_MAX_FAILURES:
-        # Relaunching into the same error (no credentials, no capacity, a model that cannot load)
-        # helps nobody and costs GPU hours.
-        return (
-            f"{len(failed_at)} launches failed in the last {window_h:g} h; not replacing until a node of it "
-            "is ready again (launch one by hand once the cause is fixed)"
-        )
-    wait = settings.FLEET_RELAUNCH_BACKOFF_S * 2 ** (len(failed_at) - 1)
-    waited = (now - failed_at[0]).total_seconds()
-    if waited < wait:
-        return f"{len(failed_at)} launch(es) failed in the last {window_h:g} h; next attempt in {wait - waited:.0f} s"
-    return None
-
-
 def ensure_replicas(report: Report) -> None:
-    live: defaultdict[int, int] = defaultdict(int)
-    usable: defaultdict[int, int] = defaultdict(int)
-    for model_id, status in Node.objects.filter(status__in=LIVE_STATUSES).values_list("model_id", "status"):
-        live[model_id] += 1
-        usable[model_id] += status in USABLE
-    now = timezone.now()
-    for model in ServedModel.objects.filter(is_active=True, min_replicas__gt=0):
-        missing = min(model.min_replicas - usable[model.pk], model.max_replicas - live[model.pk])
-        if missing <= 0:
+    """Every active model back to max(min_replicas, desired) usable nodes (up only: scaling down is
+    the autoscaler's decision alone)."""
+    desired = dict(ModelScale.objects.values_list("model_id", "desired"))
+    for model in ServedModel.objects.filter(is_active=True):
+        target = max(model.min_replicas, desired.get(model.pk, 0))
+        if target <= 0:
             continue
-        brake = _relaunch_brake(model, now)
-        if brake is not None:
-            report.errors.append(f"{model.name}: {brake}")
-            continue
-        template = _template(model)
-        try:
-            nodes = node_request_launch(
-                model=model, placement=Placement.of(template) if template else None, count=missing, actor="reconciler"
-            )
-        except Exception as exc:  # one model's problem must not stop the others
-            report.errors.append(f"{model.name}: could not launch replacements: {exc}")
-            continue
-        why = f"{model.name} had {usable[model.pk]} of {model.min_replicas} required node(s)"
-        if template is not None and template.status in {S.TERMINATED, S.TERMINATING, S.FAILED}:
-            first_line = template.status_reason.splitlines()[0][:120] if template.status_reason else ""
-            why += f"; replaces {template} ({template.status}: {first_line})"
-        for node in nodes:
-            node_event(node=node, kind=NodeEvent.Kind.ACTION, actor="reconciler", message=why)
-            report.launched.append(str(node))
+        why = (
+            f"{model.name} needs {target} node(s) (min replicas {model.min_replicas}, "
+            f"autoscaler {desired.get(model.pk, '-')})"
+        )
+        outcome = replicas.ensure_model(model=model, target=target, reason=why, actor="reconciler")
+        report.launched += outcome.launched
+        report.restarted += outcome.restarted
+        report.errors += [f"{model.name}: {e}" if not e.startswith(model.name) else e for e in outcome.errors]
 
 
 def teardown_orphans(report: Report, clusters: dict[str, sky.ClusterRecord] | None) -> None:
@@ -249,7 +228,7 @@ def teardown_orphans(report: Report, clusters: dict[str, sky.ClusterRecord] | No
     pattern = re.compile(rf"^{re.escape(settings.FLEET_CLUSTER_PREFIX)}-\d+$")
     owned = set(
         Node.objects.filter(cluster_name__in=list(clusters))
-        .filter(status__in=LIVE_STATUSES | {S.TERMINATING})
+        .filter(status__in=LIVE_STATUSES | WARM_STATUSES | {S.TERMINATING})
         .values_list("cluster_name", flat=True)
     )
     now = time.time()
@@ -279,7 +258,8 @@ def teardown_orphans(report: Report, clusters: dict[str, sky.ClusterRecord] | No
 def reconcile() -> Report:
     report = Report()
     clusters = _sky_clusters(report)
-    heal_nodes(report, clusters)
+    heal_nodes(report, clusters, demand.inflight_by_node(redis_lib.client()))
+    expire_warm_pool(report)
     queue_teardowns(report)
     resume_polls(report)
     ensure_replicas(report)

@@ -336,6 +336,14 @@ def submit_down(cluster_name: str) -> str:
         return str(sdk.down(cluster_name))
 
 
+def submit_stop(cluster_name: str) -> str:
+    """Stop the cluster, keeping its disks (``sky.stop``). Its request raises ClusterDoesNotExist,
+    RuntimeError, or NotSupportedError for a spot cluster: mapped when read with request_result."""
+    sdk = _sdk()
+    with _mapped(sdk):
+        return str(sdk.stop(cluster_name))
+
+
 def server_report() -> tuple[str, list[str]]:
     """(API server version, enabled clouds) — what ``manage.py fleet_check`` prints.
 

@@ -21,7 +21,12 @@ log = logging.getLogger(__name__)
 def _follow(node_id: int, step: lifecycle.Step) -> None:
     if step.again_in is None:
         return
-    task = {"launch": node_launch_task, "poll": node_launch_poll_task, "teardown": node_teardown_task}[step.then]
+    task = {
+        "launch": node_launch_task,
+        "poll": node_launch_poll_task,
+        "teardown": node_teardown_task,
+        "stop": node_stop_task,
+    }[step.then]
     task.apply_async(args=[node_id], countdown=step.again_in)
 
 
@@ -45,6 +50,14 @@ def node_launch_poll_task(node_id: int) -> None:
 def node_teardown_task(node_id: int) -> None:
     try:
         _follow(node_id, lifecycle.teardown_node(node_id))
+    except Node.DoesNotExist:
+        return
+
+
+@shared_task(ignore_result=True)
+def node_stop_task(node_id: int) -> None:
+    try:
+        _follow(node_id, lifecycle.stop_node(node_id))
     except Node.DoesNotExist:
         return
 

@@ -68,7 +68,7 @@ def _unavailable(route: ModelRoute, message: str, code: str) -> GatewayError:
 
 
 def _trigger_scale_up(model_id: int) -> None:
-    from apps.fleet.enqueue import enqueue_autoscale
+    from apps.fleet.triggers import enqueue_autoscale
 
     close_old_connections()
     try:

@@ -44,6 +44,17 @@ def _form_data(**overrides) -> dict:
         "price_output_per_mtok": "0.2",
         "min_replicas": "0",
         "max_replicas": "1",
+        # The autoscaling policy (its defaults, as the form shows them).
+        "target_ongoing_requests": "16",
+        "target_kv_cache_usage": "0.8",
+        "target_queue_wait_s": "",
+        "scale_up_window_s": "0",
+        "scale_down_window_s": "300",
+        "idle_to_zero_s": "900",
+        "spot_fallback": "on",
+        "spot_fallback_preemptions": "2",
+        "spot_fallback_window_s": "1800",
+        "warm_pool": "on",
     }
     data.update(overrides)
     return data

@@ -74,3 +74,19 @@ class Launcher(ABC):
     @abstractmethod
     def exists(self, node: Node) -> bool | None:
         """Whether the machine/process still exists; None when it cannot be known right now."""
+
+    # Warm pool (apps.fleet.warm). True when a stopped node resumes as it was (same process,
+    # endpoint and registration); False when the restart goes through the launch step again.
+    restarts_in_place: bool = False
+
+    def can_stop(self, node: Node) -> bool:
+        """Whether the node's machine can be stopped (disk kept) instead of torn down."""
+        return False
+
+    def stop(self, node: Node) -> bool:
+        """Stop the machine, keeping its disk (idempotent). True when stopped; False while stopping."""
+        raise LaunchError(f"the {self.name} launcher cannot stop a node")
+
+    def resume(self, node: Node) -> None:
+        """Restart a stopped node in place (only when ``restarts_in_place``)."""
+        raise LaunchError(f"the {self.name} launcher cannot resume a node in place")

@@ -125,6 +125,7 @@ class LocalLauncher(Launcher):
             return True
         try:
             os.killpg(pid, signal.SIGTERM)
+            os.killpg(pid, signal.SIGCONT)  # a paused (warm) node only sees its SIGTERM once resumed
         except ProcessLookupError:
             return True
         deadline = time.monotonic() + TERM_GRACE_S
@@ -144,3 +145,39 @@ class LocalLauncher(Launcher):
         if not isinstance(pid, int):
             return False
         return _alive(pid, node.pk)
+
+    # Warm pool: the node's whole process group (run_local_node and its simulator) is paused, the
+    # closest a laptop gets to a stopped VM: no CPU, memory kept, resumed in milliseconds.
+    restarts_in_place = True
+
+    def can_stop(self, node: Node) -> bool:
+        return True
+
+    def stop(self, node: Node) -> bool:
+        pid = node.launcher_state.get("pid")
+        if not isinstance(pid, int) or not _alive(pid, node.pk):
+            raise LaunchError("the local node process is gone")
+        try:
+            os.killpg(pid, signal.SIGSTOP)
+        except ProcessLookupError as exc:
+            raise LaunchError("the local node process is gone") from exc
+        deadline = time.monotonic() + 2.0
+        while _state(pid) != "T" and time.monotonic() < deadline:
+            time.sleep(0.02)
+        return _state(pid) == "T"
+
+    def resume(self, node: Node) -> None:
+        pid = node.launcher_state.get("pid")
+        if not isinstance(pid, int) or not _alive(pid, node.pk):
+            raise LaunchError("the paused local node process is gone")
+        try:
+            os.killpg(pid, signal.SIGCONT)
+        except ProcessLookupError as exc:
+            raise LaunchError("the paused local node process is gone") from exc
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return ""

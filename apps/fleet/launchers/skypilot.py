@@ -199,7 +199,9 @@ class SkyPilotLauncher(Launcher):
     def launch(self, node: Node, secrets: Secrets) -> dict[str, object]:
         # A cluster with this name already running means an earlier attempt got through: never
         # launch a second time, just follow it.
-        if self.exists(node):
+        # A warm restart relaunches onto its own stopped cluster on purpose: SkyPilot starts it (same
+        # cloud, region and zone) and runs setup and run again as a new job.
+        if not node.launcher_state.get("warm_restart") and self.exists(node):
             return {"launch_request_id": "", "adopted_existing_cluster": True}
         task = sky.build_task(task_config(node), task_secrets(secrets))
         request_id = sky.submit_launch(task, cluster_name=_cluster_name(node))
@@ -271,3 +273,24 @@ class SkyPilotLauncher(Launcher):
 
     def exists(self, node: Node) -> bool | None:
         return bool(sky.clusters(names=[_cluster_name(node)]))
+
+    def can_stop(self, node: Node) -> bool:
+        # sky.stop raises NotSupportedError for spot clusters (GCP aside): never try.
+        return not node.use_spot
+
+    def stop(self, node: Node) -> bool:
+        request_id = str(node.launcher_state.get("stop_request_id") or "")
+        if not request_id:
+            try:
+                node.launcher_state["stop_request_id"] = sky.submit_stop(_cluster_name(node))
+            except sky.ClusterMissing as exc:
+                raise LaunchError(f"the cluster vanished before it could be stopped: {exc}") from exc
+            return False
+        status = sky.request_status(request_id)
+        if status in {"PENDING", "WAITING", "RUNNING"}:
+            return False
+        try:
+            sky.request_result(request_id)  # raises the stop's error (NotSupportedError, RuntimeError), mapped
+        except sky.ClusterMissing as exc:
+            raise LaunchError(f"the cluster vanished while stopping: {exc}") from exc
+        return True
