@@ -244,6 +244,12 @@ def seed(*, policy: str, static_nodes: int, max_nodes: int, target_ongoing: int,
         fields.update({k: v for k, v in policy_fields.items() if k in names})
     ServedModel.objects.filter(pk=model.pk).update(**fields)
     model.refresh_from_db()
+    if policy == "ours":
+        # New nodes copy the last node's placement: make it on-demand (local launcher), since only
+        # on-demand nodes may be kept stopped in the warm pool (spot ones are always torn down).
+        from apps.fleet.services import node_create, node_terminate
+
+        node_terminate(node=node_create(model=model, launcher="local", use_spot=False, actor="bench"), actor="bench")
     _set_autoscaler(enabled=policy == "ours")
     _, raw = api_key_issue(tenant=tenant, name="bench", scopes=["inference"])
     return raw, model
@@ -357,30 +363,22 @@ class Sampler(threading.Thread):
             .values_list("status", "n")
         )
         waiting = Node.objects.filter(model=self.model, status=S.READY).aggregate(w=Sum("requests_waiting"))["w"] or 0
-        live = sum(counts.get(s, 0) for s in (S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY, S.DRAINING))
-        live += counts.get("stopping", 0)
-        held = desired = None
-        try:
-            from apps.fleet import demand
+        from apps.fleet import demand
+        from apps.fleet.models import LIVE_STATUSES, ModelScale
 
-            held = demand.held_by_model(client).get(self.model.pk, 0)
-        except ImportError:
-            held = 0
-        try:
-            from apps.fleet.models import ModelScale  # type: ignore[attr-defined]
-
-            desired = ModelScale.objects.filter(model=self.model).values_list("desired", flat=True).first()
-        except ImportError:
-            desired = None
+        # Nodes holding a GPU machine (billed): pending .. draining, and stopping (not yet stopped).
+        live = sum(counts.get(s, 0) for s in LIVE_STATUSES)
+        held = demand.held_by_model(client).get(self.model.pk, 0)
+        desired = ModelScale.objects.filter(model=self.model).values_list("desired", flat=True).first()
         return Sample(
             t=t,
             offered_rps=rate(self.scale.hour(t), self.peak_rps),
             live=live,
             ready=counts.get(S.READY, 0),
             starting=sum(counts.get(s, 0) for s in (S.PENDING, S.PROVISIONING, S.LOADING)),
-            stopped=counts.get("stopped", 0),
+            stopped=counts.get(S.STOPPED, 0),
             in_flight=self.in_flight[0],
-            held=held or 0,
+            held=held,
             waiting=int(waiting),
             desired=desired,
         )
@@ -484,11 +482,11 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
             target_ongoing=args.target_ongoing,
             scale=scale,
         )
+        # The reconciler starts min_replicas: all of static's, the QPS policy's one; ours starts at 0.
         if policy == "static":
-            launch(model, static_nodes)
             wait_ready(model, static_nodes, timeout_s=60 + 10 * cold)
         elif policy == "qps":
-            wait_ready(model, 1, timeout_s=60 + 10 * cold)  # the reconciler starts min_replicas
+            wait_ready(model, 1, timeout_s=60 + 10 * cold)
         print(f"  {policy}: fleet up, replaying the day ({static_nodes} node(s) at peak)", flush=True)
         t0 = time.monotonic() + 1.0
         sent: list[float] = []

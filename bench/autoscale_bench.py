@@ -99,6 +99,9 @@ def main() -> None:
         "FLEET_LAUNCH_POLL_S": "1",
         "FLEET_DRAIN_TIMEOUT_S": str(max(5, round(scale.delay(300)))),
         "FLEET_RELAUNCH_BACKOFF_S": "0",
+        "FLEET_AUTOSCALE_INTERVAL_S": str(max(1, round(scale.delay(5)))),
+        "WARM_POOL_TTL_S": str(max(1, round(scale.delay(3600)))),
+        "FLEET_DEFAULT_COLD_START_S": f"{cold:.2f}",
         "GATEWAY_COLD_WAIT_S": str(max(30.0, 4 * cold)),
         "GATEWAY_TENANT_INFLIGHT_PER_NODE": "100000",
     }

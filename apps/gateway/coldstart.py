@@ -36,8 +36,6 @@ from apps.gateway.routing import ModelRoute, RoutingTable
 
 log = logging.getLogger(__name__)
 
-# A model never measured: SkyPilot launches of an 8B model on one GPU take about a minute.
-DEFAULT_COLD_START_S = 60.0
 # Re-trigger the scale-up for a model at most this often per worker while requests are held
 # (the fleet deduplicates too; this keeps a burst of held requests from queueing a task each).
 TRIGGER_EVERY_S = 5.0
@@ -50,14 +48,14 @@ def holdable(route: ModelRoute) -> bool:
 
 
 def retry_after_s(route: ModelRoute, now: float | None = None) -> int:
-    """Seconds until a node should be ready: the measured cold start minus how long the oldest
-    starting node has been at it; a node already late gets a tenth of the cold start."""
-    cold = route.cold_start_s if route.cold_start_s is not None else DEFAULT_COLD_START_S
-    left = cold
-    if route.starting_since is not None:
-        left = cold - ((now if now is not None else time.time()) - route.starting_since)
-    if left <= 0:
-        left = cold / 10
+    """Seconds until a node should be ready: when the first starting node is due (its start + the
+    measured cold or warm start), else a whole cold start; a node already late gets a tenth of
+    the cold start."""
+    left = route.cold_start_s
+    if route.ready_eta is not None:
+        left = route.ready_eta - (now if now is not None else time.time())
+        if left <= 0:
+            left = route.cold_start_s / 10
     return max(1, math.ceil(left))
 
 

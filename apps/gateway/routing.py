@@ -20,6 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 if TYPE_CHECKING:
@@ -53,14 +54,15 @@ class ModelRoute:
     price_out: Decimal
     nodes: tuple[NodeRoute, ...] = ()
     max_model_len: int | None = None
-    # Scale from zero (apps/gateway/coldstart.py): nodes on their way up, whether the policy lets
-    # one start (min_replicas 0, max_replicas > 0), since when the oldest has been starting (wall
-    # clock), and the measured cold start (median ready_at - requested_at) for this model, else for
-    # its accelerator; None when nothing was ever measured.
+    # Scale from zero (apps/gateway/coldstart.py): nodes on their way up (a warm restart too),
+    # whether the policy lets one start (min_replicas 0, max_replicas > 0), when the first of them
+    # should be ready (wall clock: its start + the measured cold or warm start), and the measured
+    # cold start (median ready_at - requested_at of first launches) of this model, else of its
+    # accelerator, else FLEET_DEFAULT_COLD_START_S.
     starting: int = 0
     may_start: bool = False
-    starting_since: float | None = None
-    cold_start_s: float | None = None
+    ready_eta: float | None = None
+    cold_start_s: float = 60.0
 
 
 @dataclass
@@ -92,12 +94,13 @@ def load_table() -> RoutingTable:
             )
         )
         starting = list(
-            Node.objects.filter(status__in=starting_statuses, model__is_active=True).values("model_id", "requested_at")
+            Node.objects.filter(status__in=starting_statuses, model__is_active=True).values(
+                "model_id", "requested_at", "restart_requested_at"
+            )
         )
+        timing = ("model_id", "accelerator", "model__accelerator", "requested_at", "restart_requested_at", "ready_at")
         measured = list(
-            Node.objects.filter(ready_at__isnull=False)
-            .order_by("-ready_at")
-            .values("model_id", "accelerator", "model__accelerator", "requested_at", "ready_at")[:COLD_START_SAMPLE]
+            Node.objects.filter(ready_at__isnull=False).order_by("-ready_at").values(*timing)[:COLD_START_SAMPLE]
         )
         nodes = list(
             Node.objects.filter(status=NodeStatus.READY, model__is_active=True)
@@ -119,13 +122,22 @@ def load_table() -> RoutingTable:
                 waiting=n["requests_waiting"] or 0,
             )
         )
-    starting_by_model: dict[int, list[float]] = defaultdict(list)
+    cold, warm = _start_times(measured)
+    default = settings.FLEET_DEFAULT_COLD_START_S
+    etas: dict[int, float] = {}
+    starting_count: dict[int, int] = defaultdict(int)
+    accelerators = {m["id"]: m["accelerator"] for m in models}
     for n in starting:
-        starting_by_model[n["model_id"]].append(n["requested_at"].timestamp())
-    cold_by_model, cold_by_accelerator = _cold_starts(measured)
+        model_id = n["model_id"]
+        model_cold = cold.get(model_id, cold.get(accelerators.get(model_id, ""), default))
+        if n["restart_requested_at"] is not None:  # a warm restart from the warm pool
+            eta = n["restart_requested_at"].timestamp() + warm.get(model_id, warm.get("", model_cold))
+        else:
+            eta = n["requested_at"].timestamp() + model_cold
+        starting_count[model_id] += 1
+        etas[model_id] = min(eta, etas.get(model_id, eta))
     table = RoutingTable(loaded_at=time.monotonic())
     for m in models:
-        since = starting_by_model.get(m["id"], [])
         table.models[m["name"]] = ModelRoute(
             model_id=m["id"],
             name=m["name"],
@@ -135,29 +147,33 @@ def load_table() -> RoutingTable:
             nodes=tuple(by_model.get(m["id"], ())),
             # What vLLM serves: --max-model-len when the catalog sets it, else the model's own context.
             max_model_len=m["max_model_len"] or m["context_length"],
-            starting=len(since),
+            starting=starting_count[m["id"]],
             may_start=m["min_replicas"] == 0 and m["max_replicas"] > 0,
-            starting_since=min(since) if since else None,
-            cold_start_s=cold_by_model.get(m["id"], cold_by_accelerator.get(m["accelerator"])),
+            ready_eta=etas.get(m["id"]),
+            cold_start_s=cold.get(m["id"], cold.get(m["accelerator"], default)),
         )
     return table
 
 
-def _cold_starts(rows: list[dict]) -> tuple[dict[int, float], dict[str, float]]:
-    """Median cold start per model (its last COLD_START_PER_MODEL nodes) and per accelerator."""
-    per_model: dict[int, list[float]] = defaultdict(list)
-    per_accelerator: dict[str, list[float]] = defaultdict(list)
+def _start_times(rows: list[dict]) -> tuple[dict[int | str, float], dict[int | str, float]]:
+    """Median cold and warm starts, keyed by model id (its last COLD_START_PER_MODEL nodes) and by
+    accelerator name; warm starts also under "" (the whole fleet's: a stopped machine restarts in
+    about the same time whatever it serves)."""
+    samples: tuple[dict[int | str, list[float]], dict[int | str, list[float]]] = (defaultdict(list), defaultdict(list))
     for row in rows:  # newest first
-        seconds = (row["ready_at"] - row["requested_at"]).total_seconds()
+        restarted = row["restart_requested_at"]
+        began = restarted if restarted is not None else row["requested_at"]
+        seconds = (row["ready_at"] - began).total_seconds()
         if seconds < 0:
-            continue
-        if len(per_model[row["model_id"]]) < COLD_START_PER_MODEL:
-            per_model[row["model_id"]].append(seconds)
-        per_accelerator[row["accelerator"] or row["model__accelerator"]].append(seconds)
-    return (
-        {k: statistics.median(v) for k, v in per_model.items() if v},
-        {k: statistics.median(v) for k, v in per_accelerator.items() if v},
-    )
+            continue  # ready before this restart: its ready_at belongs to an earlier start
+        per = samples[restarted is not None]
+        if len(per[row["model_id"]]) < COLD_START_PER_MODEL:
+            per[row["model_id"]].append(seconds)
+        per[row["accelerator"] or row["model__accelerator"]].append(seconds)
+        if restarted is not None:
+            per[""].append(seconds)
+    cold, warm = ({k: statistics.median(v) for k, v in per.items() if v} for per in samples)
+    return cold, warm
 
 
 def node_mark_unhealthy(*, node_id: int, reason: str) -> bool:
