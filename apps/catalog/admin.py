@@ -236,6 +236,7 @@ class ModelAdmin(admin.ModelAdmin):
         "total_bytes",
         "verify_panel",
         "cold_start",
+        "autoscaler",
         "upload_history",
         "verification_history",
         "created_at",
@@ -262,7 +263,7 @@ class ModelAdmin(admin.ModelAdmin):
             },
         ),
         ("Pricing", {"fields": ("price_input_per_mtok", "price_output_per_mtok")}),
-        ("Replicas", {"fields": ("min_replicas", "max_replicas")}),
+        ("Replicas", {"fields": ("min_replicas", "max_replicas", "autoscaler")}),
         (
             "Autoscaling",
             {
@@ -287,9 +288,13 @@ class ModelAdmin(admin.ModelAdmin):
     def upload_column(self, obj: ServedModel) -> str:
         return _progress_html(obj)
 
-    @admin.display(description="replicas")
+    @admin.display(description="replicas: desired / ready (min–max)")
     def replicas(self, obj: ServedModel) -> str:
-        return f"{obj.min_replicas}–{obj.max_replicas}"
+        scale = _scale_of(obj)
+        bounds = f"({obj.min_replicas}–{obj.max_replicas})"
+        if scale is None:
+            return f"– {bounds}"
+        return format_html('<span title="{}">{} / {} {}</span>', scale.reason, scale.desired, scale.ready, bounds)
 
     @admin.display(description="$ / 1M in · out", ordering="price_input_per_mtok")
     def prices(self, obj: ServedModel) -> str:
@@ -397,6 +402,31 @@ class ModelAdmin(admin.ModelAdmin):
             rows,
             raw,
         )
+
+    @admin.display(description="autoscaler")
+    def autoscaler(self, obj: ServedModel) -> str:
+        if obj.pk is None:
+            return "-"
+        from apps.fleet.selectors import model_scale_history
+
+        scale = _scale_of(obj)
+        if scale is None:
+            return "No decision yet (the autoscaler runs every few seconds once the model is active)."
+        head = format_html(
+            "<b>desired {}</b> · ready {} · starting {} · stopped (warm) {} — decided {}<br>{}",
+            scale.desired,
+            scale.ready,
+            scale.starting,
+            scale.stopped,
+            scale.decided_at,
+            scale.reason,
+        )
+        history = format_html_join(
+            "",
+            "<li>{}: {} → {} — {}</li>",
+            ((d.created_at, d.previous, d.desired, d.reason) for d in model_scale_history(model_id=obj.pk)),
+        )
+        return format_html("{}<ul>{}</ul>", head, history) if history else head
 
     @admin.display(description="cold start (median)")
     def cold_start(self, obj: ServedModel) -> str:
@@ -612,6 +642,16 @@ class WeightVerificationAdmin(_JobAdmin):
     list_filter = ("status", "full", "origin", "model")
     search_fields = ("model__name", "uri")
     date_hierarchy = "started_at"
+
+
+def _scale_of(obj: ServedModel) -> Any:
+    """The model's autoscaler row (a reverse one-to-one: absent until the first decision)."""
+    from django.core.exceptions import ObjectDoesNotExist
+
+    try:
+        return obj.scale
+    except ObjectDoesNotExist:
+        return None
 
 
 def _configured() -> bool:

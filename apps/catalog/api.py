@@ -10,7 +10,7 @@ from typing import Any
 
 import django_filters
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
+from django.core.exceptions import ObjectDoesNotExist, ValidationError
 from django.db.models import QuerySet
 from drf_spectacular.utils import extend_schema
 from rest_framework import serializers, status, viewsets
@@ -93,6 +93,10 @@ class ModelSerializer(serializers.ModelSerializer):
     latest_upload = WeightUploadSerializer(
         read_only=True, allow_null=True, help_text="The latest upload attempt (history: GET …/uploads/)."
     )
+    autoscale = serializers.SerializerMethodField(
+        help_text="The autoscaler's last decision: desired and actual (ready, starting, stopped) nodes, why, when; "
+        "null before the first."
+    )
     latest_verification = WeightVerificationSerializer(
         read_only=True, allow_null=True, help_text="The latest verification (history: GET …/verifications/)."
     )
@@ -129,6 +133,7 @@ class ModelSerializer(serializers.ModelSerializer):
             "spot_fallback_preemptions",
             "spot_fallback_window_s",
             "warm_pool",
+            "autoscale",
             "total_bytes",
             "manifest",
             "upload_status",
@@ -139,6 +144,20 @@ class ModelSerializer(serializers.ModelSerializer):
             "updated_at",
         ]
         read_only_fields = ["total_bytes", "manifest", "created_at", "updated_at"]
+
+    def get_autoscale(self, obj: ServedModel) -> dict[str, Any] | None:
+        try:
+            scale = obj.scale
+        except ObjectDoesNotExist:
+            return None
+        return {
+            "desired": scale.desired,
+            "ready": scale.ready,
+            "starting": scale.starting,
+            "stopped": scale.stopped,
+            "reason": scale.reason,
+            "decided_at": scale.decided_at,
+        }
 
     def get_upload_status(self, obj: ServedModel) -> str:
         return obj.latest_upload.status if obj.latest_upload else UploadStatus.NONE.value
@@ -219,7 +238,7 @@ def _upload_error_to_api(exc: uploads.UploadError) -> APIException:
 
 
 class ModelViewSet(viewsets.ModelViewSet):
-    queryset = with_latest_jobs(ServedModel.objects.all())
+    queryset = with_latest_jobs(ServedModel.objects.select_related("scale"))
     serializer_class = ModelSerializer
     permission_classes = [IsStaff]
     filterset_class = ModelFilterSet

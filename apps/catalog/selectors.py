@@ -62,7 +62,8 @@ def models_with_counts() -> QuerySet[ServedModel]:
     """Models with node counts (ready, live, all) and their latest jobs: a few queries for the changelist."""
     from apps.fleet.models import LIVE_STATUSES, NodeStatus
 
-    return with_latest_jobs(ServedModel.objects.all()).annotate(
+    # ``scale``: the autoscaler's row (apps.fleet.models.ModelScale): desired replicas and why.
+    return with_latest_jobs(ServedModel.objects.select_related("scale")).annotate(
         live_nodes=Count("nodes", filter=Q(nodes__status__in=list(LIVE_STATUSES)), distinct=True),
         ready_nodes=Count("nodes", filter=Q(nodes__status=NodeStatus.READY), distinct=True),
         total_nodes=Count("nodes", distinct=True),

@@ -3,7 +3,8 @@ drains for replica counts. The autoscaler calls it with its desired count (up an
 reconciler with max(min_replicas, desired) (up only: replacing what broke).
 
 Up: restart stopped (warm) nodes first, newest first, then launch new ones copying the last
-node's placement, on spot or on-demand as the model's spot fallback says. Down: the least useful
+node's placement, on spot or on-demand as the model's spot fallback says. Down (static nodes
+never: staff registered them by hand): the least useful
 first: nodes that serve nothing yet (starting, unhealthy), then ready nodes by load (vLLM's running
 + waiting and the gateway's in-flight count), on-demand before spot when equal. Ready nodes are
 drained, never killed: a draining node leaves the routing at once and finishes its streams.
@@ -185,7 +186,9 @@ def _scale_down(
         # Serving nothing yet first, then the least loaded; on-demand (dearer) before spot.
         return (node.status == S.READY, _load(node, inflight), node.use_spot, -node.pk)
 
-    for node in sorted(usable, key=order)[:excess]:
+    # A static node is capacity staff registered by hand: it counts, but is never scaled away.
+    candidates = [n for n in usable if n.launcher != Launcher.STATIC]
+    for node in sorted(candidates, key=order)[:excess]:
         try:
             if node.status in {S.READY, S.UNHEALTHY}:
                 node_drain(node=node, actor=actor, reason=f"scale down: {reason}")

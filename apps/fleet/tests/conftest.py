@@ -73,17 +73,22 @@ class FakeSky:
         req = self.requests[request_id]
         req.update(status="FAILED" if error else "SUCCEEDED", result=result, error=error)
         if req["kind"] == "launch" and not error:
+            # A launch onto a stopped cluster starts it again (same cloud/zone) and keeps its record.
             self.clusters[req["cluster"]] = {
+                **self.clusters.get(req["cluster"], {}),
                 "name": req["cluster"],
                 "status": self.real.ClusterStatus.UP,
-                "launched_at": req["at"],
+                "launched_at": self.clusters.get(req["cluster"], {}).get("launched_at", req["at"]),
                 "user_hash": req["user"],
+                "use_spot": req.get("use_spot", False),
             }
             job_id = self.real_job_id(result)
             if job_id is not None:
                 self.jobs.setdefault((req["cluster"], job_id), "SETTING_UP")
         if req["kind"] == "down" and not error:
             self.clusters.pop(req["cluster"], None)
+        if req["kind"] == "stop" and not error:
+            self.clusters[req["cluster"]]["status"] = self.real.ClusterStatus.STOPPED
 
     @staticmethod
     def real_job_id(result: Any) -> int | None:
@@ -148,7 +153,7 @@ class FakeSky:
         self._gone(health_checked=True)
         if self.launch_error is not None:
             raise self.launch_error
-        return self._new("launch", kwargs.get("cluster_name"))
+        return self._new("launch", kwargs.get("cluster_name"), use_spot=any(r.use_spot for r in task.resources))
 
     def api_status(self, *args: Any, **kwargs: Any) -> list[Any]:
         self._check("api_status", *args, **kwargs)
@@ -290,6 +295,27 @@ class FakeSky:
         if cluster_name not in self.clusters:  # the server's answer, raised by sky.get
             self.finish(
                 rid, error=self.real.exceptions.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
+            )
+        return rid
+
+    def stop(self, *args: Any, **kwargs: Any) -> str:
+        """sky.stop: the request fails as the real server's does (sky/core.py): ClusterDoesNotExist
+        for an unknown cluster, NotSupportedError for a spot cluster (every cloud but GCP)."""
+        self._check("stop", *args, **kwargs)
+        cluster_name = args[0] if args else kwargs["cluster_name"]
+        self.calls[-1] = ("stop", cluster_name)
+        rid = self._new("stop", cluster_name)
+        cluster = self.clusters.get(cluster_name)
+        if cluster is None:
+            self.finish(
+                rid, error=self.real.exceptions.ClusterDoesNotExist(f"Cluster {cluster_name!r} does not exist.")
+            )
+        elif cluster.get("use_spot"):
+            self.finish(
+                rid,
+                error=self.real.exceptions.NotSupportedError(
+                    "Stopping spot instances is currently not supported on AWS"
+                ),
             )
         return rid
 

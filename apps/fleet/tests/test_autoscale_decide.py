@@ -1,0 +1,163 @@
+"""The autoscaler's decision, table-driven: a pure function of policy, load, memory and time."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from apps.fleet.autoscale import Load, Memory, Policy, decide, trend
+
+NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
+
+
+def ago(seconds: float) -> datetime:
+    return NOW - timedelta(seconds=seconds)
+
+
+P = Policy(
+    min_replicas=0,
+    max_replicas=8,
+    target_ongoing=10,
+    target_kv=0.8,
+    scale_up_window_s=0,
+    scale_down_window_s=300,
+    idle_to_zero_s=900,
+)
+
+
+@pytest.mark.parametrize(
+    ("name", "policy", "load", "memory", "desired", "in_reason"),
+    [
+        ("idle at zero stays at zero", P, Load(), Memory(0), 0, "steady"),
+        ("one held request scales from zero at once", P, Load(held=1), Memory(0), 1, "scale from zero"),
+        ("held requests beyond a node's target ask for more", P, Load(held=25), Memory(0), 3, "25 held"),
+        (
+            "41 waiting on 2 ready nodes → 6 (running + waiting / 10)",
+            P,
+            Load(ready=2, running=20, waiting=41),
+            Memory(2),
+            7,
+            "41 waiting, 20 running",
+        ),
+        (
+            "the gateway's count wins when it sees more than vLLM",
+            P,
+            Load(ready=1, running=5, inflight=30),
+            Memory(1),
+            3,
+            "30 in flight at the gateway",
+        ),
+        (
+            "KV cache above target adds nodes although few requests run",
+            P,
+            Load(ready=2, running=4, kv_mean=0.96),
+            Memory(2),
+            3,
+            "3 by KV cache",
+        ),
+        (
+            "queue wait above target adds nodes",
+            Policy(0, 8, target_ongoing=100, target_kv=None, target_queue_wait_s=2.0),
+            Load(ready=2, running=10, queue_wait_s=5.0),
+            Memory(2),
+            5,
+            "5 by queue wait",
+        ),
+        ("never above max replicas", P, Load(ready=8, waiting=500), Memory(8), 8, "max replicas"),
+        (
+            "never below min replicas",
+            Policy(2, 4, target_ongoing=10, scale_down_window_s=0),
+            Load(ready=3),
+            Memory(3, last_busy_at=ago(5000)),
+            2,
+            "min replicas",
+        ),
+        (
+            "a rising queue is launched for ahead of the cold start (trend × cold start)",
+            P,
+            Load(ready=1, running=10, cold_start_s=60, trend_per_s=0.5),
+            Memory(1),
+            4,
+            "trend +0.50",
+        ),
+        (
+            "inside the scale-up window: wait",
+            Policy(0, 8, target_ongoing=10, scale_up_window_s=30),
+            Load(ready=1, waiting=25),
+            Memory(1, above_since=ago(10)),
+            1,
+            "up in 20 s",
+        ),
+        (
+            "past the scale-up window: up",
+            Policy(0, 8, target_ongoing=10, scale_up_window_s=30),
+            Load(ready=1, waiting=25),
+            Memory(1, above_since=ago(31)),
+            3,
+            "scale up",
+        ),
+        ("less load: not down before the window", P, Load(ready=4, running=5), Memory(4), 4, "down to 1 in 300 s"),
+        (
+            "less load for the whole window: down to the window's peak",
+            P,
+            Load(ready=4, running=5),
+            Memory(4, below_since=ago(301), below_peak=2),
+            2,
+            "scale down",
+        ),
+        (
+            "idle with a node: kept until idle_to_zero_s",
+            P,
+            Load(ready=1),
+            Memory(1, last_busy_at=ago(100)),
+            1,
+            "until idle 900 s",
+        ),
+        ("idle past idle_to_zero_s: to zero", P, Load(ready=1), Memory(1, last_busy_at=ago(901)), 0, "scale to zero"),
+        (
+            "policy lowered below the current count: follow it at once",
+            Policy(0, 2),
+            Load(ready=5, running=50),
+            Memory(5),
+            2,
+            "policy changed",
+        ),
+    ],
+)
+def test_decide(name, policy, load, memory, desired, in_reason) -> None:
+    got, reason, after = decide(policy, load, memory, NOW)
+    assert (got, after.desired) == (desired, desired), reason
+    assert in_reason in reason, reason
+    assert reason.startswith(f"desired {desired} ")
+    assert "cold start p50" in reason  # every decision carries its inputs
+
+
+def test_a_busy_decision_remembers_when_and_a_quiet_one_keeps_the_last_time() -> None:
+    _, _, busy = decide(P, Load(ready=1, running=1), Memory(1), NOW)
+    assert busy.last_busy_at == NOW
+    _, _, quiet = decide(P, Load(ready=1), Memory(1, last_busy_at=ago(50)), NOW)
+    assert quiet.last_busy_at == ago(50)
+
+
+def test_the_down_window_restarts_when_load_comes_back() -> None:
+    _, _, waiting = decide(P, Load(ready=4, running=5), Memory(4), NOW)
+    assert waiting.below_since == NOW and waiting.below_peak == 1
+    _, _, back = decide(P, Load(ready=4, running=40), waiting, NOW + timedelta(seconds=10))
+    assert back.below_since is None and back.desired == 4
+
+
+def test_the_peak_of_the_window_is_what_scale_down_keeps() -> None:
+    memory = Memory(4)
+    for t, running in [(0, 5), (100, 25), (200, 5)]:
+        _, _, memory = decide(P, Load(ready=4, running=running), memory, NOW + timedelta(seconds=t))
+    desired, reason, _ = decide(P, Load(ready=4, running=5), memory, NOW + timedelta(seconds=301))
+    assert desired == 3, reason  # 25 running at t=100 needed 3
+
+
+def test_trend_is_the_growth_over_the_last_minute_and_never_negative() -> None:
+    rate, kept = trend([[1000.0, 0.0], [1030.0, 10.0]], now=1060.0, demand=30)
+    assert rate == pytest.approx(0.5) and len(kept) == 3
+    rate, kept = trend([[900.0, 100.0], [1030.0, 50.0]], now=1060.0, demand=10)
+    assert rate == 0.0 and kept[0] == [1030.0, 50.0]  # the sample older than a minute is dropped
+    assert trend([], now=5.0, demand=3) == (0.0, [[5.0, 3.0]])
