@@ -58,7 +58,13 @@ def main() -> None:
     )
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database of REDIS_URL's server (flushed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
+    parser.add_argument(
+        "--from-json", type=Path, default=None, help="re-render the table, chart and docs of a saved run; runs nothing"
+    )
     args = parser.parse_args()
+    if args.from_json is not None:
+        rerender(args.from_json, write=not args.no_write)
+        return
     if args.quick:
         args.duration = 150.0
     policies = [p for p in args.policies.split(",") if p]
@@ -132,14 +138,20 @@ def main() -> None:
         "loadavg": os.getloadavg(),
     }
     path = var / time.strftime("autoscale-%Y%m%d-%H%M%S.json", time.gmtime(started))
+    out["argv"] = sys.argv[1:]
     path.write_text(json.dumps(out))
+    print(f"bench-autoscale: raw results in {path.relative_to(ROOT)}")
+    rerender(path, write=not args.no_write)
+
+
+def rerender(path: Path, *, write: bool) -> None:
     import _autoscale_report as report
 
-    table = report.render(out, argv=sys.argv[1:])
+    out = json.loads(path.read_text())
+    table = report.render(out, argv=out.get("argv", []))
     print()
     print(table)
-    print(f"bench-autoscale: raw results in {path.relative_to(ROOT)}")
-    if not args.no_write:
+    if write:
         report.chart(out, ROOT / "docs" / "img" / "autoscale-bench.png")
         report.write_doc(ROOT / "docs" / "benchmarks.md", table)
         print("bench-autoscale: wrote docs/img/autoscale-bench.png and docs/benchmarks.md (## Autoscaling replay)")
