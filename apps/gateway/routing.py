@@ -127,13 +127,13 @@ def load_table() -> RoutingTable:
     etas: dict[int, float] = {}
     starting_count: dict[int, int] = defaultdict(int)
     accelerators = {m["id"]: m["accelerator"] for m in models}
-    for n in starting:
-        model_id = n["model_id"]
+    for start in starting:
+        model_id = start["model_id"]
         model_cold = cold.get(model_id, cold.get(accelerators.get(model_id, ""), default))
-        if n["restart_requested_at"] is not None:  # a warm restart from the warm pool
-            eta = n["restart_requested_at"].timestamp() + warm.get(model_id, warm.get("", model_cold))
+        if start["restart_requested_at"] is not None:  # a warm restart from the warm pool
+            eta = start["restart_requested_at"].timestamp() + warm.get(model_id, warm.get("", model_cold))
         else:
-            eta = n["requested_at"].timestamp() + model_cold
+            eta = start["requested_at"].timestamp() + model_cold
         starting_count[model_id] += 1
         etas[model_id] = min(eta, etas.get(model_id, eta))
     table = RoutingTable(loaded_at=time.monotonic())

@@ -25,7 +25,7 @@ def row(model_id: int, seconds: float, *, restarted_after: float | None = None, 
 
 
 def route(**kwargs) -> ModelRoute:
-    return ModelRoute(model_id=1, name="m", created=0, price_in=0, price_out=0, **kwargs)  # type: ignore[arg-type]
+    return ModelRoute(model_id=1, name="m", created=0, price_in=0, price_out=0, **kwargs)
 
 
 def test_cold_starts_are_medians_per_model_and_accelerator_and_warm_restarts_are_apart() -> None:
