@@ -10,7 +10,12 @@ from typing import Any
 
 START = "<!-- autoscale-bench:start -->"
 END = "<!-- autoscale-bench:end -->"
-LABELS = {"static": "(a) static at peak", "qps": "(b) SkyServe-style QPS", "ours": "(c) ours"}
+LABELS = {
+    "static": "(a) static at peak",
+    "qps": "(b) SkyServe-style QPS",
+    "qps-day": "(b') QPS, delays scaled like the day",
+    "ours": "(c) ours",
+}
 
 
 def _ms(value: float | None) -> str:
@@ -70,6 +75,13 @@ def render(out: dict[str, Any], argv: list[str]) -> str:
         f"{1200 / scale['infra']:.0f} s). Nodes: `vllm_sim --max-num-seqs {args['max_num_seqs']} "
         f"--itl-ms {args['itl_ms']:g}`; each policy aims at {args['target_ongoing']} requests per node.\n"
     )
+    for extra in out.get("extra_runs", []):
+        head += (
+            f"\nRows {', '.join(LABELS.get(p, p) for p in extra['policies'])} come from a separate run at "
+            f"{time.strftime('%H:%M UTC', time.gmtime(extra['started']))} "
+            f"(`bench/autoscale_bench.py {' '.join(extra.get('argv') or [])}`, load average after: "
+            f"{' '.join(f'{v:.2f}' for v in extra['loadavg'])}).\n"
+        )
     rows = [
         "| policy | node-seconds | vs static | TTFT p50 / p95 | p95 outside 1st burst | failed | held (wait p50 / max) "
         "| max nodes | cold / warm start (median) |",

@@ -20,8 +20,6 @@ from typing import Any
 from urllib.parse import urlparse, urlunparse
 
 from _autoscale_trace import (
-    SKYSERVE_DECISION_INTERVAL_S,
-    SKYSERVE_QPS_WINDOW_S,
     Outcome,
     QpsPolicy,
     Sample,
@@ -227,7 +225,7 @@ def seed(*, policy: str, static_nodes: int, max_nodes: int, target_ongoing: int,
     tenant = tenant_create(slug="bench", name="Bench", contact_email="bench@example.test", **big)
     model = model_create(name=MODEL)
     fields: dict[str, Any] = {"min_replicas": static_nodes, "max_replicas": static_nodes}
-    if policy == "qps":
+    if policy.startswith("qps"):
         fields = {"min_replicas": 1, "max_replicas": max_nodes}
     elif policy == "ours":
         fields = {"min_replicas": 0, "max_replicas": max_nodes}
@@ -290,8 +288,7 @@ class QpsDriver(threading.Thread):
     def run(self) -> None:
         from django.db import connection
 
-        interval = self.scale.delay(SKYSERVE_DECISION_INTERVAL_S)
-        window = self.scale.delay(SKYSERVE_QPS_WINDOW_S)
+        interval, window = self.policy.interval_s, self.policy.window_s
         try:
             while not self.stop.wait(interval):
                 now = time.monotonic() - self.t0
@@ -485,7 +482,7 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
         # The reconciler starts min_replicas: all of static's, the QPS policy's one; ours starts at 0.
         if policy == "static":
             wait_ready(model, static_nodes, timeout_s=60 + 10 * cold)
-        elif policy == "qps":
+        elif policy.startswith("qps"):
             wait_ready(model, 1, timeout_s=60 + 10 * cold)
         print(f"  {policy}: fleet up, replaying the day ({static_nodes} node(s) at peak)", flush=True)
         t0 = time.monotonic() + 1.0
@@ -494,9 +491,11 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
         sampler = Sampler(model, scale, args.peak_rps, t0, in_flight)
         sampler.start()
         driver = None
-        if policy == "qps":
+        if policy.startswith("qps"):
+            # "qps": SkyServe's delays divided like the cold start; "qps-day": like the day.
+            divisor = scale.infra if policy == "qps" else scale.day_factor
             qps = QpsPolicy.skyserve_defaults(
-                scale, min_replicas=1, max_replicas=max_nodes, target_qps_per_replica=per_node
+                divisor, min_replicas=1, max_replicas=max_nodes, target_qps_per_replica=per_node
             )
             driver = QpsDriver(model, qps, scale, sent, t0)
             driver.start()

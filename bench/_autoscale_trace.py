@@ -98,20 +98,28 @@ class QpsPolicy:
     target_qps_per_replica: float
     upscale_threshold: int
     downscale_threshold: int
+    interval_s: float
+    window_s: float
     target: int = 0
     _up: int = 0
     _down: int = 0
 
     @classmethod
     def skyserve_defaults(
-        cls, scale: Scale, *, min_replicas: int, max_replicas: int, target_qps_per_replica: float
+        cls, divisor: float, *, min_replicas: int, max_replicas: int, target_qps_per_replica: float
     ) -> QpsPolicy:
+        """SkyServe's default delays, decision interval and QPS window divided by ``divisor``
+        (the infrastructure's factor, or the day's); at least 0.5 s between decisions and a 5 s
+        window, so that the rate is measured over more than a handful of requests."""
+        interval = max(0.5, SKYSERVE_DECISION_INTERVAL_S / divisor)
         return cls(
             min_replicas=min_replicas,
             max_replicas=max_replicas,
             target_qps_per_replica=target_qps_per_replica,
-            upscale_threshold=int(SKYSERVE_UPSCALE_DELAY_S / SKYSERVE_DECISION_INTERVAL_S),
-            downscale_threshold=int(SKYSERVE_DOWNSCALE_DELAY_S / SKYSERVE_DECISION_INTERVAL_S),
+            upscale_threshold=math.ceil(SKYSERVE_UPSCALE_DELAY_S / divisor / interval),
+            downscale_threshold=math.ceil(SKYSERVE_DOWNSCALE_DELAY_S / divisor / interval),
+            interval_s=interval,
+            window_s=max(5.0, SKYSERVE_QPS_WINDOW_S / divisor),
             target=min_replicas,
         )
 

@@ -40,13 +40,17 @@ from _autoscale_trace import COLD_START_S, WARM_START_S, Scale, arrivals
 
 ROOT = Path(__file__).resolve().parents[1]
 POLICIES = ("static", "qps", "ours")
+# Not in the default run: the QPS policy with SkyServe's delays divided like the day instead.
+EXTRA_POLICIES = ("qps-day",)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--duration", type=float, default=600.0, help="seconds the day lasts (default 600)")
     parser.add_argument("--quick", action="store_true", help="--duration 150: a smoke run")
-    parser.add_argument("--policies", default=",".join(POLICIES), help="comma-separated subset of static,qps,ours")
+    parser.add_argument(
+        "--policies", default=",".join(POLICIES), help="comma-separated subset of static,qps,ours (and qps-day)"
+    )
     parser.add_argument("--peak-rps", type=float, default=32.0, help="requests per second at the day's peak")
     parser.add_argument("--max-tokens", type=int, default=24, help="tokens per streamed answer")
     parser.add_argument("--max-num-seqs", type=int, default=8, help="each node's batch (vllm_sim --max-num-seqs)")
@@ -59,16 +63,20 @@ def main() -> None:
     parser.add_argument("--redis-db", type=int, default=13, help="Redis database of REDIS_URL's server (flushed)")
     parser.add_argument("--no-write", action="store_true", help="print only; leave docs/ alone")
     parser.add_argument(
-        "--from-json", type=Path, default=None, help="re-render the table, chart and docs of a saved run; runs nothing"
+        "--from-json",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="re-render the table, chart and docs of saved runs (several: their rows together); runs nothing",
     )
     args = parser.parse_args()
     if args.from_json is not None:
-        rerender(args.from_json, write=not args.no_write)
+        rerender(*args.from_json, write=not args.no_write)
         return
     if args.quick:
         args.duration = 150.0
     policies = [p for p in args.policies.split(",") if p]
-    unknown = set(policies) - set(POLICIES)
+    unknown = set(policies) - set(POLICIES) - set(EXTRA_POLICIES)
     if unknown or not policies:
         parser.error(f"--policies: choose among {', '.join(POLICIES)} (got {args.policies!r})")
     if args.duration < 60:
@@ -144,10 +152,15 @@ def main() -> None:
     rerender(path, write=not args.no_write)
 
 
-def rerender(path: Path, *, write: bool) -> None:
+def rerender(path: Path, *more: Path, write: bool) -> None:
     import _autoscale_report as report
 
     out = json.loads(path.read_text())
+    for other in more:  # a later run's rows join the first run's table, said so in the header
+        extra = json.loads(other.read_text())
+        out["results"].update(extra["results"])
+        keep = ("started", "elapsed_s", "argv", "loadavg")
+        out.setdefault("extra_runs", []).append({**{k: extra.get(k) for k in keep}, "policies": list(extra["results"])})
     table = report.render(out, argv=out.get("argv", []))
     print()
     print(table)
