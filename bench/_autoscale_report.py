@@ -112,6 +112,7 @@ def chart(out: dict[str, Any], path: Path) -> None:
     results = out["results"]
     fig, axes = plt.subplots(len(results), 1, figsize=(11, 2.8 * len(results)), sharex=True, squeeze=False)
     duration = out["scale"]["duration_s"]
+    top = max((s["live"] for r in results.values() for s in r["samples"]), default=1) + 0.5
     for ax, (name, r) in zip(axes[:, 0], results.items(), strict=True):
         samples = r["samples"]
         hours = [24 * s["t"] / duration for s in samples]
@@ -127,6 +128,7 @@ def chart(out: dict[str, Any], path: Path) -> None:
                 linestyle=":",
             )
         ax.set_ylabel("nodes")
+        ax.set_ylim(-0.2, top)  # the same scale in every panel
         queue = ax.twinx()
         queue.plot(
             hours,
