@@ -26,7 +26,7 @@ from apps.fleet import services
 from apps.fleet.health import run_health_checks
 from apps.fleet.launchers import get_launcher
 from apps.fleet.launchers.base import LaunchError
-from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus
+from apps.fleet.models import LIVE_STATUSES, Launcher, LaunchProfile, Node, NodeEvent, NodeStatus, ScaleDecision
 from apps.fleet.placement import Placement
 from apps.fleet.transitions import IllegalTransition
 
@@ -393,6 +393,30 @@ class NodeEventAdmin(admin.ModelAdmin):
     @admin.display(description="message")
     def short_message(self, obj: NodeEvent) -> str:
         return obj.message[:120]
+
+    def has_add_permission(self, request: HttpRequest) -> bool:
+        return False
+
+    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
+        return False
+
+
+@admin.register(ScaleDecision)
+class ScaleDecisionAdmin(admin.ModelAdmin):
+    """The autoscaler's changes of desired replicas, with their inputs. Append-only."""
+
+    list_display = ["created_at", "model", "previous", "desired", "short_reason"]
+    list_filter = ["model"]
+    search_fields = ["model__name", "reason"]
+    list_select_related = ["model"]
+    date_hierarchy = "created_at"
+
+    @admin.display(description="reason")
+    def short_reason(self, obj: ScaleDecision) -> str:
+        return obj.reason[:160]
 
     def has_add_permission(self, request: HttpRequest) -> bool:
         return False

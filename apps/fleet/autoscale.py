@@ -25,7 +25,6 @@ import math
 import statistics
 import time
 import uuid
-from collections import defaultdict
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 
@@ -36,7 +35,8 @@ from django.utils import timezone
 
 from apps.catalog.models import ServedModel
 from apps.core import redis as redis_lib
-from apps.fleet import demand, replicas
+from apps.fleet import demand, reconcile, replicas
+from apps.fleet.enqueue import enqueue_health_check
 from apps.fleet.models import LIVE_STATUSES, WARM_STATUSES, Launcher, ModelScale, Node, NodeStatus, ScaleDecision
 from apps.metering.models import UsageRecord
 
@@ -202,19 +202,19 @@ def trend(samples: list[list[float]], *, now: float, demand: int) -> tuple[float
 # --- Reading the fleet ----------------------------------------------------------------------------
 
 
-def cold_start_p50(accelerator: str, *, default: float | None = None) -> float:
+def cold_start_p50(accelerator: str, *, model_id: int | None = None) -> float:
     """Median launch-to-ready time of the last launched nodes on this accelerator (warm restarts
-    excluded); FLEET_DEFAULT_COLD_START_S until one was measured."""
-    rows = (
-        Node.objects.filter(accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=True)
-        .exclude(launcher=Launcher.STATIC)
-        .order_by("-ready_at")
-        .values_list("requested_at", "ready_at")[:COLD_START_SAMPLE]
-    )
-    seconds = [(ready - requested).total_seconds() for requested, ready in rows if ready and ready >= requested]
-    if not seconds:
-        return default if default is not None else settings.FLEET_DEFAULT_COLD_START_S
-    return float(statistics.median(seconds))
+    excluded): the model's own on it when it has some (its weights' size matters), else any
+    model's; FLEET_DEFAULT_COLD_START_S until one was measured."""
+    launched = Node.objects.filter(
+        accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=True
+    ).exclude(launcher=Launcher.STATIC)
+    for rows in (launched.filter(model_id=model_id) if model_id is not None else launched.none(), launched):
+        pairs = rows.order_by("-ready_at").values_list("requested_at", "ready_at")[:COLD_START_SAMPLE]
+        seconds = [(ready - requested).total_seconds() for requested, ready in pairs if ready and ready >= requested]
+        if seconds:
+            return float(statistics.median(seconds))
+    return settings.FLEET_DEFAULT_COLD_START_S
 
 
 def _queue_wait(model_id: int, now: datetime) -> float | None:
@@ -236,7 +236,7 @@ def read_load(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int]
         kv_mean=sum(kv) / len(kv) if kv else None,
         inflight=sum(inflight.get(n.pk, 0) for n in nodes),
         held=held,
-        cold_start_s=cold_start_p50(model.accelerator),
+        cold_start_s=cold_start_p50(model.accelerator, model_id=model.pk),
         queue_wait_s=_queue_wait(model.pk, now) if model.target_queue_wait_s else None,
     )
 
@@ -294,32 +294,62 @@ def _run(model_id: int | None, client) -> list[Decision]:
     models = ServedModel.objects.filter(is_active=True)
     if model_id is not None:
         models = models.filter(pk=model_id)
-    by_model: defaultdict[int, list[Node]] = defaultdict(list)
-    for node in Node.objects.filter(status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"):
-        by_model[node.model_id].append(node)
+    _finish_drains(list(Node.objects.filter(status=S.DRAINING)), inflight)
     decisions = []
     for model in models:
         try:
-            decisions.append(_decide_model(model, by_model[model.pk], inflight=inflight, held=held.get(model.pk, 0)))
+            decisions.append(_decide_model(model, inflight=inflight, held=held.get(model.pk, 0)))
         except Exception as exc:  # one model's problem must not stop the others
             log.exception("autoscale: %s failed", model)
             decisions.append(Decision(model.pk, model.name, 0, 0, 0, "", error=f"{type(exc).__name__}: {exc}"))
     return decisions
 
 
-def _decide_model(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int], held: int) -> Decision:
+def _finish_drains(draining: list[Node], inflight: dict[int, int]) -> None:
+    """Scale-down finishes here too, not only at the reconciler's next pass (every minute): a
+    drained node is stopped or torn down, and one not checked since its drain began gets a check."""
+    if not draining:
+        return
+    report = reconcile.Report()
     now = timezone.now()
-    load = read_load(model, nodes, inflight=inflight, held=held, now=now)
+    unchecked = []
+    for node in Node.objects.filter(pk__in=[n.pk for n in draining], status=S.DRAINING).select_related(
+        "model", "launch_profile"
+    ):
+        reconcile.finish_drain(node, now, inflight, report, actor="autoscaler")
+        if node.status == S.DRAINING and (node.last_health_at is None or node.last_health_at <= node.status_changed_at):
+            unchecked.append(node.pk)
+    if unchecked:
+        enqueue_health_check(node_ids=unchecked)
+    for error in report.errors:
+        log.warning("autoscale: %s", error)
+
+
+def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) -> Decision:
+    now = timezone.now()
     with transaction.atomic():
-        scale, _ = ModelScale.objects.get_or_create(
-            model=model, defaults={"desired": max(model.min_replicas, load.ready + load.starting)}
+        # The idle clock starts with the first decision, not at the epoch: a model seen for the
+        # first time is not "idle for ever".
+        scale, created = ModelScale.objects.get_or_create(
+            model=model, defaults={"desired": model.min_replicas, "last_busy_at": now}
         )
         scale = ModelScale.objects.select_for_update().get(pk=scale.pk)
+        # Read under the row lock: a pass that waited for another one sees what that one did.
+        nodes = list(Node.objects.filter(model=model, status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"))
+        load = read_load(model, nodes, inflight=inflight, held=held, now=now)
+        usable = sum(n.status in replicas.USABLE for n in nodes)
+        if created:  # the first decision starts from what there is
+            scale.desired = max(model.min_replicas, min(usable, model.max_replicas))
+        previous = scale.desired
+        if usable > scale.desired:
+            # Nodes someone launched by hand (the autoscaler's own scale-down leaves fewer usable
+            # nodes at once): adopted, then judged by the scale-down window like any other.
+            scale.desired = min(usable, max(model.max_replicas, model.min_replicas))
+            log.info("autoscale %s: adopted %d node(s) launched by hand", model.name, usable - previous)
         rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand)
         load = replace(load, trend_per_s=rate)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)
-        previous = scale.desired
         scale.desired, scale.reason = desired, reason
         scale.ready, scale.starting, scale.stopped = load.ready, load.starting, load.stopped
         scale.above_since, scale.below_since = memory.above_since, memory.below_since

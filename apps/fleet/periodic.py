@@ -69,9 +69,14 @@ def fleet_reconcile() -> None:
 
 
 @shared_task(ignore_result=True)
-def fleet_autoscale(model_id: int | None = None) -> None:
+def fleet_autoscale(model_id: int | None = None, attempt: int = 0) -> None:
     """One autoscaler pass (beat: every FLEET_AUTOSCALE_INTERVAL_S; the gateway: enqueue_autoscale).
-    The pass holds its own single-flight lock (autoscale.autoscale_run)."""
-    for decision in autoscale.autoscale_run(model_id=model_id):
+    The pass holds its own single-flight lock (autoscale.autoscale_run). A pass the gateway asked
+    for that found another one running (it may have read the load before the request was held) is
+    tried again a second later, a few times, rather than left to the next beat tick."""
+    decisions = autoscale.autoscale_run(model_id=model_id)
+    if model_id is not None and not decisions and attempt < 3:
+        fleet_autoscale.apply_async(args=[model_id, attempt + 1], countdown=1)
+    for decision in decisions:
         if decision.error:
             log.warning("autoscale: %s: %s", decision.model_name, decision.error)

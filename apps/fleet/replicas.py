@@ -36,6 +36,7 @@ S = NodeStatus
 USABLE = frozenset({S.PENDING, S.PROVISIONING, S.LOADING, S.READY, S.UNHEALTHY})
 CAPACITY_FAILURE = "no capacity"  # how apps.fleet.sky words a ResourcesUnavailableError
 PREEMPTED = "preempted"  # how the reconciler words a vanished machine
+WARM_RESTART_FAILED = "warm restart failed"  # how apps.fleet.warm words a resume that failed
 
 
 @dataclass
@@ -61,7 +62,10 @@ def relaunch_brake(model: ServedModel, now: datetime, *, on_demand: bool = False
     last_ready = Node.objects.filter(model=model, ready_at__isnull=False).aggregate(t=Max("ready_at"))["t"]
     if last_ready is not None and last_ready > since:
         since = last_ready  # it worked since: older failures say nothing about the next launch
-    failed = Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since)
+    # A stopped node that could not be resumed says nothing about launching a new one.
+    failed = Node.objects.filter(model=model, status=S.FAILED, status_changed_at__gte=since).exclude(
+        status_reason__startswith=WARM_RESTART_FAILED
+    )
     if on_demand:
         failed = failed.exclude(use_spot=True, status_reason__startswith=CAPACITY_FAILURE)
     failed_at = list(failed.order_by("-status_changed_at").values_list("status_changed_at", flat=True))

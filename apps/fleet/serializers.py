@@ -25,6 +25,7 @@ class NodeSerializer(serializers.ModelSerializer):
         slug_field="name", read_only=True, allow_null=True
     )
     cold_start_seconds = serializers.FloatField(read_only=True, allow_null=True)
+    warm_start_seconds = serializers.FloatField(read_only=True, allow_null=True)
     endpoint_url = BlankOrUrlField(read_only=True)
 
     class Meta:
@@ -51,6 +52,11 @@ class NodeSerializer(serializers.ModelSerializer):
             "ready_at",
             "terminated_at",
             "cold_start_seconds",
+            "stopped_at",
+            "stopped_hourly_cost",
+            "restart_requested_at",
+            "warm_starts",
+            "warm_start_seconds",
             "last_health_at",
             "consecutive_failures",
             "health_latency_ms",

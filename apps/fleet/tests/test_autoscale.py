@@ -371,3 +371,82 @@ def test_the_api_exposes_the_policy_and_the_decision_and_refuses_bad_values(staf
     autoscale_run()
     decided = staff_client.get(url).json()["autoscale"]
     assert decided["desired"] == 0 and decided["reason"].startswith("desired 0")
+
+
+def test_a_triggered_pass_that_meets_a_running_one_tries_again_a_second_later(redis_db, monkeypatch) -> None:
+    from apps.fleet import autoscale
+
+    later: list[tuple[list, int]] = []
+    monkeypatch.setattr(
+        periodic.fleet_autoscale, "apply_async", lambda args, countdown: later.append((args, countdown))
+    )
+    redis_lib.client().set(autoscale._lock_key(), "a beat pass", ex=30)
+
+    periodic.fleet_autoscale(5)
+    periodic.fleet_autoscale(5, 3)  # the last attempt gives up: the beat tick follows anyway
+
+    assert later == [([5, 1], 1)]
+
+
+def test_a_paused_local_node_that_died_is_failed_and_replaced_in_the_same_pass(served_model, redis_db) -> None:
+    _policy(served_model, min_replicas=0, max_replicas=2, spot_fallback=False)
+    node = _ready(served_model, launcher="local")
+    Node.objects.filter(pk=node.pk).update(launcher_state={"pid": 2**22 + 7})  # no such process
+    node = Node.objects.get(pk=node.pk)
+    node_transition(node=node, to=S.DRAINING)
+    node_transition(node=node, to=S.STOPPING)
+    node_transition(node=node, to=S.STOPPED, stopped_at=timezone.now())
+    ModelScale.objects.create(model=served_model, desired=0)
+    _report_held(served_model.pk, 1)
+
+    (decision,) = autoscale_run()
+
+    assert decision.restarted == [] and len(decision.launched) == 1
+    assert "warm restart failed: the paused local node process is gone" in decision.error
+    assert Node.objects.get(pk=node.pk).status == S.FAILED
+
+
+def test_a_node_launched_by_hand_is_adopted_not_drained_at_once(served_model, redis_db) -> None:
+    from apps.fleet.placement import Placement
+    from apps.fleet.services import node_request_launch
+
+    _policy(served_model, min_replicas=1, max_replicas=3, scale_down_window_s=300)
+    _ready(served_model)
+    assert autoscale_run()[0].desired == 1
+    (extra,) = node_request_launch(model=served_model, placement=Placement(launcher="local"), actor="ops")
+
+    (decision,) = autoscale_run()
+
+    assert decision.desired == 2 and decision.drained == [] and "down to 1 in 300 s" in decision.reason
+    assert Node.objects.get(pk=extra.pk).status == S.PENDING
+
+
+def test_a_model_seen_for_the_first_time_is_not_idle_for_ever(served_model, redis_db) -> None:
+    _policy(served_model, min_replicas=0, idle_to_zero_s=600)
+    node = _ready(served_model)  # launched by hand before the autoscaler ever looked
+
+    (decision,) = autoscale_run()
+
+    assert decision.desired == 1 and "until idle 600 s" in decision.reason
+    assert Node.objects.get(pk=node.pk).status == S.READY
+
+
+def test_the_cold_start_is_the_median_of_the_models_own_launches_on_the_accelerator(served_model, settings) -> None:
+    from apps.catalog.services import model_create
+    from apps.fleet.autoscale import cold_start_p50
+
+    settings.FLEET_DEFAULT_COLD_START_S = 60.0
+    assert cold_start_p50("L4:1", model_id=served_model.pk) == 60.0  # nothing measured yet
+    other = model_create(name="other-model")
+    now = timezone.now()
+    for model, seconds in [(other, 20), (served_model, 40), (served_model, 50), (served_model, 90)]:
+        node = node_create(model=model, launcher="local", accelerator="L4:1")
+        Node.objects.filter(pk=node.pk).update(requested_at=now - timedelta(seconds=seconds), ready_at=now)
+    warm = node_create(model=served_model, launcher="local", accelerator="L4:1")
+    Node.objects.filter(pk=warm.pk).update(
+        requested_at=now - timedelta(hours=2), ready_at=now, restart_requested_at=now
+    )
+
+    assert cold_start_p50("L4:1", model_id=served_model.pk) == pytest.approx(50, abs=0.5)  # warm restart left out
+    assert cold_start_p50("L4:1", model_id=other.pk) == pytest.approx(20, abs=0.5)
+    assert cold_start_p50("L4:1", model_id=12345) == pytest.approx(45, abs=0.5)  # any model's: 20 40 50 90

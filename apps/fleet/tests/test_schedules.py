@@ -19,3 +19,10 @@ def test_health_every_15s_and_reconcile_every_60s_point_at_registered_tasks() ->
     for task in (health, reconcile):
         assert task.task in app.tasks, task.task
         assert task.expire_seconds == task.interval.every  # a run that could not start in time is dropped
+
+
+def test_the_autoscaler_runs_every_5s_and_points_at_a_registered_task() -> None:
+    app.loader.import_default_modules()
+    task = PeriodicTask.objects.select_related("interval").get(name="fleet: autoscale")
+    assert (task.interval.every, task.interval.period, task.enabled) == (5, "seconds", True)
+    assert task.task in app.tasks and task.expire_seconds == 5

@@ -26,6 +26,7 @@ import pytest
 from apps.fleet import lifecycle, sky
 from apps.fleet.models import Node, NodeEvent, NodeStatus
 from apps.fleet.services import node_create
+from apps.fleet.transitions import node_transition
 
 pytestmark = [pytest.mark.slow, pytest.mark.django_db]
 
@@ -259,6 +260,24 @@ def test_calls_on_a_cluster_that_does_not_exist_map_to_what_the_node_needs(real_
     _wait_for(request_id)
     with pytest.raises(sky.ClusterMissing):
         sky.request_result(request_id)
+
+
+def test_stopping_a_cluster_that_does_not_exist_fails_the_warm_pool_stop(real_server, served_model) -> None:
+    request_id = sky.submit_stop("crosslogic-424243")  # sky.stop takes the name; the server refuses later
+    _wait_for(request_id)
+    with pytest.raises(sky.ClusterMissing):
+        sky.request_result(request_id)
+    # Through the warm pool: the launcher's stop turns it into a LaunchError, the node is torn down.
+    node = _sky_node(served_model)
+    for status in (NodeStatus.PROVISIONING, NodeStatus.LOADING, NodeStatus.READY, NodeStatus.DRAINING):
+        node_transition(node=node, to=status)
+    node_transition(node=node, to=NodeStatus.STOPPING)
+    deadline = time.monotonic() + 90
+    while _reload(node).status == NodeStatus.STOPPING and time.monotonic() < deadline:
+        lifecycle.stop_node(node.pk)
+        time.sleep(0.3)
+    node = _reload(node)
+    assert node.status == NodeStatus.TERMINATING and "vanished" in node.status_reason
 
 
 def _wait_for(request_id: str, within_s: float = 90) -> None:

@@ -12,7 +12,7 @@ from typing import Any
 from django.core.management.base import BaseCommand
 
 from apps.fleet.lifecycle import teardown_node
-from apps.fleet.models import LIVE_STATUSES, Launcher, Node, NodeStatus
+from apps.fleet.models import LIVE_STATUSES, WARM_STATUSES, Launcher, Node, NodeStatus
 from apps.fleet.services import node_terminate
 from apps.fleet.transitions import IllegalTransition
 
@@ -22,7 +22,8 @@ class Command(BaseCommand):
 
     def handle(self, *args: Any, **options: Any) -> None:
         nodes = Node.objects.filter(
-            launcher=Launcher.LOCAL, status__in=[*LIVE_STATUSES, NodeStatus.TERMINATING, NodeStatus.FAILED]
+            launcher=Launcher.LOCAL,
+            status__in=[*LIVE_STATUSES, *WARM_STATUSES, NodeStatus.TERMINATING, NodeStatus.FAILED],  # paused ones too
         )
         stopped = 0
         for node in nodes:
