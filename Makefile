@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-fast test-sqlite lint typecheck ci bench soak clean
+.PHONY: run test test-fast test-sqlite lint typecheck ci bench bench-autoscale soak clean
 
 $(BIN)/python:
 	@test -n "$(PY)" || { echo "error: Python 3.11 not found; install it (python.org, pyenv, or apt-get install python3.11 python3.11-venv)"; exit 1; }
@@ -52,6 +52,11 @@ bench: $(STAMP)
 # (bench/soak.py; its own throwaway PostgreSQL and Redis). Shorter: make soak SOAK_ARGS="--minutes 5"
 soak: $(STAMP)
 	$(BIN)/python bench/soak.py $(SOAK_ARGS)
+
+# The autoscaling replay (bench/autoscale_bench.py): a bursty day in 10 minutes per policy, three
+# policies (~35 minutes). make bench-autoscale ARGS="--quick" for a smoke run.
+bench-autoscale: $(STAMP)
+	@bash scripts/bench.sh --autoscale $(ARGS)
 
 clean:
 	rm -rf $(VENV) var staticfiles

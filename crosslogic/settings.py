@@ -6,6 +6,7 @@ Invalid values raise ImproperlyConfigured at start rather than surprising us lat
 from __future__ import annotations
 
 import re
+import shlex
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -367,6 +368,13 @@ if min(FLEET_RELAUNCH_MAX_FAILURES, FLEET_RELAUNCH_FAILURE_WINDOW_S) < 1 or FLEE
     )
 # Local launcher: simulated weight-loading time of the vLLM simulator it starts.
 FLEET_LOCAL_STARTUP_DELAY_S: float = _env_or_fail("FLEET_LOCAL_STARTUP_DELAY_S", float, 1.0)
+# Local launcher: more `python -m vllm_sim` flags for its nodes, e.g. "--max-num-seqs 4 --itl-ms 40"
+# (docs/simulator.md lists them; bench/autoscale_bench.py bounds each node's capacity with them).
+FLEET_LOCAL_SIM_ARGS: str = env("FLEET_LOCAL_SIM_ARGS", default="")
+try:
+    shlex.split(FLEET_LOCAL_SIM_ARGS)
+except ValueError as exc:
+    raise ImproperlyConfigured(f"FLEET_LOCAL_SIM_ARGS: {exc} (write it as a shell command line).") from None
 # Autoscaler (apps.fleet.autoscale): how often beat runs it, how long a drained node may stay
 # stopped (warm pool) before it is torn down, and what a stopped node's disk costs.
 FLEET_AUTOSCALE_INTERVAL_S: int = _env_or_fail("FLEET_AUTOSCALE_INTERVAL_S", int, 5)
@@ -540,6 +548,14 @@ EMAIL_HOST_PASSWORD: str = env("EMAIL_HOST_PASSWORD", default="")
 EMAIL_USE_TLS: bool = _env_or_fail("EMAIL_USE_TLS", bool, False)
 EMAIL_TIMEOUT: int = _env_or_fail("EMAIL_TIMEOUT", int, 10)
 DEFAULT_FROM_EMAIL: str = env("DEFAULT_FROM_EMAIL", default="CrossLogic <noreply@localhost>")
+# Scale from zero (apps/gateway/coldstart.py): requests for a model whose first node is starting
+# are held, at most this many per model per gateway worker, for at most this long; then 503.
+GATEWAY_COLD_QUEUE_MAX: int = _env_or_fail("GATEWAY_COLD_QUEUE_MAX", int, 256)
+GATEWAY_COLD_WAIT_S: float = _env_or_fail("GATEWAY_COLD_WAIT_S", float, 120.0)
+if GATEWAY_COLD_QUEUE_MAX < 0 or GATEWAY_COLD_WAIT_S <= 0:
+    raise ImproperlyConfigured(
+        "GATEWAY_COLD_QUEUE_MAX must be >= 0 (0: hold nothing) and GATEWAY_COLD_WAIT_S positive."
+    )
 if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
     raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
 if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:

@@ -57,6 +57,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="Simulated weight loading: nothing listens until it is over (like vLLM).",
     )
     parser.add_argument(
+        "--warm-start-delay-s",
+        type=float,
+        default=0.0,
+        help="After SIGCONT (a paused node resumed: a warm restart), /health answers 503 this long.",
+    )
+    parser.add_argument(
         "--max-num-seqs",
         type=int,
         default=256,
@@ -95,7 +101,7 @@ def config_from_options(opts: dict) -> SimConfig:
             raise ValueError(f"--{name.replace('_', '-')} must be an integer >= {minimum}.")
     if opts["port"] > 65535:
         raise ValueError("--port must be at most 65535.")
-    for name in ("ttft_ms", "itl_ms", "startup_delay_s"):
+    for name in ("ttft_ms", "itl_ms", "startup_delay_s", "warm_start_delay_s"):
         if opts[name] < 0:
             raise ValueError(f"--{name.replace('_', '-')} must not be negative.")
     if opts["die_after_tokens"] is not None and opts["die_after_tokens"] < 0:

@@ -66,6 +66,9 @@ class SimConfig:
     die_after_tokens: int | None = None
     die_exits_process: bool = False
     startup_delay_s: float = 0.0
+    # After SIGCONT (a paused node resumed: the local launcher's warm restart), /health answers 503
+    # this long, as a restarted machine's vLLM is not ready at once.
+    warm_start_delay_s: float = 0.0
     max_num_seqs: int = 256
     kv_cache_tokens: int = 65536
     embedding_dim: int = 16
@@ -94,6 +97,7 @@ class SimState:
         self.fail_rate = config.fail_rate
         self.die_after_tokens = config.die_after_tokens
         self.health_status = 200
+        self.warming_until = 0.0  # time.monotonic() until which /health answers 503 (warm start)
         self.options = ServerOptions(
             served_model=config.model,
             max_tokens_default=config.max_tokens_default,
@@ -422,7 +426,10 @@ async def _models(sim: SimState, request: web.Request) -> web.Response:
 
 
 async def _health(request: web.Request) -> web.Response:
-    return web.Response(status=request.app[SIM_KEY].health_status)
+    sim: SimState = request.app[SIM_KEY]
+    if sim.warming_until and time.monotonic() < sim.warming_until:
+        return web.Response(status=503)
+    return web.Response(status=sim.health_status)
 
 
 async def _metrics(request: web.Request) -> web.Response:
@@ -534,6 +541,13 @@ async def serve_forever(config: SimConfig, announce: Callable[[str], None]) -> N
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    if config.warm_start_delay_s > 0:
+        state: SimState = runner.app[SIM_KEY]
+
+        def resumed() -> None:
+            state.warming_until = time.monotonic() + config.warm_start_delay_s
+
+        loop.add_signal_handler(signal.SIGCONT, resumed)
     try:
         await stop.wait()
     finally:

@@ -27,6 +27,7 @@ from apps.core import invalidation
 from apps.core import redis as redis_lib
 from apps.gateway import metrics, payloads, relay, spend, upstream, usage_api
 from apps.gateway.auth import KeyCache, KeyEntry
+from apps.gateway.coldstart import ColdStart
 from apps.gateway.errors import GatewayError, bad_request
 from apps.gateway.limits import Budget, Limit, RateLimiter
 from apps.gateway.metrics import METRICS
@@ -91,6 +92,7 @@ class Gateway:
         self.board = LoadBoard()
         self.table = RoutingTable()
         self.usage = UsageRecorder()
+        self.cold = ColdStart(lambda: self.table, self.board.worker_id)
         self.session: Any = None
         self.redis: Any = None
         self.hot_redis: redis_lib.Multiplexed | None = None
@@ -126,6 +128,7 @@ class Gateway:
                 self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN, seeder=self._seed_budget
             )
             self._routing_dirty = asyncio.Event()
+            self.cold.start(self.redis)
             try:
                 self.table = await aload_table()
             except Exception:
@@ -138,6 +141,7 @@ class Gateway:
                     self._listen_invalidations(),
                     self._sync_load(),
                     metrics.publish_forever(self.redis, self.metrics),
+                    self.cold.run(),
                 )
             ]
             self._started = True
@@ -153,6 +157,7 @@ class Gateway:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         await self.limiter.drain()
+        await self.cold.close()
         try:
             await self.usage.flush()
         except Exception:
@@ -176,6 +181,7 @@ class Gateway:
             self._routing_dirty.clear()
             try:
                 self.table = await aload_table()
+                self.cold.table_changed()
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
@@ -532,6 +538,12 @@ class Gateway:
         client_wants_usage: bool,
         headers: list[tuple[bytes, bytes]],
     ) -> None:
+        if not route.nodes:
+            # A model scaled to zero: wait here for its first node (cancelled if the client leaves).
+            waited = time.monotonic()
+            route = await self.cold.wait_ready(route)
+            held_ms = int((time.monotonic() - waited) * 1000)
+            headers = [*headers, (b"x-cold-start-wait-ms", str(held_ms).encode())]
         node, resp = await relay.open_upstream(
             session=self.session,
             board=self.board,

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import time
 import uuid
 from collections import defaultdict, deque
@@ -19,6 +20,7 @@ from decimal import Decimal
 from typing import TYPE_CHECKING
 
 from asgiref.sync import sync_to_async
+from django.conf import settings
 from django.db import close_old_connections, connection
 
 if TYPE_CHECKING:
@@ -29,6 +31,10 @@ log = logging.getLogger(__name__)
 LOADBOARD_PERIOD_S = 0.2
 _WORKERS_KEY = "crosslogic:inflight:workers"
 _COOLDOWN_KEY = "crosslogic:cooldowns"
+# The measured cold start: the median over a model's last 20 nodes that became ready, read from
+# the newest 500 such nodes of the whole fleet (one indexed query per table load).
+COLD_START_PER_MODEL = 20
+COLD_START_SAMPLE = 500
 
 
 @dataclass(frozen=True)
@@ -48,6 +54,15 @@ class ModelRoute:
     price_out: Decimal
     nodes: tuple[NodeRoute, ...] = ()
     max_model_len: int | None = None
+    # Scale from zero (apps/gateway/coldstart.py): nodes on their way up (a warm restart too),
+    # whether the policy lets one start (min_replicas 0, max_replicas > 0), when the first of them
+    # should be ready (wall clock: its start + the measured cold or warm start), and the measured
+    # cold start (median ready_at - requested_at of first launches) of this model, else of its
+    # accelerator, else FLEET_DEFAULT_COLD_START_S.
+    starting: int = 0
+    may_start: bool = False
+    ready_eta: float | None = None
+    cold_start_s: float = 60.0
 
 
 @dataclass
@@ -61,6 +76,7 @@ def load_table() -> RoutingTable:
     from apps.fleet.keys import presented_key
     from apps.fleet.models import Node, NodeStatus
 
+    starting_statuses = (NodeStatus.PENDING, NodeStatus.PROVISIONING, NodeStatus.LOADING)
     close_old_connections()
     try:
         models = list(
@@ -72,7 +88,19 @@ def load_table() -> RoutingTable:
                 "price_output_per_mtok",
                 "max_model_len",
                 "context_length",
+                "accelerator",
+                "min_replicas",
+                "max_replicas",
             )
+        )
+        starting = list(
+            Node.objects.filter(status__in=starting_statuses, model__is_active=True).values(
+                "model_id", "requested_at", "restart_requested_at"
+            )
+        )
+        timing = ("model_id", "accelerator", "model__accelerator", "requested_at", "restart_requested_at", "ready_at")
+        measured = list(
+            Node.objects.filter(ready_at__isnull=False).order_by("-ready_at").values(*timing)[:COLD_START_SAMPLE]
         )
         nodes = list(
             Node.objects.filter(status=NodeStatus.READY, model__is_active=True)
@@ -94,6 +122,20 @@ def load_table() -> RoutingTable:
                 waiting=n["requests_waiting"] or 0,
             )
         )
+    cold, warm = _start_times(measured)
+    default = settings.FLEET_DEFAULT_COLD_START_S
+    etas: dict[int, float] = {}
+    starting_count: dict[int, int] = defaultdict(int)
+    accelerators = {m["id"]: m["accelerator"] for m in models}
+    for start in starting:
+        model_id = start["model_id"]
+        model_cold = cold.get(model_id, cold.get(accelerators.get(model_id, ""), default))
+        if start["restart_requested_at"] is not None:  # a warm restart from the warm pool
+            eta = start["restart_requested_at"].timestamp() + warm.get(model_id, warm.get("", model_cold))
+        else:
+            eta = start["requested_at"].timestamp() + model_cold
+        starting_count[model_id] += 1
+        etas[model_id] = min(eta, etas.get(model_id, eta))
     table = RoutingTable(loaded_at=time.monotonic())
     for m in models:
         table.models[m["name"]] = ModelRoute(
@@ -105,8 +147,33 @@ def load_table() -> RoutingTable:
             nodes=tuple(by_model.get(m["id"], ())),
             # What vLLM serves: --max-model-len when the catalog sets it, else the model's own context.
             max_model_len=m["max_model_len"] or m["context_length"],
+            starting=starting_count[m["id"]],
+            may_start=m["min_replicas"] == 0 and m["max_replicas"] > 0,
+            ready_eta=etas.get(m["id"]),
+            cold_start_s=cold.get(m["id"], cold.get(m["accelerator"], default)),
         )
     return table
+
+
+def _start_times(rows: list[dict]) -> tuple[dict[int | str, float], dict[int | str, float]]:
+    """Median cold and warm starts, keyed by model id (its last COLD_START_PER_MODEL nodes) and by
+    accelerator name; warm starts also under "" (the whole fleet's: a stopped machine restarts in
+    about the same time whatever it serves)."""
+    samples: tuple[dict[int | str, list[float]], dict[int | str, list[float]]] = (defaultdict(list), defaultdict(list))
+    for row in rows:  # newest first
+        restarted = row["restart_requested_at"]
+        began = restarted if restarted is not None else row["requested_at"]
+        seconds = (row["ready_at"] - began).total_seconds()
+        if seconds < 0:
+            continue  # ready before this restart: its ready_at belongs to an earlier start
+        per = samples[restarted is not None]
+        if len(per[row["model_id"]]) < COLD_START_PER_MODEL:
+            per[row["model_id"]].append(seconds)
+        per[row["accelerator"] or row["model__accelerator"]].append(seconds)
+        if restarted is not None:
+            per[""].append(seconds)
+    cold, warm = ({k: statistics.median(v) for k, v in per.items() if v} for per in samples)
+    return cold, warm
 
 
 def node_mark_unhealthy(*, node_id: int, reason: str) -> bool:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
+import signal
 import socket
 import subprocess
 import time
@@ -440,3 +442,27 @@ async def test_requests_beyond_max_num_seqs_wait_and_show_in_metrics():
     assert families["vllm:num_requests_waiting"].samples[0].value == 2
     assert all(r.status_code == 200 for r in replies)
     assert server.state.counters["requests_completed"] == 3
+
+
+def test_a_resumed_process_is_unhealthy_for_the_warm_start_delay():
+    """The local launcher's warm restart pauses the node's process group and resumes it (SIGCONT);
+    with --warm-start-delay-s the simulator then answers /health 503 for that long, like a
+    restarted machine whose vLLM is still starting."""
+    with run_simulator_process(model=MODEL, warm_start_delay_s=1.5, light=True) as paused:
+        health = paused.url + "/health"
+        assert httpx.get(health, timeout=2).status_code == 200  # a cold start is not a warm one
+        os.kill(paused.proc.pid, signal.SIGSTOP)
+        os.kill(paused.proc.pid, signal.SIGCONT)
+        resumed = time.monotonic()
+        assert wait_for(lambda: httpx.get(health, timeout=2).status_code == 503, 1.0)
+        assert wait_for(lambda: httpx.get(health, timeout=2).status_code == 200, 10.0)
+        assert time.monotonic() - resumed >= 1.4
+
+
+def wait_for(predicate, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return False

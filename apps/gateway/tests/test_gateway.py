@@ -229,6 +229,9 @@ def test_oversized_body_wrong_method_unknown_model_and_path(gateway, api_key, ca
 
 
 def test_no_ready_node_is_503_with_retry_after(gateway, api_key, catalog_model) -> None:
+    # Nothing starting and a policy that starts nothing on demand (min_replicas 0 would hold the
+    # request while a node starts: test_coldstart.py).
+    type(catalog_model).objects.filter(pk=catalog_model.pk).update(min_replicas=1, max_replicas=1)
     r = httpx.post(
         gateway.base_url + "/chat/completions",
         json={"model": "llama-3-8b", "messages": MSG},

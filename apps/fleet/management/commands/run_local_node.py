@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -55,6 +56,8 @@ class Command(BaseCommand):
             str(opts["startup_delay_s"]),
             "--vllm-version",
             settings.VLLM_VERSION,
+            # Capacity and timing of the simulated engine (the autoscaling benchmark sets them).
+            *shlex.split(settings.FLEET_LOCAL_SIM_ARGS),
         ]
         if not os.environ.get("VLLM_API_KEY"):
             raise CommandError("VLLM_API_KEY is not set: the launcher passes the node's key in the environment.")
