@@ -41,6 +41,8 @@ def test_the_gateway_benchmark_runs_and_every_answer_is_correct():
         "8",
         "--flat-concurrency",
         "4",
+        "--burst",
+        "4",
         "--database-url",
         database,
         "--redis-db",
@@ -51,7 +53,8 @@ def test_the_gateway_benchmark_runs_and_every_answer_is_correct():
 
     assert "events identical (id/created aside)" in out
     rounds = [line for line in out.splitlines() if line.startswith("  ") and " tok/s " in line]
-    assert len(rounds) == 3  # 4 streams, saturation, non-streaming
+    assert len(rounds) == 4, "\n".join(rounds)  # 4 streams, 4 in lockstep, saturation, non-streaming
+    assert any("lockstep" in line for line in rounds), "\n".join(rounds)
     assert all("errors 0/0, bad 0/0" in line for line in rounds), "\n".join(rounds)
     assert "| 4 |" in out  # the table it would write to docs/benchmarks.md
 
