@@ -516,7 +516,7 @@ class Gateway:
                 ),
                 receive,
             )
-            if cut:
+            if cut and not ex.delivered:
                 ex.status = 499  # client closed the request (nginx's convention)
         except GatewayError as err:
             ex.status = err.status

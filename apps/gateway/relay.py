@@ -45,6 +45,9 @@ class Exchange:
     completion_tokens: int | None = None
     chunks: int = 0
     response_started: bool = False
+    # The whole answer reached the client (its [DONE] or its JSON body): a disconnect after this
+    # is the client hanging up on a finished answer, not a request cut short (status stays).
+    delivered: bool = False
     estimated_prompt: int = 0
     choices: int = 1  # the request's n: a chat stream opens each choice with a role-only chunk
 
@@ -233,6 +236,7 @@ async def relay_json(
     ex.response_started = True
     await send({"type": "http.response.start", "status": resp.status, "headers": _response_headers(resp, headers)})
     await send({"type": "http.response.body", "body": body})
+    ex.delivered = True
 
 
 def _read_usage(event: bytes, ex: Exchange) -> None:
@@ -287,6 +291,7 @@ async def relay_stream(
                 if ex.ttft_ms is None:
                     ex.ttft_ms = (time.monotonic() - ex.started) * 1000
                 await send({"type": "http.response.body", "body": b"".join(out), "more_body": True})
+                ex.delivered = saw_done
         if not saw_done:
             failure = "The model server closed the stream before it finished."
     except (upstream.ClientError, TimeoutError) as exc:

@@ -128,6 +128,51 @@ def test_a_request_the_node_rejects_is_recorded_with_zero_tokens(gateway, api_ke
     assert (record.prompt_tokens, record.completion_tokens, record.estimated, record.cost_micros) == (0, 0, False, 0)
 
 
+async def lingers_after_done(request: web.Request, raw: bytes) -> web.StreamResponse:
+    """A stream that ends with [DONE] but whose connection the node closes only a second later."""
+    body = json.loads(raw)
+    resp = web.StreamResponse(headers={"Content-Type": "text/event-stream; charset=utf-8"})
+    await resp.prepare(request)
+    delta = {"id": "c", "object": "chat.completion.chunk", "created": 0, "model": body["model"]}
+    for text in ("Hello", " there"):
+        chunk = {**delta, "choices": [{"index": 0, "delta": {"content": text}, "finish_reason": None}]}
+        await resp.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+    usage = {"prompt_tokens": 9, "completion_tokens": 2, "total_tokens": 11}
+    await resp.write(b"data: " + json.dumps({**delta, "choices": [], "usage": usage}).encode() + b"\n\n")
+    await resp.write(b"data: [DONE]\n\n")
+    await asyncio.sleep(1.0)
+    await resp.write_eof()
+    return resp
+
+
+def test_a_client_hanging_up_after_done_is_a_finished_stream_not_a_499(gateway, api_key, tenant, catalog_model) -> None:
+    """The client closes its connection as soon as it reads [DONE] (SDKs do) while the gateway is
+    still reading the node's end of stream: the answer was delivered, so it is recorded as a 200
+    with the node's usage, not as a request the client cut short."""
+    unlimited(tenant)
+    with FakeNode(lingers_after_done) as node:
+        ready_node(catalog_model, node.url, gateway=gateway)
+        gateway.app.keys.clear()
+        body = json.dumps({"model": "llama-3-8b", "messages": MSG, "stream": True}).encode()
+        port = int(gateway.url.rsplit(":", 1)[1])
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nHost: gw\r\nContent-Type: application/json\r\n"
+                b"Authorization: Bearer " + api_key[1].encode() + b"\r\n"
+                b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+            )
+            received = b""
+            while b"data: [DONE]" not in received:
+                chunk = s.recv(65536)
+                assert chunk, received
+                received += chunk
+        [record] = records(1)
+
+    assert received.startswith(b"HTTP/1.1 200")
+    assert record.status_code == 200 and record.streamed
+    assert (record.prompt_tokens, record.completion_tokens, record.estimated) == (9, 2, False)
+
+
 def test_a_node_400_passes_through_with_its_integer_code(gateway, api_key, tenant, catalog_model) -> None:
     """vLLM's ErrorResponse carries the HTTP status as an integer ``code``; the gateway passes the
     node's error through untouched (stream or not), so clients see what vLLM and OpenAI send."""
