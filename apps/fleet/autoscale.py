@@ -7,9 +7,12 @@ with no ready node (apps.fleet.enqueue.enqueue_autoscale), one pass:
    from Redis, the gateway's in-flight requests per node and the requests it holds per model
    (apps.fleet.demand); the measured cold start of the model's accelerator; the mean TTFT of the
    last minute's requests (an estimate of the queue wait);
-2. decides the desired number of nodes (``decide``: a pure function, table-tested) with
-   hysteresis: up at once (or after scale_up_window_s), down only after demand stayed lower for
-   scale_down_window_s, to zero only after idle_to_zero_s without a request;
+2. decides the desired number of nodes (``decide``: a pure function, table-tested): capacity for
+   the requests being served (running + waiting, or the gateway's in-flight count) plus their
+   growth over the cold start, at target_ongoing per node; requests held while no node is ready
+   are a backlog the first ready node drains, so they ask for one node, not one per
+   target_ongoing. Hysteresis: up at once (or after scale_up_window_s), down one node each time
+   demand stayed lower for scale_down_window_s, to zero only after idle_to_zero_s without a request;
 3. stores the decision (ModelScale: desired, actual, reason, inputs; ScaleDecision when it
    changed) and hands the target to apps.fleet.replicas, which launches, restarts warm nodes or
    drains: the one writer of node state for replica counts (the reconciler calls it too).
@@ -92,10 +95,15 @@ class Load:
     queue_wait_s: float | None = None
 
     @property
-    def demand(self) -> int:
+    def serving(self) -> int:
         # vLLM's counts and the gateway's overlap (the same requests seen from both ends): the
-        # larger is the better estimate; held requests are seen by the gateway alone.
-        return max(self.running + self.waiting, self.inflight) + self.held
+        # larger is the better estimate.
+        return max(self.running + self.waiting, self.inflight)
+
+    @property
+    def demand(self) -> int:
+        """Every request the model has (held ones are seen by the gateway alone): busy or idle."""
+        return self.serving + self.held
 
 
 @dataclass(frozen=True)
@@ -110,17 +118,30 @@ class Memory:
 
 
 def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[int, str]:
-    """How many nodes the load asks for right now (before hysteresis), and why."""
-    demand = load.demand
-    projected = demand + max(0.0, load.trend_per_s) * load.cold_start_s
-    by: dict[str, int] = {"requests": math.ceil(projected / policy.target_ongoing)}
+    """How many nodes the load asks for right now (before hysteresis), and why.
+
+    Capacity follows the requests being served (concurrency ÷ target_ongoing), projected over the
+    cold start by their growth. Held requests are not concurrency: they queued only because no
+    node was ready, and one ready node drains that backlog within a few of its batches; counted
+    per node (and their pile-up during the cold start as growth) they launched the model's
+    maximum for a burst one node carries (bench/autoscale_bench.py, issue #13). Once served,
+    they show up in running/waiting, and the next decisions size for them."""
+    serving = load.serving
+    projected = serving + max(0.0, load.trend_per_s) * load.cold_start_s
+    by: dict[str, int] = {"requests": math.ceil(projected / policy.target_ongoing - 1e-9)}
     if policy.target_kv and load.kv_mean is not None and load.ready:
         by["KV cache"] = math.ceil(load.ready * load.kv_mean / policy.target_kv - 1e-9)
     if policy.target_queue_wait_s and load.queue_wait_s is not None and load.ready:
         by["queue wait"] = math.ceil(load.ready * load.queue_wait_s / policy.target_queue_wait_s - 1e-9)
     signal, want = max(by.items(), key=lambda kv: kv[1])
     why = f"{want} by {signal}"
-    if demand > 0 and want < 1:
+    if signal == "requests" and want:
+        why += f" ({serving} served"
+        why += f" + {load.trend_per_s:.2f}/s × {load.cold_start_s:.0f} s cold start" if load.trend_per_s > 0 else ""
+        why += f", {policy.target_ongoing} per node)"
+    if load.held > 0 and want < 1:
+        want, why = 1, f"1 to drain the {load.held} held (a backlog, not per-node load)"
+    elif serving > 0 and want < 1:
         want, why = 1, "1 for the requests in flight"
     if want == 0 and memory.desired > 0:
         idle_s = (now - memory.last_busy_at).total_seconds() if memory.last_busy_at else math.inf
@@ -156,13 +177,19 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
         below_since = memory.below_since or now
         peak = max(memory.below_peak, want)
         held_s = (now - below_since).total_seconds()
-        # To zero the idle rule (in ``wanted``) already waited idle_to_zero_s.
+        # One node per window, toward the window's peak want: a fleet sized for a burst comes down
+        # step by step as the burst's tail clears, instead of holding the burst's size for a whole
+        # window and then trusting one quiet window. To zero the idle rule (in ``wanted``)
+        # already waited idle_to_zero_s.
         window = 0 if peak == 0 else policy.scale_down_window_s
+        step = peak if peak == 0 else max(peak, current - 1)
         if held_s >= window:
-            desired, verdict = peak, "scale to zero" if peak == 0 else "scale down"
-            memory = replace(memory, above_since=None, below_since=None, below_peak=0)
+            desired, verdict = step, "scale to zero" if step == 0 else f"scale down one node (window peak {peak})"
+            # The next step waits a window of its own, counted from now.
+            below = now if want < step else None
+            memory = replace(memory, above_since=None, below_since=below, below_peak=want if below else 0)
         else:
-            verdict = f"down to {peak} in {window - held_s:.0f} s"
+            verdict = f"down to {step} in {window - held_s:.0f} s"
             memory = replace(memory, above_since=None, below_since=below_since, below_peak=peak)
     else:
         memory = replace(memory, above_since=None, below_since=None, below_peak=0)
@@ -188,8 +215,15 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     return desired, reason, memory
 
 
-def trend(samples: list[list[float]], *, now: float, demand: int) -> tuple[float, list[list[float]]]:
-    """Demand growth per second over the last TREND_WINDOW_S (0 if falling), and the samples to keep."""
+def trend(
+    samples: list[list[float]], *, now: float, demand: int, ready: bool = True
+) -> tuple[float, list[list[float]]]:
+    """Demand growth per second over the last TREND_WINDOW_S (0 if falling), and the samples to
+    keep. Without a ready node nothing is served: requests pile up as held whatever the arrival
+    rate, so that pile-up is no trend, and the samples start afresh once a node serves (held
+    requests moving to the node keep the sum flat; the drained backlog shows as a fall)."""
+    if not ready:
+        return 0.0, []
     kept = [s for s in samples if now - s[0] <= TREND_WINDOW_S and now > s[0]]
     kept.append([now, float(demand)])
     kept = kept[-30:]
@@ -346,7 +380,7 @@ def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) ->
             # nodes at once): adopted, then judged by the scale-down window like any other.
             scale.desired = min(usable, max(model.max_replicas, model.min_replicas))
             log.info("autoscale %s: adopted %d node(s) launched by hand", model.name, usable - previous)
-        rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand)
+        rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand, ready=load.ready > 0)
         load = replace(load, trend_per_s=rate)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)

@@ -31,7 +31,32 @@ P = Policy(
     [
         ("idle at zero stays at zero", P, Load(), Memory(0), 0, "steady"),
         ("one held request scales from zero at once", P, Load(held=1), Memory(0), 1, "scale from zero"),
-        ("held requests beyond a node's target ask for more", P, Load(held=25), Memory(0), 3, "25 held"),
+        # Held requests are a backlog the first ready node drains, not per-node load (issue #13):
+        # counted per node they launched the maximum for a burst one node carried.
+        (
+            "held requests from zero ask for one node, not one per target",
+            P,
+            Load(held=25),
+            Memory(0),
+            1,
+            "drain the 25 held",
+        ),
+        (
+            "held requests while a node starts add no node",
+            P,
+            Load(held=40, starting=1, cold_start_s=60),
+            Memory(1),
+            1,
+            "steady",
+        ),
+        (
+            "once served, the drained backlog counts as running like any request",
+            P,
+            Load(ready=1, running=8, waiting=17),
+            Memory(1),
+            3,
+            "25 served, 10 per node",
+        ),
         (
             "41 waiting on 2 ready nodes → 6 (running + waiting / 10)",
             P,
@@ -97,14 +122,22 @@ P = Policy(
             3,
             "scale up",
         ),
-        ("less load: not down before the window", P, Load(ready=4, running=5), Memory(4), 4, "down to 1 in 300 s"),
+        ("less load: not down before the window", P, Load(ready=4, running=5), Memory(4), 4, "down to 3 in 300 s"),
         (
-            "less load for the whole window: down to the window's peak",
+            "less load for the whole window: down one node (not straight to the window's peak)",
             P,
             Load(ready=4, running=5),
             Memory(4, below_since=ago(301), below_peak=2),
+            3,
+            "scale down one node (window peak 2)",
+        ),
+        (
+            "one node above the window's peak: down to it",
+            P,
+            Load(ready=3, running=5),
+            Memory(3, below_since=ago(301), below_peak=2),
             2,
-            "scale down",
+            "scale down one node",
         ),
         (
             "idle with a node: kept until idle_to_zero_s",
@@ -153,6 +186,24 @@ def test_the_peak_of_the_window_is_what_scale_down_keeps() -> None:
         _, _, memory = decide(P, Load(ready=4, running=running), memory, NOW + timedelta(seconds=t))
     desired, reason, _ = decide(P, Load(ready=4, running=5), memory, NOW + timedelta(seconds=301))
     assert desired == 3, reason  # 25 running at t=100 needed 3
+
+
+def test_scale_down_steps_one_node_per_window_each_window_counted_from_the_last_step() -> None:
+    memory, got = Memory(4), []
+    for t in (0, 301, 400, 602, 903, 1300):
+        desired, _, memory = decide(P, Load(ready=got[-1] if got else 4, running=5), memory, ago(-t))
+        got.append(desired)
+    assert got == [4, 3, 3, 2, 1, 1], got  # 1 is what 5 running need: no step below it
+    assert memory.below_since is None
+
+
+def test_the_cold_start_pile_up_of_held_requests_is_no_trend() -> None:
+    # Held requests grow while nothing is served whatever the arrival rate: no trend, no samples.
+    assert trend([[1000.0, 0.0], [1004.0, 20.0]], now=1008.0, demand=40, ready=False) == (0.0, [])
+    # Served, the samples start afresh: the backlog moving to the node keeps the sum flat.
+    rate, kept = trend([], now=1009.0, demand=40)
+    rate, kept = trend(kept, now=1010.0, demand=41)
+    assert rate == pytest.approx(1.0) and len(kept) == 2
 
 
 def test_trend_is_the_growth_over_the_last_minute_and_never_negative() -> None:
