@@ -48,6 +48,8 @@ S = NodeStatus
 STARTING = frozenset({S.PENDING, S.PROVISIONING, S.LOADING})
 # Demand samples kept for the trend (seconds) and cold starts looked at per accelerator.
 TREND_WINDOW_S = 60.0
+# Passes whose demand makes the sustained level (the lowest of them): one pass's spike is noise.
+RECENT_PASSES = 3
 COLD_START_SAMPLE = 20
 QUEUE_WAIT_WINDOW_S = 60
 
@@ -92,6 +94,9 @@ class Load:
     held: int = 0  # requests the gateway holds for want of a ready node
     cold_start_s: float = 60.0
     trend_per_s: float = 0.0  # demand growth (requests per second), 0 when flat or falling
+    # Demand of the last RECENT_PASSES passes since a node was ready (oldest first, this pass
+    # last); () when unknown: the level is then this pass's count alone.
+    recent: tuple[float, ...] = ()
     queue_wait_s: float | None = None
 
     @property
@@ -127,8 +132,23 @@ def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     maximum for a burst one node carries (bench/autoscale_bench.py, issue #13). Once served,
     they show up in running/waiting, and the next decisions size for them."""
     serving = load.serving
-    projected = serving + max(0.0, load.trend_per_s) * load.cold_start_s
-    by: dict[str, int] = {"requests": math.ceil(projected / policy.target_ongoing - 1e-9)}
+    level, how = float(serving), f"{serving} served"
+    draining = False
+    if load.recent:
+        r = load.recent
+        if len(r) >= 2 and r[-1] > r[0] and load.waiting > 0:
+            how += ", queue growing"  # saturated and rising now: no time to wait for more passes
+        else:
+            level = min(level, *r)
+            how = f"{level:g} sustained over {len(r)} pass{'es' if len(r) > 1 else ''}"
+        # Falling demand (or the first look after no node was ready: the held backlog just moved
+        # onto the node) is a queue the ready nodes are draining: no node is added for it.
+        draining = len(r) < 2 or r[-1] < r[0]
+    projected = level + max(0.0, load.trend_per_s) * load.cold_start_s
+    need = math.ceil(projected / policy.target_ongoing - 1e-9)
+    if draining and need > max(memory.desired, 1):
+        need, how = max(memory.desired, 1), how + ", draining: no new node"
+    by: dict[str, int] = {"requests": need}
     if policy.target_kv and load.kv_mean is not None and load.ready:
         by["KV cache"] = math.ceil(load.ready * load.kv_mean / policy.target_kv - 1e-9)
     if policy.target_queue_wait_s and load.queue_wait_s is not None and load.ready:
@@ -136,7 +156,7 @@ def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     signal, want = max(by.items(), key=lambda kv: kv[1])
     why = f"{want} by {signal}"
     if signal == "requests" and want:
-        why += f" ({serving} served"
+        why += f" ({how}"
         why += f" + {load.trend_per_s:.2f}/s × {load.cold_start_s:.0f} s cold start" if load.trend_per_s > 0 else ""
         why += f", {policy.target_ongoing} per node)"
     if load.held > 0 and want < 1:
@@ -381,7 +401,11 @@ def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) ->
             scale.desired = min(usable, max(model.max_replicas, model.min_replicas))
             log.info("autoscale %s: adopted %d node(s) launched by hand", model.name, usable - previous)
         rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand, ready=load.ready > 0)
-        load = replace(load, trend_per_s=rate)
+        # The sustained level needs history: none on a model's first look (this pass's count
+        # alone), one sample on the first look after no node was ready (the held backlog).
+        after_hold = not created and scale.ready == 0
+        recent = tuple(s[1] for s in samples[-RECENT_PASSES:]) if len(samples) >= 2 or after_hold else ()
+        load = replace(load, trend_per_s=rate, recent=recent)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)
         scale.desired, scale.reason = desired, reason
