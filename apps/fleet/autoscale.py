@@ -8,8 +8,9 @@ with no ready node (apps.fleet.enqueue.enqueue_autoscale), one pass:
    (apps.fleet.demand); the measured cold start of the model's accelerator; the mean TTFT of the
    last minute's requests (an estimate of the queue wait);
 2. decides the desired number of nodes (``decide``: a pure function, table-tested): capacity for
-   the requests being served (running + waiting, or the gateway's in-flight count) plus their
-   growth over the cold start, at target_ongoing per node; requests held while no node is ready
+   the requests being served (running + waiting, or the gateway's in-flight count; the lowest of
+   the last RECENT_PASSES passes unless a saturated queue grows) plus their growth over the cold
+   start, at target_ongoing per node, and no new node for a queue that is draining; requests held while no node is ready
    are a backlog the first ready node drains, so they ask for one node, not one per
    target_ongoing. Hysteresis: up at once (or after scale_up_window_s), down one node each time
    demand stayed lower for scale_down_window_s, to zero only after idle_to_zero_s without a request;
