@@ -9,11 +9,12 @@ with no ready node (apps.fleet.enqueue.enqueue_autoscale), one pass:
    last minute's requests (an estimate of the queue wait);
 2. decides the desired number of nodes (``decide``: a pure function, table-tested): capacity for
    the requests being served (running + waiting, or the gateway's in-flight count; the lowest of
-   the last RECENT_PASSES passes unless a saturated queue grows) plus their growth over the cold
-   start, at target_ongoing per node, and no new node for a queue that is draining; requests held while no node is ready
-   are a backlog the first ready node drains, so they ask for one node, not one per
-   target_ongoing. Hysteresis: up at once (or after scale_up_window_s), down one node each time
-   demand stayed lower for scale_down_window_s, to zero only after idle_to_zero_s without a request;
+   the last RECENT_PASSES passes unless a saturated queue grows) plus their growth (least-squares
+   slope) over the cold start, at target_ongoing per node, and no new node for a queue that is
+   draining; requests held while no node is ready are a backlog the first ready node drains, so
+   they ask for one node, not one per target_ongoing. Hysteresis: up at once (or after
+   scale_up_window_s), down to the window's highest want once demand stayed lower for
+   scale_down_window_s, to zero only after idle_to_zero_s without a request;
 3. stores the decision (ModelScale: desired, actual, reason, inputs; ScaleDecision when it
    changed) and hands the target to apps.fleet.replicas, which launches, restarts warm nodes or
    drains: the one writer of node state for replica counts (the reconciler calls it too).
@@ -198,19 +199,15 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
         below_since = memory.below_since or now
         peak = max(memory.below_peak, want)
         held_s = (now - below_since).total_seconds()
-        # One node per window, toward the window's peak want: a fleet sized for a burst comes down
-        # step by step as the burst's tail clears, instead of holding the burst's size for a whole
-        # window and then trusting one quiet window. To zero the idle rule (in ``wanted``)
-        # already waited idle_to_zero_s.
+        # Down to the highest want seen during the window (not the last pass's): the want is
+        # already the sustained level, so one pass's dip or spike neither drops nor holds nodes.
+        # To zero the idle rule (in ``wanted``) already waited idle_to_zero_s.
         window = 0 if peak == 0 else policy.scale_down_window_s
-        step = peak if peak == 0 else max(peak, current - 1)
         if held_s >= window:
-            desired, verdict = step, "scale to zero" if step == 0 else f"scale down one node (window peak {peak})"
-            # The next step waits a window of its own, counted from now.
-            below = now if want < step else None
-            memory = replace(memory, above_since=None, below_since=below, below_peak=want if below else 0)
+            desired, verdict = peak, "scale to zero" if peak == 0 else f"scale down to the window's peak {peak}"
+            memory = replace(memory, above_since=None, below_since=None, below_peak=0)
         else:
-            verdict = f"down to {step} in {window - held_s:.0f} s"
+            verdict = f"down to {peak} in {window - held_s:.0f} s"
             memory = replace(memory, above_since=None, below_since=below_since, below_peak=peak)
     else:
         memory = replace(memory, above_since=None, below_since=None, below_peak=0)
@@ -239,7 +236,7 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
 def trend(
     samples: list[list[float]], *, now: float, demand: int, ready: bool = True
 ) -> tuple[float, list[list[float]]]:
-    """Demand growth per second over the last TREND_WINDOW_S (0 if falling), and the samples to
+    """Demand growth per second (least-squares slope) over the last TREND_WINDOW_S (0 if falling), and the samples to
     keep. Without a ready node nothing is served: requests pile up as held whatever the arrival
     rate, so that pile-up is no trend, and the samples start afresh once a node serves (held
     requests moving to the node keep the sum flat; the drained backlog shows as a fall)."""
@@ -248,10 +245,15 @@ def trend(
     kept = [s for s in samples if now - s[0] <= TREND_WINDOW_S and now > s[0]]
     kept.append([now, float(demand)])
     kept = kept[-30:]
-    oldest = kept[0]
-    if len(kept) < 2 or now - oldest[0] < 1:
+    if len(kept) < 2 or now - kept[0][0] < 1:
         return 0.0, kept
-    return max(0.0, (demand - oldest[1]) / (now - oldest[0])), kept
+    # Least-squares slope over every kept pass, not (last - first) / time: two single passes'
+    # noise projected over a cold start asked for a node the load did not need.
+    mean_t = sum(t for t, _ in kept) / len(kept)
+    mean_d = sum(d for _, d in kept) / len(kept)
+    var = sum((t - mean_t) ** 2 for t, _ in kept)
+    slope = sum((t - mean_t) * (d - mean_d) for t, d in kept) / var
+    return max(0.0, slope), kept
 
 
 # --- Reading the fleet ----------------------------------------------------------------------------
