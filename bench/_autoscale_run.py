@@ -232,8 +232,8 @@ def seed(*, policy: str, static_nodes: int, max_nodes: int, target_ongoing: int,
         policy_fields = {
             "target_ongoing_requests": target_ongoing,
             "scale_up_window_s": 0,
-            # One node down per 2 minutes of lower demand (the default, 300 s, suits a real fleet of
-            # few large GPU nodes), scaled like every delay here; zero after 2 idle minutes.
+            # Down after 2 minutes of lower demand (the default, 300 s, is cautious for a real
+            # fleet of large GPU nodes), scaled like every delay here; zero after 2 idle minutes.
             "scale_down_window_s": max(1, round(scale.delay(120))),
             "idle_to_zero_s": max(1, round(scale.delay(120))),
             "warm_pool": True,
