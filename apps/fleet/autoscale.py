@@ -138,8 +138,10 @@ def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     draining = False
     if load.recent:
         r = load.recent
-        if len(r) >= 2 and r[-1] > r[0] and load.waiting > 0:
-            how += ", queue growing"  # saturated and rising now: no time to wait for more passes
+        # Saturated and rising now (vLLM queues half a node's target or more): no time to wait
+        # for more passes. A request or two waiting on a full batch is the noise of a busy node.
+        if len(r) >= 2 and r[-1] > r[0] and load.waiting * 2 >= policy.target_ongoing:
+            how += ", queue growing"
         else:
             level = min(level, *r)
             how = f"{level:g} sustained over {len(r)} pass{'es' if len(r) > 1 else ''}"

@@ -115,6 +115,14 @@ P = Policy(
             "30 served, queue growing",
         ),
         (
+            "two waiting on a full batch is a busy node's noise, not a queue to act on at once",
+            P,
+            Load(ready=1, running=8, waiting=2, recent=(4, 6, 10)),
+            Memory(1),
+            1,
+            "4 sustained over 3 passes",
+        ),
+        (
             "first look after the hold: the backlog moved onto the node adds no node",
             P,
             Load(ready=1, running=8, waiting=30, recent=(38,)),
