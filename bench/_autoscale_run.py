@@ -232,8 +232,9 @@ def seed(*, policy: str, static_nodes: int, max_nodes: int, target_ongoing: int,
         policy_fields = {
             "target_ongoing_requests": target_ongoing,
             "scale_up_window_s": 0,
-            # The defaults (300 s, 15 min), scaled like every delay here; zero after 2 idle minutes.
-            "scale_down_window_s": max(1, round(scale.delay(300))),
+            # Down after 2 minutes of lower demand (the default, 300 s, is cautious for a real
+            # fleet of large GPU nodes), scaled like every delay here; zero after 2 idle minutes.
+            "scale_down_window_s": max(1, round(scale.delay(120))),
             "idle_to_zero_s": max(1, round(scale.delay(120))),
             "warm_pool": True,
             "spot_fallback": False,

@@ -7,8 +7,13 @@ with no ready node (apps.fleet.enqueue.enqueue_autoscale), one pass:
    from Redis, the gateway's in-flight requests per node and the requests it holds per model
    (apps.fleet.demand); the measured cold start of the model's accelerator; the mean TTFT of the
    last minute's requests (an estimate of the queue wait);
-2. decides the desired number of nodes (``decide``: a pure function, table-tested) with
-   hysteresis: up at once (or after scale_up_window_s), down only after demand stayed lower for
+2. decides the desired number of nodes (``decide``: a pure function, table-tested): capacity for
+   the requests being served (running + waiting, or the gateway's in-flight count; the lowest of
+   the last RECENT_PASSES passes unless a saturated queue grows) plus their growth (least-squares
+   slope) over the cold start, at target_ongoing per node, and no new node for a queue that is
+   draining; requests held while no node is ready are a backlog the first ready node drains, so
+   they ask for one node, not one per target_ongoing. Hysteresis: up at once (or after
+   scale_up_window_s), down to the window's highest want once demand stayed lower for
    scale_down_window_s, to zero only after idle_to_zero_s without a request;
 3. stores the decision (ModelScale: desired, actual, reason, inputs; ScaleDecision when it
    changed) and hands the target to apps.fleet.replicas, which launches, restarts warm nodes or
@@ -45,6 +50,8 @@ S = NodeStatus
 STARTING = frozenset({S.PENDING, S.PROVISIONING, S.LOADING})
 # Demand samples kept for the trend (seconds) and cold starts looked at per accelerator.
 TREND_WINDOW_S = 60.0
+# Passes whose demand makes the sustained level (the lowest of them): one pass's spike is noise.
+RECENT_PASSES = 3
 COLD_START_SAMPLE = 20
 QUEUE_WAIT_WINDOW_S = 60
 
@@ -89,13 +96,21 @@ class Load:
     held: int = 0  # requests the gateway holds for want of a ready node
     cold_start_s: float = 60.0
     trend_per_s: float = 0.0  # demand growth (requests per second), 0 when flat or falling
+    # Demand of the last RECENT_PASSES passes since a node was ready (oldest first, this pass
+    # last); () when unknown: the level is then this pass's count alone.
+    recent: tuple[float, ...] = ()
     queue_wait_s: float | None = None
 
     @property
-    def demand(self) -> int:
+    def serving(self) -> int:
         # vLLM's counts and the gateway's overlap (the same requests seen from both ends): the
-        # larger is the better estimate; held requests are seen by the gateway alone.
-        return max(self.running + self.waiting, self.inflight) + self.held
+        # larger is the better estimate.
+        return max(self.running + self.waiting, self.inflight)
+
+    @property
+    def demand(self) -> int:
+        """Every request the model has (held ones are seen by the gateway alone): busy or idle."""
+        return self.serving + self.held
 
 
 @dataclass(frozen=True)
@@ -110,17 +125,47 @@ class Memory:
 
 
 def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[int, str]:
-    """How many nodes the load asks for right now (before hysteresis), and why."""
-    demand = load.demand
-    projected = demand + max(0.0, load.trend_per_s) * load.cold_start_s
-    by: dict[str, int] = {"requests": math.ceil(projected / policy.target_ongoing)}
+    """How many nodes the load asks for right now (before hysteresis), and why.
+
+    Capacity follows the requests being served (concurrency ÷ target_ongoing), projected over the
+    cold start by their growth. Held requests are not concurrency: they queued only because no
+    node was ready, and one ready node drains that backlog within a few of its batches; counted
+    per node (and their pile-up during the cold start as growth) they launched the model's
+    maximum for a burst one node carries (bench/autoscale_bench.py, issue #13). Once served,
+    they show up in running/waiting, and the next decisions size for them."""
+    serving = load.serving
+    level, how = float(serving), f"{serving} served"
+    draining = False
+    if load.recent:
+        r = load.recent
+        # Saturated and rising now (vLLM queues half a node's target or more): no time to wait
+        # for more passes. A request or two waiting on a full batch is the noise of a busy node.
+        if len(r) >= 2 and r[-1] > r[0] and load.waiting * 2 >= policy.target_ongoing:
+            how += ", queue growing"
+        else:
+            level = min(level, *r)
+            how = f"{level:g} sustained over {len(r)} pass{'es' if len(r) > 1 else ''}"
+        # Falling demand (or the first look after no node was ready: the held backlog just moved
+        # onto the node) is a queue the ready nodes are draining: no node is added for it.
+        draining = len(r) < 2 or r[-1] < r[0]
+    projected = level + max(0.0, load.trend_per_s) * load.cold_start_s
+    need = math.ceil(projected / policy.target_ongoing - 1e-9)
+    if draining and need > max(memory.desired, 1):
+        need, how = max(memory.desired, 1), how + ", draining: no new node"
+    by: dict[str, int] = {"requests": need}
     if policy.target_kv and load.kv_mean is not None and load.ready:
         by["KV cache"] = math.ceil(load.ready * load.kv_mean / policy.target_kv - 1e-9)
     if policy.target_queue_wait_s and load.queue_wait_s is not None and load.ready:
         by["queue wait"] = math.ceil(load.ready * load.queue_wait_s / policy.target_queue_wait_s - 1e-9)
     signal, want = max(by.items(), key=lambda kv: kv[1])
     why = f"{want} by {signal}"
-    if demand > 0 and want < 1:
+    if signal == "requests" and want:
+        why += f" ({how}"
+        why += f" + {load.trend_per_s:.2f}/s × {load.cold_start_s:.0f} s cold start" if load.trend_per_s > 0 else ""
+        why += f", {policy.target_ongoing} per node)"
+    if load.held > 0 and want < 1:
+        want, why = 1, f"1 to drain the {load.held} held (a backlog, not per-node load)"
+    elif serving > 0 and want < 1:
         want, why = 1, "1 for the requests in flight"
     if want == 0 and memory.desired > 0:
         idle_s = (now - memory.last_busy_at).total_seconds() if memory.last_busy_at else math.inf
@@ -156,10 +201,12 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
         below_since = memory.below_since or now
         peak = max(memory.below_peak, want)
         held_s = (now - below_since).total_seconds()
+        # Down to the highest want seen during the window (not the last pass's): the want is
+        # already the sustained level, so one pass's dip or spike neither drops nor holds nodes.
         # To zero the idle rule (in ``wanted``) already waited idle_to_zero_s.
         window = 0 if peak == 0 else policy.scale_down_window_s
         if held_s >= window:
-            desired, verdict = peak, "scale to zero" if peak == 0 else "scale down"
+            desired, verdict = peak, "scale to zero" if peak == 0 else f"scale down to the window's peak {peak}"
             memory = replace(memory, above_since=None, below_since=None, below_peak=0)
         else:
             verdict = f"down to {peak} in {window - held_s:.0f} s"
@@ -188,15 +235,27 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     return desired, reason, memory
 
 
-def trend(samples: list[list[float]], *, now: float, demand: int) -> tuple[float, list[list[float]]]:
-    """Demand growth per second over the last TREND_WINDOW_S (0 if falling), and the samples to keep."""
+def trend(
+    samples: list[list[float]], *, now: float, demand: int, ready: bool = True
+) -> tuple[float, list[list[float]]]:
+    """Demand growth per second (least-squares slope) over the last TREND_WINDOW_S (0 if falling), and the samples to
+    keep. Without a ready node nothing is served: requests pile up as held whatever the arrival
+    rate, so that pile-up is no trend, and the samples start afresh once a node serves (held
+    requests moving to the node keep the sum flat; the drained backlog shows as a fall)."""
+    if not ready:
+        return 0.0, []
     kept = [s for s in samples if now - s[0] <= TREND_WINDOW_S and now > s[0]]
     kept.append([now, float(demand)])
     kept = kept[-30:]
-    oldest = kept[0]
-    if len(kept) < 2 or now - oldest[0] < 1:
+    if len(kept) < 2 or now - kept[0][0] < 1:
         return 0.0, kept
-    return max(0.0, (demand - oldest[1]) / (now - oldest[0])), kept
+    # Least-squares slope over every kept pass, not (last - first) / time: two single passes'
+    # noise projected over a cold start asked for a node the load did not need.
+    mean_t = sum(t for t, _ in kept) / len(kept)
+    mean_d = sum(d for _, d in kept) / len(kept)
+    var = sum((t - mean_t) ** 2 for t, _ in kept)
+    slope = sum((t - mean_t) * (d - mean_d) for t, d in kept) / var
+    return max(0.0, slope), kept
 
 
 # --- Reading the fleet ----------------------------------------------------------------------------
@@ -346,8 +405,12 @@ def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) ->
             # nodes at once): adopted, then judged by the scale-down window like any other.
             scale.desired = min(usable, max(model.max_replicas, model.min_replicas))
             log.info("autoscale %s: adopted %d node(s) launched by hand", model.name, usable - previous)
-        rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand)
-        load = replace(load, trend_per_s=rate)
+        rate, samples = trend(scale.samples or [], now=time.time(), demand=load.demand, ready=load.ready > 0)
+        # The sustained level needs history: none on a model's first look (this pass's count
+        # alone), one sample on the first look after no node was ready (the held backlog).
+        after_hold = not created and scale.ready == 0
+        recent = tuple(s[1] for s in samples[-RECENT_PASSES:]) if len(samples) >= 2 or after_hold else ()
+        load = replace(load, trend_per_s=rate, recent=recent)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)
         scale.desired, scale.reason = desired, reason

@@ -31,7 +31,32 @@ P = Policy(
     [
         ("idle at zero stays at zero", P, Load(), Memory(0), 0, "steady"),
         ("one held request scales from zero at once", P, Load(held=1), Memory(0), 1, "scale from zero"),
-        ("held requests beyond a node's target ask for more", P, Load(held=25), Memory(0), 3, "25 held"),
+        # Held requests are a backlog the first ready node drains, not per-node load (issue #13):
+        # counted per node they launched the maximum for a burst one node carried.
+        (
+            "held requests from zero ask for one node, not one per target",
+            P,
+            Load(held=25),
+            Memory(0),
+            1,
+            "drain the 25 held",
+        ),
+        (
+            "held requests while a node starts add no node",
+            P,
+            Load(held=40, starting=1, cold_start_s=60),
+            Memory(1),
+            1,
+            "steady",
+        ),
+        (
+            "once served, the drained backlog counts as running like any request",
+            P,
+            Load(ready=1, running=8, waiting=17),
+            Memory(1),
+            3,
+            "25 served, 10 per node",
+        ),
         (
             "41 waiting on 2 ready nodes → 6 (running + waiting / 10)",
             P,
@@ -63,6 +88,55 @@ P = Policy(
             Memory(2),
             5,
             "5 by queue wait",
+        ),
+        # With history (the last passes' demand, oldest first): the sustained level is their lowest.
+        (
+            "one pass's spike is noise: the sustained level decides",
+            P,
+            Load(ready=1, running=12, recent=(4, 5, 12)),
+            Memory(1),
+            1,
+            "4 sustained over 3 passes",
+        ),
+        (
+            "demand above target for three passes: up",
+            P,
+            Load(ready=1, running=14, recent=(13, 12, 14)),
+            Memory(1),
+            2,
+            "12 sustained over 3 passes",
+        ),
+        (
+            "a queue growing on saturated nodes: up at once on this pass's count",
+            P,
+            Load(ready=1, running=8, waiting=22, recent=(5, 12, 30)),
+            Memory(1),
+            3,
+            "30 served, queue growing",
+        ),
+        (
+            "two waiting on a full batch is a busy node's noise, not a queue to act on at once",
+            P,
+            Load(ready=1, running=8, waiting=2, recent=(4, 6, 10)),
+            Memory(1),
+            1,
+            "4 sustained over 3 passes",
+        ),
+        (
+            "first look after the hold: the backlog moved onto the node adds no node",
+            P,
+            Load(ready=1, running=8, waiting=30, recent=(38,)),
+            Memory(1),
+            1,
+            "draining: no new node",
+        ),
+        (
+            "a queue the ready nodes are draining adds no node",
+            P,
+            Load(ready=2, running=16, waiting=12, recent=(40, 33, 28)),
+            Memory(2),
+            2,
+            "draining: no new node",
         ),
         ("never above max replicas", P, Load(ready=8, waiting=500), Memory(8), 8, "max replicas"),
         (
@@ -104,7 +178,15 @@ P = Policy(
             Load(ready=4, running=5),
             Memory(4, below_since=ago(301), below_peak=2),
             2,
-            "scale down",
+            "scale down to the window's peak 2",
+        ),
+        (
+            "a one-pass spike inside the window neither holds the nodes nor raises the peak",
+            P,
+            Load(ready=4, running=25, recent=(5, 4, 25)),
+            Memory(4, below_since=ago(301), below_peak=1),
+            1,
+            "scale down to the window's peak 1",
         ),
         (
             "idle with a node: kept until idle_to_zero_s",
@@ -153,6 +235,22 @@ def test_the_peak_of_the_window_is_what_scale_down_keeps() -> None:
         _, _, memory = decide(P, Load(ready=4, running=running), memory, NOW + timedelta(seconds=t))
     desired, reason, _ = decide(P, Load(ready=4, running=5), memory, NOW + timedelta(seconds=301))
     assert desired == 3, reason  # 25 running at t=100 needed 3
+
+
+def test_the_cold_start_pile_up_of_held_requests_is_no_trend() -> None:
+    # Held requests grow while nothing is served whatever the arrival rate: no trend, no samples.
+    assert trend([[1000.0, 0.0], [1004.0, 20.0]], now=1008.0, demand=40, ready=False) == (0.0, [])
+    # Served, the samples start afresh: the backlog moving to the node keeps the sum flat.
+    rate, kept = trend([], now=1009.0, demand=40)
+    rate, kept = trend(kept, now=1010.0, demand=41)
+    assert rate == pytest.approx(1.0) and len(kept) == 2
+
+
+def test_the_trend_is_a_least_squares_slope_not_two_passes_noise() -> None:
+    # Flat demand with one high pass at the end: (last - first) / time would say +0.25/s.
+    samples = [[1000.0 + t, 5.0] for t in range(0, 20, 2)]
+    rate, _ = trend(samples, now=1020.0, demand=10)
+    assert 0 < rate < 0.12  # least squares: 0.11
 
 
 def test_trend_is_the_growth_over_the_last_minute_and_never_negative() -> None:
