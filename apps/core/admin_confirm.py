@@ -9,6 +9,7 @@ and ``select_across``, like Django's own delete confirmation) and a button on a 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from django import forms
@@ -18,7 +19,7 @@ from django.core.exceptions import PermissionDenied, ValidationError
 from django.db.models import Model
 from django.http import Http404, HttpRequest, HttpResponse, HttpResponseRedirect
 from django.template.response import TemplateResponse
-from django.urls import reverse
+from django.urls import URLPattern, path, reverse
 
 CONFIRM_FIELD = "confirm"
 OBJECTS_LISTED = 25
@@ -146,3 +147,58 @@ def object_action_view(
         submit_label=submit_label,
         cancel_url=change_url,
     )
+
+
+@dataclass(frozen=True)
+class ObjectAction:
+    """One confirm-with-reason button on a change page (see ObjectActionMixin)."""
+
+    name: str  # URL segment, button name and the URL name's suffix
+    label: str
+    applies: Callable[[Any], bool]
+    title: str
+    question: str
+    submit_label: str
+    run: Callable[[Any, str], object]
+    done: str
+
+
+class ObjectActionMixin(admin.ModelAdmin):
+    """Declares ``object_action`` and gets its URL (``admin:<app>_<model>_<name>``), its button on
+    the change page (when it applies and the user may change the object) and its view."""
+
+    object_action: ObjectAction
+
+    def _object_action_url_name(self) -> str:
+        meta = self.model._meta
+        return f"{meta.app_label}_{meta.model_name}_{self.object_action.name}"
+
+    def get_urls(self) -> list[URLPattern]:
+        view = self.admin_site.admin_view(self.object_action_view)
+        url = path(f"<path:object_id>/{self.object_action.name}/", view, name=self._object_action_url_name())
+        return [url, *super().get_urls()]
+
+    def change_view(
+        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
+    ) -> HttpResponse:
+        action = self.object_action
+        obj = self.get_object(request, object_id)
+        buttons = []
+        if obj is not None and action.applies(obj) and self.has_change_permission(request, obj):
+            url = reverse(f"admin:{self._object_action_url_name()}", args=[obj.pk])
+            buttons.append({"name": action.name, "label": action.label, "url": url})
+        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "object_actions": buttons})
+
+    def object_action_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
+        a = self.object_action
+        return object_action_view(
+            self,
+            request,
+            object_id,
+            applies=a.applies,
+            title=a.title,
+            question=a.question,
+            submit_label=a.submit_label,
+            run=a.run,
+            done=a.done,
+        )

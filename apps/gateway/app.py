@@ -503,6 +503,7 @@ class Gateway:
             if not client_wants_usage:
                 # Metering needs the stream's usage: we ask vLLM for it, and strip it on the way back.
                 body = payloads.with_usage_option(body, payload)
+        failed = False
         try:
             cut = await relay.run_until_disconnect(
                 self._forward(
@@ -520,10 +521,12 @@ class Gateway:
                 ex.status = 499  # client closed the request (nginx's convention)
         except GatewayError as err:
             ex.status = err.status
-            self._meter(ex, entry, route, spend.billed(ex, route))
+            failed = True
             raise
         finally:
             billed = spend.billed(ex, route)
+            if failed:  # metered before the settle, as the error leaves this function with it
+                self._meter(ex, entry, route, billed)
             await self.limiter.settle(admission, used_tokens=billed[0] + billed[1], used_micros=billed[3])
         self._meter(ex, entry, route, billed)
 

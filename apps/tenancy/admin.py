@@ -15,12 +15,12 @@ from django.core.exceptions import ValidationError
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
-from django.urls import path, reverse
+from django.urls import reverse
 from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
-from apps.core.admin_confirm import confirmation_page, object_action_view, reason_form, with_actor
+from apps.core.admin_confirm import ObjectAction, ObjectActionMixin, confirmation_page, reason_form, with_actor
 from apps.core.paginator import EstimatedCountPaginator
 from apps.metering.display import budget_bar, dollars_to_micros, micros_to_dollars
 from apps.metering.selectors import month_key, month_spend_subquery
@@ -156,8 +156,19 @@ class TenantForm(SpendLimitInDollars):
 
 
 @admin.register(Tenant)
-class TenantAdmin(admin.ModelAdmin):
+class TenantAdmin(ObjectActionMixin):
     form = TenantForm
+    object_action = ObjectAction(
+        name="suspend",
+        label="Suspend…",
+        applies=lambda t: t.status == TenantStatus.ACTIVE,
+        title="Suspend tenant",
+        question="Suspend {obj}? Every API key of this tenant stops working within a second.",
+        submit_label="Yes, suspend",
+        run=lambda t, reason: services.tenant_suspend(tenant=t, reason=reason),
+        done="Suspended {obj}.",
+    )
+
     list_display = (
         "slug",
         "name",
@@ -246,35 +257,6 @@ class TenantAdmin(admin.ModelAdmin):
                 )
                 for a in alerts
             ),
-        )
-
-    def get_urls(self) -> list:
-        suspend = path(
-            "<path:object_id>/suspend/", self.admin_site.admin_view(self.suspend_view), name="tenancy_tenant_suspend"
-        )
-        return [suspend, *super().get_urls()]
-
-    def change_view(
-        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
-    ) -> HttpResponse:
-        tenant = self.get_object(request, object_id)
-        actions = []
-        if tenant is not None and tenant.status == TenantStatus.ACTIVE and self.has_change_permission(request, tenant):
-            url = reverse("admin:tenancy_tenant_suspend", args=[tenant.pk])
-            actions.append({"name": "suspend", "label": "Suspend…", "url": url})
-        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "object_actions": actions})
-
-    def suspend_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        return object_action_view(
-            self,
-            request,
-            object_id,
-            applies=lambda t: t.status == TenantStatus.ACTIVE,
-            title="Suspend tenant",
-            question="Suspend {obj}? Every API key of this tenant stops working within a second.",
-            submit_label="Yes, suspend",
-            run=lambda t, reason: services.tenant_suspend(tenant=t, reason=reason),
-            done="Suspended {obj}.",
         )
 
     @admin.display(description="API keys")
@@ -381,8 +363,19 @@ class ApiKeyForm(SpendLimitInDollars):
 
 
 @admin.register(ApiKey)
-class ApiKeyAdmin(admin.ModelAdmin):
+class ApiKeyAdmin(ObjectActionMixin):
     form = ApiKeyForm
+    object_action = ObjectAction(
+        name="revoke",
+        label="Revoke…",
+        applies=lambda k: k.revoked_at is None,
+        title="Revoke API key",
+        question="Revoke {obj}? Requests with it are refused within a second; this cannot be undone.",
+        submit_label="Yes, revoke",
+        run=lambda k, reason: services.api_key_revoke(key=k, reason=reason),
+        done="Revoked {obj}.",
+    )
+
     list_display = (
         "prefix",
         "name",
@@ -495,36 +488,6 @@ class ApiKeyAdmin(admin.ModelAdmin):
             services.api_key_revoke(key=key, reason=with_actor(request, form.cleaned_data["reason"]))
         self.message_user(request, f"Revoked {len(keys)} key(s).", messages.SUCCESS)
         return None
-
-    def get_urls(self) -> list:
-        revoke = path(
-            "<path:object_id>/revoke/", self.admin_site.admin_view(self.revoke_view), name="tenancy_apikey_revoke"
-        )
-        return [revoke, *super().get_urls()]
-
-    def change_view(
-        self, request: HttpRequest, object_id: str, form_url: str = "", extra_context: dict | None = None
-    ) -> HttpResponse:
-        key = self.get_object(request, object_id)
-        actions = []
-        if key is not None and key.revoked_at is None and self.has_change_permission(request, key):
-            actions.append(
-                {"name": "revoke", "label": "Revoke…", "url": reverse("admin:tenancy_apikey_revoke", args=[key.pk])}
-            )
-        return super().change_view(request, object_id, form_url, {**(extra_context or {}), "object_actions": actions})
-
-    def revoke_view(self, request: HttpRequest, object_id: str) -> HttpResponse:
-        return object_action_view(
-            self,
-            request,
-            object_id,
-            applies=lambda k: k.revoked_at is None,
-            title="Revoke API key",
-            question="Revoke {obj}? Requests with it are refused within a second; this cannot be undone.",
-            submit_label="Yes, revoke",
-            run=lambda k, reason: services.api_key_revoke(key=k, reason=reason),
-            done="Revoked {obj}.",
-        )
 
 
 # --- Staff tokens ---------------------------------------------------------------------------
