@@ -6,8 +6,11 @@ lock, and in multiprocess mode writes an mmap'd file per metric and process. Her
 a few dict increments and one bisect per histogram, with no lock (the event loop is the only
 writer) and no I/O. A background task of each worker writes its snapshot to Redis every
 METRICS_PUBLISH_INTERVAL_S (a key that expires after three intervals, so a dead worker's series
-go away); the worker that answers a scrape reads every live snapshot (its own is taken fresh) and
-prometheus_client renders the text format. Counters are per worker (label ``worker`` =
+go away); the worker that answers a scrape first publishes its own fresh snapshot, then reads
+every live one, and prometheus_client renders the text format. Publishing before serving keeps
+each series monotonic whichever worker answers: a value served live by worker A is already in
+Redis when worker B answers the next scrape, so B cannot serve an older, smaller A (Prometheus
+would read that drop as a counter reset and spike ``rate()``). Counters are per worker (label ``worker`` =
 host:pid): Prometheus sums them with ``sum without (worker) (rate(...))``, and a restarted worker
 is a new series starting at zero, which ``rate()`` handles.
 
@@ -97,6 +100,9 @@ class GatewayMetrics:
         self.upstream_errors: defaultdict[tuple[int, str], int] = defaultdict(int)
         self.rate_limited: defaultdict[tuple[str, str], int] = defaultdict(int)
         self.budget_denials: defaultdict[tuple[str, str], int] = defaultdict(int)
+        # Snapshot and write under one lock: two publishes in flight could otherwise land out of
+        # order and leave the older (smaller) snapshot in Redis.
+        self.publish_lock = asyncio.Lock()
 
     def reset(self) -> None:
         self.__init__(tenant_label=self.tenant_label)  # type: ignore[misc]  # tests start from zero
@@ -227,15 +233,18 @@ async def publish_forever(redis: Any, counters: GatewayMetrics) -> None:
         await asyncio.sleep(interval)
 
 
-async def publish(redis: Any, metrics: GatewayMetrics, *, ttl_s: float) -> None:
-    """Write this worker's snapshot where the other workers' scrapes find it."""
+async def publish(redis: Any, metrics: GatewayMetrics, *, ttl_s: float) -> dict[str, Any]:
+    """Write this worker's snapshot where the other workers' scrapes find it; return what was written."""
     key = SNAPSHOT_PREFIX + metrics.worker
     ttl_ms = max(1000, int(ttl_s * 1000))
-    pipe = redis.pipeline(transaction=False)
-    pipe.set(key, json.dumps(metrics.snapshot()), px=ttl_ms)
-    pipe.sadd(WORKERS_KEY, metrics.worker)
-    pipe.pexpire(WORKERS_KEY, ttl_ms * 10)
-    await pipe.execute()
+    async with metrics.publish_lock:
+        snapshot = metrics.snapshot()
+        pipe = redis.pipeline(transaction=False)
+        pipe.set(key, json.dumps(snapshot), px=ttl_ms)
+        pipe.sadd(WORKERS_KEY, metrics.worker)
+        pipe.pexpire(WORKERS_KEY, ttl_ms * 10)
+        await pipe.execute()
+    return snapshot
 
 
 async def unpublish(redis: Any, metrics: GatewayMetrics) -> None:
@@ -246,10 +255,12 @@ async def unpublish(redis: Any, metrics: GatewayMetrics) -> None:
 
 
 async def gather(redis: Any, metrics: GatewayMetrics) -> dict[str, dict[str, Any]]:
-    """worker id -> snapshot: this worker's taken now, the others' as they last published."""
+    """worker id -> snapshot: this worker's taken (and published) now, the others' as they last published."""
     snapshots: dict[str, dict[str, Any]] = {}
+    own: dict[str, Any] | None = None
     if redis is not None:
         try:
+            own = await publish(redis, metrics, ttl_s=settings.METRICS_PUBLISH_INTERVAL_S * 3)
             workers = sorted(w.decode() if isinstance(w, bytes) else w for w in await redis.smembers(WORKERS_KEY))
             others = [w for w in workers if w != metrics.worker]
             values = await redis.mget([SNAPSHOT_PREFIX + w for w in others]) if others else []
@@ -263,7 +274,7 @@ async def gather(redis: Any, metrics: GatewayMetrics) -> dict[str, dict[str, Any
                 await redis.srem(WORKERS_KEY, *gone)
         except Exception as exc:
             log.warning("metrics: could not read the other workers' snapshots (%s); serving this worker's", exc)
-    snapshots[metrics.worker] = metrics.snapshot()
+    snapshots[metrics.worker] = metrics.snapshot() if own is None else own
     return snapshots
 
 

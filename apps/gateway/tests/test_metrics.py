@@ -116,6 +116,35 @@ async def test_each_worker_reads_every_live_workers_snapshot_through_redis(redis
     assert value(found, "crosslogic_gateway_rate_limited_total", model="m", reason="tokens") == 4
 
 
+async def test_a_workers_series_never_goes_back_whichever_worker_answers_the_scrape(redis_db):
+    # Worker one answered a scrape with its live count; worker two answers the next one before one's
+    # periodic publish. Serving one's older snapshot would make its counter drop, which Prometheus
+    # reads as a reset.
+    client = redis_lib.async_client()
+    one, two = GatewayMetrics(), GatewayMetrics()
+    one.worker, two.worker = "host:1", "host:2"
+    one.refused(model="m", status=429, tenant_id=1, reason="tokens")
+    try:
+        await metrics.publish(client, one, ttl_s=60)
+        await metrics.publish(client, two, ttl_s=60)
+        for _ in range(2):
+            one.refused(model="m", status=429, tenant_id=1, reason="tokens")
+        via_one = await metrics.gather(client, one)
+        via_two = await metrics.gather(client, two)
+    finally:
+        await client.aclose()
+
+    def ones(snaps: dict) -> float:
+        return value(
+            samples(metrics.render({"host:1": snaps["host:1"]}, None).decode()),
+            "crosslogic_gateway_rate_limited_total",
+            model="m",
+            reason="tokens",
+        )
+
+    assert ones(via_one) == 3 and ones(via_two) == 3
+
+
 # --- through the gateway -------------------------------------------------------------------------
 
 
