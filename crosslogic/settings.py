@@ -537,6 +537,10 @@ if METRICS_PUBLISH_INTERVAL_S <= 0:
 # tenant's webhook may take. Alert emails go through Django's email settings below.
 BUDGET_ALERT_INTERVAL_S: int = _env_or_fail("BUDGET_ALERT_INTERVAL_S", int, 60)
 BUDGET_WEBHOOK_TIMEOUT_S: float = _env_or_fail("BUDGET_WEBHOOK_TIMEOUT_S", float, 5.0)
+# Seals each tenant's webhook signing secret in the database (apps.core.sealing); separate from
+# SECRET_KEY so rotating one does not rotate the other. Changing it voids every stored secret:
+# tenants then get a new one (rotate it in the admin or the API to see it).
+WEBHOOK_SECRET_KEY: str = env("WEBHOOK_SECRET_KEY", default=SECRET_KEY)
 if BUDGET_ALERT_INTERVAL_S < 1 or BUDGET_WEBHOOK_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("BUDGET_ALERT_INTERVAL_S must be >= 1 and BUDGET_WEBHOOK_TIMEOUT_S positive.")
 _MAIL = "django.core.mail.backends."

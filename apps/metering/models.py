@@ -227,12 +227,16 @@ class BudgetAlert(models.Model):
     created_at = models.DateTimeField(default=timezone.now)
     notified_at = models.DateTimeField(null=True, blank=True, help_text="When a worker took it to notify.")
     webhook_result = models.CharField(max_length=200, blank=True)
+    webhook_attempts = models.PositiveSmallIntegerField(default=0)
+    webhook_next_attempt_at = models.DateTimeField(
+        null=True, blank=True, help_text="When the webhook is tried again; empty: delivered, given up or none."
+    )
     email_result = models.CharField(max_length=200, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
         constraints = [models.UniqueConstraint(fields=["owner", "month", "level"], name="budget_alert_once_a_month")]
-        indexes = [models.Index(fields=["tenant", "month"])]
+        indexes = [models.Index(fields=["tenant", "month"]), models.Index(fields=["webhook_next_attempt_at"])]
 
     def __str__(self) -> str:
         return f"{self.owner} {self.month:%Y-%m} {self.level}"

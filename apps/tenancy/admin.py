@@ -12,6 +12,7 @@ from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
 from django.core.exceptions import ValidationError
+from django.core.validators import URLValidator
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
@@ -128,7 +129,9 @@ class TenantForm(SpendLimitInDollars):
         max_length=500,
         required=False,
         assume_scheme="https",
-        help_text="Optional: budget alerts are POSTed here as JSON (besides an email to the contact address).",
+        validators=[URLValidator(schemes=["http", "https"])],
+        help_text="Optional: budget alerts are POSTed here as JSON, signed (besides an email to the contact "
+        "address). The signing secret: action 'Rotate the budget webhook signing secret' on the tenant list.",
     )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -191,6 +194,7 @@ class TenantAdmin(ObjectActionMixin):
         "issue_key",
         "budget_used",
         "budget_alerts",
+        "webhook_secret",
         "created_at",
         "updated_at",
     )
@@ -199,12 +203,21 @@ class TenantAdmin(ObjectActionMixin):
         ("Limits", {"fields": (*_LIMITS, "monthly_token_budget")}),
         (
             "Spend (US$ per calendar month)",
-            {"fields": (_SPEND, "budget_alert_percent", "budget_webhook_url", "budget_used", "budget_alerts")},
+            {
+                "fields": (
+                    _SPEND,
+                    "budget_alert_percent",
+                    "budget_webhook_url",
+                    "webhook_secret",
+                    "budget_used",
+                    "budget_alerts",
+                )
+            },
         ),
         ("Dates", {"fields": ("created_at", "updated_at"), "classes": ("collapse",)}),
     )
     inlines = (ApiKeyInline,)
-    actions = ("suspend", "reactivate")
+    actions = ("suspend", "reactivate", "rotate_webhook_secret")
     change_form_template = "admin/crosslogic/change_form_actions.html"
     show_full_result_count = False
     paginator = EstimatedCountPaginator
@@ -258,6 +271,23 @@ class TenantAdmin(ObjectActionMixin):
                 for a in alerts
             ),
         )
+
+    @admin.display(description="webhook signing secret")
+    def webhook_secret(self, tenant: Tenant) -> str:
+        # Never the secret itself: it is shown once, when rotated.
+        if tenant.budget_webhook_secret_rotated_at is None:
+            return "none yet (one is made at the first delivery; rotate it to see it)"
+        return f"set {tenant.budget_webhook_secret_rotated_at:%Y-%m-%d %H:%M} UTC (rotate it to see a new one)"
+
+    @admin.action(description="Rotate the budget webhook signing secret (one tenant)…", permissions=["change"])
+    def rotate_webhook_secret(self, request: HttpRequest, queryset: QuerySet[Tenant]) -> None:
+        # One at a time: the new secret is shown once, in the message, and must be told apart.
+        tenants = list(queryset[:2])
+        if len(tenants) != 1:
+            self.message_user(request, "Select exactly one tenant to rotate its webhook secret.", messages.ERROR)
+            return
+        raw = services.tenant_webhook_secret_rotate(tenant=tenants[0])
+        _show_once(request, f"Budget webhook signing secret of {tenants[0].slug} (the previous one stops now)", raw)
 
     @admin.display(description="API keys")
     def issue_key(self, tenant: Tenant) -> str:

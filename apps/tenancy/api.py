@@ -38,6 +38,7 @@ from apps.tenancy.serializers import (
     StaffTokenSerializer,
     TenantSerializer,
     TenantSuspendSerializer,
+    WebhookSecretSerializer,
 )
 
 
@@ -95,6 +96,19 @@ class TenantViewSet(viewsets.ModelViewSet):
     def reactivate(self, request: Request, slug: str | None = None) -> Response:
         tenant = services.tenant_reactivate(tenant=self.get_object())
         return Response(TenantSerializer(tenant).data)
+
+    @extend_schema(request=None, responses=WebhookSecretSerializer)
+    @action(detail=True, methods=["post"], url_path="rotate-webhook-secret")
+    def rotate_webhook_secret(self, request: Request, slug: str | None = None) -> Response:
+        """A new signing secret for the tenant's budget webhooks; the previous one stops at once.
+        The secret is in this answer only: store it where the receiver verifies signatures."""
+        tenant = self.get_object()
+        raw = services.tenant_webhook_secret_rotate(tenant=tenant)
+        data = {
+            "budget_webhook_secret": raw,
+            "budget_webhook_secret_rotated_at": tenant.budget_webhook_secret_rotated_at,
+        }
+        return Response(WebhookSecretSerializer(data).data, headers={"Cache-Control": "no-store"})
 
 
 # --- API keys -------------------------------------------------------------------------------

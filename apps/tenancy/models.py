@@ -2,7 +2,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from django.core.validators import MaxValueValidator, MinValueValidator
+from django.core.validators import MaxValueValidator, MinValueValidator, URLValidator
 from django.db import models
 from django.db.models import Q
 from django.utils import timezone
@@ -40,8 +40,15 @@ class Tenant(models.Model):
     budget_webhook_url = models.URLField(
         max_length=500,
         blank=True,
+        # URLField alone also takes ftp:// and ftps://; a webhook is http(s) only.
+        validators=[URLValidator(schemes=["http", "https"])],
         help_text="Optional: budget alerts are POSTed here as JSON (besides an email to the contact address).",
     )
+    # The key deliveries are signed with (docs/metering.md), sealed (apps.core.sealing): the tenant
+    # verifies with the same value, so unlike an API key it must be recoverable. Shown once, when
+    # rotated; never rendered or serialized.
+    budget_webhook_secret_sealed = models.TextField(blank=True, editable=False)
+    budget_webhook_secret_rotated_at = models.DateTimeField(null=True, blank=True, editable=False)
     created_at = models.DateTimeField(default=timezone.now, editable=False)
     updated_at = models.DateTimeField(auto_now=True)
 

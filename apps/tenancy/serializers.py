@@ -33,13 +33,21 @@ class TenantSerializer(StrictModelSerializer):
             "monthly_spend_limit_micros",
             "budget_alert_percent",
             "budget_webhook_url",
+            "budget_webhook_secret_rotated_at",
             "created_at",
             "updated_at",
         ]
         # Status changes only through the suspend/reactivate actions, which are logged and
-        # invalidate the gateway's caches.
-        read_only_fields = ["status", "status_reason", "created_at", "updated_at"]
+        # invalidate the gateway's caches. The webhook secret only through its rotate action.
+        read_only_fields = ["status", "status_reason", "budget_webhook_secret_rotated_at", "created_at", "updated_at"]
         extra_kwargs = {"name": {"required": False, "allow_blank": True}}
+
+
+class WebhookSecretSerializer(serializers.Serializer):
+    """The new signing secret, returned once by the rotate action: it is never shown again."""
+
+    budget_webhook_secret = serializers.CharField(read_only=True)
+    budget_webhook_secret_rotated_at = serializers.DateTimeField(read_only=True)
 
 
 class TenantSuspendSerializer(serializers.Serializer):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import secrets
 from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, TypeVar
@@ -13,7 +14,7 @@ from django.db import transaction
 from django.db.models import Q, QuerySet
 from django.utils import timezone
 
-from apps.core import invalidation
+from apps.core import invalidation, sealing
 from apps.core import secrets as tokens
 from apps.tenancy.models import ApiKey, Scope, Secret, StaffToken, Tenant, TenantStatus
 
@@ -297,3 +298,43 @@ def staff_token_revoke(*, token: StaffToken, reason: str = "") -> StaffToken:
         token.revoked_reason = reason[:500]
         token.save(update_fields=["revoked_at", "revoked_reason"])
     return token
+
+
+# --- budget webhook signing secret ----------------------------------------------------------
+
+WEBHOOK_SECRET_PREFIX = "whsec_"  # noqa: S105 - a public prefix, not a secret
+_WEBHOOK_SEAL_PURPOSE = "budget-webhook-secret"
+
+
+def _webhook_secret_seal(tenant: Tenant, *, now: datetime | None = None) -> str:
+    raw = WEBHOOK_SECRET_PREFIX + secrets.token_urlsafe(32)
+    tenant.budget_webhook_secret_sealed = sealing.seal(
+        raw, server_secret=settings.WEBHOOK_SECRET_KEY, purpose=_WEBHOOK_SEAL_PURPOSE
+    )
+    tenant.budget_webhook_secret_rotated_at = now or timezone.now()
+    Tenant.objects.filter(pk=tenant.pk).update(
+        budget_webhook_secret_sealed=tenant.budget_webhook_secret_sealed,
+        budget_webhook_secret_rotated_at=tenant.budget_webhook_secret_rotated_at,
+    )
+    return raw
+
+
+def tenant_webhook_secret_rotate(*, tenant: Tenant, now: datetime | None = None) -> str:
+    """Give the tenant a new signing secret (the old one stops at once) and return it raw: the
+    caller shows it once, like an API key; it is stored only sealed."""
+    return _webhook_secret_seal(tenant, now=now)
+
+
+def tenant_webhook_secret(*, tenant: Tenant) -> str:
+    """The secret a delivery is signed with. A tenant without one (or whose sealed secret no
+    longer unseals because WEBHOOK_SECRET_KEY changed) gets one now, so no delivery ever goes out
+    unsigned; the tenant sees it only by rotating it."""
+    if tenant.budget_webhook_secret_sealed:
+        raw = sealing.unseal(
+            tenant.budget_webhook_secret_sealed,
+            server_secret=settings.WEBHOOK_SECRET_KEY,
+            purpose=_WEBHOOK_SEAL_PURPOSE,
+        )
+        if raw is not None:
+            return raw
+    return _webhook_secret_seal(tenant)
