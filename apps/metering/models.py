@@ -136,10 +136,15 @@ class UsageRollupHour(models.Model):
 
 class RollupCursor(models.Model):
     """How far the rollup job has looked for late records (records are scanned by id, see
-    apps.metering.rollups.rollups_catch_up)."""
+    apps.metering.rollups.rollups_catch_up), and what that proves: every record with an id up to
+    ``last_record_id`` and a time before ``covered_before`` is in a built rollup. Readers that
+    mix rollups with raw records (month spend, apps.metering.spend) rely on it."""
 
     name = models.CharField(max_length=32, unique=True)
     last_record_id = models.BigIntegerField(default=0)
+    covered_before = models.DateTimeField(
+        null=True, blank=True, help_text="The current hour when the last pass ended; empty: no pass yet."
+    )
     updated_at = models.DateTimeField(auto_now=True)
 
     def __str__(self) -> str:

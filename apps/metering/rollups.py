@@ -242,13 +242,21 @@ def rollups_catch_up(*, now: datetime | None = None) -> list[BuildResult]:
     Late records are found by id: ids grow with insertion, so the records inserted since the last
     pass are those above the cursor, whatever their created_at. A record whose transaction was
     still open at the previous pass may have an id below the cursor; it is a record of the last
-    seconds, and the lookback hours cover it.
+    seconds, and the lookback hours cover it. The hours since the previous pass are rebuilt too
+    (``covered_before``), so a beat that was down longer than the lookback leaves no hole.
     """
     now = now or timezone.now()
     current = floor_hour(now)
     cursor, _ = RollupCursor.objects.get_or_create(name=CATCH_UP_CURSOR)
     newest_id = UsageRecord.objects.aggregate(newest=Max("id"))["newest"] or 0
     hours = {current - HOUR * back for back in range(1, settings.USAGE_ROLLUP_LOOKBACK_HOURS + 1)}
+    if cursor.covered_before is not None:
+        # Every hour since the last pass, however long beat was away: the records of the hour that
+        # was current then have ids below the cursor, so the id scan below does not find them.
+        hour = floor_hour(cursor.covered_before)
+        while hour < current:
+            hours.add(hour)
+            hour += HOUR
     if newest_id > cursor.last_record_id:
         # The distinct hours in SQL: on the first pass (cursor 0) this is every hour with records,
         # which is how existing usage gets its rollups after an upgrade.
@@ -263,7 +271,8 @@ def rollups_catch_up(*, now: datetime | None = None) -> list[BuildResult]:
         )
         hours.update(floor_hour(moment) for moment in late)
     results = [rollups_build(hour=hour, now=now) for hour in sorted(hours) if hour < current]
-    RollupCursor.objects.filter(name=CATCH_UP_CURSOR).update(last_record_id=newest_id)
+    # Now every record with id <= newest_id and a time before the current hour is in a built rollup.
+    RollupCursor.objects.filter(name=CATCH_UP_CURSOR).update(last_record_id=newest_id, covered_before=current)
     return results
 
 
