@@ -22,7 +22,7 @@ from datetime import UTC, datetime, timedelta
 
 from django.conf import settings
 from django.db import transaction
-from django.db.models import Max, Min
+from django.db.models import Exists, Max, Min, OuterRef
 from django.db.models.functions import TruncHour
 from django.utils import timezone
 
@@ -257,6 +257,18 @@ def rollups_catch_up(*, now: datetime | None = None) -> list[BuildResult]:
         while hour < current:
             hours.add(hour)
             hour += HOUR
+    elif cursor.last_record_id:
+        # The first pass since covered_before exists: passes before it could leave such an hour
+        # unbuilt. Find any once (one scan), so what covered_before promises holds from now on.
+        unbuilt = (
+            UsageRecord.objects.filter(id__lte=cursor.last_record_id, created_at__lt=current)
+            .annotate(record_hour=TruncHour("created_at", tzinfo=UTC))
+            .filter(~Exists(UsageRollupHour.objects.filter(hour=OuterRef("record_hour"), built_at__isnull=False)))
+            .order_by()
+            .values_list("record_hour", flat=True)
+            .distinct()
+        )
+        hours.update(floor_hour(moment) for moment in unbuilt)
     if newest_id > cursor.last_record_id:
         # The distinct hours in SQL: on the first pass (cursor 0) this is every hour with records,
         # which is how existing usage gets its rollups after an upgrade.

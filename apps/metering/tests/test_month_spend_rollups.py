@@ -171,3 +171,15 @@ def test_the_work_does_not_grow_with_the_months_records(owners, rolled_up, djang
     before = _usage_rows_read()
     month_spend(tenant_ids=[acme.pk, other.pk], key_ids=[key.pk], month=MONTH)
     assert _usage_rows_read() - before <= 6 * 4  # at most a few reads of each unrolled record
+
+
+def test_the_first_pass_after_the_upgrade_builds_hours_older_passes_left_unbuilt(owners) -> None:
+    acme, _, _ = owners
+    hole = make_usage(tenant=acme, created_at=NOW - timedelta(days=2), cost_micros=500)
+    # What a pass before covered_before existed could leave: the cursor past a record never built.
+    RollupCursor.objects.create(name="rollups", last_record_id=hole.pk)
+
+    rollups_catch_up(now=NOW)
+
+    assert UsageRollupHour.objects.get(hour=floor_hour(hole.created_at)).records == 1
+    assert month_spend(tenant_ids=[acme.pk], month=MONTH) == {f"tenant:{acme.pk}": 500}
