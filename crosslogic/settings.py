@@ -541,6 +541,10 @@ BUDGET_WEBHOOK_TIMEOUT_S: float = _env_or_fail("BUDGET_WEBHOOK_TIMEOUT_S", float
 # SECRET_KEY so rotating one does not rotate the other. Changing it voids every stored secret:
 # tenants then get a new one (rotate it in the admin or the API to see it).
 WEBHOOK_SECRET_KEY: str = env("WEBHOOK_SECRET_KEY", default=SECRET_KEY)
+# Tenants choose their webhook URL, so by default it may only reach public addresses: a URL naming
+# (or resolving to) loopback, a private network or the cloud's metadata service (169.254.169.254)
+# is refused, which keeps the webhook from being a way into the control plane's own network.
+WEBHOOK_ALLOW_PRIVATE_ADDRESSES: bool = _env_or_fail("WEBHOOK_ALLOW_PRIVATE_ADDRESSES", bool, False)
 if BUDGET_ALERT_INTERVAL_S < 1 or BUDGET_WEBHOOK_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("BUDGET_ALERT_INTERVAL_S must be >= 1 and BUDGET_WEBHOOK_TIMEOUT_S positive.")
 _MAIL = "django.core.mail.backends."

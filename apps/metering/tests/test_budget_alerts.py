@@ -21,6 +21,12 @@ from apps.tenancy.services import api_key_issue, tenant_create
 NOW = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
 
 
+@pytest.fixture(autouse=True)
+def _receivers_on_loopback(settings):
+    # These receivers listen on 127.0.0.1, which production refuses (test_webhook_addresses.py).
+    settings.WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True
+
+
 @pytest.fixture
 def tenant(db):
     return tenant_create(

@@ -66,6 +66,12 @@ class _Receiver(BaseHTTPRequestHandler):
         pass
 
 
+@pytest.fixture(autouse=True)
+def _receivers_on_loopback(settings):
+    # These receivers listen on 127.0.0.1, which production refuses (test_webhook_addresses.py).
+    settings.WEBHOOK_ALLOW_PRIVATE_ADDRESSES = True
+
+
 @pytest.fixture
 def receiver() -> Iterator[HTTPServer]:
     server = HTTPServer(("127.0.0.1", 0), _Receiver)
