@@ -6,99 +6,35 @@ in the success message after they are issued; digests are never rendered anywher
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from django import forms
 from django.contrib import admin, messages
 from django.contrib.auth.models import User
-from django.core.exceptions import ValidationError
-from django.core.validators import URLValidator
 from django.db.models import Count, OuterRef, QuerySet, Subquery
 from django.db.models.functions import Coalesce
 from django.http import HttpRequest, HttpResponse
 from django.urls import reverse
-from django.utils import timezone
 from django.utils.html import format_html, format_html_join
 from django.utils.safestring import mark_safe
 
 from apps.core.admin_confirm import ObjectAction, ObjectActionMixin, confirmation_page, reason_form, with_actor
 from apps.core.paginator import EstimatedCountPaginator
-from apps.metering.display import budget_bar, dollars_to_micros, micros_to_dollars
+from apps.metering.display import budget_bar
 from apps.metering.selectors import month_key, month_spend_subquery
 from apps.tenancy import services
-from apps.tenancy.models import ApiKey, Scope, SecretQuerySet, SecretStatus, StaffToken, Tenant, TenantStatus
-from apps.tenancy.selectors import with_scope
-
-_LIMITS = ("requests_per_minute", "tokens_per_minute", "max_concurrent_requests")
-_SPEND = "monthly_spend_limit_micros"
-
-
-class SpendLimitInDollars(forms.ModelForm):
-    """Staff type the monthly spend limit in US$; it is stored in micro-dollars."""
-
-    monthly_spend_limit_micros = forms.DecimalField(
-        label="Monthly spend limit (US$)",
-        required=False,
-        min_value=0,
-        max_digits=16,
-        decimal_places=6,
-        help_text="Per calendar month (UTC); requests get 429 insufficient_quota once it is spent. Empty: no limit.",
-    )
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        if self.instance.pk is not None:
-            self.initial[_SPEND] = micros_to_dollars(getattr(self.instance, _SPEND))
-
-    def clean_monthly_spend_limit_micros(self) -> int | None:
-        return dollars_to_micros(self.cleaned_data.get(_SPEND))
-
-
-def _copy_saved(target: Any, saved: Any) -> None:
-    """Make the admin's unsaved ``target`` the row a service just saved, so logging and redirects work."""
-    for field in type(saved)._meta.concrete_fields:
-        setattr(target, field.attname, getattr(saved, field.attname))
-    target._state.adding = False
-    target._state.db = saved._state.db
-
-
-def _show_once(request: HttpRequest, what: str, raw: str) -> None:
-    messages.success(
-        request,
-        format_html(
-            "{} created. Copy it now, it will not be shown again: <code style='user-select: all'>{}</code>",
-            what,
-            raw,
-        ),
-    )
-
-
-class KeyStatusFilter(admin.SimpleListFilter):
-    title = "status"
-    parameter_name = "key_status"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return [(s.value, str(s.label)) for s in (SecretStatus.ACTIVE, SecretStatus.EXPIRED, SecretStatus.REVOKED)]
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        status = self.value()
-        if status in SecretStatus.values:
-            assert isinstance(queryset, SecretQuerySet)  # ApiKey's and StaffToken's manager
-            return queryset.with_status(status)
-        return queryset
-
-
-class ScopeFilter(admin.SimpleListFilter):
-    title = "scope"
-    parameter_name = "scope"
-
-    def lookups(self, request: HttpRequest, model_admin: Any) -> list[tuple[str, str]]:
-        return list(Scope.choices)
-
-    def queryset(self, request: HttpRequest, queryset: QuerySet) -> QuerySet:
-        scope = self.value()
-        return with_scope(queryset, scope) if scope else queryset
-
+from apps.tenancy.admin_forms import (
+    LIMIT_FIELDS,
+    SPEND_FIELD,
+    ApiKeyForm,
+    KeyStatusFilter,
+    ScopeFilter,
+    StaffTokenForm,
+    TenantForm,
+    copy_saved,
+    show_once,
+)
+from apps.tenancy.models import ApiKey, StaffToken, Tenant, TenantStatus
 
 # --- Tenants --------------------------------------------------------------------------------
 
@@ -121,41 +57,6 @@ class ApiKeyInline(admin.TabularInline):
     @admin.display(description="status")
     def status(self, key: ApiKey) -> str:
         return key.status
-
-
-class TenantForm(SpendLimitInDollars):
-    budget_webhook_url = forms.URLField(
-        label="Budget webhook URL",
-        max_length=500,
-        required=False,
-        assume_scheme="https",
-        validators=[URLValidator(schemes=["http", "https"])],
-        help_text="Optional: budget alerts are POSTed here as JSON, signed (besides an email to the contact "
-        "address). The signing secret: action 'Rotate the budget webhook signing secret' on the tenant list.",
-    )
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        # Left empty: the model's default threshold (a tenant form from before budgets still saves).
-        if "budget_alert_percent" in self.fields:
-            self.fields["budget_alert_percent"].required = False
-
-    def clean_budget_alert_percent(self) -> int:
-        value = self.cleaned_data.get("budget_alert_percent")
-        return Tenant._meta.get_field("budget_alert_percent").get_default() if value is None else value
-
-    class Meta:
-        model = Tenant
-        fields = (
-            "slug",
-            "name",
-            "contact_email",
-            *_LIMITS,
-            "monthly_token_budget",
-            _SPEND,
-            "budget_alert_percent",
-            "budget_webhook_url",
-        )
 
 
 @admin.register(Tenant)
@@ -200,12 +101,12 @@ class TenantAdmin(ObjectActionMixin):
     )
     fieldsets = (
         (None, {"fields": ("slug", "name", "contact_email", "status", "status_reason", "issue_key")}),
-        ("Limits", {"fields": (*_LIMITS, "monthly_token_budget")}),
+        ("Limits", {"fields": (*LIMIT_FIELDS, "monthly_token_budget")}),
         (
             "Spend (US$ per calendar month)",
             {
                 "fields": (
-                    _SPEND,
+                    SPEND_FIELD,
                     "budget_alert_percent",
                     "budget_webhook_url",
                     "webhook_secret",
@@ -287,7 +188,7 @@ class TenantAdmin(ObjectActionMixin):
             self.message_user(request, "Select exactly one tenant to rotate its webhook secret.", messages.ERROR)
             return
         raw = services.tenant_webhook_secret_rotate(tenant=tenants[0])
-        _show_once(request, f"Budget webhook signing secret of {tenants[0].slug} (the previous one stops now)", raw)
+        show_once(request, f"Budget webhook signing secret of {tenants[0].slug} (the previous one stops now)", raw)
 
     @admin.display(description="API keys")
     def issue_key(self, tenant: Tenant) -> str:
@@ -306,7 +207,7 @@ class TenantAdmin(ObjectActionMixin):
         if change:
             services.tenant_update(tenant=obj, **data)
         else:
-            _copy_saved(obj, services.tenant_create(**data))
+            copy_saved(obj, services.tenant_create(**data))
 
     def delete_model(self, request: HttpRequest, obj: Tenant) -> None:
         services.tenant_delete(tenant=obj)
@@ -349,49 +250,6 @@ class TenantAdmin(ObjectActionMixin):
 # --- API keys -------------------------------------------------------------------------------
 
 
-def _model_choices() -> list[tuple[str, str]]:
-    from apps.catalog.models import ServedModel
-
-    return [(name, name) for name in ServedModel.objects.order_by("name").values_list("name", flat=True)]
-
-
-class ApiKeyForm(SpendLimitInDollars):
-    scopes = forms.MultipleChoiceField(
-        choices=Scope.choices, widget=forms.CheckboxSelectMultiple, initial=[Scope.INFERENCE]
-    )
-    allowed_models = forms.MultipleChoiceField(
-        choices=_model_choices,
-        widget=forms.CheckboxSelectMultiple,
-        required=False,
-        help_text="Served models this key may call; none ticked means all.",
-    )
-
-    class Meta:
-        model = ApiKey
-        fields = ("tenant", "name", "scopes", "allowed_models", *_LIMITS, _SPEND, "expires_at")
-
-    def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        field = self.fields.get("allowed_models")
-        if isinstance(field, forms.MultipleChoiceField) and self.instance.pk:
-            # Keep names the key already holds selectable even if the model is gone from the catalog.
-            choices = cast("list[tuple[str, str]]", field.choices)  # the form sets it as a list of pairs
-            known = {value for value, _ in choices}
-            field.choices = [*choices, *((n, n) for n in self.instance.allowed_models if n not in known)]
-
-    def clean_scopes(self) -> list[str]:
-        return services.validate_scopes(self.cleaned_data["scopes"])
-
-    def clean_allowed_models(self) -> list[str]:
-        return services.validate_models(self.cleaned_data["allowed_models"])
-
-    def clean_expires_at(self) -> Any:
-        value = self.cleaned_data.get("expires_at")
-        if value is not None and value <= timezone.now() and "expires_at" in self.changed_data:
-            raise ValidationError("Expiry must be in the future.")
-        return value
-
-
 @admin.register(ApiKey)
 class ApiKeyAdmin(ObjectActionMixin):
     form = ApiKeyForm
@@ -428,8 +286,8 @@ class ApiKeyAdmin(ObjectActionMixin):
     change_form_template = "admin/crosslogic/change_form_actions.html"
 
     def get_fieldsets(self, request: HttpRequest, obj: ApiKey | None = None) -> Any:
-        limits = ("Limit overrides (empty = the tenant's)", {"fields": _LIMITS})
-        spend_fields: tuple[str, ...] = (_SPEND,) if obj is None else (_SPEND, "budget_used")
+        limits = ("Limit overrides (empty = the tenant's)", {"fields": LIMIT_FIELDS})
+        spend_fields: tuple[str, ...] = (SPEND_FIELD,) if obj is None else (SPEND_FIELD, "budget_used")
         spend = ("Spend (US$ per calendar month, besides the tenant's)", {"fields": spend_fields})
         if obj is None:
             return ((None, {"fields": ("tenant", "name", "scopes", "allowed_models", "expires_at")}), limits, spend)
@@ -488,11 +346,11 @@ class ApiKeyAdmin(ObjectActionMixin):
             scopes=data["scopes"],
             allowed_models=data["allowed_models"],
             expires_at=data["expires_at"],
-            **{name: data[name] for name in _LIMITS},
-            monthly_spend_limit_micros=data.get(_SPEND),
+            **{name: data[name] for name in LIMIT_FIELDS},
+            monthly_spend_limit_micros=data.get(SPEND_FIELD),
         )
-        _copy_saved(obj, key)
-        _show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)
+        copy_saved(obj, key)
+        show_once(request, f"API key {key.prefix}… for {key.tenant.slug}", raw)
 
     @admin.action(description="Revoke selected keys…", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[ApiKey]) -> HttpResponse | None:
@@ -521,18 +379,6 @@ class ApiKeyAdmin(ObjectActionMixin):
 
 
 # --- Staff tokens ---------------------------------------------------------------------------
-
-
-class StaffTokenForm(forms.ModelForm):
-    class Meta:
-        model = StaffToken
-        fields = ("user", "name", "expires_at")
-
-    def clean_expires_at(self) -> Any:
-        value = self.cleaned_data.get("expires_at")
-        if value is not None and value <= timezone.now():
-            raise ValidationError("Expiry must be in the future.")
-        return value
 
 
 @admin.register(StaffToken)
@@ -590,8 +436,8 @@ class StaffTokenAdmin(admin.ModelAdmin):
             return  # every field is read-only once issued
         data = form.cleaned_data
         token, raw = services.staff_token_issue(user=data["user"], name=data["name"], expires_at=data["expires_at"])
-        _copy_saved(obj, token)
-        _show_once(request, f"Staff token {token.prefix}… for {token.user}", raw)
+        copy_saved(obj, token)
+        show_once(request, f"Staff token {token.prefix}… for {token.user}", raw)
 
     @admin.action(description="Revoke selected tokens…", permissions=["change"])
     def revoke(self, request: HttpRequest, queryset: QuerySet[StaffToken]) -> HttpResponse | None:
