@@ -7,7 +7,7 @@ a bar that refreshes itself from a small JSON endpoint (``upload-status/``) unde
 from __future__ import annotations
 
 import json
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from django import forms
 from django.contrib import admin, messages
@@ -20,203 +20,41 @@ from django.urls import NoReverseMatch, URLPattern, path, reverse
 from django.utils.html import format_html, format_html_join
 from django.views.decorators.http import require_POST
 
-from apps.catalog import storage, uploads
+from apps.catalog import (
+    admin_jobs,  # noqa: F401  (registers the job pages)
+    storage,
+    uploads,
+)
+from apps.catalog.admin_parts import (
+    HISTORY_ROWS,
+    LatestUploadFilter,
+    LatestVerificationFilter,
+    ModelAdminForm,
+    UploadForm,
+    field_for_message,
+    history_table,
+    job_change_url,
+    job_changelist_url,
+    progress_html,
+    progress_text,
+    requested_by_text,
+    scale_of,
+    storage_configured,
+    upload_payload,
+    upload_source_text,
+)
 from apps.catalog.display import human_bytes
 from apps.catalog.enqueue import upload_enqueue
-from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import JobOrigin, ServedModel, WeightUpload, WeightVerification
 from apps.catalog.selectors import models_with_counts, storage_browser, with_latest_jobs
 from apps.catalog.services import model_update
 from apps.catalog.verify import verify_model
 from apps.metering.admin_panels import ECONOMICS_PANEL_DAYS, model_economics_panel
 
 if TYPE_CHECKING:
-    from typing import TypedDict
-
     from django_stubs_ext import WithAnnotations  # a dev dependency: for the checker only
 
-    class _Annotated(TypedDict):  # what selectors.models_with_counts adds to each row
-        upload_status: str
-        verify_status: str
-        live_nodes: int
-        ready_nodes: int
-        total_nodes: int
-
-
-def upload_payload(model: ServedModel) -> dict[str, Any]:
-    """What the progress bar shows for the model's latest upload attempt; also the JSON the bar polls."""
-    upload = model.latest_upload or WeightUpload(model=model, status=UploadStatus.NONE)
-    eta = None
-    if upload.status == UploadStatus.UPLOADING and upload.rate_bps:
-        eta = int(max(0, upload.bytes_total - upload.bytes_done) / upload.rate_bps)
-    return {
-        "id": model.pk,
-        "upload_id": upload.pk,
-        "status": upload.status,
-        "status_label": upload.get_status_display(),
-        "percent": round(100 * upload.progress, 1),
-        "done": human_bytes(upload.bytes_done),
-        "total": human_bytes(upload.bytes_total),
-        "rate": human_bytes(upload.rate_bps) + "/s" if upload.rate_bps else "",
-        "eta_seconds": eta,
-        "file": upload.current_file,
-        "error": upload.error if upload.status == UploadStatus.FAILED else "",
-        "cancel_requested": upload.cancel_requested,
-        "active": upload.status in uploads.BUSY_STATUSES,
-    }
-
-
-def _progress_html(model: ServedModel) -> str:
-    data = upload_payload(model)
-    return format_html(
-        '<div class="cl-upload" data-model-id="{}" data-status="{}" data-active="{}">'
-        '<progress max="100" value="{}"></progress> <span class="cl-upload-text">{}</span></div>',
-        model.pk,
-        data["status"],
-        "1" if data["active"] else "0",
-        data["percent"],
-        _progress_text(data),
-    )
-
-
-def _progress_text(data: dict[str, Any]) -> str:
-    if data["status"] == UploadStatus.UPLOADING:
-        parts = [f"{data['percent']}%", f"{data['done']} / {data['total']}", data["rate"]]
-        if data["eta_seconds"] is not None:
-            parts.append(f"ETA {data['eta_seconds']}s")
-        return " · ".join(p for p in parts if p) + (f" · {data['file']}" if data["file"] else "")
-    if data["status"] == UploadStatus.FAILED:
-        return f"Failed: {data['error'][:200]}"
-    return str(data["status_label"])
-
-
-class ModelAdminForm(forms.ModelForm):
-    class Meta:
-        model = ServedModel
-        fields = (
-            "name",
-            "is_active",
-            "hf_repo",
-            "hf_revision",
-            "storage_uri",
-            "accelerator",
-            "dtype",
-            "max_model_len",
-            "context_length",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "tool_call_parser",
-            "reasoning_parser",
-            "extra_vllm_args",
-            "price_input_per_mtok",
-            "price_output_per_mtok",
-            "min_replicas",
-            "max_replicas",
-            "target_ongoing_requests",
-            "target_kv_cache_usage",
-            "target_queue_wait_s",
-            "scale_up_window_s",
-            "scale_down_window_s",
-            "idle_to_zero_s",
-            "spot_fallback",
-            "spot_fallback_preemptions",
-            "spot_fallback_window_s",
-            "warm_pool",
-        )
-        widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
-
-
-class UploadForm(forms.Form):
-    SOURCES = [("hf", "Hugging Face repo"), ("dir", "Folder on the worker machine")]
-
-    source = forms.ChoiceField(choices=SOURCES, widget=forms.RadioSelect, initial="hf")
-    hf_repo = forms.CharField(
-        label="Repo[@revision]",
-        required=False,
-        help_text="e.g. Qwen/Qwen2.5-7B-Instruct@main. HF_ENDPOINT/HF_TOKEN apply.",
-    )
-    local_dir = forms.CharField(label="Folder", required=False, help_text="An absolute path on the worker machine.")
-    # A form field, not BaseForm.prefix: the form metaclass moves declared fields into base_fields.
-    prefix = forms.CharField(  # type: ignore[assignment]
-        required=False, help_text="Leave empty for models/<org>--<name>/<revision>."
-    )
-    keep_downloads = forms.BooleanField(required=False, help_text="Keep the files downloaded from the hub.")
-
-    def clean(self) -> dict[str, Any]:
-        data = super().clean() or {}  # BaseForm.clean returns cleaned_data; typed Optional
-        if data.get("source") == "hf" and not data.get("hf_repo"):
-            self.add_error("hf_repo", "Give the Hugging Face repo, e.g. org/name@main.")
-        if data.get("source") == "dir" and not data.get("local_dir"):
-            self.add_error("local_dir", "Give the folder holding config.json and the *.safetensors files.")
-        return data
-
-
-def _field_for(message: str) -> str | None:
-    for name in ("hf_repo", "revision", "local_dir", "prefix"):
-        if message.startswith(f"{name}:"):
-            return "hf_repo" if name == "revision" else name
-    return None
-
-
-class LatestUploadFilter(admin.SimpleListFilter):
-    title = "weights (latest upload)"
-    parameter_name = "upload_status"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return list(UploadStatus.choices)
-
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[WithAnnotations[ServedModel, _Annotated]]
-    ) -> QuerySet[WithAnnotations[ServedModel, _Annotated]]:
-        # upload_status is annotated by selectors.with_latest_jobs (the changelist's queryset)
-        value = self.value()
-        return queryset.filter(upload_status=value) if value else queryset
-
-
-class LatestVerificationFilter(admin.SimpleListFilter):
-    title = "last verify"
-    parameter_name = "verify_status"
-
-    def lookups(self, request: HttpRequest, model_admin: admin.ModelAdmin) -> list[tuple[str, str]]:
-        return [("never" if value == "" else value, label) for value, label in VerifyStatus.choices]
-
-    def queryset(
-        self, request: HttpRequest, queryset: QuerySet[WithAnnotations[ServedModel, _Annotated]]
-    ) -> QuerySet[WithAnnotations[ServedModel, _Annotated]]:
-        value = self.value()
-        if value is None:
-            return queryset
-        return queryset.filter(verify_status="" if value == "never" else value)
-
-
-HISTORY_ROWS = 20
-
-
-def _who(origin: str, user: Any) -> str:
-    return f"{origin} ({user.get_username()})" if user is not None else origin
-
-
-def _change_url(obj: WeightUpload | WeightVerification) -> str:
-    return reverse(f"admin:catalog_{obj._meta.model_name}_change", args=[obj.pk])
-
-
-def _changelist_url(job_model: type[WeightUpload | WeightVerification], model: ServedModel) -> str:
-    return reverse(f"admin:catalog_{job_model._meta.model_name}_changelist") + f"?model__id__exact={model.pk}"
-
-
-def _history_table(headers: tuple[str, ...], rows: str, *, more: bool, url: str) -> str:
-    if not rows:
-        return "None yet."
-    head = format_html_join("", "<th>{}</th>", ((h,) for h in headers))
-    link = format_html('<p><a href="{}">All of them</a></p>', url) if more else ""
-    return format_html("<table><thead><tr>{}</tr></thead><tbody>{}</tbody></table>{}", head, rows, link)
-
-
-def _source_text(source: dict) -> str:
-    if source.get("kind") == "hf":
-        return f"{source.get('repo')}@{source.get('revision')} -> {source.get('prefix')}"
-    if source.get("kind") == "dir":
-        return f"{source.get('path')} -> {source.get('prefix')}"
-    return "-"
+    from apps.catalog.admin_parts import _Annotated
 
 
 @admin.register(ServedModel)
@@ -289,11 +127,11 @@ class ModelAdmin(admin.ModelAdmin):
 
     @admin.display(description="weights", ordering="upload_status")
     def upload_column(self, obj: ServedModel) -> str:
-        return _progress_html(obj)
+        return progress_html(obj)
 
     @admin.display(description="replicas: desired / ready (min–max)")
     def replicas(self, obj: ServedModel) -> str:
-        scale = _scale_of(obj)
+        scale = scale_of(obj)
         bounds = f"({obj.min_replicas}–{obj.max_replicas})"
         if scale is None:
             return f"– {bounds}"
@@ -317,7 +155,7 @@ class ModelAdmin(admin.ModelAdmin):
     def upload_panel(self, obj: ServedModel) -> str:
         if obj.pk is None:
             return "Save the model first, then upload its weights."
-        return _progress_html(obj)
+        return progress_html(obj)
 
     @admin.display(description="revenue, GPU cost, margin")
     def economics(self, obj: ServedModel) -> str:
@@ -343,23 +181,23 @@ class ModelAdmin(admin.ModelAdmin):
             "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
-                    _change_url(u),
+                    job_change_url(u),
                     u.pk,
                     u.get_status_display(),
-                    _source_text(u.source),
+                    upload_source_text(u.source),
                     human_bytes(u.bytes_total),
-                    _who(u.get_origin_display(), u.requested_by),
+                    requested_by_text(u.get_origin_display(), u.requested_by),
                     u.requested_at,
                     u.error[:200],
                 )
                 for u in attempts[:HISTORY_ROWS]
             ),
         )
-        return _history_table(
+        return history_table(
             ("attempt", "status", "source", "size", "started by", "requested", "error"),
             rows,
             more=len(attempts) > HISTORY_ROWS,
-            url=_changelist_url(WeightUpload, obj),
+            url=job_changelist_url(WeightUpload, obj),
         )
 
     @admin.display(description="verifications")
@@ -372,22 +210,22 @@ class ModelAdmin(admin.ModelAdmin):
             "<tr><td><a href='{}'>#{}</a></td><td>{}</td><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             (
                 (
-                    _change_url(c),
+                    job_change_url(c),
                     c.pk,
                     c.get_status_display(),
                     "full" if c.full else "quick",
                     f"{len(c.problems)} of {c.checked}",
-                    _who(c.get_origin_display(), c.requested_by),
+                    requested_by_text(c.get_origin_display(), c.requested_by),
                     c.started_at,
                 )
                 for c in checks[:HISTORY_ROWS]
             ),
         )
-        return _history_table(
+        return history_table(
             ("check", "status", "depth", "problems", "started by", "at"),
             rows,
             more=len(checks) > HISTORY_ROWS,
-            url=_changelist_url(WeightVerification, obj),
+            url=job_changelist_url(WeightVerification, obj),
         )
 
     @admin.display(description="manifest")
@@ -416,7 +254,7 @@ class ModelAdmin(admin.ModelAdmin):
             return "-"
         from apps.fleet.selectors import model_scale_history
 
-        scale = _scale_of(obj)
+        scale = scale_of(obj)
         if scale is None:
             return "No decision yet (the autoscaler runs every few seconds once the model is active)."
         head = format_html(
@@ -531,7 +369,7 @@ class ModelAdmin(admin.ModelAdmin):
             return JsonResponse({"error": "forbidden"}, status=403)
         models = with_latest_jobs(ServedModel.objects.filter(pk__in=ids).only("id"))
         return JsonResponse(
-            {"models": [upload_payload(m) | {"text": _progress_text(upload_payload(m))} for m in models]}
+            {"models": [upload_payload(m) | {"text": progress_text(upload_payload(m))} for m in models]}
         )
 
     def upload_view(self, request: HttpRequest, model_id: int) -> HttpResponse:
@@ -564,7 +402,7 @@ class ModelAdmin(admin.ModelAdmin):
                     requested_by=request.user,
                 )
             except uploads.UploadError as exc:
-                form.add_error(_field_for(str(exc)), str(exc))
+                form.add_error(field_for_message(str(exc)), str(exc))
             else:
                 upload_enqueue(upload=upload)
                 self.message_user(request, f"{model.name}: upload queued; progress shows below.", messages.SUCCESS)
@@ -577,7 +415,7 @@ class ModelAdmin(admin.ModelAdmin):
             "title": f"Upload weights for {model.name}",
             "latest_upload": latest,
             "busy": latest is not None and latest.status in uploads.BUSY_STATUSES and not uploads.is_stale(latest),
-            "bucket": storage.default_bucket() if _configured() else "",
+            "bucket": storage.default_bucket() if storage_configured() else "",
         }
         return TemplateResponse(request, "admin/catalog/servedmodel/upload_form.html", context)
 
@@ -593,7 +431,7 @@ class ModelAdmin(admin.ModelAdmin):
             "title": "Model weights in R2",
             "rows": [{"row": r, "size": human_bytes(r.total_bytes)} for r in rows],
             "error": error,
-            "bucket": storage.default_bucket() if _configured() else "",
+            "bucket": storage.default_bucket() if storage_configured() else "",
         }
         return TemplateResponse(request, "admin/catalog/servedmodel/storage_browser.html", context)
 
@@ -603,67 +441,3 @@ class ModelAdmin(admin.ModelAdmin):
             return HttpResponse(status=403)
         self._verify_one(request, model)
         return HttpResponseRedirect(reverse("admin:catalog_servedmodel_storage"))
-
-
-class _JobAdmin(admin.ModelAdmin):
-    """Every attempt across the catalog, for "what failed today"; written by the services only."""
-
-    list_select_related = ("model", "requested_by")
-    list_per_page = 100
-
-    def has_add_permission(self, request: HttpRequest) -> bool:
-        return False
-
-    def has_change_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-    def has_delete_permission(self, request: HttpRequest, obj: Any = None) -> bool:
-        return False
-
-
-@admin.register(WeightUpload)
-class WeightUploadAdmin(_JobAdmin):
-    list_display = (
-        "id",
-        "model",
-        "status",
-        "source_text",
-        "bytes_total",
-        "origin",
-        "requested_by",
-        "requested_at",
-        "finished_at",
-    )
-    list_filter = ("status", "origin", "model")
-    search_fields = ("model__name", "error")
-    date_hierarchy = "requested_at"
-
-    @admin.display(description="source")
-    def source_text(self, obj: WeightUpload) -> str:
-        return _source_text(obj.source)
-
-
-@admin.register(WeightVerification)
-class WeightVerificationAdmin(_JobAdmin):
-    list_display = ("id", "model", "status", "full", "checked", "origin", "requested_by", "started_at", "finished_at")
-    list_filter = ("status", "full", "origin", "model")
-    search_fields = ("model__name", "uri")
-    date_hierarchy = "started_at"
-
-
-def _scale_of(obj: ServedModel) -> Any:
-    """The model's autoscaler row (a reverse one-to-one: absent until the first decision)."""
-    from django.core.exceptions import ObjectDoesNotExist
-
-    try:
-        return obj.scale
-    except ObjectDoesNotExist:
-        return None
-
-
-def _configured() -> bool:
-    try:
-        storage.check_configured()
-    except storage.StorageError:
-        return False
-    return True
