@@ -185,6 +185,11 @@ class Leases:
             if pool.timer is None:
                 pool.timer = asyncio.get_running_loop().call_later(self.lease_s, self._expire, key)
 
+    def held(self, key: str) -> int:
+        """Units (or free slots) of ``key`` this worker holds and has not used."""
+        pool = self._pools.get(key)
+        return 0 if pool is None else pool.units + len(pool.free)
+
     def release(self, slot: Slot, now: float) -> bool:
         """A request that held a leased slot ended: back to its slice if that is still fresh."""
         pool = self._pools.get(slot.key)
