@@ -30,6 +30,10 @@ Algorithm (why it is exact under concurrency):
   seeded before it is used: admit reports it missing, the limiter asks its ``seeder`` (the
   gateway sums the month's usage records in PostgreSQL) and sets it with SET NX (so workers
   racing to seed agree), then admits again. Without a seeder a missing counter starts at 0.
+- Admission leases (apps/gateway/leases.py): for a busy subject, the admit script also grants
+  this worker a slice on top of the request (only if the request and the whole slice fit), and
+  the worker admits the next requests from it without Redis while it is fresh (``lease_s``);
+  the unused part goes back through the settle batch. Budgets are in apps/gateway/budgets.py.
 - Redis down, slow (``timeout_s``) or absent: never an exception to the caller. ``fail_open``
   admits (warning logged at most every 30 s), otherwise refuses with reason "unavailable".
   After a failure Redis is not retried for ``backoff_s``, so an outage adds no latency per request.
@@ -41,12 +45,17 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from apps.core.redis import RedisReplyError
 from apps.gateway.batching import SettleBatch
+from apps.gateway.budgets import MICROS as MICROS  # re-exported: spend.py and tests import them here
+from apps.gateway.budgets import TOKENS as TOKENS
+from apps.gateway.budgets import Budget as Budget
+from apps.gateway.budgets import Seeder as Seeder
+from apps.gateway.budgets import month_of as month_of
 from apps.gateway.leases import BUCKET, BUDGET, SLOTS, Leases, Plan, Slot
 from apps.gateway.limit_scripts import ADMIT_SCRIPT, REFRESH_SCRIPT, SETTLE_SCRIPT, Script
 
@@ -74,69 +83,6 @@ class Limit:
     @property
     def unlimited(self) -> bool:
         return self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent is None
-
-
-TOKENS, MICROS = "tokens", "micros"  # the units a budget counts
-
-
-def month_of(now: float | None = None) -> str:
-    """The calendar month (UTC) a counter belongs to: "2026-11"."""
-    return time.strftime("%Y-%m", time.gmtime(now))
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """A monthly counter with a limit: a tenant's tokens, or a tenant's or a key's micro-dollars.
-
-    ``owner`` ("tenant:3", "key:12") and ``month`` say what the seeder must sum when Redis has
-    no counter; ``unit`` says which reservation and which usage the counter is charged with."""
-
-    key: str
-    limit: int
-    unit: str = TOKENS
-    owner: str = ""
-    month: str = ""
-
-    @classmethod
-    def monthly(
-        cls,
-        *,
-        tenant_id: int,
-        limit: int,
-        prefix: str = "crosslogic:budget:",
-        now: float | None = None,
-        month: str | None = None,
-    ) -> Budget:
-        """A tenant's token budget (the key format predates the dollar budgets and is kept)."""
-        month = month or month_of(now)
-        return cls(
-            key=f"{prefix}{tenant_id}:{month}",
-            limit=max(0, int(limit)),
-            unit=TOKENS,
-            owner=f"tenant:{tenant_id}",
-            month=month,
-        )
-
-    @classmethod
-    def dollars(
-        cls,
-        *,
-        owner: str,
-        limit_micros: int,
-        prefix: str = "crosslogic:budget:usd:",
-        now: float | None = None,
-        month: str | None = None,
-    ) -> Budget:
-        """A monthly spend limit in micro-dollars of ``owner`` ("tenant:<id>" or "key:<id>")."""
-        month = month or month_of(now)
-        return cls(
-            key=f"{prefix}{owner}:{month}", limit=max(0, int(limit_micros)), unit=MICROS, owner=owner, month=month
-        )
-
-
-# What the limiter calls for a counter Redis does not have: the month's usage so far, in the
-# budget's unit. May raise; the limiter then admits without that budget for this request.
-Seeder = Callable[[Budget], Awaitable[int]]
 
 
 @dataclass(frozen=True, slots=True)
