@@ -52,14 +52,14 @@ class Pool:
     until: float = 0.0  # monotonic: units are used before, returned after
     free: list[tuple[str, float]] = field(default_factory=list)  # slots: (member, usable until)
     epoch: int = 0  # +1 when everything is returned: slots of an older epoch are gone from Redis
-    leasing: bool = False  # a lease of this key is in flight: other requests ask for no more
+    leasing: asyncio.Future | None = None  # a lease of this key in flight: others wait for it
     window: float = 0.0  # the rate: requests seen in the current and the last window of lease_s
     hits: int = 0
     last_hits: int = 0
     timer: asyncio.TimerHandle | None = None
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: one is made per request, and frozen init costs twice as much
 class Slot:
     """A concurrency slot a request took from a slice."""
 
@@ -79,6 +79,7 @@ class Plan:
     taken: list[tuple[Pool, int]] = field(default_factory=list)  # units taken locally (to undo)
     slots: list[Slot | None] = field(default_factory=list)  # per subject
     asked: list[Pool] = field(default_factory=list)  # pools whose lease this request carries
+    pending: list[asyncio.Future] = field(default_factory=list)  # leases in flight it could use
 
     @property
     def local(self) -> bool:
@@ -127,18 +128,22 @@ class Leases:
                 if kind == SLOTS:
                     slot = self._take_slot(key, pool, now)
                     covered = slot is not None
-                elif now < pool.until and pool.units >= max(cost, 1):
+                elif now < pool.until and pool.units >= (cost or 1):
                     pool.units -= cost
                     p.taken.append((pool, cost))
                     covered = True
                 else:
                     covered = False
                 extra = 0
-                if not covered and not pool.leasing and cost > 0:
+                if covered:
+                    pass
+                elif pool.leasing is not None:
+                    p.pending.append(pool.leasing)
+                elif cost > 0:
                     k = min(max(pool.hits, pool.last_hits), MAX_SLICE, limit // (SLICE_SHARE * cost))
                     extra = (k - 1) * cost if k > 1 else 0
                     if extra:
-                        pool.leasing = True
+                        pool.leasing = asyncio.get_running_loop().create_future()
                         p.asked.append(pool)
                 p.charge.append(0 if covered else 1)
                 p.extra.append(extra)
@@ -165,8 +170,12 @@ class Leases:
         plan.taken, plan.slots = [], []
 
     def done(self, plan: Plan) -> None:
+        """The call that carried this plan's leases answered (or failed): wake who waits."""
         for pool in plan.asked:
-            pool.leasing = False
+            if pool.leasing is not None and not pool.leasing.done():
+                pool.leasing.set_result(None)
+            pool.leasing = None
+        plan.asked = []
 
     def grant(self, dims: list[tuple[str, str, int | None, int]], grants: list[int], prefix: str) -> None:
         """Add what Redis granted on top of the request to this worker's slices."""

@@ -42,6 +42,7 @@ Keys span several subjects in one script: a single Redis (or keys in one cluster
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import time
@@ -270,6 +271,14 @@ class RateLimiter:
         now = time.monotonic()
         dims = self._dims(limits, budgets, reserve, micros)
         plan = self.leases.plan(dims, now)
+        while plan.pending and not plan.local and not plan.asked:
+            # A lease of this worker is on its way and may cover this request: wait for it rather
+            # than make a call of our own (a burst would otherwise send one call per request).
+            # Each pass waits for one answer; requests the slice did not cover carry the next.
+            self.leases.undo(plan)
+            await asyncio.wait(plan.pending)
+            now = time.monotonic()
+            plan = self.leases.plan(dims, now, count=False)
         if plan.local:
             return self._local(limits, budgets, plan, reserve, micros, request_id, now)
         try:

@@ -187,3 +187,29 @@ async def test_headers_count_down_with_local_admissions(redis_db):
             assert 6000 - (i + 1) <= left <= 6000 - (i + 1) + slack  # Redis's last answer minus local use
     finally:
         await limiter.redis.aclose()
+
+
+async def test_a_burst_at_a_busy_key_costs_few_redis_calls(redis_db):
+    limiter = RateLimiter(redis_lib.multiplexed())
+    calls = []
+    real_call = limiter._call
+
+    async def counting(script, keys, args):  # a spy on the real call: Redis still answers
+        calls.append(script)
+        return await real_call(script, keys, args)
+
+    limiter._call = counting
+    limits = [Limit("tenant:1", 100_000, 10_000_000, 10_000)]
+    try:
+        for wave in range(5):
+            results = await asyncio.gather(
+                *(limiter.admit(limits=limits, reserve_tokens=100, request_id=f"{wave}-{i}") for i in range(200))
+            )
+            assert all(a.allowed for a in results)
+            await asyncio.gather(*(limiter.settle(a, used_tokens=100) for a in results))
+    finally:
+        await limiter.redis.aclose()
+
+    # Requests waiting for the lease their worker already asked for make no call of their own.
+    assert limiter.leases.local > 900
+    assert len(calls) <= 1000 / 10
