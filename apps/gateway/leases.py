@@ -36,7 +36,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 
 SLICE_SHARE = 8  # a slice is at most 1/8 of a limit
-MAX_SLICE = 64  # requests per slice, whatever the rate
+MAX_SLICE = 256  # requests per slice, whatever the rate
 BUCKET, SLOTS, BUDGET = "t", "z", "b"
 
 Post = Callable[[list[str], list[object]], None]  # queue a return on the batched settle call
@@ -50,7 +50,7 @@ class Pool:
     limit: int = 0  # the bucket's limit when leased: a return moves TAT by units·60 s/limit
     units: int = 0  # leased and unused: requests, tokens or budget units
     until: float = 0.0  # monotonic: units are used before, returned after
-    free: list[tuple[str, float]] = field(default_factory=list)  # slots: (member, usable until)
+    free: list[tuple[str, float, float]] = field(default_factory=list)  # slots: (member, usable until, born)
     epoch: int = 0  # +1 when everything is returned: slots of an older epoch are gone from Redis
     leasing: asyncio.Future | None = None  # a lease of this key in flight: others wait for it
     window: float = 0.0  # the rate: requests seen in the current and the last window of lease_s
@@ -67,6 +67,7 @@ class Slot:
     member: str
     epoch: int
     until: float
+    born: float  # when Redis set its deadline (born + the concurrency TTL)
 
 
 @dataclass(slots=True)
@@ -87,8 +88,11 @@ class Plan:
 
 
 class Leases:
-    def __init__(self, *, lease_s: float, post: Post) -> None:
+    def __init__(self, *, lease_s: float, post: Post, slot_age_s: float = 450.0) -> None:
         self.lease_s = lease_s
+        # A slot is reused only this long after Redis set its deadline (half the concurrency
+        # TTL), so a request on a reused slot keeps at least half the TTL, as refresh() assumes.
+        self.slot_age_s = slot_age_s
         self.enabled = lease_s > 0
         self.worker = uuid.uuid4().hex[:12]
         self._seq = itertools.count(1)
@@ -153,9 +157,9 @@ class Leases:
 
     def _take_slot(self, key: str, pool: Pool, now: float) -> Slot | None:
         while pool.free:
-            member, until = pool.free.pop()
+            member, until, born = pool.free.pop()
             if until > now:
-                return Slot(key=key, member=member, epoch=pool.epoch, until=until)
+                return Slot(key=key, member=member, epoch=pool.epoch, until=until, born=born)
             self._post([key], ["r", SLOTS, 0, 0, member])  # stale: give it back now
         return None
 
@@ -186,7 +190,7 @@ class Leases:
             pool = self._pools.get(key) or self._pools.setdefault(key, Pool(kind=kind, window=now))
             until = now + self.lease_s
             if kind == SLOTS:
-                pool.free += [(f"{prefix}:{i}", until) for i in range(1, units + 1)]
+                pool.free += [(f"{prefix}:{i}", until, now) for i in range(1, units + 1)]
             else:
                 pool.units += units
                 pool.limit = limit
@@ -202,9 +206,13 @@ class Leases:
     def release(self, slot: Slot, now: float) -> bool:
         """A request that held a leased slot ended: back to its slice if that is still fresh."""
         pool = self._pools.get(slot.key)
-        if pool is None or pool.epoch != slot.epoch or now >= slot.until:
-            return False
-        pool.free.append((slot.member, slot.until))
+        if pool is None or pool.epoch != slot.epoch or now >= slot.until or now - slot.born > self.slot_age_s:
+            return False  # given back meanwhile, stale, or near its deadline in Redis: removed there
+        # Idle from now on: usable for another lease period, so an idle slot is withheld from
+        # the other workers no longer than one lease period (the bound), while a slot in steady
+        # use is not given back and leased again every period.
+        pool.free.append((slot.member, now + self.lease_s, slot.born))
+        pool.until = max(pool.until, now + self.lease_s)
         return True
 
     def _expire(self, key: str) -> None:
@@ -218,10 +226,10 @@ class Leases:
             pool.timer = asyncio.get_running_loop().call_later(max(pool.until - now, 0.01), self._expire, key)
 
     def _give_back(self, key: str, pool: Pool, now: float, *, everything: bool) -> None:
-        stale = pool.free if everything else [(m, u) for m, u in pool.free if u <= now]
+        stale = pool.free if everything else [f for f in pool.free if f[1] <= now]
         if stale:
-            self._post([key], ["r", SLOTS, 0, 0, *(m for m, _ in stale)])
-            pool.free = [] if everything else [(m, u) for m, u in pool.free if u > now]
+            self._post([key], ["r", SLOTS, 0, 0, *(f[0] for f in stale)])
+            pool.free = [] if everything else [f for f in pool.free if f[1] > now]
         if everything:
             if pool.units:
                 self._post([key], ["r", pool.kind, pool.limit, pool.units])

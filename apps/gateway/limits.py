@@ -169,7 +169,7 @@ class RateLimiter:
         self.seeder = seeder
         self._settles = SettleBatch(self._call_settle)
         # Slices of busy subjects' allowances, admitted from without Redis (0: off; leases.py).
-        self.leases = Leases(lease_s=lease_s, post=self._settles.post)
+        self.leases = Leases(lease_s=lease_s, post=self._settles.post, slot_age_s=concurrency_ttl_s / 2)
         self.fail_open = fail_open
         self.prefix = key_prefix
         self.concurrency_ttl_ms = int(concurrency_ttl_s * 1000)
