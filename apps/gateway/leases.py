@@ -105,16 +105,10 @@ class Leases:
         """The member prefix of the slots leased by one admit call."""
         return f"lease:{self.worker}:{next(self._seq)}"
 
-    def _demand(self, key: str, kind: str, now: float, count: bool) -> Pool:
-        pool = self._pools.get(key)
-        if pool is None:
-            if len(self._pools) > 100_000:  # bounded: drop what holds nothing
-                self._pools = {k: p for k, p in self._pools.items() if p.units or p.free or p.timer}
-            pool = self._pools[key] = Pool(kind=kind, window=now)
-        if now - pool.window >= self.lease_s:
-            pool.last_hits = pool.hits if now - pool.window < 2 * self.lease_s else 0
-            pool.hits, pool.window = 0, now
-        pool.hits += count
+    def _new_pool(self, key: str, kind: str, now: float) -> Pool:
+        if len(self._pools) > 100_000:  # bounded: drop what holds nothing
+            self._pools = {k: p for k, p in self._pools.items() if p.units or p.free or p.timer}
+        pool = self._pools[key] = Pool(kind=kind, window=now)
         return pool
 
     def plan(self, dims: list[tuple[str, str, int | None, int]], now: float, *, count: bool = True) -> Plan:
@@ -128,7 +122,13 @@ class Leases:
                 p.charge.append(0 if limit is None else 1)  # the script skips unlimited dimensions
                 p.extra.append(0)
             else:
-                pool = self._demand(key, kind, now, count)
+                pool = self._pools.get(key)  # the rate, inline: this runs per dimension per request
+                if pool is None:
+                    pool = self._new_pool(key, kind, now)
+                if now - pool.window >= self.lease_s:
+                    pool.last_hits = pool.hits if now - pool.window < 2 * self.lease_s else 0
+                    pool.hits, pool.window = 0, now
+                pool.hits += count
                 if kind == SLOTS:
                     slot = self._take_slot(key, pool, now)
                     covered = slot is not None
@@ -258,14 +258,18 @@ class Leases:
         if last is None:
             return [-1, -1, -1, -1]
         raw, at = last
+        rpm, rpm_reset, tpm, tpm_reset = raw
+        if rpm < 0 and tpm < 0:  # concurrency only: nothing to say in the headers
+            return raw
         elapsed = (now - at) * 1000
-        out = []
-        for d in (0, 1):
-            remaining, reset = raw[d * 2], raw[d * 2 + 1]
-            if remaining >= 0:
-                pool = self._pools.get(keys[d])
-                if pool is not None and now < pool.until:
-                    remaining += pool.units
-                reset = max(0, math.ceil(reset - elapsed))
-            out += [remaining, reset]
-        return out
+        if rpm >= 0:
+            pool = self._pools.get(keys[0])
+            if pool is not None and now < pool.until:
+                rpm += pool.units
+            rpm_reset = max(0, math.ceil(rpm_reset - elapsed))
+        if tpm >= 0:
+            pool = self._pools.get(keys[1])
+            if pool is not None and now < pool.until:
+                tpm += pool.units
+            tpm_reset = max(0, math.ceil(tpm_reset - elapsed))
+        return [rpm, rpm_reset, tpm, tpm_reset]
