@@ -77,7 +77,7 @@ class Plan:
 
     charge: list[int] = field(default_factory=list)
     extra: list[int] = field(default_factory=list)
-    taken: list[tuple[Pool, int]] = field(default_factory=list)  # units taken locally (to undo)
+    taken: list[tuple[Pool, int, int]] = field(default_factory=list)  # (pool, units, epoch) to undo
     slots: list[Slot | None] = field(default_factory=list)  # per subject
     asked: list[Pool] = field(default_factory=list)  # pools whose lease this request carries
     pending: list[asyncio.Future] = field(default_factory=list)  # leases in flight it could use
@@ -134,7 +134,7 @@ class Leases:
                     covered = slot is not None
                 elif now < pool.until and pool.units >= (cost or 1):
                     pool.units -= cost
-                    p.taken.append((pool, cost))
+                    p.taken.append((pool, cost, pool.epoch))
                     covered = True
                 else:
                     covered = False
@@ -165,8 +165,9 @@ class Leases:
 
     def undo(self, plan: Plan) -> None:
         """The request was refused (or Redis failed): put back what it took from slices."""
-        for pool, cost in plan.taken:
-            pool.units += cost
+        for pool, cost, epoch in plan.taken:
+            if pool.epoch == epoch:  # not if the slice went back meanwhile: Redis has them already
+                pool.units += cost
         now = time.monotonic()
         for slot in plan.slots:
             if slot is not None:
