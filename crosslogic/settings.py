@@ -526,6 +526,10 @@ GATEWAY_NODE_FAILURE_WINDOW_S: float = _env_or_fail("GATEWAY_NODE_FAILURE_WINDOW
 # Fairness: one tenant's requests in flight on one model, per ready node of it (0 = no cap), so
 # one tenant's flood leaves room for the others (vLLM batches 256 sequences per node by default).
 GATEWAY_TENANT_INFLIGHT_PER_NODE: int = _env_or_fail("GATEWAY_TENANT_INFLIGHT_PER_NODE", int, 128)
+# Admission leases (docs/gateway.md): how long a worker may admit a busy key's requests from a
+# slice of its limits leased from Redis before the unused part goes back (0 = no leases: one Redis
+# call per request). Also the longest that an unused slice is withheld from the other workers.
+GATEWAY_RATE_LIMIT_LEASE_S: float = _env_or_fail("GATEWAY_RATE_LIMIT_LEASE_S", float, 1.0)
 # Prometheus (docs/monitoring.md): /metrics for a staff token. Each worker publishes its counters
 # to Redis this often; a tenant label on requests and tokens only if turned on (cardinality).
 METRICS_ENABLED: bool = _env_or_fail("METRICS_ENABLED", bool, True)
@@ -566,6 +570,8 @@ if GATEWAY_COLD_QUEUE_MAX < 0 or GATEWAY_COLD_WAIT_S <= 0:
     )
 if GATEWAY_BODY_TIMEOUT_S <= 0 or GATEWAY_NODE_FAILURE_WINDOW_S <= 0:
     raise ImproperlyConfigured("GATEWAY_BODY_TIMEOUT_S and GATEWAY_NODE_FAILURE_WINDOW_S must be positive.")
+if GATEWAY_RATE_LIMIT_LEASE_S < 0 or GATEWAY_RATE_LIMIT_LEASE_S > 60:
+    raise ImproperlyConfigured("GATEWAY_RATE_LIMIT_LEASE_S must be between 0 (no leases) and 60 seconds.")
 if GATEWAY_NODE_FAILURES_TO_COOL_DOWN < 1 or GATEWAY_TENANT_INFLIGHT_PER_NODE < 0:
     raise ImproperlyConfigured(
         "GATEWAY_NODE_FAILURES_TO_COOL_DOWN must be >= 1, GATEWAY_TENANT_INFLIGHT_PER_NODE >= 0 (0: no cap)."

@@ -121,11 +121,15 @@ class Gateway:
             self.redis = redis_lib.async_client(
                 max_connections=settings.GATEWAY_REDIS_MAX_CONNECTIONS, driver_info=None
             )
-            # Limits get their own shared, pipelined connection: two script calls per request, and
-            # a pool checkout per call cost as much as the call itself (docs/gateway.md).
+            # Limits get their own shared, pipelined connection: up to two script calls per request
+            # (fewer with leases), and a pool checkout per call cost as much as the call itself
+            # (docs/gateway.md).
             self.hot_redis = redis_lib.multiplexed()
             self.limiter = RateLimiter(
-                self.hot_redis, fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN, seeder=self._seed_budget
+                self.hot_redis,
+                fail_open=settings.GATEWAY_RATE_LIMIT_FAIL_OPEN,
+                seeder=self._seed_budget,
+                lease_s=settings.GATEWAY_RATE_LIMIT_LEASE_S,
             )
             self._routing_dirty = asyncio.Event()
             self.cold.start(self.redis)

@@ -1,5 +1,6 @@
 """Settles batched per pass of the event loop: one Redis script call for every request that
-finished in the same pass, instead of one call each (issue #14).
+finished in the same pass, instead of one call each (issue #14). The unused parts of lease
+slices (apps/gateway/leases.py) go back to Redis in the same calls.
 
 Under load many requests end in the same pass of the loop (their upstream answers arrive in one
 read of the selector). Each caller still awaits its own settle, so when ``settle()`` returns the
@@ -15,6 +16,11 @@ from collections.abc import Awaitable, Callable
 MAX_BATCH = 128
 
 Call = Callable[[list[str], list[object]], Awaitable[object]]
+
+
+def _consume(future: asyncio.Future) -> None:
+    if not future.cancelled():
+        future.exception()  # retrieved: no "exception was never retrieved" warning
 
 
 class SettleBatch:
@@ -34,6 +40,16 @@ class SettleBatch:
             loop.call_soon(self._flush)
         self._queue.append((keys, args, future))
         await future
+
+    def post(self, keys: list[str], args: list[object]) -> None:
+        """Queue an entry nobody waits for (a lease's unused part going back): it rides in the
+        next batch; if that call fails, the entry is lost and the TTLs clean up after it."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        future.add_done_callback(_consume)
+        if not self._queue:
+            loop.call_soon(self._flush)
+        self._queue.append((keys, args, future))
 
     def _flush(self) -> None:
         queue, self._queue = self._queue, []

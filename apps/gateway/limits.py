@@ -30,6 +30,10 @@ Algorithm (why it is exact under concurrency):
   seeded before it is used: admit reports it missing, the limiter asks its ``seeder`` (the
   gateway sums the month's usage records in PostgreSQL) and sets it with SET NX (so workers
   racing to seed agree), then admits again. Without a seeder a missing counter starts at 0.
+- Admission leases (apps/gateway/leases.py): for a busy subject, the admit script also grants
+  this worker a slice on top of the request (only if the request and the whole slice fit), and
+  the worker admits the next requests from it without Redis while it is fresh (``lease_s``);
+  the unused part goes back through the settle batch. Budgets are in apps/gateway/budgets.py.
 - Redis down, slow (``timeout_s``) or absent: never an exception to the caller. ``fail_open``
   admits (warning logged at most every 30 s), otherwise refuses with reason "unavailable".
   After a failure Redis is not retried for ``backoff_s``, so an outage adds no latency per request.
@@ -38,16 +42,23 @@ Keys span several subjects in one script: a single Redis (or keys in one cluster
 
 from __future__ import annotations
 
-import hashlib
+import asyncio
 import logging
 import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, cast
 
 from apps.core.redis import RedisReplyError
 from apps.gateway.batching import SettleBatch
+from apps.gateway.budgets import MICROS as MICROS  # re-exported: spend.py and tests import them here
+from apps.gateway.budgets import TOKENS as TOKENS
+from apps.gateway.budgets import Budget as Budget
+from apps.gateway.budgets import Seeder as Seeder
+from apps.gateway.budgets import month_of as month_of
+from apps.gateway.leases import BUCKET, BUDGET, SLOTS, Leases, Plan, Slot
+from apps.gateway.limit_scripts import ADMIT_SCRIPT, REFRESH_SCRIPT, SETTLE_SCRIPT, Script
 
 if TYPE_CHECKING:
     from apps.core.redis import Multiplexed
@@ -59,180 +70,6 @@ _NO_LIMIT = -1
 _REASONS = {1: "requests", 2: "tokens", 3: "concurrency", 4: "budget"}
 _MISSING = 5  # admit's answer when a budget counter must be seeded first
 BUDGET_TTL_MS = 40 * 86_400_000  # a month's counter outlives its month, then goes
-
-# KEYS: the open-requests set, per subject [rpm, tpm, conc], then one counter per budget.
-# ARGV: request_id, reserve_tokens, conc_ttl_ms, n_subjects, conc_retry_ms, budget_ttl_ms,
-# settle_window_ms, then per subject [rpm_limit, tpm_limit, conc_limit] (-1 = unlimited), then per
-# budget [limit, reserve, seed] (seed 1: a missing counter is reported, not taken as 0).
-# Returns {allowed, reason, retry_ms, per subject: rpm_remaining, rpm_reset_ms, tpm_remaining,
-# tpm_reset_ms}; for reason 4 (budget) retry_ms is the refusing budget's index; for reason 5
-# (counters to seed) the indexes of the missing budgets follow the first three values.
-_ADMIT = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local window = 60000
-local rid = ARGV[1]
-local reserve = tonumber(ARGV[2])
-local conc_ttl = tonumber(ARGV[3])
-local n = tonumber(ARGV[4])
-local m = #KEYS - 1 - n * 3
-local missing = {0, 5, 0}
-for j = 0, m - 1 do
-  if ARGV[10 + n * 3 + j * 3] == '1' and redis.call('EXISTS', KEYS[2 + n * 3 + j]) == 0 then
-    table.insert(missing, j)
-  end
-end
-if #missing > 3 then return missing end
-local out = {1, 0, 0}
-local before = {0, 0, 0}  -- what the headers say if nothing is charged
-local writes = {}
-local worst_reason, worst_retry = 0, -1
-local function report(pre_rem, pre_reset, post_rem, post_reset)
-  table.insert(before, pre_rem); table.insert(before, pre_reset)
-  table.insert(out, post_rem); table.insert(out, post_reset)
-end
-for i = 0, n - 1 do
-  local rpm, tpm, conc = tonumber(ARGV[8 + i * 3]), tonumber(ARGV[9 + i * 3]), tonumber(ARGV[10 + i * 3])
-  for d = 1, 2 do
-    local limit = (d == 1) and rpm or tpm
-    if limit < 0 then
-      report(-1, -1, -1, -1)
-    elseif limit == 0 then
-      if window > worst_retry then worst_retry = window; worst_reason = d end
-      report(0, 0, 0, 0)
-    else
-      local key = KEYS[2 + i * 3 + d - 1]
-      local cost = 1
-      if d == 2 then cost = math.min(reserve, limit) end
-      local interval = window / limit
-      local tat = tonumber(redis.call('GET', key) or now)
-      if tat < now then tat = now end
-      local new_tat = tat + cost * interval
-      local allow_at = new_tat - window
-      local pre_rem = math.max(0, math.floor((window - (tat - now)) / interval + 1e-9))
-      local pre_reset = math.ceil(tat - now)
-      if allow_at > now then
-        if allow_at - now > worst_retry then worst_retry = allow_at - now; worst_reason = d end
-        report(pre_rem, pre_reset, pre_rem, pre_reset)
-      else
-        table.insert(writes, {key, new_tat})
-        report(pre_rem, pre_reset, math.max(0, math.floor((window - (new_tat - now)) / interval + 1e-9)),
-               math.ceil(new_tat - now))
-      end
-    end
-  end
-  if conc >= 0 then
-    local key = KEYS[2 + i * 3 + 2]
-    redis.call('ZREMRANGEBYSCORE', key, '-inf', now)
-    if redis.call('ZSCORE', key, rid) == false and redis.call('ZCARD', key) >= conc then
-      if worst_reason == 0 then worst_reason = 3; worst_retry = tonumber(ARGV[5]) end
-    else
-      table.insert(writes, {key, 'z'})
-    end
-  end
-end
-for j = 0, m - 1 do
-  local bkey = KEYS[2 + n * 3 + j]
-  local limit = tonumber(ARGV[8 + n * 3 + j * 3])
-  if tonumber(redis.call('GET', bkey) or '0') >= limit then
-    if worst_reason ~= 4 then worst_reason = 4; worst_retry = j end
-  else
-    table.insert(writes, {bkey, 'b', tonumber(ARGV[9 + n * 3 + j * 3])})
-  end
-end
-if worst_reason ~= 0 then
-  before[1] = 0; before[2] = worst_reason; before[3] = math.ceil(worst_retry)
-  return before
-end
-for _, w in ipairs(writes) do
-  if w[2] == 'z' then
-    redis.call('ZADD', w[1], now + conc_ttl, rid)
-    redis.call('PEXPIRE', w[1], math.ceil(conc_ttl) + 1000)
-  elseif w[2] == 'b' then
-    redis.call('INCRBY', w[1], w[3])
-    redis.call('PEXPIRE', w[1], tonumber(ARGV[6]))
-  else
-    redis.call('SET', w[1], string.format('%.3f', w[2]), 'PX', math.ceil(w[2] - now) + 1000)
-  end
-end
-local settle_window = tonumber(ARGV[7])
-redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
-redis.call('ZADD', KEYS[1], now + settle_window, rid)
-redis.call('PEXPIRE', KEYS[1], math.ceil(settle_window) + 1000)
-return out
-"""
-
-# Settles of many requests in one call: all settles issued in one pass of the event loop (see
-# RateLimiter.settle). KEYS: every entry's keys, in order. ARGV: count, then per entry [n_keys,
-# n_args], then every entry's args, in order. One entry's KEYS: the open-requests set, then per
-# subject [tpm, conc], then one counter per budget; its ARGV: request_id, n_subjects,
-# budget_ttl_ms, then per subject [tpm_limit (-1 = none), token difference, has_conc (0/1)], then
-# per budget its difference (used - reserved). Returns per entry 1, or 0 if already settled (or
-# admitted so long ago that the request's entry expired).
-_SETTLE = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-local function settle(k, a, nk)
-  if redis.call('ZREM', KEYS[k + 1], ARGV[a + 1]) == 0 then return 0 end
-  local n = tonumber(ARGV[a + 2])
-  for i = 0, n - 1 do
-    local limit, diff, has_conc = tonumber(ARGV[a + 4 + i * 3]), tonumber(ARGV[a + 5 + i * 3]), ARGV[a + 6 + i * 3]
-    local tkey, ckey = KEYS[k + 2 + i * 2], KEYS[k + 3 + i * 2]
-    if limit > 0 and diff ~= 0 then
-      local tat = tonumber(redis.call('GET', tkey) or now)
-      if tat < now then tat = now end
-      tat = tat + diff * 60000 / limit
-      if tat <= now then
-        redis.call('DEL', tkey)
-      else
-        redis.call('SET', tkey, string.format('%.3f', tat), 'PX', math.ceil(tat - now) + 1000)
-      end
-    end
-    if has_conc == '1' then redis.call('ZREM', ckey, ARGV[a + 1]) end
-  end
-  for j = 0, nk - 2 - n * 2 do
-    local bkey, diff = KEYS[k + 2 + n * 2 + j], tonumber(ARGV[a + 4 + n * 3 + j])
-    if diff ~= 0 then redis.call('INCRBY', bkey, diff) end
-    redis.call('PEXPIRE', bkey, tonumber(ARGV[a + 3]))
-  end
-  return 1
-end
-local count = tonumber(ARGV[1])
-local k, a = 0, 1 + 2 * count
-local out = {}
-for e = 1, count do
-  local nk, na = tonumber(ARGV[2 * e]), tonumber(ARGV[2 * e + 1])
-  out[e] = settle(k, a, nk)
-  k = k + nk
-  a = a + na
-end
-return out
-"""
-
-# KEYS: per subject conc key. ARGV: request_id, ttl_ms. Extends live entries only (XX).
-_REFRESH = """
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
-for _, key in ipairs(KEYS) do
-  if redis.call('ZADD', key, 'XX', now + tonumber(ARGV[2]), ARGV[1]) ~= false then
-    redis.call('PEXPIRE', key, math.ceil(tonumber(ARGV[2])) + 1000)
-  end
-end
-return 1
-"""
-
-
-@dataclass(frozen=True)
-class _Script:
-    source: str
-    sha: str
-
-    @classmethod
-    def of(cls, source: str) -> _Script:
-        return cls(source=source, sha=hashlib.sha1(source.encode()).hexdigest())  # noqa: S324 - Redis's script id
-
-
-_ADMIT_SCRIPT, _SETTLE_SCRIPT, _REFRESH_SCRIPT = _Script.of(_ADMIT), _Script.of(_SETTLE), _Script.of(_REFRESH)
 
 
 @dataclass(frozen=True)
@@ -249,69 +86,6 @@ class Limit:
         return self.requests_per_minute is None and self.tokens_per_minute is None and self.max_concurrent is None
 
 
-TOKENS, MICROS = "tokens", "micros"  # the units a budget counts
-
-
-def month_of(now: float | None = None) -> str:
-    """The calendar month (UTC) a counter belongs to: "2026-11"."""
-    return time.strftime("%Y-%m", time.gmtime(now))
-
-
-@dataclass(frozen=True, slots=True)
-class Budget:
-    """A monthly counter with a limit: a tenant's tokens, or a tenant's or a key's micro-dollars.
-
-    ``owner`` ("tenant:3", "key:12") and ``month`` say what the seeder must sum when Redis has
-    no counter; ``unit`` says which reservation and which usage the counter is charged with."""
-
-    key: str
-    limit: int
-    unit: str = TOKENS
-    owner: str = ""
-    month: str = ""
-
-    @classmethod
-    def monthly(
-        cls,
-        *,
-        tenant_id: int,
-        limit: int,
-        prefix: str = "crosslogic:budget:",
-        now: float | None = None,
-        month: str | None = None,
-    ) -> Budget:
-        """A tenant's token budget (the key format predates the dollar budgets and is kept)."""
-        month = month or month_of(now)
-        return cls(
-            key=f"{prefix}{tenant_id}:{month}",
-            limit=max(0, int(limit)),
-            unit=TOKENS,
-            owner=f"tenant:{tenant_id}",
-            month=month,
-        )
-
-    @classmethod
-    def dollars(
-        cls,
-        *,
-        owner: str,
-        limit_micros: int,
-        prefix: str = "crosslogic:budget:usd:",
-        now: float | None = None,
-        month: str | None = None,
-    ) -> Budget:
-        """A monthly spend limit in micro-dollars of ``owner`` ("tenant:<id>" or "key:<id>")."""
-        month = month or month_of(now)
-        return cls(
-            key=f"{prefix}{owner}:{month}", limit=max(0, int(limit_micros)), unit=MICROS, owner=owner, month=month
-        )
-
-
-# What the limiter calls for a counter Redis does not have: the month's usage so far, in the
-# budget's unit. May raise; the limiter then admits without that budget for this request.
-Seeder = Callable[[Budget], Awaitable[int]]
-
-
 @dataclass(frozen=True, slots=True)
 class Handle:
     """What settle() needs of an admission (kept in memory: no serialisation per request)."""
@@ -321,6 +95,8 @@ class Handle:
     limits: tuple[Limit, ...]
     budgets: tuple[Budget, ...] = ()
     reserve_micros: int = 0
+    leased: bool = False  # admitted from this worker's slices alone: no open entry in Redis
+    slots: tuple[Slot | None, ...] = ()  # per subject, a concurrency slot taken from a slice
 
 
 @dataclass
@@ -387,10 +163,13 @@ class RateLimiter:
         unavailable_retry_s: float = 1.0,
         settle_window_s: float = 6 * 3600.0,
         seeder: Seeder | None = None,
+        lease_s: float = 1.0,
     ) -> None:
         self.redis = redis
         self.seeder = seeder
         self._settles = SettleBatch(self._call_settle)
+        # Slices of busy subjects' allowances, admitted from without Redis (0: off; leases.py).
+        self.leases = Leases(lease_s=lease_s, post=self._settles.post, slot_age_s=concurrency_ttl_s / 2)
         self.fail_open = fail_open
         self.prefix = key_prefix
         self.concurrency_ttl_ms = int(concurrency_ttl_s * 1000)
@@ -440,7 +219,7 @@ class RateLimiter:
             allowed=False, retry_after_s=self.unavailable_retry_s, reason="unavailable", headers={}, token=None
         )
 
-    async def _call(self, script: _Script, keys: list[str], args: list[object]) -> object:
+    async def _call(self, script: Script, keys: list[str], args: list[object]) -> object:
         assert self.redis is not None
         try:
             return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout_s=self.timeout_s)
@@ -452,6 +231,25 @@ class RateLimiter:
         return await self.redis.execute("EVALSHA", script.sha, len(keys), *keys, *args, timeout_s=self.timeout_s)
 
     # --- the interface -------------------------------------------------------------------
+    def _dims(
+        self, limits: list[Limit], budgets: tuple[Budget, ...], reserve: int, micros: int
+    ) -> list[tuple[str, str, int | None, int]]:
+        """Every dimension a request is charged on: (key, kind, limit, cost); see leases.Plan."""
+        dims: list[tuple[str, str, int | None, int]] = []
+        for lim in limits:
+            rpm_key, tpm_key, conc_key = self._keys(lim.subject)
+            tpm = lim.tokens_per_minute
+            dims += [
+                (rpm_key, BUCKET, lim.requests_per_minute, 1),
+                (tpm_key, BUCKET, tpm, min(reserve, tpm) if tpm else 0),
+                (conc_key, SLOTS, lim.max_concurrent, 1),
+            ]
+        dims += [(b.key, BUDGET, b.limit, micros if b.unit == MICROS else reserve) for b in budgets]
+        return dims
+
+    def _values(self, limits: list[Limit], now: float) -> list[int]:
+        return [v for lim in limits for v in self.leases.values(lim.subject, self._keys(lim.subject), now)]
+
     async def admit(
         self,
         *,
@@ -463,31 +261,94 @@ class RateLimiter:
     ) -> Admission:
         """Check and charge every limit and budget at once. ``reserve_tokens`` is charged to the
         tokens/min buckets and token budgets, ``reserve_micros`` (the worst-case cost) to the
-        dollar budgets."""
+        dollar budgets. Covered entirely by this worker's leased slices: no Redis call."""
         limits = [lim for lim in limits if not lim.unlimited]
         if not limits and not budgets:
             return Admission(allowed=True, retry_after_s=None, reason=None, headers={}, token=None)
-        if not self._redis_usable():
-            if self.redis is None:
-                self._failed(None)
-            return self._unavailable()
         reserve = max(0, int(reserve_tokens))
         micros = max(0, int(reserve_micros))
         budgets = tuple(budgets)
+        now = time.monotonic()
+        dims = self._dims(limits, budgets, reserve, micros)
+        plan = self.leases.plan(dims, now)
+        while plan.pending and not plan.local and not plan.asked:
+            # A lease of this worker is on its way and may cover this request: wait for it rather
+            # than make a call of our own (a burst would otherwise send one call per request).
+            # Each pass waits for one answer; requests the slice did not cover carry the next.
+            self.leases.undo(plan)
+            await asyncio.wait(plan.pending)
+            now = time.monotonic()
+            plan = self.leases.plan(dims, now, count=False)
+        if plan.local:
+            return self._local(limits, budgets, plan, reserve, micros, request_id, now)
         try:
-            result = await self._admit(limits, budgets, reserve, micros, request_id, seeded=())
+            return await self._admit_remote(limits, budgets, plan, reserve, micros, request_id)
+        finally:
+            self.leases.done(plan)
+
+    def _local(
+        self,
+        limits: list[Limit],
+        budgets: tuple[Budget, ...],
+        plan: Plan,
+        reserve: int,
+        micros: int,
+        request_id: str,
+        now: float,
+    ) -> Admission:
+        self.leases.local += 1
+        handle = Handle(
+            request_id=request_id,
+            reserve=reserve,
+            limits=tuple(limits),
+            budgets=budgets,
+            reserve_micros=micros,
+            leased=True,
+            slots=tuple(plan.slots),
+        )
+        headers = _headers(limits, self._values(limits, now))
+        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
+
+    async def _admit_remote(
+        self, limits: list[Limit], budgets: tuple[Budget, ...], plan: Plan, reserve: int, micros: int, request_id: str
+    ) -> Admission:
+        if not self._redis_usable():
+            self.leases.undo(plan)
+            if self.redis is None:
+                self._failed(None)
+            return self._unavailable()
+        prefix = self.leases.prefix() if any(plan.extra) else ""
+        try:
+            result = await self._admit(limits, budgets, plan, reserve, micros, request_id, prefix, seeded=())
             if result[1] == _MISSING:
                 missing = [budgets[i] for i in result[3:]]
                 usable = await self._seed(missing)
                 # A counter that could not be seeded (database away) is left out of this request.
-                budgets = tuple(b for b in budgets if b not in missing or b in usable)
-                result = await self._admit(limits, budgets, reserve, micros, request_id, seeded=budgets)
+                kept = [b not in missing or b in usable for b in budgets]
+                first = 3 * len(limits)
+                for name in ("charge", "extra"):
+                    column = getattr(plan, name)
+                    setattr(plan, name, column[:first] + [v for v, k in zip(column[first:], kept, strict=True) if k])
+                budgets = tuple(b for b, k in zip(budgets, kept, strict=True) if k)
+                result = await self._admit(limits, budgets, plan, reserve, micros, request_id, prefix, seeded=budgets)
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
+            self.leases.undo(plan)
             self._failed(exc)
             return self._unavailable()
-        allowed, reason, retry_ms, *values = result
-        headers = _headers(limits, values)
+        allowed, reason, retry_ms, *rest = result
+        now = time.monotonic()
+        for i, lim in enumerate(limits):
+            self.leases.remember(lim.subject, rest[i * 4 : i * 4 + 4], now)
         if not allowed:
+            self.leases.undo(plan)
+            # Refused, but a slice this worker leased meanwhile (another request's answer) may
+            # cover it: those units are this worker's to give, and unused they would sit idle.
+            retry = self.leases.plan(self._dims(limits, budgets, reserve, micros), now, count=False)
+            if retry.local:
+                return self._local(limits, budgets, retry, reserve, micros, request_id, now)
+            self.leases.undo(retry)
+            self.leases.done(retry)
+            headers = _headers(limits, self._values(limits, now))
             if reason == 4:
                 return Admission(
                     allowed=False,
@@ -500,18 +361,29 @@ class RateLimiter:
             return Admission(
                 allowed=False, retry_after_s=retry_ms / 1000, reason=_REASONS[reason], headers=headers, token=None
             )
+        grants = rest[4 * len(limits) :]
+        if any(grants):
+            self.leases.grant(self._dims(limits, budgets, reserve, micros), grants, prefix)
         handle = Handle(
-            request_id=request_id, reserve=reserve, limits=tuple(limits), budgets=budgets, reserve_micros=micros
+            request_id=request_id,
+            reserve=reserve,
+            limits=tuple(limits),
+            budgets=budgets,
+            reserve_micros=micros,
+            slots=tuple(plan.slots),
         )
+        headers = _headers(limits, self._values(limits, now))
         return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
 
     async def _admit(
         self,
         limits: list[Limit],
         budgets: tuple[Budget, ...],
+        plan: Plan,
         reserve: int,
         micros: int,
         request_id: str,
+        prefix: str,
         *,
         seeded: tuple[Budget, ...],
     ) -> list[int]:
@@ -524,16 +396,20 @@ class RateLimiter:
             self.concurrency_retry_ms,
             BUDGET_TTL_MS,
             self.settle_window_ms,
+            prefix,
         ]
-        for lim in limits:
+        for i, lim in enumerate(limits):
             keys += self._keys(lim.subject)
             args += [_arg(lim.requests_per_minute), _arg(lim.tokens_per_minute), _arg(lim.max_concurrent)]
+            args += plan.charge[i * 3 : i * 3 + 3] + plan.extra[i * 3 : i * 3 + 3]
         # Seeding is asked for once: a counter gone again by the second call counts from 0.
         seed = 0 if self.seeder is None or seeded else 1
-        for budget in budgets:
+        first = 3 * len(limits)
+        for j, budget in enumerate(budgets):
             keys.append(budget.key)
-            args += [budget.limit, micros if budget.unit == MICROS else reserve, seed]
-        result = await self._call(_ADMIT_SCRIPT, keys, args)
+            reserved = micros if budget.unit == MICROS else reserve
+            args += [budget.limit, reserved, seed, plan.charge[first + j], plan.extra[first + j]]
+        result = await self._call(ADMIT_SCRIPT, keys, args)
         return [int(v) for v in cast("list[int]", result)]  # the script returns integers
 
     async def _seed(self, budgets: list[Budget]) -> list[Budget]:
@@ -554,6 +430,15 @@ class RateLimiter:
             done.append(budget)
         return done
 
+    def _members(self, handle: Handle) -> list[tuple[str, str]]:
+        """Per concurrency-limited subject: its slot set and the member this request holds there."""
+        slots = handle.slots or (None,) * len(handle.limits)
+        return [
+            (self._keys(lim.subject)[2], slot.member if slot is not None else handle.request_id)
+            for lim, slot in zip(handle.limits, slots, strict=True)
+            if lim.max_concurrent is not None
+        ]
+
     async def settle(self, admission: Admission, *, used_tokens: int, used_micros: int = 0) -> None:
         """Charge the real usage (tokens, and cost in micro-dollars) instead of the reservation,
         and free the concurrency slot. Idempotent."""
@@ -561,20 +446,30 @@ class RateLimiter:
             return
         admission.settled = True
         handle = admission.token
+        now = time.monotonic()
         keys = [self.open_key]
-        args: list[object] = [handle.request_id, len(handle.limits), BUDGET_TTL_MS]
+        args: list[object] = ["s", "" if handle.leased else handle.request_id, len(handle.limits), BUDGET_TTL_MS]
+        work = not handle.leased  # a request admitted from slices alone settles only what changed
         used = max(0, int(used_tokens))
-        for lim in handle.limits:
+        slots = handle.slots or (None,) * len(handle.limits)
+        for lim, slot in zip(handle.limits, slots, strict=True):
             _rpm_key, tpm_key, conc_key = self._keys(lim.subject)
             keys += [tpm_key, conc_key]
             tpm = lim.tokens_per_minute
-            charged = min(handle.reserve, tpm) if tpm else 0
-            args += [_arg(tpm), used - charged if tpm else 0, 0 if lim.max_concurrent is None else 1]
+            diff = used - min(handle.reserve, tpm) if tpm else 0
+            if slot is not None:  # back to its slice if that is fresh; otherwise out of Redis
+                member = "" if self.leases.release(slot, now) else slot.member
+            else:
+                member = "" if lim.max_concurrent is None else handle.request_id
+            args += [_arg(tpm), diff, member]
+            work = work or diff != 0 or member != ""
         cost = max(0, int(used_micros))
         for budget in handle.budgets:
             keys.append(budget.key)
-            args.append(cost - handle.reserve_micros if budget.unit == MICROS else used - handle.reserve)
-        if self.redis is None:
+            diff = cost - handle.reserve_micros if budget.unit == MICROS else used - handle.reserve
+            args.append(diff)
+            work = work or diff != 0
+        if self.redis is None or not work:
             return
         try:
             await self._settles.submit(keys, args)
@@ -583,21 +478,24 @@ class RateLimiter:
             self._failed(exc)
 
     async def drain(self) -> None:
-        """Send the settles still queued (shutdown)."""
+        """Give every unused slice back and send the settles still queued (shutdown)."""
+        if self.redis is not None:
+            self.leases.return_all()
         await self._settles.drain()
 
     async def _call_settle(self, keys: list[str], args: list[object]) -> object:
-        return await self._call(_SETTLE_SCRIPT, keys, args)
+        return await self._call(SETTLE_SCRIPT, keys, args)
 
     async def refresh(self, admission: Admission) -> None:
         """Extend a long-running request's concurrency slot by another ``concurrency_ttl_s``."""
         if admission.settled or not admission.allowed or not admission.token or self.redis is None:
             return
-        handle = admission.token
-        keys = [self._keys(lim.subject)[2] for lim in handle.limits if lim.max_concurrent is not None]
-        if not keys:
+        members = self._members(admission.token)
+        if not members:
             return
         try:
-            await self._call(_REFRESH_SCRIPT, keys, [handle.request_id, self.concurrency_ttl_ms])
+            await self._call(
+                REFRESH_SCRIPT, [k for k, _ in members], [self.concurrency_ttl_ms, *(m for _, m in members)]
+            )
         except Exception as exc:  # never raise to the caller: Redis down, slow or confused
             self._failed(exc)
