@@ -8,6 +8,8 @@ unreachable, entries expire after GATEWAY_KEY_CACHE_TTL_S instead.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from dataclasses import dataclass
 from datetime import datetime
@@ -20,6 +22,8 @@ from apps.core import secrets as tokens
 from apps.gateway.errors import GatewayError
 from apps.gateway.limits import Limit
 from apps.tenancy.models import ApiKey, SecretStatus, TenantStatus, secret_status
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -94,6 +98,20 @@ def _load(prefix: str) -> KeyEntry | None:
 
 
 class KeyCache:
+    """Entries live GATEWAY_KEY_CACHE_TTL_S. Two things keep a burst of requests off the database:
+
+    - one load per prefix at a time: every request that misses while a load is running waits for
+      that load. Before, 256 requests arriving together when the entry had just expired each ran
+      their own lookup (a new PostgreSQL connection each, through a thread pool of a few threads)
+      and the last waited ~0.9 s: that was the +1.2 s p99 TTFT of the 256-lockstep bench
+      (docs/benchmarks.md, "What remains (issue #14)");
+    - refresh ahead: a key used in the last quarter of its entry's life is reloaded in the
+      background while the entry still serves, so a busy key never misses at all. No entry is
+      served past its TTL.
+    """
+
+    REFRESH_AT = 0.75  # of the TTL
+
     def __init__(self) -> None:
         self._entries: dict[str, tuple[float, KeyEntry | None]] = {}
         # Lowered to ~1 s while invalidations cannot be heard (Redis away).
@@ -101,20 +119,49 @@ class KeyCache:
         self._load = sync_to_async(_load, thread_sensitive=False)
         # Verified raw keys, so the HMAC runs once per key and worker, not once per request.
         self._verified: dict[str, str] = {}
+        self._loading: dict[str, asyncio.Task[KeyEntry | None]] = {}
+        # Bumped by clear(): a load that began before an invalidation must not be stored after it,
+        # nor be joined by requests that arrive after it.
+        self._generation = 0
 
     def clear(self) -> None:
         self._entries.clear()
         self._verified.clear()
+        self._loading.clear()
+        self._generation += 1
 
     async def entry(self, prefix: str) -> KeyEntry | None:
         now = time.monotonic()
         cached = self._entries.get(prefix)
-        if cached is not None and now - cached[0] < self.ttl:
-            return cached[1]
-        entry = await self._load(prefix)
-        if len(self._entries) > 100_000:  # bounded under a flood of made-up prefixes
-            self._entries.clear()
-        self._entries[prefix] = (now, entry)
+        if cached is not None:
+            age = now - cached[0]
+            if age < self.ttl:
+                if age >= self.ttl * self.REFRESH_AT and prefix not in self._loading:
+                    self._start_load(prefix).add_done_callback(_log_failed_refresh)
+                return cached[1]
+        task = self._loading.get(prefix) or self._start_load(prefix)
+        # Shielded: a waiter whose client left must not cancel the load the others wait for.
+        return await asyncio.shield(task)
+
+    def _start_load(self, prefix: str) -> asyncio.Task[KeyEntry | None]:
+        task = asyncio.ensure_future(self._load_and_store(prefix, self._generation))
+        # Retrieved here, so a failure no request awaited (every waiter gone) is not reported as
+        # "never retrieved"; the requests that wait get it raised (a 503 when the database is away).
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+        self._loading[prefix] = task
+        return task
+
+    async def _load_and_store(self, prefix: str, generation: int) -> KeyEntry | None:
+        started = time.monotonic()
+        try:
+            entry = await self._load(prefix)
+        finally:
+            if generation == self._generation:
+                self._loading.pop(prefix, None)
+        if generation == self._generation:
+            if len(self._entries) > 100_000:  # bounded under a flood of made-up prefixes
+                self._entries.clear()
+            self._entries[prefix] = (started, entry)
         return entry
 
     async def authenticate(self, authorization: str | None) -> KeyEntry:
@@ -142,3 +189,10 @@ class KeyCache:
         if not entry.tenant_active:
             raise _unauthorized("This account is suspended.")
         return entry
+
+
+def _log_failed_refresh(task: asyncio.Task[KeyEntry | None]) -> None:
+    """A failed refresh ahead leaves the entry serving until its TTL; the first request after that
+    loads it again, and fails visibly if the database is still away."""
+    if not task.cancelled() and (exc := task.exception()) is not None:
+        log.warning("gateway: refreshing a cached API key failed (%s: %s)", type(exc).__name__, exc)
