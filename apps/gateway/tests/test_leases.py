@@ -17,11 +17,17 @@ PREFIX = "crosslogic:rl:"
 CONC_KEY = f"{PREFIX}conc:key:1"
 
 
+def patient(redis, **options) -> RateLimiter:
+    """A limiter that waits for Redis (5 s, not the gateway's 0.5 s): these tests count what Redis
+    admits, and a reply delayed on a loaded CI machine must not turn into a fail-open admission."""
+    return RateLimiter(redis, timeout_s=5.0, **options)
+
+
 @pytest.fixture
 async def workers(redis_db):
     """Two gateway workers: independent limiters, each with its own Redis connection."""
     clients = [redis_lib.multiplexed() for _ in range(2)]
-    yield [RateLimiter(c) for c in clients]
+    yield [patient(c) for c in clients]
     for client in clients:
         await client.aclose()
 
@@ -75,7 +81,7 @@ async def test_two_workers_leasing_the_same_bucket_never_admit_more_than_it_hold
     # Nothing is lost either: once the slices are back, what Redis still has is the rest.
     for w in workers:
         await w.drain()
-    probe = await RateLimiter(workers[0].redis, lease_s=0).admit(limits=[limit], reserve_tokens=0, request_id="p")
+    probe = await patient(workers[0].redis, lease_s=0).admit(limits=[limit], reserve_tokens=0, request_id="p")
     if reserve == 0:  # the probe takes a request itself when it is admitted
         remaining = int(probe.headers["x-ratelimit-remaining-requests"]) + probe.allowed
     else:
@@ -118,7 +124,7 @@ async def test_a_small_limit_or_a_quiet_key_is_never_leased(workers, redis_db):
     assert len(results) == 10
     assert all(not m.startswith(b"lease:") for m in redis_db.zrange(CONC_KEY, 0, -1))
 
-    quiet = RateLimiter(workers[0].redis, lease_s=0.05)
+    quiet = patient(workers[0].redis, lease_s=0.05)
     for i in range(4):
         await asyncio.sleep(0.06)  # one request per slice's lifetime: k stays 1
         assert (
@@ -131,7 +137,7 @@ async def test_a_small_limit_or_a_quiet_key_is_never_leased(workers, redis_db):
 async def test_an_idle_slice_goes_back_within_its_expiry(redis_db):
     clients = [redis_lib.multiplexed() for _ in range(2)]
     # The other worker leases nothing, so what Redis holds after the expiry is easy to name.
-    busy, other = RateLimiter(clients[0], lease_s=0.2), RateLimiter(clients[1], lease_s=0)
+    busy, other = patient(clients[0], lease_s=0.2), patient(clients[1], lease_s=0)
     limits = [Limit("key:1", 120, None, 200)]
     budget = Budget.dollars(owner="key:1", limit_micros=1_000_000, month="2026-11")
     try:
@@ -167,7 +173,7 @@ async def test_an_idle_slice_goes_back_within_its_expiry(redis_db):
 
 
 async def test_headers_count_down_with_local_admissions(redis_db):
-    limiter = RateLimiter(redis_lib.multiplexed())
+    limiter = patient(redis_lib.multiplexed())
     limit = Limit("key:1", 6000, 600_000, None)
     try:
         started = time.monotonic()
@@ -190,7 +196,7 @@ async def test_headers_count_down_with_local_admissions(redis_db):
 
 
 async def test_a_burst_at_a_busy_key_costs_few_redis_calls(redis_db):
-    limiter = RateLimiter(redis_lib.multiplexed())
+    limiter = patient(redis_lib.multiplexed())
     calls = []
     real_call = limiter._call
 
