@@ -11,11 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import itertools
 import json
 import logging
-import os
-import secrets
 import time
 from typing import Any
 
@@ -23,16 +20,22 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.db import InterfaceError, OperationalError
 
-from apps.core import invalidation
 from apps.core import redis as redis_lib
-from apps.gateway import metrics, payloads, relay, spend, upstream, usage_api
+from apps.gateway import background, metrics, payloads, relay, spend, upstream, usage_api
+from apps.gateway.asgi_io import (
+    ClientGoneError,
+    header,
+    new_request_id,
+    read_body,
+    send_error,
+    send_json,
+)
 from apps.gateway.auth import KeyCache, KeyEntry
 from apps.gateway.coldstart import ColdStart
-from apps.gateway.errors import GatewayError, bad_request
+from apps.gateway.errors import GatewayError
 from apps.gateway.limits import Budget, Limit, RateLimiter
 from apps.gateway.metrics import METRICS
 from apps.gateway.routing import (
-    LOADBOARD_PERIOD_S,
     LoadBoard,
     ModelRoute,
     NodeRoute,
@@ -49,40 +52,6 @@ ROUTES = {
     "/v1/completions": payloads.COMPLETIONS,
     "/v1/embeddings": payloads.EMBEDDINGS,
 }
-_JSON = (b"content-type", b"application/json")
-
-
-# Request ids: a random per-process prefix (64 bits) and a counter, 32 hex digits like a uuid.
-# uuid4() is a getrandom() syscall that releases the GIL; under load it cost ~0.4 ms per request
-# in a profile of the gateway. Ids need to be unique, not unpredictable.
-_ID_PREFIX = secrets.token_hex(8)
-_ID_COUNTER = itertools.count(1)
-
-
-def _reseed_request_ids() -> None:
-    # A worker forked after import (gunicorn --preload) must not repeat its parent's ids.
-    global _ID_PREFIX, _ID_COUNTER
-    _ID_PREFIX = secrets.token_hex(8)
-    _ID_COUNTER = itertools.count(1)
-
-
-os.register_at_fork(after_in_child=_reseed_request_ids)
-
-
-def _new_request_id() -> str:
-    return f"req_{_ID_PREFIX}{next(_ID_COUNTER):016x}"
-
-
-def _header(scope: dict, name: bytes) -> str | None:
-    for key, value in scope["headers"]:
-        if key == name:
-            return value.decode("latin-1")
-    return None
-
-
-async def _send_json(send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [_JSON, *headers]})
-    await send({"type": "http.response.body", "body": body})
 
 
 class Gateway:
@@ -140,10 +109,10 @@ class Gateway:
             self._tasks = [
                 asyncio.ensure_future(c)
                 for c in (
-                    self._refresh_routing(),
+                    background.refresh_routing(self, self._routing_dirty),
                     self.usage.run(),
-                    self._listen_invalidations(),
-                    self._sync_load(),
+                    background.listen_invalidations(self, self._routing_dirty),
+                    background.sync_load(self),
                     metrics.publish_forever(self.redis, self.metrics),
                     self.cold.run(),
                 )
@@ -177,70 +146,6 @@ class Gateway:
         self._started = False
         gc.unfreeze()  # a process that goes on (tests) collects what startup froze again
 
-    async def _refresh_routing(self) -> None:
-        assert self._routing_dirty is not None
-        while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._routing_dirty.wait(), timeout=settings.ROUTING_REFRESH_S)
-            self._routing_dirty.clear()
-            try:
-                self.table = await aload_table()
-                self.cold.table_changed()
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                log.warning("gateway: routing refresh failed (%s); serving the last table", exc)
-                await asyncio.sleep(1)
-
-    async def _listen_invalidations(self) -> None:
-        """Drop cached keys / reload routing when another process changes them."""
-        if self.redis is None:
-            self.keys.ttl = 1.0
-            return
-        while True:
-            client = redis_lib.async_client(socket_timeout=None)
-            assert client is not None  # self.redis is set, so REDIS_URL is
-            try:
-                pubsub = client.pubsub(ignore_subscribe_messages=True)
-                await pubsub.subscribe(invalidation.channel())
-                # Anything may have changed while we were not listening.
-                self.keys.ttl = settings.GATEWAY_KEY_CACHE_TTL_S
-                self.keys.clear()
-                self._routing_dirty.set()  # type: ignore[union-attr]  # made at startup, before this task
-                async for message in pubsub.listen():
-                    topic = message.get("data")
-                    topic = topic.decode() if isinstance(topic, bytes) else topic
-                    if topic == invalidation.KEYS:
-                        self.keys.clear()
-                    elif topic == invalidation.ROUTING:
-                        self._routing_dirty.set()  # type: ignore[union-attr]  # made at startup, before this task
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                self.keys.ttl = 1.0
-                log.warning("gateway: invalidation listener lost Redis (%s); key cache TTL now 1s", exc)
-                await asyncio.sleep(1)
-            finally:
-                await client.aclose()
-
-    async def _sync_load(self) -> None:
-        if self.redis is None:
-            return
-        failures = 0
-        while True:
-            await asyncio.sleep(LOADBOARD_PERIOD_S)
-            try:
-                await asyncio.wait_for(self.board.sync(self.redis), timeout=1.0)
-                failures = 0
-            except asyncio.CancelledError:
-                raise
-            except Exception as exc:
-                failures += 1
-                self.board.others = {}
-                if failures == 1:
-                    log.warning("gateway: cannot share load through Redis (%s)", exc)
-                await asyncio.sleep(min(5.0, failures * 0.5))
-
     async def _seed_budget(self, budget: Budget) -> int:
         """A month's usage so far for a budget counter Redis lacks: the database, plus this
         worker's usage records still waiting to be written."""
@@ -259,27 +164,27 @@ class Gateway:
             return
         if not self._started:
             await self.startup()
-        request_id = _new_request_id()
+        request_id = new_request_id()
         base_headers = [(b"x-request-id", request_id.encode())]
         try:
             if path == "/health":
-                await _send_json(send, 200, b'{"status":"ok"}', base_headers)
+                await send_json(send, 200, b'{"status":"ok"}', base_headers)
             elif path == "/ready":
                 await self._ready(send, base_headers)
             elif path == "/metrics":
                 await self._metrics(scope, send, base_headers)
             elif path == "/v1/models":
                 self._require_method(scope, "GET")
-                entry = await self.keys.authenticate(_header(scope, b"authorization"))
-                await _send_json(send, 200, self._models_body(entry), base_headers)
+                entry = await self.keys.authenticate(header(scope, b"authorization"))
+                await send_json(send, 200, self._models_body(entry), base_headers)
             elif path.startswith("/v1/models/"):
                 self._require_method(scope, "GET")
-                entry = await self.keys.authenticate(_header(scope, b"authorization"))
-                await _send_json(send, 200, self._model_body(entry, path[len("/v1/models/") :]), base_headers)
+                entry = await self.keys.authenticate(header(scope, b"authorization"))
+                await send_json(send, 200, self._model_body(entry, path[len("/v1/models/") :]), base_headers)
             elif path == "/v1/usage":
                 self._require_method(scope, "GET")
-                entry = await self.keys.authenticate(_header(scope, b"authorization"))
-                await _send_json(send, 200, await usage_api.usage_body(scope, entry), base_headers)
+                entry = await self.keys.authenticate(header(scope, b"authorization"))
+                await send_json(send, 200, await usage_api.usage_body(scope, entry), base_headers)
             elif path in ROUTES:
                 self._require_method(scope, "POST")
                 await self._inference(scope, receive, send, ROUTES[path], request_id, base_headers)
@@ -287,8 +192,8 @@ class Gateway:
                 raise GatewayError(404, f"Unknown path {path}.", code="unknown_url")
         except GatewayError as err:
             extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
-            await _send_json(send, err.status, err.body(), base_headers + extra)
-        except _ClientGoneError:
+            await send_json(send, err.status, err.body(), base_headers + extra)
+        except ClientGoneError:
             # Raising out of the app (CancelledError, as before) made uvicorn log a traceback at ERROR.
             log.info("request %s: the client disconnected before its request body was complete", request_id)
         except (OperationalError, InterfaceError) as exc:
@@ -301,10 +206,10 @@ class Gateway:
                 code="service_unavailable",
                 headers={"retry-after": "2"},
             )
-            await _send_error(send, unavailable, base_headers)
+            await send_error(send, unavailable, base_headers)
         except Exception:
             log.exception("request %s: unexpected error", request_id)
-            await _send_error(
+            await send_error(
                 send,
                 GatewayError(
                     500, "The server had an error processing your request.", type="server_error", code="internal_error"
@@ -354,13 +259,13 @@ class Gateway:
                 checks["redis"] = f"unreachable: {type(exc).__name__}"
         ok = checks["database"] == "ok" and checks["redis"] in ("ok", "not configured")
         body = json.dumps({"status": "ready" if ok else "not ready", "checks": checks}).encode()
-        await _send_json(send, 200 if ok else 503, body, headers)
+        await send_json(send, 200 if ok else 503, body, headers)
 
     async def _metrics(self, scope: dict, send: Any, headers: list[tuple[bytes, bytes]]) -> None:
         """Prometheus text format, for a staff token only (docs/monitoring.md)."""
         self._require_method(scope, "GET")
         body = await metrics.scrape(
-            authorization=_header(scope, b"authorization"), redis=self.redis, counters=self.metrics
+            authorization=header(scope, b"authorization"), redis=self.redis, counters=self.metrics
         )
         start = {"type": "http.response.start", "status": 200, "headers": [metrics.CONTENT_TYPE, *headers]}
         await send(start)
@@ -409,12 +314,12 @@ class Gateway:
         request_id: str,
         base_headers: list[tuple[bytes, bytes]],
     ) -> None:
-        entry = await self.keys.authenticate(_header(scope, b"authorization"))
+        entry = await self.keys.authenticate(header(scope, b"authorization"))
         if "inference" not in entry.scopes:
             raise GatewayError(
                 403, "This API key lacks the 'inference' scope.", type="permission_error", code="insufficient_scope"
             )
-        body = await _read_body(scope, receive)
+        body = await read_body(scope, receive)
         payload = payloads.parse(body, endpoint)
         name = payload["model"]
         route = self.table.models.get(name)
@@ -619,14 +524,6 @@ def _model_object(route: ModelRoute) -> dict[str, Any]:
     }
 
 
-async def _send_error(send: Any, err: GatewayError, headers: list[tuple[bytes, bytes]]) -> None:
-    extra = [(k.encode(), v.encode()) for k, v in err.headers.items()]
-    try:
-        await _send_json(send, err.status, err.body(), headers + extra)
-    except Exception:  # the response had already started: nothing more can be said on it
-        log.debug("could not send the error response", exc_info=True)
-
-
 def _ping_database() -> None:
     from django.db import connection
 
@@ -635,44 +532,3 @@ def _ping_database() -> None:
             cursor.execute("SELECT 1")
     finally:
         connection.close()
-
-
-class _ClientGoneError(Exception):
-    """The client disconnected before its request body was complete: nothing to answer."""
-
-
-async def _read_body(scope: dict, receive: Any) -> bytes:
-    """The whole body within GATEWAY_BODY_TIMEOUT_S (408 after, and the connection is closed)."""
-    try:
-        async with asyncio.timeout(settings.GATEWAY_BODY_TIMEOUT_S):
-            return await _receive_body(scope, receive)
-    except TimeoutError:
-        raise GatewayError(
-            408,
-            f"The request body did not arrive within {settings.GATEWAY_BODY_TIMEOUT_S:g}s.",
-            code="request_timeout",
-            headers={"connection": "close"},
-        ) from None
-
-
-async def _receive_body(scope: dict, receive: Any) -> bytes:
-    limit = settings.GATEWAY_MAX_BODY_BYTES
-    declared = _header(scope, b"content-length")
-    if declared is not None:
-        if not declared.isdigit():
-            raise bad_request("Invalid Content-Length header.")
-        if int(declared) > limit:
-            raise GatewayError(413, f"The request body exceeds {limit} bytes.", code="request_too_large")
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            raise _ClientGoneError
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise GatewayError(413, f"The request body exceeds {limit} bytes.", code="request_too_large")
-        chunks.append(chunk)
-        if not message.get("more_body"):
-            return b"".join(chunks)
