@@ -13,7 +13,14 @@ from django.utils.html import format_html, format_html_join
 
 from apps.catalog import storage, uploads
 from apps.catalog.display import human_bytes
-from apps.catalog.models import ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import (
+    EDITABLE_FIELDS,
+    ServedModel,
+    UploadStatus,
+    VerifyStatus,
+    WeightUpload,
+    WeightVerification,
+)
 
 if TYPE_CHECKING:
     from typing import TypedDict
@@ -78,36 +85,7 @@ def progress_text(data: dict[str, Any]) -> str:
 class ModelAdminForm(forms.ModelForm):
     class Meta:
         model = ServedModel
-        fields = (
-            "name",
-            "is_active",
-            "hf_repo",
-            "hf_revision",
-            "storage_uri",
-            "accelerator",
-            "dtype",
-            "max_model_len",
-            "context_length",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "tool_call_parser",
-            "reasoning_parser",
-            "extra_vllm_args",
-            "price_input_per_mtok",
-            "price_output_per_mtok",
-            "min_replicas",
-            "max_replicas",
-            "target_ongoing_requests",
-            "target_kv_cache_usage",
-            "target_queue_wait_s",
-            "scale_up_window_s",
-            "scale_down_window_s",
-            "idle_to_zero_s",
-            "spot_fallback",
-            "spot_fallback_preemptions",
-            "spot_fallback_window_s",
-            "warm_pool",
-        )
+        fields = EDITABLE_FIELDS
         widgets = {"extra_vllm_args": forms.Textarea(attrs={"rows": 2, "cols": 60})}
 
 

@@ -22,7 +22,15 @@ from rest_framework.serializers import BaseSerializer
 
 from apps.catalog import services, storage, uploads
 from apps.catalog.enqueue import upload_enqueue
-from apps.catalog.models import JobOrigin, ServedModel, UploadStatus, VerifyStatus, WeightUpload, WeightVerification
+from apps.catalog.models import (
+    EDITABLE_FIELDS,
+    JobOrigin,
+    ServedModel,
+    UploadStatus,
+    VerifyStatus,
+    WeightUpload,
+    WeightVerification,
+)
 from apps.catalog.selectors import with_latest_jobs
 from apps.catalog.verify import verify_model
 from apps.core.api import Conflict
@@ -107,34 +115,7 @@ class ModelSerializer(StrictModelSerializer):
         model = ServedModel
         fields = [
             "id",
-            "name",
-            "is_active",
-            "hf_repo",
-            "hf_revision",
-            "storage_uri",
-            "accelerator",
-            "dtype",
-            "max_model_len",
-            "context_length",
-            "tensor_parallel_size",
-            "gpu_memory_utilization",
-            "tool_call_parser",
-            "reasoning_parser",
-            "extra_vllm_args",
-            "price_input_per_mtok",
-            "price_output_per_mtok",
-            "min_replicas",
-            "max_replicas",
-            "target_ongoing_requests",
-            "target_kv_cache_usage",
-            "target_queue_wait_s",
-            "scale_up_window_s",
-            "scale_down_window_s",
-            "idle_to_zero_s",
-            "spot_fallback",
-            "spot_fallback_preemptions",
-            "spot_fallback_window_s",
-            "warm_pool",
+            *EDITABLE_FIELDS,
             "autoscale",
             "total_bytes",
             "manifest",

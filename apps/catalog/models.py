@@ -56,6 +56,40 @@ class JobOrigin(models.TextChoices):
     MIGRATION = "migration", "Carried over from the catalog row"
 
 
+# What staff set on a served model, in the admin's form and the management API alike (the rest is
+# written by the weights pipeline and the autoscaler).
+EDITABLE_FIELDS = (
+    "name",
+    "is_active",
+    "hf_repo",
+    "hf_revision",
+    "storage_uri",
+    "accelerator",
+    "dtype",
+    "max_model_len",
+    "context_length",
+    "tensor_parallel_size",
+    "gpu_memory_utilization",
+    "tool_call_parser",
+    "reasoning_parser",
+    "extra_vllm_args",
+    "price_input_per_mtok",
+    "price_output_per_mtok",
+    "min_replicas",
+    "max_replicas",
+    "target_ongoing_requests",
+    "target_kv_cache_usage",
+    "target_queue_wait_s",
+    "scale_up_window_s",
+    "scale_down_window_s",
+    "idle_to_zero_s",
+    "spot_fallback",
+    "spot_fallback_preemptions",
+    "spot_fallback_window_s",
+    "warm_pool",
+)
+
+
 class ServedModel(models.Model):
     """A catalog entry: what customers call (``name``) and how a node serves it."""
 

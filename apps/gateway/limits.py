@@ -297,13 +297,27 @@ class RateLimiter:
         now: float,
     ) -> Admission:
         self.leases.local += 1
+        return self._allowed(limits, budgets, plan, reserve, micros, request_id, now, leased=True)
+
+    def _allowed(
+        self,
+        limits: list[Limit],
+        budgets: tuple[Budget, ...],
+        plan: Plan,
+        reserve: int,
+        micros: int,
+        request_id: str,
+        now: float,
+        *,
+        leased: bool,
+    ) -> Admission:
         handle = Handle(
             request_id=request_id,
             reserve=reserve,
             limits=tuple(limits),
             budgets=budgets,
             reserve_micros=micros,
-            leased=True,
+            leased=leased,
             slots=tuple(plan.slots),
         )
         headers = _headers(limits, self._values(limits, now))
@@ -364,16 +378,7 @@ class RateLimiter:
         grants = rest[4 * len(limits) :]
         if any(grants):
             self.leases.grant(self._dims(limits, budgets, reserve, micros), grants, prefix)
-        handle = Handle(
-            request_id=request_id,
-            reserve=reserve,
-            limits=tuple(limits),
-            budgets=budgets,
-            reserve_micros=micros,
-            slots=tuple(plan.slots),
-        )
-        headers = _headers(limits, self._values(limits, now))
-        return Admission(allowed=True, retry_after_s=None, reason=None, headers=headers, token=handle)
+        return self._allowed(limits, budgets, plan, reserve, micros, request_id, now, leased=False)
 
     async def _admit(
         self,
