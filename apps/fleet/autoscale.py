@@ -69,6 +69,9 @@ class Policy:
     scale_up_window_s: float = 0
     scale_down_window_s: float = 300
     idle_to_zero_s: float = 900
+    # Scale-down hold, in warm starts, when the nodes it removes would be stopped warm (0: the
+    # whole scale_down_window_s always). FLEET_WARM_DOWN_HOLD_STARTS.
+    warm_down_hold_starts: float = 0
 
     @classmethod
     def of(cls, model: ServedModel) -> Policy:
@@ -81,7 +84,23 @@ class Policy:
             scale_up_window_s=model.scale_up_window_s,
             scale_down_window_s=model.scale_down_window_s,
             idle_to_zero_s=model.idle_to_zero_s,
+            warm_down_hold_starts=settings.FLEET_WARM_DOWN_HOLD_STARTS,
         )
+
+    def down_window(self, load: Load) -> tuple[float, str]:
+        """How long want must stay below the desired count before a scale-down, and why.
+
+        Holding an idle node costs a node-second per second; dropping one the load then asks for
+        again costs one restart. When the nodes a scale-down drains are stopped into the warm pool
+        that restart is a warm start (seconds, against a cold start of a minute or more), so
+        holding for a few warm starts bounds the waste either way (the ski-rental rule); the whole
+        window is for nodes torn down, whose return is a cold start."""
+        window = float(self.scale_down_window_s)
+        if self.warm_down_hold_starts > 0 and load.warm_down and load.warm_start_s is not None:
+            hold = self.warm_down_hold_starts * load.warm_start_s
+            if hold < window:
+                return hold, f"warm hold {self.warm_down_hold_starts:g} × {load.warm_start_s:.1f} s warm start"
+        return window, ""
 
 
 @dataclass(frozen=True)
@@ -95,6 +114,8 @@ class Load:
     inflight: int = 0  # the gateway's in-flight requests to the model's nodes
     held: int = 0  # requests the gateway holds for want of a ready node
     cold_start_s: float = 60.0
+    warm_start_s: float | None = None  # measured warm start p50 (or the default)
+    warm_down: bool = False  # a scale-down's drained nodes would be stopped warm, not torn down
     trend_per_s: float = 0.0  # demand growth (requests per second), 0 when flat or falling
     # Demand of the last RECENT_PASSES passes since a node was ready (oldest first, this pass
     # last); () when unknown: the level is then this pass's count alone.
@@ -204,12 +225,13 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
         # Down to the highest want seen during the window (not the last pass's): the want is
         # already the sustained level, so one pass's dip or spike neither drops nor holds nodes.
         # To zero the idle rule (in ``wanted``) already waited idle_to_zero_s.
-        window = 0 if peak == 0 else policy.scale_down_window_s
+        window, hold = (0.0, "") if peak == 0 else policy.down_window(load)
         if held_s >= window:
             desired, verdict = peak, "scale to zero" if peak == 0 else f"scale down to the window's peak {peak}"
+            verdict += f" after {hold}" if hold else ""
             memory = replace(memory, above_since=None, below_since=None, below_peak=0)
         else:
-            verdict = f"down to {peak} in {window - held_s:.0f} s"
+            verdict = f"down to {peak} in {window - held_s:.0f} s" + (f" ({hold})" if hold else "")
             memory = replace(memory, above_since=None, below_since=below_since, below_peak=peak)
     else:
         memory = replace(memory, above_since=None, below_since=None, below_peak=0)
@@ -229,6 +251,8 @@ def decide(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
     if load.queue_wait_s is not None:
         parts.append(f"queue wait ~{load.queue_wait_s:.1f} s")
     parts.append(f"cold start p50 {load.cold_start_s:.0f} s")
+    if load.warm_start_s is not None:
+        parts.append(f"warm start p50 {load.warm_start_s:.1f} s")
     if load.trend_per_s > 0:
         parts.append(f"trend +{load.trend_per_s:.2f} req/s")
     reason = f"desired {desired} ({verdict}; load wants {why}): {', '.join(parts)}"
@@ -265,15 +289,27 @@ def cold_start_p50(accelerator: str, *, model_id: int | None = None) -> float:
     """Median launch-to-ready time of the last launched nodes on this accelerator (warm restarts
     excluded): the model's own on it when it has some (its weights' size matters), else any
     model's; FLEET_DEFAULT_COLD_START_S until one was measured."""
+    return _start_p50(accelerator, model_id=model_id, warm=False) or settings.FLEET_DEFAULT_COLD_START_S
+
+
+def warm_start_p50(accelerator: str, *, model_id: int | None = None) -> float:
+    """Median restart-to-ready time of the last warm restarts on this accelerator (the model's own
+    first, like cold_start_p50); FLEET_DEFAULT_WARM_START_S until one was measured."""
+    return _start_p50(accelerator, model_id=model_id, warm=True) or settings.FLEET_DEFAULT_WARM_START_S
+
+
+def _start_p50(accelerator: str, *, model_id: int | None, warm: bool) -> float | None:
+    # A node's last start is a warm one when restart_requested_at is set (apps.fleet.warm).
     launched = Node.objects.filter(
-        accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=True
+        accelerator=accelerator, ready_at__isnull=False, restart_requested_at__isnull=not warm
     ).exclude(launcher=Launcher.STATIC)
+    began = "restart_requested_at" if warm else "requested_at"
     for rows in (launched.filter(model_id=model_id) if model_id is not None else launched.none(), launched):
-        pairs = rows.order_by("-ready_at").values_list("requested_at", "ready_at")[:COLD_START_SAMPLE]
-        seconds = [(ready - requested).total_seconds() for requested, ready in pairs if ready and ready >= requested]
+        pairs = rows.order_by("-ready_at").values_list(began, "ready_at")[:COLD_START_SAMPLE]
+        seconds = [(ready - start).total_seconds() for start, ready in pairs if ready and start and ready >= start]
         if seconds:
             return float(statistics.median(seconds))
-    return settings.FLEET_DEFAULT_COLD_START_S
+    return None
 
 
 def _queue_wait(model_id: int, now: datetime) -> float | None:
@@ -296,6 +332,9 @@ def read_load(model: ServedModel, nodes: list[Node], *, inflight: dict[int, int]
         inflight=sum(inflight.get(n.pk, 0) for n in nodes),
         held=held,
         cold_start_s=cold_start_p50(model.accelerator, model_id=model.pk),
+        warm_start_s=warm_start_p50(model.accelerator, model_id=model.pk),
+        # Every ready node could be the one drained (least loaded first): all must stop warm.
+        warm_down=bool(ready) and all(replicas.why_not_warm(n) is None for n in ready),
         queue_wait_s=_queue_wait(model.pk, now) if model.target_queue_wait_s else None,
     )
 
@@ -394,7 +433,11 @@ def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) ->
         )
         scale = ModelScale.objects.select_for_update().get(pk=scale.pk)
         # Read under the row lock: a pass that waited for another one sees what that one did.
-        nodes = list(Node.objects.filter(model=model, status__in=LIVE_STATUSES | WARM_STATUSES).order_by("pk"))
+        nodes = list(
+            Node.objects.filter(model=model, status__in=LIVE_STATUSES | WARM_STATUSES)
+            .select_related("model")
+            .order_by("pk")
+        )
         load = read_load(model, nodes, inflight=inflight, held=held, now=now)
         usable = sum(n.status in replicas.USABLE for n in nodes)
         if created:  # the first decision starts from what there is

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -24,6 +25,9 @@ P = Policy(
     scale_down_window_s=300,
     idle_to_zero_s=900,
 )
+
+# P with the warm hold on (FLEET_WARM_DOWN_HOLD_STARTS=5).
+W = replace(P, warm_down_hold_starts=5)
 
 
 @pytest.mark.parametrize(
@@ -179,6 +183,48 @@ P = Policy(
             Memory(4, below_since=ago(301), below_peak=2),
             2,
             "scale down to the window's peak 2",
+        ),
+        # The warm hold (issue #13): nodes a scale-down stops warm come back in one warm start, so
+        # the hold lasts warm_down_hold_starts warm starts, not the whole window.
+        (
+            "nodes stopped warm: down after the warm hold, not the whole window",
+            W,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            1,
+            "scale down to the window's peak 1 after warm hold 5 × 7.0 s warm start",
+        ),
+        (
+            "nodes stopped warm: inside the warm hold, wait",
+            W,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(20), below_peak=1),
+            4,
+            "down to 1 in 15 s (warm hold",
+        ),
+        (
+            "nodes torn down (no warm pool, spot): the whole window",
+            W,
+            Load(ready=4, running=5, warm_down=False, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            4,
+            "down to 1 in 264 s",
+        ),
+        (
+            "a warm hold longer than the window: the window",
+            replace(W, scale_down_window_s=20),
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(21), below_peak=1),
+            1,
+            "scale down to the window's peak 1;",
+        ),
+        (
+            "the warm hold off (0 starts): the whole window",
+            P,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            4,
+            "down to 1 in 264 s",
         ),
         (
             "a one-pass spike inside the window neither holds the nodes nor raises the peak",
