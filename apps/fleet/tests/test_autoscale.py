@@ -481,3 +481,23 @@ def test_the_cold_start_is_the_median_of_the_models_own_launches_on_the_accelera
     assert cold_start_p50("L4:1", model_id=served_model.pk) == pytest.approx(50, abs=0.5)  # warm restart left out
     assert cold_start_p50("L4:1", model_id=other.pk) == pytest.approx(20, abs=0.5)
     assert cold_start_p50("L4:1", model_id=12345) == pytest.approx(45, abs=0.5)  # any model's: 20 40 50 90
+
+
+def test_the_service_time_is_the_mean_decode_of_the_models_last_minute(served_model, redis_db, tenant) -> None:
+    from apps.metering.tests.factories import make_usage
+
+    _policy(served_model, min_replicas=1)
+    _ready(served_model, running=2)
+    make_usage(tenant=tenant, model=served_model, ttft_ms=2040.0, latency_ms=2800.0)  # 2 s queued, 0.76 s decode
+    make_usage(tenant=tenant, model=served_model, ttft_ms=50.0, latency_ms=790.0)
+    make_usage(
+        tenant=tenant,
+        model=served_model,
+        ttft_ms=50.0,
+        latency_ms=9050.0,
+        created_at=timezone.now() - timedelta(minutes=5),
+    )
+    (decision,) = autoscale_run()
+    scale = ModelScale.objects.get(model=served_model)
+    assert scale.inputs["service_s"] == pytest.approx(0.75)  # the queue wait and the old record left out
+    assert "service ~0.75 s" in decision.reason

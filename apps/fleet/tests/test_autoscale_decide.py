@@ -7,7 +7,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from apps.fleet.autoscale import Load, Memory, Policy, decide, trend
+from apps.fleet.autoscale_rule import Load, Memory, Policy, decide, trend
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -117,6 +117,36 @@ W = replace(P, warm_down_hold_starts=5)
             Memory(1),
             3,
             "30 served, queue growing",
+        ),
+        # The growth of a queue on saturated nodes is what arrives beyond what they serve (issue
+        # #13): sized by Little's law for that arrival rate, not for the backlog nor its pile-up
+        # projected over the cold start.
+        (
+            "a saturated queue growing 14/s with 0.75 s service: running + 10.5 sustained, 2 nodes",
+            P,
+            Load(
+                ready=1,
+                running=8,
+                waiting=40,
+                recent=(20, 30, 48),
+                recent_span_s=2.0,
+                service_s=0.75,
+                cold_start_s=8,
+                trend_per_s=10,
+            ),
+            Memory(1),
+            2,
+            "8 running + queue growing 14.0/s × 0.75 s service = 18 sustained, 10 per node)",
+        ),
+        (
+            "the same queue without a measured service time: this pass's count and the trend",
+            P,
+            Load(
+                ready=1, running=8, waiting=40, recent=(20, 30, 48), recent_span_s=2.0, cold_start_s=8, trend_per_s=10
+            ),
+            Memory(1),
+            8,
+            "max replicas",
         ),
         (
             "two waiting on a full batch is a busy node's noise, not a queue to act on at once",
