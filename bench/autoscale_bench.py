@@ -141,7 +141,12 @@ def main() -> None:
         "scale": {"duration_s": scale.duration_s, "infra": scale.infra, "day_factor": scale.day_factor},
         "requests": len(trace),
         "results": {
-            name: {"summary": asdict(r.summary), "samples": [asdict(s) for s in r.samples]}
+            name: {
+                "summary": asdict(r.summary),
+                "samples": [asdict(s) for s in r.samples],
+                "requests": r.requests,
+                "decisions": r.decisions,
+            }
             for name, r in results.items()
         },
         "loadavg": os.getloadavg(),
