@@ -237,7 +237,8 @@ def _decide_model(model: ServedModel, *, inflight: dict[int, int], held: int) ->
         after_hold = not created and scale.ready == 0
         last = samples[-RECENT_PASSES:] if len(samples) >= 2 or after_hold else []
         span = last[-1][0] - last[0][0] if last else 0.0
-        load = replace(load, trend_per_s=rate, recent=tuple(s[1] for s in last), recent_span_s=span)
+        step = last[-1][0] - last[-2][0] if len(last) >= 2 else 0.0
+        load = replace(load, trend_per_s=rate, recent=tuple(s[1] for s in last), recent_span_s=span, last_step_s=step)
         memory = Memory(scale.desired, scale.above_since, scale.below_since, scale.below_peak, scale.last_busy_at)
         desired, reason, memory = decide(Policy.of(model), load, memory, now)
         scale.desired, scale.reason = desired, reason

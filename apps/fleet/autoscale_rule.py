@@ -78,6 +78,7 @@ class Load:
     # last); () when unknown: the level is then this pass's count alone.
     recent: tuple[float, ...] = ()
     recent_span_s: float = 0.0  # seconds between the first and the last of ``recent``
+    last_step_s: float = 0.0  # seconds between the last two of ``recent``
     queue_wait_s: float | None = None
     # Mean time a node spends on one request (its decode: latency - TTFT, last minute), None when
     # unknown: turns a saturated queue's growth into the arrival rate it reveals.
@@ -132,7 +133,11 @@ def wanted(policy: Policy, load: Load, memory: Memory, now: datetime) -> tuple[i
                 # itself drains on the headroom between target_ongoing and the batch, and its
                 # growth is no demand trend to project over the cold start (that launched the
                 # maximum for a burst 3 nodes carry, issue #13).
+                # The faster of the growth over the passes and over the last step: at a burst's
+                # onset the older passes predate it and would undersize the first decision.
                 rate = (r[-1] - r[0]) / load.recent_span_s
+                if load.last_step_s > 0:
+                    rate = max(rate, (r[-1] - r[-2]) / load.last_step_s)
                 level = load.running + rate * load.service_s
                 how = (
                     f"{load.running} running + queue growing {rate:.1f}/s × {load.service_s:.2f} s service"

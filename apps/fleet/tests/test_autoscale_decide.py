@@ -139,6 +139,23 @@ W = replace(P, warm_down_hold_starts=5)
             "8 running + queue growing 14.0/s × 0.75 s service = 18 sustained, 10 per node)",
         ),
         (
+            "at a burst's onset the last step's growth, not the passes' average, sizes the queue",
+            P,
+            Load(
+                ready=1,
+                running=8,
+                waiting=22,
+                recent=(9, 10, 30),
+                recent_span_s=2.0,
+                last_step_s=1.0,
+                service_s=0.75,
+                cold_start_s=8,
+            ),
+            Memory(1),
+            3,
+            "8 running + queue growing 20.0/s × 0.75 s service = 23 sustained",
+        ),
+        (
             "the same queue without a measured service time: this pass's count and the trend",
             P,
             Load(
