@@ -14,7 +14,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse, urlunparse
@@ -40,6 +40,10 @@ EMPTY = b'"content":""'
 class PolicyResult:
     summary: Summary
     samples: list[Sample]
+    # Per request (scheduled start s, TTFT ms or None, failed) and the autoscaler's changes of
+    # the desired count (bench s, desired, reason): raw JSON only, for the analysis.
+    requests: list[tuple[float, float | None, bool]] = field(default_factory=list)
+    decisions: list[tuple[float, int, str]] = field(default_factory=list)
 
 
 def _free_port() -> int:
@@ -487,6 +491,7 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
             wait_ready(model, 1, timeout_s=60 + 10 * cold)
         print(f"  {policy}: fleet up, replaying the day ({static_nodes} node(s) at peak)", flush=True)
         t0 = time.monotonic() + 1.0
+        wall_t0 = time.time() + 1.0
         sent: list[float] = []
         in_flight = [0]
         sampler = Sampler(model, scale, args.peak_rps, t0, in_flight)
@@ -517,7 +522,14 @@ def run_policy(policy: str, *, scale: Scale, trace: list[float], env: dict, args
         f"{summary.ttft_p95_ms or 0:.0f} ms, {summary.held} held",
         flush=True,
     )
-    return PolicyResult(summary=summary, samples=sampler.samples)
+    from apps.fleet.models import ScaleDecision
+
+    decisions = [
+        (round(d.created_at.timestamp() - wall_t0, 2), d.desired, d.reason)
+        for d in ScaleDecision.objects.filter(model=model).order_by("created_at")
+    ]
+    requests = [(round(o.at, 3), None if o.ttft_ms is None else round(o.ttft_ms, 1), o.failed) for o in outcomes]
+    return PolicyResult(summary=summary, samples=sampler.samples, requests=requests, decisions=decisions)
 
 
 def _start_times(model: Any) -> tuple[list[float], list[float]]:

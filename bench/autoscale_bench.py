@@ -116,6 +116,7 @@ def main() -> None:
         "FLEET_AUTOSCALE_INTERVAL_S": str(max(1, round(scale.delay(5)))),
         "WARM_POOL_TTL_S": str(max(1, round(scale.delay(3600)))),
         "FLEET_DEFAULT_COLD_START_S": f"{cold:.2f}",
+        "FLEET_DEFAULT_WARM_START_S": f"{scale.delay(WARM_START_S):.2f}",
         "GATEWAY_COLD_WAIT_S": str(max(30.0, 4 * cold)),
         "GATEWAY_TENANT_INFLIGHT_PER_NODE": "100000",
     }
@@ -140,7 +141,12 @@ def main() -> None:
         "scale": {"duration_s": scale.duration_s, "infra": scale.infra, "day_factor": scale.day_factor},
         "requests": len(trace),
         "results": {
-            name: {"summary": asdict(r.summary), "samples": [asdict(s) for s in r.samples]}
+            name: {
+                "summary": asdict(r.summary),
+                "samples": [asdict(s) for s in r.samples],
+                "requests": r.requests,
+                "decisions": r.decisions,
+            }
             for name, r in results.items()
         },
         "loadavg": os.getloadavg(),

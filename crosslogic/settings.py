@@ -382,12 +382,19 @@ WARM_POOL_TTL_S: int = _env_or_fail("WARM_POOL_TTL_S", int, 3600)
 WARM_POOL_DISK_USD_PER_GB_MONTH: float = _env_or_fail("WARM_POOL_DISK_USD_PER_GB_MONTH", float, 0.10)
 # Cold start assumed for an accelerator with no measured launch yet (seconds).
 FLEET_DEFAULT_COLD_START_S: float = _env_or_fail("FLEET_DEFAULT_COLD_START_S", float, 60.0)
+# Warm start (a stopped node restarted) assumed until one was measured; and the scale-down hold for
+# nodes a scale-down would stop into the warm pool, in warm starts (docs/fleet.md "The decision":
+# being wrong costs one warm start, so the hold need not last the whole scale_down_window_s).
+FLEET_DEFAULT_WARM_START_S: float = _env_or_fail("FLEET_DEFAULT_WARM_START_S", float, 10.0)
+FLEET_WARM_DOWN_HOLD_STARTS: float = _env_or_fail("FLEET_WARM_DOWN_HOLD_STARTS", float, 5.0)
 if FLEET_AUTOSCALE_INTERVAL_S < 1 or WARM_POOL_TTL_S < 0 or WARM_POOL_DISK_USD_PER_GB_MONTH < 0:
     raise ImproperlyConfigured(
         "FLEET_AUTOSCALE_INTERVAL_S must be positive; WARM_POOL_TTL_S and WARM_POOL_DISK_USD_PER_GB_MONTH 0 or more."
     )
-if FLEET_DEFAULT_COLD_START_S <= 0:
-    raise ImproperlyConfigured("FLEET_DEFAULT_COLD_START_S must be a positive number of seconds.")
+if FLEET_DEFAULT_COLD_START_S <= 0 or FLEET_DEFAULT_WARM_START_S <= 0:
+    raise ImproperlyConfigured("FLEET_DEFAULT_COLD_START_S and FLEET_DEFAULT_WARM_START_S must be positive seconds.")
+if FLEET_WARM_DOWN_HOLD_STARTS < 0:
+    raise ImproperlyConfigured("FLEET_WARM_DOWN_HOLD_STARTS must be 0 or more (0: the full scale-down window).")
 if FLEET_SKY_STATUS_TIMEOUT_S <= 0:
     raise ImproperlyConfigured("FLEET_SKY_STATUS_TIMEOUT_S must be a positive number of seconds.")
 if min(FLEET_HEALTH_INTERVAL_S, FLEET_UNHEALTHY_AFTER, FLEET_LAUNCH_POLL_S) < 1 or FLEET_HEALTH_TIMEOUT_S <= 0:

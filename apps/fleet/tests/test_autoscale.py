@@ -79,7 +79,8 @@ def test_scale_up_under_load_launches_at_once_and_says_why(served_model, redis_d
 
 
 def test_scale_down_waits_for_the_window_then_drains_the_least_loaded(served_model, redis_db) -> None:
-    _policy(served_model, min_replicas=1, max_replicas=4, scale_down_window_s=300)
+    # No warm pool: drained nodes are torn down, so the whole window (the warm hold: below).
+    _policy(served_model, min_replicas=1, max_replicas=4, scale_down_window_s=300, warm_pool=False)
     busy = _ready(served_model, running=6)
     idle = _ready(served_model, running=0)
     light = _ready(served_model, running=2)
@@ -96,6 +97,36 @@ def test_scale_down_waits_for_the_window_then_drains_the_least_loaded(served_mod
     statuses = dict(Node.objects.values_list("pk", "status"))
     assert statuses == {busy.pk: S.READY, idle.pk: S.DRAINING, light.pk: S.DRAINING}
     assert Node.objects.get(pk=idle.pk).status_reason.startswith("scale down: desired 1")
+
+
+def test_nodes_a_scale_down_stops_warm_wait_a_few_warm_starts_not_the_window(served_model, redis_db, settings) -> None:
+    settings.FLEET_WARM_DOWN_HOLD_STARTS = 5
+    settings.FLEET_DEFAULT_WARM_START_S = 10.0
+    _policy(served_model, min_replicas=1, max_replicas=4, scale_down_window_s=300, warm_pool=True)
+    busy = _ready(served_model, running=6, launcher="local")
+    idle = _ready(served_model, running=0, launcher="local")
+    ModelScale.objects.create(model=served_model, desired=2)
+    (first,) = autoscale_run()
+    # Nothing measured yet: FLEET_DEFAULT_WARM_START_S.
+    assert first.desired == 2 and "down to 1 in 50 s (warm hold 5 × 10.0 s warm start)" in first.reason
+
+    # A measured warm restart (restart → ready) replaces the default.
+    now = timezone.now()
+    Node.objects.filter(pk=busy.pk).update(restart_requested_at=now - timedelta(seconds=4), ready_at=now)
+    ModelScale.objects.filter(model=served_model).update(below_since=now - timedelta(seconds=21))
+    (second,) = autoscale_run()
+    assert second.desired == 1 and "after warm hold 5 × 4.0 s warm start" in second.reason, second.reason
+    assert second.drained == [str(idle)]
+
+
+def test_spot_nodes_cannot_stop_warm_so_their_scale_down_waits_the_window(served_model, redis_db, settings) -> None:
+    settings.FLEET_WARM_DOWN_HOLD_STARTS = 5
+    _policy(served_model, min_replicas=1, max_replicas=4, scale_down_window_s=300, warm_pool=True)
+    _ready(served_model, running=6, launcher="local")
+    _ready(served_model, running=0, launcher="local", use_spot=True)
+    ModelScale.objects.create(model=served_model, desired=2, below_since=timezone.now() - timedelta(seconds=60))
+    (decision,) = autoscale_run()
+    assert decision.desired == 2 and "down to 1 in 240 s;" in decision.reason, decision.reason
 
 
 def test_never_below_min_replicas_even_when_idle(served_model, redis_db) -> None:
@@ -417,7 +448,7 @@ def test_a_node_launched_by_hand_is_adopted_not_drained_at_once(served_model, re
 
     (decision,) = autoscale_run()
 
-    assert decision.desired == 2 and decision.drained == [] and "down to 1 in 300 s" in decision.reason
+    assert decision.desired == 2 and decision.drained == [] and "down to 1 in " in decision.reason
     assert Node.objects.get(pk=extra.pk).status == S.PENDING
 
 
@@ -450,3 +481,23 @@ def test_the_cold_start_is_the_median_of_the_models_own_launches_on_the_accelera
     assert cold_start_p50("L4:1", model_id=served_model.pk) == pytest.approx(50, abs=0.5)  # warm restart left out
     assert cold_start_p50("L4:1", model_id=other.pk) == pytest.approx(20, abs=0.5)
     assert cold_start_p50("L4:1", model_id=12345) == pytest.approx(45, abs=0.5)  # any model's: 20 40 50 90
+
+
+def test_the_service_time_is_the_mean_decode_of_the_models_last_minute(served_model, redis_db, tenant) -> None:
+    from apps.metering.tests.factories import make_usage
+
+    _policy(served_model, min_replicas=1)
+    _ready(served_model, running=2)
+    make_usage(tenant=tenant, model=served_model, ttft_ms=2040.0, latency_ms=2800.0)  # 2 s queued, 0.76 s decode
+    make_usage(tenant=tenant, model=served_model, ttft_ms=50.0, latency_ms=790.0)
+    make_usage(
+        tenant=tenant,
+        model=served_model,
+        ttft_ms=50.0,
+        latency_ms=9050.0,
+        created_at=timezone.now() - timedelta(minutes=5),
+    )
+    (decision,) = autoscale_run()
+    scale = ModelScale.objects.get(model=served_model)
+    assert scale.inputs["service_s"] == pytest.approx(0.75)  # the queue wait and the old record left out
+    assert "service ~0.75 s" in decision.reason

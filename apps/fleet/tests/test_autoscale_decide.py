@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from apps.fleet.autoscale import Load, Memory, Policy, decide, trend
+from apps.fleet.autoscale_rule import Load, Memory, Policy, decide, trend
 
 NOW = datetime(2026, 12, 1, 12, 0, tzinfo=UTC)
 
@@ -24,6 +25,9 @@ P = Policy(
     scale_down_window_s=300,
     idle_to_zero_s=900,
 )
+
+# P with the warm hold on (FLEET_WARM_DOWN_HOLD_STARTS=5).
+W = replace(P, warm_down_hold_starts=5)
 
 
 @pytest.mark.parametrize(
@@ -114,6 +118,53 @@ P = Policy(
             3,
             "30 served, queue growing",
         ),
+        # The growth of a queue on saturated nodes is what arrives beyond what they serve (issue
+        # #13): sized by Little's law for that arrival rate, not for the backlog nor its pile-up
+        # projected over the cold start.
+        (
+            "a saturated queue growing 14/s with 0.75 s service: running + 10.5 sustained, 2 nodes",
+            P,
+            Load(
+                ready=1,
+                running=8,
+                waiting=40,
+                recent=(20, 30, 48),
+                recent_span_s=2.0,
+                service_s=0.75,
+                cold_start_s=8,
+                trend_per_s=10,
+            ),
+            Memory(1),
+            2,
+            "8 running + queue growing 14.0/s × 0.75 s service = 18 sustained, 10 per node)",
+        ),
+        (
+            "at a burst's onset the last step's growth, not the passes' average, sizes the queue",
+            P,
+            Load(
+                ready=1,
+                running=8,
+                waiting=22,
+                recent=(9, 10, 30),
+                recent_span_s=2.0,
+                last_step_s=1.0,
+                service_s=0.75,
+                cold_start_s=8,
+            ),
+            Memory(1),
+            3,
+            "8 running + queue growing 20.0/s × 0.75 s service = 23 sustained",
+        ),
+        (
+            "the same queue without a measured service time: this pass's count and the trend",
+            P,
+            Load(
+                ready=1, running=8, waiting=40, recent=(20, 30, 48), recent_span_s=2.0, cold_start_s=8, trend_per_s=10
+            ),
+            Memory(1),
+            8,
+            "max replicas",
+        ),
         (
             "two waiting on a full batch is a busy node's noise, not a queue to act on at once",
             P,
@@ -179,6 +230,48 @@ P = Policy(
             Memory(4, below_since=ago(301), below_peak=2),
             2,
             "scale down to the window's peak 2",
+        ),
+        # The warm hold (issue #13): nodes a scale-down stops warm come back in one warm start, so
+        # the hold lasts warm_down_hold_starts warm starts, not the whole window.
+        (
+            "nodes stopped warm: down after the warm hold, not the whole window",
+            W,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            1,
+            "scale down to the window's peak 1 after warm hold 5 × 7.0 s warm start",
+        ),
+        (
+            "nodes stopped warm: inside the warm hold, wait",
+            W,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(20), below_peak=1),
+            4,
+            "down to 1 in 15 s (warm hold",
+        ),
+        (
+            "nodes torn down (no warm pool, spot): the whole window",
+            W,
+            Load(ready=4, running=5, warm_down=False, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            4,
+            "down to 1 in 264 s",
+        ),
+        (
+            "a warm hold longer than the window: the window",
+            replace(W, scale_down_window_s=20),
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(21), below_peak=1),
+            1,
+            "scale down to the window's peak 1;",
+        ),
+        (
+            "the warm hold off (0 starts): the whole window",
+            P,
+            Load(ready=4, running=5, warm_down=True, warm_start_s=7.0),
+            Memory(4, below_since=ago(36), below_peak=1),
+            4,
+            "down to 1 in 264 s",
         ),
         (
             "a one-pass spike inside the window neither holds the nodes nor raises the peak",
