@@ -386,7 +386,7 @@ FLEET_DEFAULT_COLD_START_S: float = _env_or_fail("FLEET_DEFAULT_COLD_START_S", f
 # nodes a scale-down would stop into the warm pool, in warm starts (docs/fleet.md "The decision":
 # being wrong costs one warm start, so the hold need not last the whole scale_down_window_s).
 FLEET_DEFAULT_WARM_START_S: float = _env_or_fail("FLEET_DEFAULT_WARM_START_S", float, 10.0)
-FLEET_WARM_DOWN_HOLD_STARTS: float = _env_or_fail("FLEET_WARM_DOWN_HOLD_STARTS", float, 5.0)
+FLEET_WARM_DOWN_HOLD_STARTS: float = _env_or_fail("FLEET_WARM_DOWN_HOLD_STARTS", float, 10.0)
 if FLEET_AUTOSCALE_INTERVAL_S < 1 or WARM_POOL_TTL_S < 0 or WARM_POOL_DISK_USD_PER_GB_MONTH < 0:
     raise ImproperlyConfigured(
         "FLEET_AUTOSCALE_INTERVAL_S must be positive; WARM_POOL_TTL_S and WARM_POOL_DISK_USD_PER_GB_MONTH 0 or more."
